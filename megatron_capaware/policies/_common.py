@@ -1,0 +1,152 @@
+"""Input checks and small helpers shared by the fast and reference policies."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+DROP_POLICIES = ("score", "position", "random")
+REROUTE_POLICIES = ("score", "load")
+
+
+class RoutingInputError(ValueError):
+    """Bad input to a routing policy; the message says what is wrong and how to fix it."""
+
+
+def check_scores(scores: torch.Tensor, k: int, *, check_values: bool = True) -> None:
+    """Validate router probabilities ``scores [T, E]`` and ``k``.
+
+    Raises:
+        RoutingInputError: wrong type, rank or dtype; ``k`` outside ``[1, E]``;
+            NaN, infinite or negative scores (when ``check_values``).
+    """
+    if not isinstance(scores, torch.Tensor):
+        raise RoutingInputError(f"scores must be a torch.Tensor [tokens, experts], got {type(scores)}")
+    if scores.dim() != 2:
+        raise RoutingInputError(
+            f"scores must be 2-D [tokens, experts], got shape {tuple(scores.shape)}; flatten the "
+            "sequence and batch dimensions first"
+        )
+    if not scores.is_floating_point():
+        raise RoutingInputError(f"scores must be floating point probabilities, got {scores.dtype}")
+    num_experts = scores.shape[1]
+    if num_experts < 1:
+        raise RoutingInputError("scores has no expert column (E == 0)")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise RoutingInputError(f"k must be an integer, got {k!r}")
+    if not 1 <= k <= num_experts:
+        raise RoutingInputError(f"k={k} must be in [1, E={num_experts}]")
+    if check_values and scores.numel():
+        bad = ~torch.isfinite(scores)
+        if bool(bad.any()):
+            t, e = (int(i) for i in bad.nonzero()[0])
+            raise RoutingInputError(
+                f"router scores contain NaN or Inf (first at token {t}, expert {e}, "
+                f"{int(bad.sum())} values in all); the gate produced non-finite logits - check "
+                "the model weights and inputs (routing them would silently corrupt the batch)"
+            )
+        if bool((scores < 0).any()):
+            raise RoutingInputError(
+                "router scores must be probabilities >= 0 (softmax or sigmoid output), got a "
+                f"minimum of {float(scores.min())}; pass probabilities, not logits"
+            )
+
+
+def check_gamma(gamma: float) -> float:
+    """Validate the capacity factor; ``math.inf`` means no capacity limit."""
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        raise RoutingInputError(f"gamma must be a number > 0, got {gamma!r}")
+    gamma = float(gamma)
+    if math.isnan(gamma) or gamma <= 0:
+        raise RoutingInputError(
+            f"gamma={gamma} is invalid: the capacity factor must be > 0 (1.0 = the mean load; "
+            "typical values 1.0-2.0; inf = no capacity limit)"
+        )
+    return gamma
+
+
+def check_choice(name: str, value: str, allowed: Tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise RoutingInputError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def capacity_from_total(gamma: float, total_assignments: int, num_experts: int) -> int:
+    """``C = ceil(gamma * T*k / E)`` in float64; ``gamma = inf`` gives no limit.
+
+    The same float64 expression is used by the fast and the reference code so
+    they agree to the last unit.
+    """
+    if math.isinf(gamma):
+        return max(int(total_assignments), 1)
+    return int(math.ceil(gamma * float(total_assignments) / float(num_experts)))
+
+
+def capacity_tensor(gamma: float, total_assignments: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tensor form of :func:`capacity_from_total` (no host sync): a 0-d int64."""
+    total = total_assignments.to(torch.float64)
+    if math.isinf(gamma):
+        return total.clamp(min=1).to(torch.int64)
+    return torch.ceil(gamma * total / float(num_experts)).to(torch.int64)
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k by score per token: ``(values [T, k], indices [T, k])``.
+
+    ``torch.topk`` is what Megatron's own router uses, so the ``topk`` policy
+    is bit-identical to vanilla routing.
+    """
+    return torch.topk(scores, k=k, dim=1)
+
+
+def topk_map(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(routing_map [T, E] bool, sum of the top-k scores [T])``."""
+    values, indices = topk_indices(scores, k)
+    routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)
+    return routing_map, values.sum(dim=1)
+
+
+def weights_for(
+    scores: torch.Tensor,
+    routing_map: torch.Tensor,
+    topk_sum: torch.Tensor,
+    *,
+    normalize: bool,
+    renormalize: bool = False,
+) -> torch.Tensor:
+    """Combine weights ``probs [T, E]``, zero off the map.
+
+    Args:
+        scores: ``[T, E]`` router probabilities.
+        routing_map: ``[T, E]`` the experts each token finally uses.
+        topk_sum: ``[T]`` sum of the token's ORIGINAL top-k scores.
+        normalize: the model's own top-k normalisation (Mixtral-style): divide
+            by ``topk_sum``, so kept weights equal vanilla's exactly and drops
+            never inflate the survivors.
+        renormalize: divide by the sum of the surviving scores instead, so
+            each token's weights sum to 1 (``--capaware-renormalize``).
+    """
+    probs = scores * routing_map
+    if renormalize:
+        denom = probs.sum(dim=1, keepdim=True)
+        return torch.where(denom > 0, probs / denom.clamp_min(torch.finfo(probs.dtype).tiny), probs)
+    if normalize:
+        return probs / topk_sum.unsqueeze(1).clamp_min(torch.finfo(probs.dtype).tiny)
+    return probs
+
+
+def local_token_offset(num_tokens: int, device: torch.device, group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's first global token index and the global token count (0-d int64)."""
+    from megatron_capaware.policies.collectives import all_gather_stack, group_rank
+
+    counts = all_gather_stack(torch.tensor([num_tokens], dtype=torch.int64, device=device), group)
+    counts = counts.view(-1)
+    return counts[: group_rank(group)].sum(), counts.sum()
+
+
+def as_device_tensor(value: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    return torch.as_tensor(value, device=like.device)

@@ -1,0 +1,519 @@
+"""Capacity-Aware Token Drop, Token Reroute and Expanded Drop (vectorised).
+
+Pure torch: no Megatron import, CPU and GPU alike, no per-token Python loop
+and no host synchronisation on the routing path (every shape is fixed by
+``T``, ``k``, ``E``; masks replace data-dependent indexing). Semantics are
+those of ``shared/SPEC.md``; :mod:`megatron_capaware.policies.reference`
+holds the loop implementations they are tested against.
+
+Tensor shapes: ``T`` local tokens, ``E`` experts, ``k`` top-k.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from megatron_capaware.policies import _common as C
+from megatron_capaware.policies.collectives import ProcessGroup, all_reduce_sum
+from megatron_capaware.policies.decision import RoutingDecision
+from megatron_capaware.policies.selection import select_top_per_expert
+
+_M32 = 0xFFFFFFFF
+
+
+def hash_uniform(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """Deterministic uniform floats in ``[0, 1)`` from int64 indices (no RNG state).
+
+    A 32-bit integer hash (multiply / xor-shift; every product < 2^63 so int64
+    arithmetic never overflows; the index's high 32 bits are folded in), so
+    the "random" drop policy gives every (global token, expert) pair the same
+    key whatever the EP split, on CPU and GPU alike.
+    """
+    low, high = index & _M32, (index >> 32) & _M32
+    x = ((low * 0x27D4EB2F) & _M32) + ((high * 0x165667B1) & _M32)
+    x = (x + ((int(seed) & _M32) * 0x3C6EF372 & _M32)) & _M32
+    x = ((x ^ (x >> 16)) * 0x045D9F3B) & _M32
+    x = ((x ^ (x >> 16)) * 0x045D9F3B) & _M32
+    x = x ^ (x >> 16)
+    return (x >> 8).to(torch.float32) / float(1 << 24)
+
+
+def _selected(
+    scores: torch.Tensor, k: int, topk_indices: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The baseline choice ``(indices [T, k], their scores [T, k])``."""
+    if topk_indices is None:
+        values, indices = C.topk_indices(scores, k)
+        return indices, values
+    if topk_indices.shape != (scores.shape[0], k):
+        raise C.RoutingInputError(
+            f"topk_indices must be [T={scores.shape[0]}, k={k}], got {tuple(topk_indices.shape)}"
+        )
+    indices = topk_indices.to(torch.int64)
+    return indices, scores.gather(1, indices)
+
+
+def _drop_priority(
+    policy: str,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    num_experts: int,
+    seed: int,
+    group: Optional[ProcessGroup],
+) -> torch.Tensor:
+    """Priority of each top-k assignment ``[T*k]`` under a drop policy."""
+    if policy == "score":
+        return values.reshape(-1)
+    if policy == "position":
+        # Equal priorities: ties break by (rank, token order) = earliest tokens first.
+        return torch.zeros(values.numel(), dtype=torch.float32, device=values.device)
+    num_tokens, k = indices.shape
+    offset, _ = C.local_token_offset(num_tokens, values.device, group)
+    token = torch.arange(num_tokens, device=values.device).unsqueeze(1) + offset
+    return hash_uniform((token * num_experts + indices).reshape(-1), seed)
+
+
+def _capacity_fn(gamma: float, k: int, num_experts: int):
+    def capacity(offered: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
+        return C.capacity_tensor(gamma, global_tokens * k, num_experts)
+
+    return capacity
+
+
+def capacity_drop_decision(
+    scores: torch.Tensor,
+    k: int,
+    gamma: float,
+    *,
+    policy: str = "score",
+    normalize: bool = False,
+    renormalize: bool = False,
+    group: Optional[ProcessGroup] = None,
+    seed: int = 0,
+    topk_indices: Optional[torch.Tensor] = None,
+    check_values: bool = True,
+) -> RoutingDecision:
+    """Capacity-Aware Token Drop with its load figures; see :func:`capacity_drop`."""
+    C.check_scores(scores, k, check_values=check_values)
+    gamma = C.check_gamma(gamma)
+    C.check_choice("policy", policy, C.DROP_POLICIES)
+    num_tokens, num_experts = scores.shape
+    indices, values = _selected(scores, k, topk_indices)  # [T, k]
+    priority = _drop_priority(policy, values, indices, num_experts, seed, group)
+    selection = select_top_per_expert(
+        priority,
+        indices.reshape(-1),
+        num_experts,
+        _capacity_fn(gamma, k, num_experts),
+        group,
+        extra_count=torch.tensor(num_tokens, device=scores.device),
+    )
+    keep = selection.keep.view(num_tokens, k)
+    routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, keep)
+    topk_sum = values.sum(dim=1)
+    probs = C.weights_for(scores, routing_map, topk_sum, normalize=normalize, renormalize=renormalize)
+    return RoutingDecision(
+        probs=probs,
+        routing_map=routing_map,
+        global_loads=selection.global_kept,
+        requested_assignments=selection.global_offered.sum(),
+        dropped=(~keep).sum(),
+        rerouted=torch.zeros((), dtype=torch.int64, device=scores.device),
+        global_tokens=selection.global_items,
+        capacity=selection.capacity[0] if num_experts else None,
+    )
+
+
+def capacity_drop(
+    scores: torch.Tensor,
+    k: int,
+    gamma: float,
+    *,
+    policy: str = "score",
+    normalize: bool = False,
+    group: Optional[ProcessGroup] = None,
+    seed: int = 0,
+    renormalize: bool = False,
+    topk_indices: Optional[torch.Tensor] = None,
+    check_values: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Capacity-Aware Token Drop.
+
+    Route top-k; every expert keeps at most ``C = ceil(gamma * T_glob * k / E)``
+    assignments, those of highest priority; the rest are dropped.
+
+    Args:
+        scores: ``[T, E]`` router probabilities (>= 0, finite).
+        k: experts per token.
+        gamma: capacity factor > 0 (``math.inf``: no limit, equals ``topk``).
+        policy: which assignments an overloaded expert keeps: ``score``
+            (highest ``s[t, e]``), ``position`` (earliest tokens), ``random``
+            (a seeded hash of the global token index and expert).
+        normalize: the model's top-k normalisation (see SPEC.md).
+        group: process group over which loads and ``T_glob`` are global;
+            ``None``: this process's tokens are the whole batch.
+        seed: seed of the ``random`` policy.
+        renormalize: make each token's surviving weights sum to 1.
+        topk_indices: optional ``[T, k]`` baseline choice (e.g. Megatron's own,
+            group-limited or bias-adjusted); default ``torch.topk(scores, k)``.
+        check_values: reject NaN / Inf / negative scores (one host sync).
+
+    Returns:
+        ``(probs [T, E] float, routing_map [T, E] bool)``; ``probs`` is zero
+        off the map. After this, every expert's load over the group is <= C.
+
+    Collectives (with a group): those of
+    :func:`~megatron_capaware.policies.selection.select_top_per_expert`, plus
+    one all-gather of one int64 for ``policy="random"``.
+    """
+    return capacity_drop_decision(
+        scores,
+        k,
+        gamma,
+        policy=policy,
+        normalize=normalize,
+        renormalize=renormalize,
+        group=group,
+        seed=seed,
+        topk_indices=topk_indices,
+        check_values=check_values,
+    ).as_tuple()
+
+
+def _stable_rank_desc(key: torch.Tensor) -> torch.Tensor:
+    """Column indices sorted by ``key`` descending, ties in column order."""
+    return torch.sort(key, dim=1, descending=True, stable=True).indices
+
+
+def candidate_order(
+    scores: torch.Tensor, spare: torch.Tensor, available: torch.Tensor, policy: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each token's reroute candidates, best first.
+
+    Args:
+        scores: ``[T, E]``.
+        spare: ``[E]`` int64 spare capacity of each expert (global).
+        available: ``[T, E]`` bool, experts the token may be moved to.
+        policy: ``score`` (highest ``s[t, e]`` first, ties lower expert id) or
+            ``load`` (largest spare capacity = least loaded first, ties higher
+            score, then lower expert id).
+
+    Returns:
+        ``(order [T, E] expert ids, ok [T, E] bool)``: ``ok`` marks real candidates.
+    """
+    masked = torch.where(available, scores, torch.full_like(scores, -1.0))
+    order = _stable_rank_desc(masked)  # by score, ties by expert id
+    if policy == "load":
+        spare_key = torch.where(
+            available, spare.to(torch.float64).unsqueeze(0).expand_as(scores), -1.0
+        )
+        # Stable sort by spare of the score-ordered columns keeps score order on ties.
+        by_spare = _stable_rank_desc(spare_key.gather(1, order))
+        order = order.gather(1, by_spare)
+    ok = available.gather(1, order)
+    return order, ok
+
+
+def capacity_reroute_decision(
+    scores: torch.Tensor,
+    k: int,
+    gamma: float,
+    *,
+    rounds: int = 1,
+    policy: str = "score",
+    min_ratio: float = 0.0,
+    drop_policy: str = "score",
+    normalize: bool = False,
+    renormalize: bool = False,
+    group: Optional[ProcessGroup] = None,
+    seed: int = 0,
+    topk_indices: Optional[torch.Tensor] = None,
+    check_values: bool = True,
+) -> RoutingDecision:
+    """Capacity-Aware Token Reroute with its load figures; see :func:`capacity_reroute`."""
+    C.check_choice("policy", policy, C.REROUTE_POLICIES)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise C.RoutingInputError(f"rounds must be an integer >= 0, got {rounds!r}")
+    if not (isinstance(min_ratio, (int, float)) and 0.0 <= float(min_ratio) and math.isfinite(min_ratio)):
+        raise C.RoutingInputError(
+            f"min_ratio={min_ratio!r} must be a finite number >= 0 (0 = always reroute)"
+        )
+    drop = capacity_drop_decision(
+        scores,
+        k,
+        gamma,
+        policy=drop_policy,
+        normalize=normalize,
+        group=group,
+        seed=seed,
+        topk_indices=topk_indices,
+        check_values=check_values,
+    )
+    num_tokens, num_experts = scores.shape
+    indices, values = _selected(scores, k, topk_indices)  # [T, k]
+    kept = drop.routing_map.gather(1, indices)  # [T, k]
+    unplaced = ~kept  # dropped slots still looking for an expert
+    taken = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)  # [T, E]
+    placed = torch.zeros_like(taken)
+    loads = drop.global_loads.clone()
+    spare = (drop.capacity - loads).clamp(min=0)
+    for _ in range(rounds):
+        # Dropped slots, highest dropped score first: slot j proposes to candidate j.
+        slot_score = torch.where(unplaced, values, torch.full_like(values, -1.0))
+        slot_order = _stable_rank_desc(slot_score)  # [T, k]
+        slot_score = slot_score.gather(1, slot_order)
+        available = (~taken) & (spare > 0).unsqueeze(0)
+        cand, cand_ok = candidate_order(scores, spare, available, policy)
+        cand, cand_ok = cand[:, :k], cand_ok[:, :k]
+        cand_score = scores.gather(1, cand)
+        propose = (slot_score >= 0) & cand_ok & (cand_score >= min_ratio * slot_score)
+        selection = select_top_per_expert(
+            slot_score.clamp(min=0).reshape(-1),
+            cand.reshape(-1),
+            num_experts,
+            spare,
+            group,
+            valid=propose.reshape(-1),
+        )
+        accepted = selection.keep.view(num_tokens, k)
+        placed |= torch.zeros_like(placed).scatter_(1, cand, accepted)
+        taken |= placed
+        accepted_slots = torch.zeros_like(accepted).scatter_(1, slot_order, accepted)
+        unplaced &= ~accepted_slots
+        loads = loads + selection.global_kept
+        spare = spare - selection.global_kept
+    routing_map = drop.routing_map | placed
+    topk_sum = values.sum(dim=1)
+    probs = C.weights_for(scores, routing_map, topk_sum, normalize=normalize, renormalize=renormalize)
+    return RoutingDecision(
+        probs=probs,
+        routing_map=routing_map,
+        global_loads=loads,
+        requested_assignments=drop.requested_assignments,
+        dropped=unplaced.sum(),
+        rerouted=placed.sum(),
+        global_tokens=drop.global_tokens,
+        capacity=drop.capacity,
+    )
+
+
+def capacity_reroute(
+    scores: torch.Tensor,
+    k: int,
+    gamma: float,
+    *,
+    rounds: int = 1,
+    policy: str = "score",
+    normalize: bool = False,
+    group: Optional[ProcessGroup] = None,
+    min_ratio: float = 0.0,
+    drop_policy: str = "score",
+    renormalize: bool = False,
+    seed: int = 0,
+    topk_indices: Optional[torch.Tensor] = None,
+    check_values: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Capacity-Aware Token Reroute.
+
+    As :func:`capacity_drop`; then, for ``rounds`` rounds, every dropped
+    assignment of token ``t`` that is still unplaced is offered to one expert
+    ``e'`` not already among ``t``'s experts with spare capacity
+    ``R = C - L > 0``: a token's dropped assignments, highest ``s`` first,
+    take its candidates in order (by ``s[t, e']`` for ``policy="score"``,
+    least loaded first for ``"load"``). An expert accepts offers in order of
+    the dropped assignment's score (higher-scoring overflow first; ties by
+    rank then token order) up to its spare capacity; the rest try again next
+    round. Whatever is unplaced after the last round is dropped.
+
+    Args:
+        rounds: offer rounds (0: plain drop).
+        policy: ``score`` or ``load`` (candidate order).
+        min_ratio: quality guard: offer only to an expert whose score is at
+            least ``min_ratio`` times the dropped assignment's score.
+        drop_policy: the drop step's policy (default ``score``).
+        Other arguments as :func:`capacity_drop`.
+
+    Returns:
+        ``(probs [T, E], routing_map [T, E] bool)``; a rerouted assignment's
+        weight is ``s[t, e']`` (divided by the original top-k sum when
+        ``normalize``). Every expert's global load stays <= C.
+
+    Collectives (with a group): the drop's, plus one selection (4 all-reduces
+    of ``E*256+1`` int64 and one all-gather of ``E`` int64) per round.
+    """
+    return capacity_reroute_decision(
+        scores,
+        k,
+        gamma,
+        rounds=rounds,
+        policy=policy,
+        min_ratio=min_ratio,
+        drop_policy=drop_policy,
+        normalize=normalize,
+        renormalize=renormalize,
+        group=group,
+        seed=seed,
+        topk_indices=topk_indices,
+        check_values=check_values,
+    ).as_tuple()
+
+
+def _check_local_experts(local_experts: Union[Sequence[int], torch.Tensor], num_experts: int) -> torch.Tensor:
+    if local_experts is None:
+        raise C.RoutingInputError(
+            "expanded_drop needs local_experts (the experts on this token's EP rank); "
+            "pass them, or use capacity-drop when no expert-parallel layout is known"
+        )
+    ids = torch.as_tensor(local_experts, dtype=torch.int64).reshape(-1)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+        raise C.RoutingInputError(
+            f"local_experts {ids.tolist()} must lie in [0, E={num_experts})"
+        )
+    if torch.unique(ids).numel() != ids.numel():
+        raise C.RoutingInputError(f"local_experts {ids.tolist()} has duplicates")
+    return ids
+
+
+def expanded_drop_decision(
+    scores: torch.Tensor,
+    k: int,
+    gamma: float,
+    local_experts: Union[Sequence[int], torch.Tensor],
+    *,
+    normalize: bool = False,
+    renormalize: bool = False,
+    group: Optional[ProcessGroup] = None,
+    topk_indices: Optional[torch.Tensor] = None,
+    check_values: bool = True,
+) -> RoutingDecision:
+    """Expanded Drop with its load figures; see :func:`expanded_drop`."""
+    C.check_scores(scores, k, check_values=check_values)
+    gamma = C.check_gamma(gamma)
+    num_tokens, num_experts = scores.shape
+    local = _check_local_experts(local_experts, num_experts).to(scores.device)
+    indices, values = _selected(scores, k, topk_indices)  # [T, k]
+    taken = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)
+    local_idx = local.unsqueeze(0).expand(num_tokens, -1)  # [T, m]
+    cand = torch.cat([indices, local_idx], dim=1)  # [T, k+m], token-major item order
+    valid = torch.cat([torch.ones_like(indices, dtype=torch.bool), ~taken.gather(1, local_idx)], dim=1)
+    priority = scores.gather(1, cand)
+
+    def capacity(offered: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
+        return C.capacity_tensor(gamma, global_tokens * k, num_experts)
+
+    selection = select_top_per_expert(
+        priority.reshape(-1),
+        cand.reshape(-1),
+        num_experts,
+        capacity,
+        group,
+        valid=valid.reshape(-1),
+        extra_count=torch.tensor(num_tokens, device=scores.device),
+    )
+    keep = selection.keep.view(num_tokens, cand.shape[1])
+    # Invalid items (a local expert already in the top-k) repeat a column: send
+    # them to a spare column so they cannot overwrite the real item's decision.
+    target = torch.where(valid, cand, torch.full_like(cand, num_experts))
+    routing_map = torch.zeros(
+        (num_tokens, num_experts + 1), dtype=torch.bool, device=scores.device
+    ).scatter_(1, target, keep & valid)[:, :num_experts]
+    topk_sum = values.sum(dim=1)
+    probs = C.weights_for(scores, routing_map, topk_sum, normalize=normalize, renormalize=renormalize)
+    kept_topk = keep[:, :k]
+    return RoutingDecision(
+        probs=probs,
+        routing_map=routing_map,
+        global_loads=selection.global_kept,
+        requested_assignments=selection.global_items * k,
+        dropped=(~kept_topk).sum(),
+        rerouted=(keep[:, k:] & valid[:, k:]).sum(),
+        global_tokens=selection.global_items,
+        capacity=selection.capacity[0] if num_experts else None,
+    )
+
+
+def expanded_drop(
+    scores: torch.Tensor,
+    k: int,
+    gamma: float,
+    local_experts: Union[Sequence[int], torch.Tensor],
+    *,
+    normalize: bool = False,
+    group: Optional[ProcessGroup] = None,
+    renormalize: bool = False,
+    topk_indices: Optional[torch.Tensor] = None,
+    check_values: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Expanded Drop: a token's candidates are its top-k plus its rank's local experts.
+
+    Every expert then keeps at most ``C = ceil(gamma * T_glob * k / E)``
+    candidates, those of highest ``s[t, e]``. Local experts cost no
+    communication, so idle local capacity absorbs tokens that would otherwise
+    only lose experts. A token can end with more than ``k`` experts.
+
+    Args:
+        local_experts: expert ids on this process's EP rank (``m`` of them).
+        Other arguments as :func:`capacity_drop`.
+
+    Returns:
+        ``(probs [T, E], routing_map [T, E] bool)``; weights are the raw
+        ``s[t, e]`` (divided by the original top-k sum when ``normalize``).
+        The decision's ``rerouted`` counts the local experts added.
+    """
+    return expanded_drop_decision(
+        scores,
+        k,
+        gamma,
+        local_experts,
+        normalize=normalize,
+        renormalize=renormalize,
+        group=group,
+        topk_indices=topk_indices,
+        check_values=check_values,
+    ).as_tuple()
+
+
+def topk_decision(
+    scores: torch.Tensor,
+    k: int,
+    *,
+    normalize: bool = False,
+    group: Optional[ProcessGroup] = None,
+    check_values: bool = True,
+    topk_indices: Optional[torch.Tensor] = None,
+) -> RoutingDecision:
+    """Vanilla top-k with its load figures; see :func:`topk`."""
+    C.check_scores(scores, k, check_values=check_values)
+    indices, values = _selected(scores, k, topk_indices)
+    routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)
+    probs = C.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize)
+    counts = torch.cat(
+        [routing_map.sum(dim=0), torch.tensor([scores.shape[0]], device=scores.device)]
+    ).to(torch.int64)
+    all_reduce_sum(counts, group)
+    zero = torch.zeros((), dtype=torch.int64, device=scores.device)
+    return RoutingDecision(
+        probs=probs,
+        routing_map=routing_map,
+        global_loads=counts[:-1],
+        requested_assignments=counts[:-1].sum(),
+        dropped=zero,
+        rerouted=zero.clone(),
+        global_tokens=counts[-1],
+    )
+
+
+def topk(
+    scores: torch.Tensor, k: int, *, normalize: bool = False, check_values: bool = True
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Vanilla top-k routing: ``(probs [T, E], routing_map [T, E] bool)``.
+
+    ``normalize=True`` divides each token's weights by the sum of its top-k
+    scores (Mixtral-style); otherwise weights are the raw scores.
+    """
+    C.check_scores(scores, k, check_values=check_values)
+    routing_map, topk_sum = C.topk_map(scores, k)
+    return C.weights_for(scores, routing_map, topk_sum, normalize=normalize), routing_map

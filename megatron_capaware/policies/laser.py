@@ -1,0 +1,292 @@
+"""LASER: per token, top-k when the gate is confident, else least-loaded among good-enough experts.
+
+Semantics (``shared/SPEC.md``): token ``t`` is *confident* when
+``M_k = sum of its top-k scores >= eps_high`` and takes its top-k. Otherwise
+its pool is its top-k plus the experts with ``s >= t_fix * max s``, trimmed to
+the ``pool`` best by score, and it takes the ``k`` least-loaded experts of the
+pool (ties: higher score). Loads are the running global loads of the call:
+confident tokens first, then the flexible tokens in (rank, token) order.
+
+The exact rule is sequential (each flexible token sees the loads left by the
+ones before it); :func:`megatron_capaware.policies.reference.laser_greedy` is
+that loop, the oracle. The fast path places flexible tokens in ``waves``
+(consecutive slices of the global flexible-token order) and stops the
+herding that simultaneous decisions cause (every token of a wave rushing to
+the same least-loaded expert) with a per-wave water level:
+
+1. The wave's ``n*k`` assignments are water-filled onto the current loads,
+   each expert capped by its *demand* (how many of the wave's tokens have it
+   in their pool): expert ``e`` may take ``quota[e]`` of them.
+2. For ``rounds`` rounds, each token proposes its still-missing experts:
+   its least-loaded pool members (ties: higher score) with quota left; an
+   expert accepts proposals in token order up to its quota.
+3. Slots still open take the least-loaded remaining pool members (no quota).
+
+``waves = number of flexible tokens, rounds = 0`` is the exact greedy. With
+the defaults the imbalance ``I`` stays within about 2% of the greedy's
+(``scripts/laser_closeness.py``; docs/laser.md).
+
+Collectives (with a group): one all-reduce of ``E + 1``, one all-gather of
+1 and one all-reduce of ``waves * (E + 1)`` int64 up front; per wave, one
+all-gather of ``E`` int64 per round and one all-reduce of ``E`` int64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from megatron_capaware.policies import _common as C
+from megatron_capaware.policies.collectives import (
+    ProcessGroup,
+    all_gather_stack,
+    all_reduce_sum,
+    group_rank,
+)
+from megatron_capaware.policies.decision import RoutingDecision
+
+DEFAULT_WAVES = 8
+DEFAULT_ROUNDS = 1
+_BIG = torch.iinfo(torch.int64).max
+
+
+def check_laser_args(k: int, num_experts: int, eps_high: float, t_fix: float, pool: int) -> int:
+    """Validate LASER's knobs; returns the effective pool size ``min(pool, E)``."""
+    if (
+        isinstance(eps_high, bool)
+        or not isinstance(eps_high, (int, float))
+        or not math.isfinite(eps_high)
+        or eps_high < 0
+    ):
+        raise C.RoutingInputError(
+            f"eps_high={eps_high!r} must be a finite number >= 0 (0 = every token confident = top-k)"
+        )
+    if isinstance(t_fix, bool) or not isinstance(t_fix, (int, float)) or not 0.0 < t_fix <= 1.0:
+        raise C.RoutingInputError(
+            f"t_fix={t_fix!r} must be in (0, 1]: the pool keeps experts scoring at least "
+            "t_fix times the token's best score"
+        )
+    if isinstance(pool, bool) or not isinstance(pool, int):
+        raise C.RoutingInputError(f"pool must be an integer, got {pool!r}")
+    if pool < k:
+        raise C.RoutingInputError(
+            f"pool={pool} is smaller than k={k}: a token's pool always holds its top-k; "
+            f"use pool >= {k} (pool == k reproduces top-k)"
+        )
+    return min(pool, num_experts)
+
+
+def laser_candidates(
+    scores: torch.Tensor, k: int, t_fix: float, pool: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each token's candidate list, best score first.
+
+    Returns:
+        ``cand [T, c]`` expert ids: the top-k (as ``torch.topk`` orders them),
+        then the other experts by score descending (ties: lower id);
+        ``in_pool [T, c]`` bool; ``topk_idx [T, k]``; ``topk_sum [T]``.
+    """
+    values, topk_idx = C.topk_indices(scores, k)
+    extra = pool - k
+    if extra > 0:
+        rest = scores.scatter(1, topk_idx, -1.0)
+        rest_idx = torch.sort(rest, dim=1, descending=True, stable=True).indices[:, :extra]
+        good = scores.gather(1, rest_idx) >= t_fix * values[:, :1]
+        cand = torch.cat([topk_idx, rest_idx], dim=1)
+        in_pool = torch.cat([torch.ones_like(topk_idx, dtype=torch.bool), good], dim=1)
+    else:
+        cand, in_pool = topk_idx, torch.ones_like(topk_idx, dtype=torch.bool)
+    return cand, in_pool, topk_idx, values.sum(dim=1)
+
+
+def capped_water_fill(loads: torch.Tensor, demand: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """Integer quotas that raise the lowest loads first, each capped by its demand.
+
+    Finds the largest integer level ``lam`` with
+    ``f(lam) = sum_e min(demand_e, max(0, lam - loads_e)) <= U`` where
+    ``U = min(units, sum demand)``, sets ``q_e = min(demand_e, max(0, lam -
+    loads_e))`` and gives the remaining ``U - sum q`` units, one each, to the
+    experts at level ``lam`` that still have demand, lowest id first.
+    Closed form over the ``2E`` breakpoints of the piecewise-linear ``f``
+    (no iteration, no host sync).
+
+    Args:
+        loads: ``[E]`` int64 current loads.
+        demand: ``[E]`` int64 how many units each expert could take.
+        units: 0-d int64 units to place.
+
+    Returns:
+        ``[E]`` int64 quotas summing to ``min(units, sum demand)``.
+    """
+    total = torch.minimum(units, demand.sum())
+    points = torch.cat([loads, loads + demand])  # [2E]
+    f_at = torch.minimum(demand, (points.unsqueeze(1) - loads).clamp(min=0)).sum(1)  # [2E]
+    base = torch.where(f_at <= total, points, torch.full_like(points, -_BIG)).amax()
+    f_base = torch.minimum(demand, (base - loads).clamp(min=0)).sum()
+    slope = ((loads <= base) & (base < loads + demand)).sum()
+    level = base + torch.where(slope > 0, (total - f_base) // slope.clamp(min=1), torch.zeros_like(slope))
+    quota = torch.minimum(demand, (level - loads).clamp(min=0))
+    remaining = total - quota.sum()
+    room = (quota < demand) & (loads + quota == level)
+    order_in_room = torch.cumsum(room.to(torch.int64), 0) - 1
+    return quota + (room & (order_in_room < remaining)).to(torch.int64)
+
+
+def _least_loaded_positions(
+    load_of_cand: torch.Tensor, allowed: torch.Tensor, count: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``count`` least-loaded allowed candidates (ties: earlier = higher score).
+
+    Returns:
+        ``(positions [T, count], allowed_there [T, count])``.
+    """
+    width = allowed.shape[1]
+    position = torch.arange(width, device=allowed.device)
+    key = torch.where(allowed, load_of_cand * width + position, torch.full_like(load_of_cand, _BIG))
+    positions = torch.topk(key, count, dim=1, largest=False).indices
+    return positions, allowed.gather(1, positions)
+
+
+def _scatter_counts(experts: torch.Tensor, mask: torch.Tensor, num_experts: int) -> torch.Tensor:
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=experts.device)
+    return counts.scatter_add_(0, experts.reshape(-1), mask.reshape(-1).to(torch.int64))
+
+
+def laser_decision(
+    scores: torch.Tensor,
+    k: int,
+    eps_high: float,
+    t_fix: float,
+    pool: int,
+    *,
+    normalize: bool = False,
+    renormalize: bool = False,
+    group: Optional[ProcessGroup] = None,
+    waves: int = DEFAULT_WAVES,
+    rounds: int = DEFAULT_ROUNDS,
+    check_values: bool = True,
+) -> RoutingDecision:
+    """LASER with its load figures; see :func:`laser`."""
+    C.check_scores(scores, k, check_values=check_values)
+    num_tokens, num_experts = scores.shape
+    width = check_laser_args(k, num_experts, eps_high, t_fix, pool)
+    if isinstance(waves, bool) or not isinstance(waves, int) or waves < 1:
+        raise C.RoutingInputError(f"waves must be an integer >= 1, got {waves!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise C.RoutingInputError(f"rounds must be an integer >= 0, got {rounds!r}")
+    device = scores.device
+    rank = group_rank(group)
+    cand, in_pool, topk_idx, topk_sum = laser_candidates(scores, k, t_fix, width)
+    flexible = topk_sum < eps_high  # [T]
+    top_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, topk_idx, True)
+    confident_map = top_map & ~flexible.unsqueeze(1)
+
+    counts = torch.cat([confident_map.sum(dim=0), torch.tensor([num_tokens], device=device)])
+    counts = all_reduce_sum(counts.to(torch.int64), group)
+    loads, global_tokens = counts[:-1].clone(), counts[-1]
+
+    # Waves: consecutive slices of the global flexible-token order (rank, token).
+    local_flex = flexible.to(torch.int64)
+    flex_counts = all_gather_stack(local_flex.sum().reshape(1), group).view(-1)
+    flex_index = torch.cumsum(local_flex, 0) - 1 + flex_counts[:rank].sum()
+    wave_of = torch.div(flex_index * waves, flex_counts.sum().clamp(min=1), rounding_mode="floor")
+    wave_of = torch.where(flexible, wave_of, torch.full_like(wave_of, waves))  # row W: not flexible
+    # Per wave: each expert's demand (tokens having it in their pool) and the token count.
+    in_pool_onehot = torch.zeros(num_tokens, num_experts + 1, dtype=torch.int64, device=device)
+    in_pool_onehot.scatter_(1, cand, in_pool.to(torch.int64))
+    in_pool_onehot[:, -1] = 1
+    wave_stats = torch.zeros(waves + 1, num_experts + 1, dtype=torch.int64, device=device)
+    wave_stats = all_reduce_sum(wave_stats.index_add_(0, wave_of, in_pool_onehot)[:waves], group)
+
+    chosen = torch.zeros_like(in_pool)  # [T, c] positions taken by flexible tokens
+    slot = torch.arange(k, device=device).unsqueeze(0)
+    for wave in range(waves):
+        member = wave_of == wave
+        need = torch.where(member, k, 0)
+        quota = capped_water_fill(loads, wave_stats[wave, :-1], wave_stats[wave, -1] * k)
+        for _ in range(rounds):
+            allowed = in_pool & ~chosen & (quota[cand] > 0) & member.unsqueeze(1)
+            positions, ok = _least_loaded_positions(loads[cand], allowed, k)
+            ok &= slot < need.unsqueeze(1)
+            experts = cand.gather(1, positions)
+            offered = torch.zeros(num_tokens, num_experts, dtype=torch.int64, device=device)
+            offered.scatter_(1, experts, ok.to(torch.int64))
+            per_rank = all_gather_stack(offered.sum(0), group)  # [W_ranks, E]
+            earlier = torch.cumsum(offered, 0) - offered + per_rank[:rank].sum(0)
+            accepted = ok & (earlier.gather(1, experts) < quota[experts])
+            chosen |= torch.zeros_like(chosen).scatter_(1, positions, accepted)
+            need = need - accepted.sum(1)
+            taken = torch.minimum(per_rank.sum(0), quota)
+            loads = loads + taken
+            quota = quota - taken
+        allowed = in_pool & ~chosen & member.unsqueeze(1)
+        positions, ok = _least_loaded_positions(loads[cand], allowed, k)
+        ok &= slot < need.unsqueeze(1)
+        chosen |= torch.zeros_like(chosen).scatter_(1, positions, ok)
+        loads = loads + all_reduce_sum(_scatter_counts(cand.gather(1, positions), ok, num_experts), group)
+
+    target = torch.where(chosen, cand, torch.full_like(cand, num_experts))
+    flexible_map = torch.zeros(
+        (num_tokens, num_experts + 1), dtype=torch.bool, device=device
+    ).scatter_(1, target, chosen)[:, :num_experts]
+    routing_map = confident_map | flexible_map
+    probs = C.weights_for(scores, routing_map, topk_sum, normalize=normalize, renormalize=renormalize)
+    return RoutingDecision(
+        probs=probs,
+        routing_map=routing_map,
+        global_loads=loads,
+        requested_assignments=global_tokens * k,
+        dropped=torch.zeros((), dtype=torch.int64, device=device),
+        rerouted=(flexible_map & ~top_map).sum(),
+        global_tokens=global_tokens,
+        flexible=flexible.sum(),
+    )
+
+
+def laser(
+    scores: torch.Tensor,
+    k: int,
+    eps_high: float,
+    t_fix: float,
+    pool: int,
+    *,
+    normalize: bool = False,
+    group: Optional[ProcessGroup] = None,
+    renormalize: bool = False,
+    waves: int = DEFAULT_WAVES,
+    rounds: int = DEFAULT_ROUNDS,
+    check_values: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LASER routing.
+
+    Args:
+        scores: ``[T, E]`` router probabilities.
+        k: experts per token.
+        eps_high: confidence threshold on the top-k mass ``M_k`` (0: every
+            token confident, i.e. top-k).
+        t_fix: pool threshold in (0, 1], relative to the token's best score.
+        pool: the pool's maximum size ``c >= k`` (``c == k``: top-k).
+        normalize: the model's top-k normalisation; weights are the chosen
+            experts' ``s``, divided by the original top-k sum.
+        group: process group over which loads are global.
+        waves, rounds: fast-path granularity (module docstring); ``waves`` =
+            number of flexible tokens with ``rounds=0`` is the exact greedy.
+
+    Returns:
+        ``(probs [T, E], routing_map [T, E] bool)``, exactly ``k`` experts per token.
+    """
+    return laser_decision(
+        scores,
+        k,
+        eps_high,
+        t_fix,
+        pool,
+        normalize=normalize,
+        renormalize=renormalize,
+        group=group,
+        waves=waves,
+        rounds=rounds,
+        check_values=check_values,
+    ).as_tuple()

@@ -1,0 +1,288 @@
+"""Slow, obviously-right reference implementations of every policy (the test oracles).
+
+Plain Python loops over the GLOBAL batch: the ranks' tokens concatenated in
+rank order, which is also the tie-break order of the fast implementations.
+Nothing here is vectorised or clever; a reader should be able to check each
+function against ``shared/SPEC.md`` line by line. Scores are read once into
+Python floats (float32 values, compared exactly).
+
+Each function returns ``(probs [T, E], routing_map [T, E] bool)`` for the
+whole global batch; a rank's fast result must equal its slice.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+
+from megatron_capaware.policies import _common as C
+from megatron_capaware.policies.capacity import hash_uniform
+
+
+def _rows(scores: torch.Tensor) -> List[List[float]]:
+    return scores.to(torch.float32).tolist()
+
+
+def _topk_lists(scores: torch.Tensor, k: int) -> List[List[int]]:
+    # torch.topk is the definition of vanilla routing (Megatron uses it too).
+    return torch.topk(scores, k, dim=1).indices.tolist()
+
+
+def _output(
+    scores: torch.Tensor,
+    chosen: List[Set[int]],
+    topk_sums: List[float],
+    normalize: bool,
+    renormalize: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    routing_map = torch.zeros_like(scores, dtype=torch.bool)
+    for t, experts in enumerate(chosen):
+        for e in experts:
+            routing_map[t, e] = True
+    topk_sum = torch.tensor(topk_sums, dtype=scores.dtype, device=scores.device)
+    probs = C.weights_for(scores, routing_map, topk_sum, normalize=normalize, renormalize=renormalize)
+    return probs, routing_map
+
+
+def topk(scores: torch.Tensor, k: int, *, normalize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    rows = _rows(scores)
+    tops = _topk_lists(scores, k)
+    return _output(scores, [set(t) for t in tops], [sum(r[e] for e in t) for r, t in zip(rows, tops)], normalize)
+
+
+def _priority(policy: str, rows: List[List[float]], t: int, e: int, num_experts: int, seed: int) -> float:
+    if policy == "score":
+        return rows[t][e]
+    if policy == "position":
+        return 0.0
+    return float(hash_uniform(torch.tensor([t * num_experts + e]), seed)[0])
+
+
+def _keep_top(items: List[Tuple[float, int, int]], capacity: int) -> List[Tuple[float, int, int]]:
+    """items: (priority, global order, payload); keep ``capacity`` by (-priority, order)."""
+    return sorted(items, key=lambda it: (-it[0], it[1]))[: max(capacity, 0)]
+
+
+def capacity_drop(
+    scores: torch.Tensor,
+    k: int,
+    gamma: float,
+    *,
+    policy: str = "score",
+    normalize: bool = False,
+    renormalize: bool = False,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    chosen, tops, sums, _ = _drop_state(scores, k, gamma, policy, seed)
+    return _output(scores, chosen, sums, normalize, renormalize)
+
+
+def _drop_state(scores, k, gamma, policy, seed):
+    num_tokens, num_experts = scores.shape
+    rows = _rows(scores)
+    tops = _topk_lists(scores, k)
+    capacity = C.capacity_from_total(gamma, num_tokens * k, num_experts)
+    per_expert: Dict[int, List[Tuple[float, int, int]]] = {e: [] for e in range(num_experts)}
+    for t in range(num_tokens):
+        for e in tops[t]:
+            per_expert[e].append((_priority(policy, rows, t, e, num_experts, seed), t, t))
+    chosen: List[Set[int]] = [set() for _ in range(num_tokens)]
+    for e, items in per_expert.items():
+        for _, _, t in _keep_top(items, capacity):
+            chosen[t].add(e)
+    sums = [sum(rows[t][e] for e in tops[t]) for t in range(num_tokens)]
+    return chosen, tops, sums, capacity
+
+
+def capacity_reroute(
+    scores: torch.Tensor,
+    k: int,
+    gamma: float,
+    *,
+    rounds: int = 1,
+    policy: str = "score",
+    min_ratio: float = 0.0,
+    drop_policy: str = "score",
+    normalize: bool = False,
+    renormalize: bool = False,
+    seed: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    num_tokens, num_experts = scores.shape
+    rows = _rows(scores)
+    chosen, tops, sums, capacity = _drop_state(scores, k, gamma, drop_policy, seed)
+    load = [0] * num_experts
+    for experts in chosen:
+        for e in experts:
+            load[e] += 1
+    # The dropped assignments (token, original expert) still to place.
+    unplaced: List[List[int]] = [[e for e in tops[t] if e not in chosen[t]] for t in range(num_tokens)]
+    taken: List[Set[int]] = [set(tops[t]) for t in range(num_tokens)]
+    for _ in range(rounds):
+        spare = [capacity - load[e] for e in range(num_experts)]
+        offers: Dict[int, List[Tuple[float, int, Tuple[int, int]]]] = {e: [] for e in range(num_experts)}
+        for t in range(num_tokens):
+            # This token's dropped assignments, highest score first (ties: top-k order).
+            slots = sorted(unplaced[t], key=lambda e: (-rows[t][e], tops[t].index(e)))
+            candidates = [e for e in range(num_experts) if e not in taken[t] and spare[e] > 0]
+            if policy == "score":
+                candidates.sort(key=lambda e: (-rows[t][e], e))
+            else:
+                candidates.sort(key=lambda e: (-spare[e], -rows[t][e], e))
+            for j, dropped_expert in enumerate(slots):
+                if j >= len(candidates):
+                    break
+                target = candidates[j]
+                dropped_score = rows[t][dropped_expert]
+                if rows[t][target] >= min_ratio * dropped_score:
+                    offers[target].append((dropped_score, t, (t, dropped_expert)))
+        for e, items in offers.items():
+            for _, _, (t, dropped_expert) in _keep_top(items, spare[e]):
+                chosen[t].add(e)
+                taken[t].add(e)
+                unplaced[t].remove(dropped_expert)
+                load[e] += 1
+    return _output(scores, chosen, sums, normalize, renormalize)
+
+
+def expanded_drop(
+    scores: torch.Tensor,
+    k: int,
+    gamma: float,
+    local_experts_per_rank: Sequence[Sequence[int]],
+    tokens_per_rank: Sequence[int],
+    *,
+    normalize: bool = False,
+    renormalize: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    num_tokens, num_experts = scores.shape
+    if sum(tokens_per_rank) != num_tokens:
+        raise ValueError("tokens_per_rank must sum to the number of tokens")
+    rows = _rows(scores)
+    tops = _topk_lists(scores, k)
+    capacity = C.capacity_from_total(gamma, num_tokens * k, num_experts)
+    rank_of: List[int] = []
+    for r, n in enumerate(tokens_per_rank):
+        rank_of += [r] * n
+    per_expert: Dict[int, List[Tuple[float, int, int]]] = {e: [] for e in range(num_experts)}
+    order = 0
+    for t in range(num_tokens):
+        candidates = list(tops[t]) + [e for e in local_experts_per_rank[rank_of[t]] if e not in tops[t]]
+        for e in candidates:
+            per_expert[e].append((rows[t][e], t, t))
+            order += 1
+    chosen: List[Set[int]] = [set() for _ in range(num_tokens)]
+    for e, items in per_expert.items():
+        for _, _, t in _keep_top(items, capacity):
+            chosen[t].add(e)
+    sums = [sum(rows[t][e] for e in tops[t]) for t in range(num_tokens)]
+    return _output(scores, chosen, sums, normalize, renormalize)
+
+
+def _laser_pool(row: List[float], top: List[int], t_fix: float, pool: int) -> List[int]:
+    """The token's candidates in score order (top-k first, as torch.topk gives them)."""
+    best = row[top[0]]
+    others = sorted((e for e in range(len(row)) if e not in top), key=lambda e: (-row[e], e))
+    extra = [e for e in others[: max(pool - len(top), 0)] if row[e] >= t_fix * best]
+    return list(top) + extra
+
+
+def _least_loaded(pool: List[int], load: List[int], k: int) -> List[int]:
+    ranked = sorted(range(len(pool)), key=lambda i: (load[pool[i]], i))  # ties: higher score
+    return [pool[i] for i in ranked[:k]]
+
+
+def laser_greedy(
+    scores: torch.Tensor,
+    k: int,
+    eps_high: float,
+    t_fix: float,
+    pool: int,
+    *,
+    normalize: bool = False,
+    renormalize: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LASER exactly as SPEC.md states it: flexible tokens one at a time."""
+    num_tokens, num_experts = scores.shape
+    rows = _rows(scores)
+    tops = _topk_lists(scores, k)
+    sums = [sum(rows[t][e] for e in tops[t]) for t in range(num_tokens)]
+    flexible = [sums[t] < eps_high for t in range(num_tokens)]
+    load = [0] * num_experts
+    chosen: List[Set[int]] = [set() for _ in range(num_tokens)]
+    for t in range(num_tokens):
+        if not flexible[t]:
+            chosen[t] = set(tops[t])
+            for e in tops[t]:
+                load[e] += 1
+    for t in range(num_tokens):
+        if flexible[t]:
+            picks = _least_loaded(_laser_pool(rows[t], tops[t], t_fix, min(pool, num_experts)), load, k)
+            chosen[t] = set(picks)
+            for e in picks:
+                load[e] += 1
+    return _output(scores, chosen, sums, normalize, renormalize)
+
+
+def water_fill(load: List[int], demand: List[int], units: int) -> List[int]:
+    """Place units one at a time on the lowest ``load + quota`` with demand left (ties: lower id)."""
+    quota = [0] * len(load)
+    for _ in range(min(units, sum(demand))):
+        e = min((e for e in range(len(load)) if quota[e] < demand[e]), key=lambda e: (load[e] + quota[e], e))
+        quota[e] += 1
+    return quota
+
+
+def laser_waves(
+    scores: torch.Tensor,
+    k: int,
+    eps_high: float,
+    t_fix: float,
+    pool: int,
+    *,
+    waves: int,
+    rounds: int,
+    normalize: bool = False,
+    renormalize: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fast path's wave-and-quota scheme (see policies/laser.py), as loops: its oracle."""
+    num_tokens, num_experts = scores.shape
+    rows = _rows(scores)
+    tops = _topk_lists(scores, k)
+    sums = [sum(rows[t][e] for e in tops[t]) for t in range(num_tokens)]
+    flexible = [t for t in range(num_tokens) if sums[t] < eps_high]
+    load = [0] * num_experts
+    chosen: List[Set[int]] = [set() for _ in range(num_tokens)]
+    for t in range(num_tokens):
+        if sums[t] >= eps_high:
+            chosen[t] = set(tops[t])
+            for e in tops[t]:
+                load[e] += 1
+    total = len(flexible)
+    for wave in range(waves):
+        members = [t for i, t in enumerate(flexible) if (i * waves) // max(total, 1) == wave]
+        pools = {t: _laser_pool(rows[t], tops[t], t_fix, min(pool, num_experts)) for t in members}
+        demand = [sum(e in pools[t] for t in members) for e in range(num_experts)]
+        quota = water_fill(load, demand, len(members) * k)
+        picked: Dict[int, List[int]] = {t: [] for t in members}
+        for _ in range(rounds):
+            offers: Dict[int, List[int]] = {e: [] for e in range(num_experts)}
+            for t in members:
+                allowed = [e for e in pools[t] if e not in picked[t] and quota[e] > 0]
+                for e in _least_loaded(allowed, load, k - len(picked[t])):
+                    offers[e].append(t)  # members are visited in token order
+            for e, tokens in offers.items():
+                accepted = tokens[: quota[e]]
+                for t in accepted:
+                    picked[t].append(e)
+                load[e] += len(accepted)
+                quota[e] -= len(accepted)
+        extra: Dict[int, List[int]] = {}
+        for t in members:  # every open slot sees the same loads
+            allowed = [e for e in pools[t] if e not in picked[t]]
+            extra[t] = _least_loaded(allowed, load, k - len(picked[t]))
+        for t in members:
+            for e in extra[t]:
+                load[e] += 1
+            chosen[t] = set(picked[t]) | set(extra[t])
+    return _output(scores, chosen, sums, normalize, renormalize)

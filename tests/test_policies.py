@@ -1,0 +1,270 @@
+"""Routing policies: SPEC.md invariants, and fast == reference on many cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_capaware import policies as P
+from megatron_capaware.policies import _common as C
+from megatron_capaware.policies import reference as R
+from tests.policy_cases import Case, make_scores, random_cases
+
+CASES = list(random_cases(240, seed=11))
+
+
+def assert_same(fast, ref, case: Case, what: str) -> None:
+    probs, routing_map = fast
+    ref_probs, ref_map = ref
+    assert torch.equal(routing_map, ref_map), f"{what}: routing maps differ for {case.shape}"
+    assert torch.allclose(probs, ref_probs, rtol=1e-6, atol=1e-7), f"{what}: weights differ for {case.shape}"
+
+
+def assert_well_formed(probs: torch.Tensor, routing_map: torch.Tensor, scores: torch.Tensor) -> None:
+    assert probs.shape == scores.shape and routing_map.shape == scores.shape
+    assert routing_map.dtype == torch.bool
+    assert torch.all(probs[~routing_map] == 0), "weights must be zero off the routing map"
+    assert torch.all(probs >= 0)
+
+
+def max_load(routing_map: torch.Tensor, dim: int = 0) -> int:
+    sums = routing_map.sum(dim)
+    return int(sums.max()) if sums.numel() else 0
+
+
+def capacity_of(case: Case) -> int:
+    T, E = case.scores.shape
+    return C.capacity_from_total(case.gamma, T * case.k, E)
+
+
+@pytest.mark.parametrize("policy", ["score", "position", "random"])
+def test_drop_matches_reference_and_respects_capacity(policy: str) -> None:
+    for case in CASES:
+        fast = P.capacity_drop(case.scores, case.k, case.gamma, policy=policy, normalize=case.normalize, seed=7)
+        ref = R.capacity_drop(case.scores, case.k, case.gamma, policy=policy, normalize=case.normalize, seed=7)
+        assert_same(fast, ref, case, f"capacity_drop[{policy}]")
+        probs, routing_map = fast
+        assert_well_formed(probs, routing_map, case.scores)
+        assert max_load(routing_map) <= capacity_of(case), case.shape
+        assert max_load(routing_map, 1) <= case.k
+        # Drops are a subset of the top-k, with the top-k's own weights.
+        top_probs, top_map = P.topk(case.scores, case.k, normalize=case.normalize)
+        assert not torch.any(routing_map & ~top_map)
+        assert torch.equal(probs[routing_map], top_probs[routing_map])
+
+
+def test_drop_by_score_keeps_the_highest_scores() -> None:
+    for case in CASES:
+        _, routing_map = P.capacity_drop(case.scores, case.k, case.gamma)
+        _, top_map = P.topk(case.scores, case.k)
+        dropped = top_map & ~routing_map
+        for e in range(case.scores.shape[1]):
+            kept_scores = case.scores[routing_map[:, e], e]
+            dropped_scores = case.scores[dropped[:, e], e]
+            if kept_scores.numel() and dropped_scores.numel():
+                assert float(kept_scores.min()) >= float(dropped_scores.max()), case.shape
+
+
+@pytest.mark.parametrize("policy", ["score", "load"])
+@pytest.mark.parametrize("rounds", [1, 2, 3])
+def test_reroute_matches_reference_and_respects_capacity(policy: str, rounds: int) -> None:
+    for i, case in enumerate(CASES):
+        min_ratio = (0.0, 0.2, 0.6)[i % 3]
+        kwargs = dict(rounds=rounds, policy=policy, normalize=case.normalize, min_ratio=min_ratio)
+        fast = P.capacity_reroute(case.scores, case.k, case.gamma, **kwargs)
+        ref = R.capacity_reroute(case.scores, case.k, case.gamma, **kwargs)
+        assert_same(fast, ref, case, f"capacity_reroute[{policy}, rounds={rounds}]")
+        probs, routing_map = fast
+        assert_well_formed(probs, routing_map, case.scores)
+        assert max_load(routing_map) <= capacity_of(case), case.shape
+        assert max_load(routing_map, 1) <= case.k
+        # Rerouting only adds assignments to what the plain drop kept.
+        _, drop_map = P.capacity_drop(case.scores, case.k, case.gamma)
+        assert not torch.any(drop_map & ~routing_map)
+
+
+def test_reroute_serves_no_fewer_assignments_than_drop() -> None:
+    for case in CASES:
+        _, drop_map = P.capacity_drop(case.scores, case.k, case.gamma)
+        _, rr_map = P.capacity_reroute(case.scores, case.k, case.gamma, rounds=2)
+        assert int(rr_map.sum()) >= int(drop_map.sum())
+
+
+def test_reroute_guard_refuses_irrelevant_experts() -> None:
+    # Two experts hold all the mass; the others are near zero: with a guard,
+    # dropped assignments are not moved onto near-irrelevant experts.
+    scores = torch.softmax(torch.tensor([[8.0, 7.9, 0.0, 0.0, 0.0, 0.0]] * 12), dim=-1)
+    _, unguarded = P.capacity_reroute(scores, 2, 1.0, rounds=2)
+    _, guarded = P.capacity_reroute(scores, 2, 1.0, rounds=2, min_ratio=0.5)
+    assert int(unguarded[:, 2:].sum()) > 0
+    assert int(guarded[:, 2:].sum()) == 0
+
+
+def test_expanded_drop_matches_reference() -> None:
+    for case in CASES:
+        E = case.scores.shape[1]
+        local = list(range(0, E, 2))
+        fast = P.expanded_drop(case.scores, case.k, case.gamma, local, normalize=case.normalize)
+        ref = R.expanded_drop(case.scores, case.k, case.gamma, [local], [case.scores.shape[0]], normalize=case.normalize)
+        assert_same(fast, ref, case, "expanded_drop")
+        probs, routing_map = fast
+        assert_well_formed(probs, routing_map, case.scores)
+        assert max_load(routing_map) <= capacity_of(case)
+        # Only the top-k or this rank's local experts are ever used.
+        _, top_map = P.topk(case.scores, case.k)
+        allowed = top_map.clone()
+        allowed[:, local] = True
+        assert not torch.any(routing_map & ~allowed)
+
+
+@pytest.mark.parametrize("waves,rounds", [(1, 0), (1, 2), (3, 1), (8, 1), (5, 3)])
+def test_laser_fast_matches_its_loop_reference(waves: int, rounds: int) -> None:
+    for i, case in enumerate(CASES):
+        E = case.scores.shape[1]
+        pool = case.k + (i % (E - case.k + 2))
+        eps_high = (0.0, 0.5, 0.8, 1.01)[i % 4]
+        kwargs = dict(normalize=case.normalize)
+        fast = P.laser(case.scores, case.k, eps_high, 0.3, pool, waves=waves, rounds=rounds, **kwargs)
+        ref = R.laser_waves(case.scores, case.k, eps_high, 0.3, pool, waves=waves, rounds=rounds, **kwargs)
+        assert_same(fast, ref, case, f"laser[waves={waves}, rounds={rounds}]")
+        probs, routing_map = fast
+        assert_well_formed(probs, routing_map, case.scores)
+        assert torch.all(routing_map.sum(1) == case.k), "LASER gives every token exactly k experts"
+
+
+def test_laser_with_one_token_per_wave_is_the_exact_greedy() -> None:
+    for i, case in enumerate(CASES):
+        E = case.scores.shape[1]
+        pool = case.k + (i % (E - case.k + 2))
+        fast = P.laser(case.scores, case.k, 0.9, 0.2, pool, waves=max(case.scores.shape[0], 1), rounds=0)
+        ref = R.laser_greedy(case.scores, case.k, 0.9, 0.2, pool)
+        assert_same(fast, ref, case, "laser exact")
+
+
+def test_capped_water_fill_matches_unit_by_unit_filling() -> None:
+    from megatron_capaware.policies.laser import capped_water_fill
+
+    g = torch.Generator().manual_seed(4)
+    for _ in range(400):
+        E = int(torch.randint(1, 10, (1,), generator=g))
+        loads = torch.randint(0, 12, (E,), generator=g)
+        demand = torch.randint(0, 6, (E,), generator=g)
+        units = int(torch.randint(0, 40, (1,), generator=g))
+        fast = capped_water_fill(loads, demand, torch.tensor(units))
+        assert fast.tolist() == R.water_fill(loads.tolist(), demand.tolist(), units)
+
+
+def test_gamma_infinity_and_huge_equal_topk() -> None:
+    for case in CASES:
+        expected = P.topk(case.scores, case.k, normalize=case.normalize)
+        for gamma in (math.inf, 1e9):
+            for result in (
+                P.capacity_drop(case.scores, case.k, gamma, normalize=case.normalize),
+                P.capacity_reroute(case.scores, case.k, gamma, normalize=case.normalize, rounds=2),
+            ):
+                assert torch.equal(result[1], expected[1]) and torch.equal(result[0], expected[0])
+
+
+def test_laser_pool_k_or_eps_zero_equals_topk() -> None:
+    for case in CASES:
+        expected = P.topk(case.scores, case.k, normalize=case.normalize)
+        E = case.scores.shape[1]
+        for eps, pool in ((0.9, case.k), (0.0, E)):
+            got = P.laser(case.scores, case.k, eps, 0.1, pool, normalize=case.normalize)
+            assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+
+
+def test_normalize_keeps_vanilla_weights_and_never_inflates() -> None:
+    scores = make_scores(64, 8, "skewed", torch.Generator().manual_seed(3))
+    top_probs, _ = P.topk(scores, 2, normalize=True)
+    probs, routing_map = P.capacity_drop(scores, 2, 0.5, normalize=True)
+    assert torch.equal(probs[routing_map], top_probs[routing_map])
+    assert torch.all(probs.sum(1) <= 1 + 1e-6)
+    renorm, renorm_map = P.capacity_drop(scores, 2, 0.5, normalize=True, renormalize=True)
+    survivors = renorm_map.any(1)
+    assert torch.allclose(renorm.sum(1)[survivors], torch.ones(int(survivors.sum())))
+
+
+def test_k_equals_E_and_single_token() -> None:
+    g = torch.Generator().manual_seed(5)
+    scores = make_scores(7, 4, "random", g)
+    probs, routing_map = P.capacity_drop(scores, 4, 1.0)
+    assert max_load(routing_map) <= math.ceil(7 * 4 / 4)
+    one = make_scores(1, 8, "random", g)
+    for result in (
+        P.capacity_drop(one, 2, 1.0),
+        P.capacity_reroute(one, 2, 1.0),
+        P.laser(one, 2, 0.99, 0.1, 4),
+    ):
+        # Capacity is at least 1, so a lone token (decode step) keeps its experts.
+        assert int(result[1].sum()) == 2
+
+
+def test_empty_batch_is_valid() -> None:
+    scores = torch.empty(0, 8)
+    for probs, routing_map in (
+        P.topk(scores, 2),
+        P.capacity_drop(scores, 2, 1.0),
+        P.capacity_reroute(scores, 2, 1.0, rounds=2),
+        P.expanded_drop(scores, 2, 1.0, [0, 1]),
+        P.laser(scores, 2, 0.5, 0.5, 4),
+    ):
+        assert probs.shape == (0, 8) and routing_map.shape == (0, 8)
+
+
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda s: P.capacity_drop(s, 2, 0.0), "gamma"),
+        (lambda s: P.capacity_drop(s, 2, -1.0), "gamma"),
+        (lambda s: P.capacity_drop(s, 2, float("nan")), "gamma"),
+        (lambda s: P.capacity_drop(s, 9, 1.0), "k=9"),
+        (lambda s: P.capacity_drop(s, 0, 1.0), "k=0"),
+        (lambda s: P.capacity_drop(s, 2, 1.0, policy="lowest"), "policy"),
+        (lambda s: P.capacity_reroute(s, 2, 1.0, policy="far"), "policy"),
+        (lambda s: P.capacity_reroute(s, 2, 1.0, rounds=-1), "rounds"),
+        (lambda s: P.capacity_reroute(s, 2, 1.0, min_ratio=-0.1), "min_ratio"),
+        (lambda s: P.laser(s, 2, 0.5, 0.5, 1), "pool=1 is smaller than k=2"),
+        (lambda s: P.laser(s, 2, 0.5, 0.0, 4), "t_fix"),
+        (lambda s: P.laser(s, 2, 0.5, 1.5, 4), "t_fix"),
+        (lambda s: P.laser(s, 2, -0.1, 0.5, 4), "eps_high"),
+        (lambda s: P.expanded_drop(s, 2, 1.0, None), "local_experts"),
+        (lambda s: P.expanded_drop(s, 2, 1.0, [0, 8]), "local_experts"),
+        (lambda s: P.topk(s[0], 2), "2-D"),
+        (lambda s: P.topk(s.long(), 2), "floating point"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(call, message: str) -> None:
+    scores = make_scores(6, 8, "random", torch.Generator().manual_seed(0))
+    with pytest.raises(P.RoutingInputError, match=message):
+        call(scores)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+def test_non_finite_or_negative_scores_are_rejected(bad: float) -> None:
+    scores = make_scores(6, 8, "random", torch.Generator().manual_seed(0))
+    scores[3, 5] = bad
+    for call in (
+        lambda: P.topk(scores, 2),
+        lambda: P.capacity_drop(scores, 2, 1.0),
+        lambda: P.capacity_reroute(scores, 2, 1.0),
+        lambda: P.expanded_drop(scores, 2, 1.0, [0]),
+        lambda: P.laser(scores, 2, 0.5, 0.5, 4),
+    ):
+        with pytest.raises(P.RoutingInputError, match="NaN or Inf|>= 0"):
+            call()
+
+
+def test_decisions_report_loads_drops_and_reroutes() -> None:
+    scores = make_scores(200, 8, "skewed", torch.Generator().manual_seed(9))
+    drop = P.capacity_drop_decision(scores, 2, 1.0)
+    assert torch.equal(drop.global_loads, drop.routing_map.sum(0))
+    assert int(drop.dropped) == 400 - int(drop.routing_map.sum())
+    assert int(drop.capacity) == 50 and int(drop.global_tokens) == 200
+    rr = P.capacity_reroute_decision(scores, 2, 1.0, rounds=2)
+    assert torch.equal(rr.global_loads, rr.routing_map.sum(0))
+    assert int(rr.rerouted) + int(rr.dropped) == int(drop.dropped)
+    las = P.laser_decision(scores, 2, 0.9, 0.3, 4)
+    assert torch.equal(las.global_loads, las.routing_map.sum(0))
