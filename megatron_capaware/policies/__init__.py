@@ -19,6 +19,7 @@ from megatron_capaware.policies.capacity import (
     capacity_reroute_decision,
     expanded_drop,
     expanded_drop_decision,
+    map_decision,
     topk,
     topk_decision,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "expanded_drop_decision",
     "laser",
     "laser_decision",
+    "map_decision",
     "select_top_per_expert",
     "topk",
     "topk_decision",

@@ -476,6 +476,30 @@ def expanded_drop(
     ).as_tuple()
 
 
+def map_decision(
+    probs: torch.Tensor, routing_map: torch.Tensor, group: Optional[ProcessGroup] = None
+) -> RoutingDecision:
+    """Load figures of a routing that is already decided (e.g. Megatron's own top-k).
+
+    Collectives: one all-reduce of ``E + 1`` int64.
+    """
+    device = routing_map.device
+    counts = torch.cat(
+        [routing_map.sum(dim=0), torch.tensor([routing_map.shape[0]], device=device)]
+    ).to(torch.int64)
+    all_reduce_sum(counts, group)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    return RoutingDecision(
+        probs=probs,
+        routing_map=routing_map,
+        global_loads=counts[:-1],
+        requested_assignments=counts[:-1].sum(),
+        dropped=zero,
+        rerouted=zero.clone(),
+        global_tokens=counts[-1],
+    )
+
+
 def topk_decision(
     scores: torch.Tensor,
     k: int,
@@ -490,20 +514,7 @@ def topk_decision(
     indices, values = _selected(scores, k, topk_indices)
     routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)
     probs = C.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize)
-    counts = torch.cat(
-        [routing_map.sum(dim=0), torch.tensor([scores.shape[0]], device=scores.device)]
-    ).to(torch.int64)
-    all_reduce_sum(counts, group)
-    zero = torch.zeros((), dtype=torch.int64, device=scores.device)
-    return RoutingDecision(
-        probs=probs,
-        routing_map=routing_map,
-        global_loads=counts[:-1],
-        requested_assignments=counts[:-1].sum(),
-        dropped=zero,
-        rerouted=zero.clone(),
-        global_tokens=counts[-1],
-    )
+    return map_decision(probs, routing_map, group)
 
 
 def topk(

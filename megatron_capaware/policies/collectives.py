@@ -10,43 +10,84 @@ waiting in a collective.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-ProcessGroup = Any  # torch.distributed.ProcessGroup (or None)
+ProcessGroup = Any  # torch.distributed.ProcessGroup, LoadGroup, or None
+
+
+@dataclass(frozen=True)
+class LoadGroup:
+    """A process group some of whose ranks hold copies of another rank's tokens.
+
+    With tensor parallelism and no sequence parallelism, the ranks of an
+    attention-TP group enter the MoE layer with the same tokens. Such a token
+    must count once in the loads, and every copy must be routed identically.
+    Each copy-holding rank therefore contributes its counts with weight 0 and
+    takes the position (rank) of the rank holding the original, so all of them
+    reach the decision of that rank bit for bit.
+
+    Attributes:
+        group: the process group (ranks whose tokens reach the same experts).
+        counts_weight: 1 on the rank whose counts are used, 0 on its copies.
+        primary_rank: the group rank whose tokens this rank holds (its own
+            rank when it holds no copy).
+    """
+
+    group: Any
+    counts_weight: int
+    primary_rank: int
+
+
+def _process_group(group: Optional[ProcessGroup]) -> Any:
+    return group.group if isinstance(group, LoadGroup) else group
+
+
+def _weighted(tensor: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
+    if isinstance(group, LoadGroup) and group.counts_weight != 1:
+        return tensor * group.counts_weight
+    return tensor
 
 
 def group_size(group: Optional[ProcessGroup]) -> int:
     """Number of ranks whose tokens share the experts (1 without a group)."""
-    if group is None:
+    pg = _process_group(group)
+    if pg is None:
         return 1
-    return dist.get_world_size(group)
+    return dist.get_world_size(pg)
 
 
 def group_rank(group: Optional[ProcessGroup]) -> int:
-    """This process's rank in ``group`` (0 without a group)."""
+    """The rank whose place this process takes in ``group`` (0 without a group)."""
+    if isinstance(group, LoadGroup):
+        return group.primary_rank
     if group is None:
         return 0
     return dist.get_rank(group)
 
 
 def all_reduce_sum(tensor: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
-    """Sum ``tensor`` over the group, in place; returns it."""
-    if group is not None and group_size(group) > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    """Sum counts over the group (copies of tokens counted once); returns the sum."""
+    pg = _process_group(group)
+    if pg is not None and group_size(group) > 1:
+        if isinstance(group, LoadGroup) and group.counts_weight != 1:
+            tensor.mul_(group.counts_weight)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=pg)
     return tensor
 
 
 def all_gather_stack(tensor: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
-    """Gather equal-shaped tensors from every rank: ``[group_size, *tensor.shape]``."""
+    """Gather equal-shaped counts from every rank: ``[group_size, *tensor.shape]``."""
     size = group_size(group)
     if size == 1:
         return tensor.unsqueeze(0)
+    tensor = _weighted(tensor, group)
     # List all_gather: gloo's all_gather_into_tensor aborts on this torch (2.13 CPU).
     parts = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
+    dist.all_gather(parts, tensor.contiguous(), group=_process_group(group))
     return torch.stack(parts)
 
 

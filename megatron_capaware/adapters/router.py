@@ -1,0 +1,237 @@
+"""Megatron-Core router that applies the capaware routing policies.
+
+:class:`CapawareRouter` subclasses Megatron's ``TopKRouter`` and overrides
+``routing`` only: the gate (``weight``, ``bias``, ``expert_bias``) is the same
+module with the same state-dict keys, so every checkpoint loads unchanged.
+
+For every router type it first computes Megatron's own top-k routing
+(score function, pre-softmax, group-limited top-k, expert bias, scaling
+factor), then asks the policy to change the decision. Assignments the
+policy keeps get vanilla's weights bit for bit; new assignments (rerouted,
+moved by LASER, added by Expanded Drop) get ``s[t, e]`` under the model's
+own normalisation and scaling. ``router_type="topk"`` is vanilla exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Optional
+
+import torch
+
+from megatron_capaware import policies
+from megatron_capaware.config import CapawareConfig, CapawareConfigError
+
+from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+from megatron.core.transformer.moe.router import TopKRouter
+
+
+def check_supported(config: Any, capaware: CapawareConfig) -> None:
+    """Reject Megatron settings that a capaware router cannot honour.
+
+    Raises:
+        CapawareConfigError: naming the conflicting Megatron option and the fix.
+    """
+    capaware.validate(
+        num_experts=config.num_moe_experts,
+        topk=config.moe_router_topk,
+        score_function=config.moe_router_score_function,
+    )
+    if capaware.router_type == "topk":
+        return  # vanilla Megatron, whatever its options
+    name = f"--moe-router-type {capaware.router_type}"
+    if config.moe_expert_capacity_factor is not None:
+        raise CapawareConfigError(
+            f"{name} and Megatron's --moe-expert-capacity-factor both limit expert load; Megatron's "
+            "drops on each rank's local tokens and would run after the capaware decision. Unset "
+            "--moe-expert-capacity-factor (the capaware gamma replaces it), or use "
+            "--moe-router-type topk to keep Megatron's own token dropping"
+        )
+    if getattr(config, "moe_pad_expert_input_to_capacity", False):
+        raise CapawareConfigError(
+            f"{name} cannot be combined with --moe-pad-expert-input-to-capacity (Megatron's padded "
+            "capacity path); unset it"
+        )
+    balancing = config.moe_router_load_balancing_type
+    if isinstance(balancing, str) and balancing in ("sinkhorn", "quantile_balancing"):
+        raise CapawareConfigError(
+            f"{name} cannot be combined with --moe-router-load-balancing-type {balancing}, which "
+            "replaces top-k routing itself; use aux_loss/seq_aux_loss/none"
+        )
+    if getattr(config, "moe_enable_routing_replay", False):
+        raise CapawareConfigError(f"{name} cannot be combined with routing replay")
+    if config.moe_token_dispatcher_type not in ("alltoall", "allgather"):
+        raise CapawareConfigError(
+            f"{name} supports the alltoall and allgather token dispatchers (dropped assignments "
+            f"must not be sent); got --moe-token-dispatcher-type {config.moe_token_dispatcher_type}"
+        )
+    if getattr(config, "context_parallel_size", 1) > 1:
+        raise CapawareConfigError(f"{name} does not support context parallelism yet (CP > 1)")
+    if capaware.router_type == "laser":
+        if config.moe_router_num_groups or config.moe_router_group_topk:
+            raise CapawareConfigError(
+                "--moe-router-type laser does not support group-limited routing "
+                "(--moe-router-num-groups / --moe-router-group-topk): its pools are drawn from all "
+                "experts; use a capacity router"
+            )
+        if getattr(config, "moe_router_enable_expert_bias", False):
+            raise CapawareConfigError(
+                "--moe-router-type laser does not support --moe-router-enable-expert-bias: its "
+                "confident tokens must take the model's own top-k; use a capacity router"
+            )
+
+
+def model_normalizes(config: Any) -> bool:
+    """Whether the model divides the chosen weights by their sum (Mixtral-style)."""
+    if config.moe_router_score_function == "softmax":
+        return not config.moe_router_pre_softmax
+    return config.moe_router_topk > 1
+
+
+class CapawareRouter(TopKRouter):
+    """``TopKRouter`` whose routing decision comes from a capaware policy.
+
+    Attributes set by :func:`megatron_capaware.adapters.swap.install_capaware_routers`:
+        capaware: the :class:`CapawareConfig`.
+        capaware_load_group: group over which loads are global (scope global).
+        capaware_local_experts: expert ids of this rank (Expanded Drop).
+        capaware_stats: a :class:`LayerRoutingStats` or None.
+    """
+
+    def __init__(self, config: Any, pg_collection: Any = None, *, capaware: Optional[CapawareConfig] = None):
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.capaware_setup(capaware or CapawareConfig())
+
+    def capaware_setup(self, capaware: CapawareConfig) -> None:
+        """(Re)configure; also called on a ``TopKRouter`` turned into this class in place."""
+        check_supported(self.config, capaware)
+        self.capaware = capaware
+        self.capaware_installed = getattr(self, "capaware_installed", False)
+        self.capaware_load_group = getattr(self, "capaware_load_group", None)
+        self.capaware_local_experts: Optional[List[int]] = getattr(self, "capaware_local_experts", None)
+        self.capaware_stats = getattr(self, "capaware_stats", None)
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """Megatron's gate; an empty batch (a rank with no tokens) gives empty logits.
+
+        Megatron's own gate reshapes with ``-1`` and fails on zero tokens, which
+        happens at decode time when an EP rank has no sequence this step; the
+        rank must still take part in the routing collectives.
+        """
+        if input.numel() == 0:
+            dtype = torch.float32 if self.config.moe_router_dtype == "fp32" else input.dtype
+            return input.new_zeros((*input.shape[:-1], self.config.num_moe_experts), dtype=dtype)
+        return super().gating(input)
+
+    def _group(self) -> Any:
+        if self.capaware.scope == "local":
+            return None
+        if not self.capaware_installed:
+            raise RuntimeError(
+                "CapawareRouter is not attached to an MoE layer: build the layer through "
+                "megatron_capaware.adapters.spec, or call install_capaware_routers(model, config)"
+            )
+        return self.capaware_load_group
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Route ``logits [S, B, E]``: ``(probs [S*B, E], routing_map [S*B, E] bool)``."""
+        capaware = self.capaware
+        if capaware.router_type == "topk":
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+            if self.capaware_stats is not None and capaware.record_stats:
+                self._record(policies.map_decision(probs, routing_map, self._group()))
+            return probs, routing_map
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"--moe-router-type {capaware.router_type} is an inference router: call model.eval() "
+                "(or run under torch.no_grad()); train with --moe-router-type topk"
+            )
+        num_experts = self.config.num_moe_experts
+        logits = logits.reshape(-1, num_experts)
+        vanilla_probs, vanilla_map = topk_routing_with_score_function(
+            logits,
+            self.topk,
+            use_pre_softmax=self.config.moe_router_pre_softmax,
+            num_groups=self.config.moe_router_num_groups,
+            group_topk=self.config.moe_router_group_topk,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+            score_function=self.score_function,
+            expert_bias=self.expert_bias,
+            fused=self.config.moe_router_fusion,
+        )
+        scores = (
+            torch.softmax(logits.float(), dim=-1)
+            if self.score_function == "softmax"
+            else torch.sigmoid(logits.float())
+        )  # [T, E] the model's probabilities before top-k
+        decision = self._decide(scores, vanilla_map)
+        new_probs = decision.probs
+        scaling = self.config.moe_router_topk_scaling_factor
+        if scaling:
+            new_probs = new_probs * scaling
+        if capaware.renormalize:
+            probs = new_probs
+        else:
+            probs = torch.where(vanilla_map, vanilla_probs.float(), new_probs) * decision.routing_map
+        if self.capaware_stats is not None and capaware.record_stats:
+            self._record(decision)
+        return probs.to(vanilla_probs.dtype), decision.routing_map
+
+    def _decide(self, scores: torch.Tensor, vanilla_map: torch.Tensor):
+        capaware = self.capaware
+        k = self.topk
+        group = self._group()
+        normalize = model_normalizes(self.config)
+        common = dict(normalize=normalize, renormalize=capaware.renormalize, group=group,
+                      check_values=capaware.check_scores)
+        if capaware.router_type == "laser":
+            params = capaware.laser_params(self.layer_number, k)
+            return policies.laser_decision(
+                scores, k, params.eps_high, params.t_fix, params.pool,
+                waves=capaware.laser_waves, rounds=capaware.laser_rounds, **common,
+            )
+        indices = _map_to_indices(scores, vanilla_map, k)
+        if capaware.router_type == "capacity-drop":
+            return policies.capacity_drop_decision(
+                scores, k, capaware.gamma, policy=capaware.drop_policy, seed=capaware.seed,
+                topk_indices=indices, **common,
+            )
+        if capaware.router_type == "capacity-reroute":
+            return policies.capacity_reroute_decision(
+                scores, k, capaware.gamma, rounds=capaware.reroute_rounds,
+                policy=capaware.reroute_policy, min_ratio=capaware.reroute_min_ratio,
+                drop_policy=capaware.drop_policy, seed=capaware.seed, topk_indices=indices, **common,
+            )
+        if capaware.router_type == "expanded-drop":
+            if self.capaware_local_experts is None:
+                raise CapawareConfigError(
+                    "expanded-drop needs the experts of this rank: install the router in an MoE "
+                    "layer (install_capaware_routers) so the EP layout is known"
+                )
+            return policies.expanded_drop_decision(
+                scores, k, capaware.gamma, self.capaware_local_experts, topk_indices=indices, **common,
+            )
+        raise CapawareConfigError(f"unknown router type {capaware.router_type!r}")
+
+    def _record(self, decision) -> None:
+        if self.capaware.scope == "local" and self.capaware_load_group is not None:
+            # The decision only saw this rank's tokens; the stats report what the
+            # experts process, so sum the loads over the ranks that feed them.
+            from megatron_capaware.policies.collectives import all_reduce_sum
+
+            counts = torch.cat([
+                decision.global_loads,
+                torch.stack([decision.requested_assignments, decision.global_tokens]),
+            ]).to(torch.int64)
+            counts = all_reduce_sum(counts, self.capaware_load_group)
+            decision = dataclasses.replace(
+                decision, global_loads=counts[:-2], requested_assignments=counts[-2],
+                global_tokens=counts[-1], capacity=None,
+            )
+        self.capaware_stats.record_decision(decision)
+
+
+def _map_to_indices(scores: torch.Tensor, routing_map: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` experts of each row of a top-k map, best score first: ``[T, k]``."""
+    return torch.where(routing_map, scores, torch.full_like(scores, -1.0)).topk(k, dim=1).indices
+

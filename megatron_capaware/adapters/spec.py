@@ -1,0 +1,79 @@
+"""Module specs that build MoE layers with capaware routing from the start.
+
+Megatron describes a layer as a spec (``ModuleSpec`` in megatron-core 0.16,
+``functools.partial`` of the module in 0.19); the MoE part carries an
+``MoESubmodules(router=...)``. :func:`capaware_spec` walks any such spec and
+makes every MoE layer a :class:`CapawareMoELayer` (which installs the capaware
+router and dispatcher when it is built). Use it on the spec you already
+build, e.g. ``capaware_spec(get_gpt_decoder_block_spec(config, use_te), cfg)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from typing import Any
+
+from megatron_capaware.adapters.router import CapawareRouter
+from megatron_capaware.adapters.swap import install_in_layer
+from megatron_capaware.config import CapawareConfig
+
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+
+class CapawareMoELayer(MoELayer):
+    """``MoELayer`` built with the capaware router and dispatcher.
+
+    Same parameters and state-dict keys as ``MoELayer``.
+    """
+
+    def __init__(self, *args: Any, capaware: CapawareConfig = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.capaware_stats = install_in_layer(self, capaware or CapawareConfig())
+
+
+def _router_builder(capaware: CapawareConfig) -> Any:
+    return functools.partial(CapawareRouter, capaware=capaware)
+
+
+def capaware_spec(spec: Any, capaware: CapawareConfig) -> Any:
+    """A copy of ``spec`` in which every MoE layer routes with ``capaware``.
+
+    Accepts a layer spec, a block spec (``TransformerBlockSubmodules``), or
+    any nesting of ``ModuleSpec`` / ``functools.partial`` / dataclass
+    submodules as megatron-core 0.16 to 0.19 produce them.
+    """
+    return _walk(copy.copy(spec), capaware)
+
+
+def _walk(node: Any, capaware: CapawareConfig) -> Any:
+    if isinstance(node, ModuleSpec):
+        node = copy.copy(node)
+        if node.module is MoELayer or node.module is CapawareMoELayer:
+            node.module = CapawareMoELayer
+            node.params = {**(node.params or {}), "capaware": capaware}
+        node.submodules = _walk(node.submodules, capaware)
+        return node
+    if isinstance(node, functools.partial):
+        func = node.func
+        keywords = {k: _walk(v, capaware) for k, v in node.keywords.items()}
+        if func is MoELayer or func is CapawareMoELayer:
+            func = CapawareMoELayer
+            keywords["capaware"] = capaware
+        return functools.partial(func, *node.args, **keywords)
+    if isinstance(node, MoESubmodules):
+        return dataclasses.replace(node, router=_router_builder(capaware))
+    if (
+        dataclasses.is_dataclass(node)
+        and not isinstance(node, type)
+        and all(f.init for f in dataclasses.fields(node))
+    ):
+        changes = {f.name: _walk(getattr(node, f.name), capaware) for f in dataclasses.fields(node)}
+        return dataclasses.replace(node, **changes)
+    if isinstance(node, list):
+        return [_walk(item, capaware) for item in node]
+    if isinstance(node, tuple):
+        return tuple(_walk(item, capaware) for item in node)
+    return node

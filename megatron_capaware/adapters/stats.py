@@ -1,0 +1,97 @@
+"""Per-layer routing statistics recorded by the capaware router and dispatcher.
+
+The router records what its policy decided (global loads, drops, reroutes:
+all already known to the policy, so recording costs no collective); the
+dispatcher records how many tokens each local expert actually received
+after dispatch, which is what the capacity guarantee is checked against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from megatron_capaware import metrics
+
+
+@dataclass
+class LayerRoutingStats:
+    """Everything recorded for one MoE layer, one entry per forward call.
+
+    Attributes:
+        layer_number: Megatron's 1-based layer number.
+        num_experts: E.
+        ep_size: expert-parallel size (experts split in contiguous blocks).
+        local_experts: this rank's expert ids.
+        duplication: how many ranks hold each token (TP without sequence
+            parallelism); measured received counts are divided by it.
+        load_group: the group the layer's loads are global over (a
+            :class:`~megatron_capaware.policies.collectives.LoadGroup`, a
+            process group, or None).
+    """
+
+    layer_number: int
+    num_experts: int
+    ep_size: int
+    local_experts: List[int]
+    duplication: int = 1
+    load_group: Any = None
+    global_loads: List[torch.Tensor] = field(default_factory=list)
+    requested: List[int] = field(default_factory=list)
+    dropped: List[int] = field(default_factory=list)
+    rerouted: List[int] = field(default_factory=list)
+    tokens: List[int] = field(default_factory=list)
+    flexible: List[int] = field(default_factory=list)
+    capacity: List[Optional[int]] = field(default_factory=list)
+    received: List[torch.Tensor] = field(default_factory=list)
+
+    def record_decision(self, decision) -> None:
+        """Store a :class:`~megatron_capaware.policies.RoutingDecision` (CPU copies)."""
+        self.global_loads.append(decision.global_loads.detach().to("cpu", torch.int64))
+        self.requested.append(int(decision.requested_assignments))
+        self.dropped.append(int(decision.dropped))
+        self.rerouted.append(int(decision.rerouted))
+        self.tokens.append(int(decision.global_tokens))
+        self.flexible.append(int(decision.flexible) if decision.flexible is not None else 0)
+        self.capacity.append(int(decision.capacity) if decision.capacity is not None else None)
+
+    def record_received(self, tokens_per_local_expert) -> None:
+        """Store the number of tokens each local expert received in this call."""
+        counts = torch.as_tensor(tokens_per_local_expert).detach().to("cpu", torch.int64).reshape(-1)
+        self.received.append(counts)
+
+    def reset(self) -> None:
+        for name in ("global_loads", "requested", "dropped", "rerouted", "tokens", "flexible", "capacity", "received"):
+            getattr(self, name).clear()
+
+    def summary(self) -> Dict[str, float]:
+        """Load figures over all recorded calls (drop and reroute fractions from
+        this rank's own counts; :func:`reduce_summaries` gives the global ones)."""
+        return metrics.summarize_calls(
+            self.global_loads, self.requested, self.dropped, self.rerouted, self.ep_size
+        )
+
+
+def reduce_summaries(all_stats: Dict[int, LayerRoutingStats]) -> Dict[int, Dict[str, float]]:
+    """Per-layer metrics over the recorded calls, as the whole load group saw them.
+
+    Loads are global already; each rank's drop / reroute / flexible counts are
+    summed over the layer's load group (copies of tokens counted once). Every
+    rank of the group must call this (it issues one all-reduce per layer).
+    """
+    from megatron_capaware.policies.collectives import all_reduce_sum
+
+    out: Dict[int, Dict[str, float]] = {}
+    for layer, stats in sorted(all_stats.items()):
+        summary = stats.summary()
+        counts = torch.tensor([sum(stats.dropped), sum(stats.rerouted), sum(stats.flexible)], dtype=torch.int64)
+        counts = all_reduce_sum(counts, stats.load_group)
+        total = float(sum(stats.requested))
+        summary["dropped_frac"] = float(counts[0]) / total if total else 0.0
+        summary["rerouted_frac"] = float(counts[1]) / total if total else 0.0
+        tokens = float(sum(stats.tokens))
+        summary["flexible_frac"] = float(counts[2]) / tokens if tokens else 0.0
+        out[layer] = summary
+    return out

@@ -1,0 +1,140 @@
+"""Attach capaware routing to the MoE layers of an already-built Megatron model.
+
+:func:`install_capaware_routers` walks a model, turns every MoE layer's
+``TopKRouter`` into a :class:`CapawareRouter` and its dispatcher into the
+capaware dispatcher, in place: the objects keep their parameters, buffers,
+sharding attributes and hooks (their class changes, nothing is copied), so a
+loaded checkpoint stays loaded. Calling it again reconfigures the routers
+(e.g. the evaluation sweeps router settings over one loaded model).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_capaware.adapters.dispatcher import capaware_dispatcher_class
+from megatron_capaware.adapters.router import CapawareRouter
+from megatron_capaware.adapters.stats import LayerRoutingStats
+from megatron_capaware.config import CapawareConfig, CapawareConfigError, load_calibration
+from megatron_capaware.policies.collectives import LoadGroup
+
+from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+from megatron.core.transformer.moe.router import TopKRouter
+
+
+def moe_layers(model: torch.nn.Module) -> List[Any]:
+    """The model's MoE layers, in module order."""
+    return [m for m in model.modules() if isinstance(m, BaseMoELayer)]
+
+
+def build_load_group(layer: Any) -> Tuple[Optional[LoadGroup], int]:
+    """The group over which a layer's expert loads are global, and token duplication.
+
+    Tokens reach the layer's experts from every rank of the dispatcher's
+    expert-TP x EP group. Without sequence parallelism, the attention-TP
+    ranks inside that group hold the same tokens; they are counted once.
+
+    Returns:
+        ``(load group or None for a single rank, copies of each token)``.
+    """
+    dispatcher = layer.token_dispatcher
+    group = getattr(dispatcher, "tp_ep_group", None)
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return None, 1
+    me = dist.get_rank()
+    members = dist.get_process_group_ranks(group)
+    config = layer.config
+    tp_group = layer.router.tp_group
+    copies = [me]
+    if not config.sequence_parallel and tp_group is not None and dist.get_world_size(tp_group) > 1:
+        copies = sorted(set(dist.get_process_group_ranks(tp_group)) & set(members))
+    primary = min(copies)
+    load_group = LoadGroup(group=group, counts_weight=1 if me == primary else 0,
+                           primary_rank=members.index(primary))
+    return load_group, len(copies)
+
+
+def install_in_layer(layer: Any, capaware: CapawareConfig) -> LayerRoutingStats:
+    """Make one MoE layer route with ``capaware``; returns its stats recorder."""
+    router = layer.router
+    if type(router) not in (TopKRouter, CapawareRouter):
+        raise CapawareConfigError(
+            f"MoE layer {layer.layer_number} uses {type(router).__name__}; capaware routing replaces "
+            "Megatron's TopKRouter only (inference-optimized routers are not supported)"
+        )
+    router.__class__ = CapawareRouter
+    router.capaware_setup(capaware)
+    dispatchers = [layer.token_dispatcher]
+    training = getattr(layer, "_training_token_dispatcher", None)
+    if training is not None and training is not layer.token_dispatcher:
+        dispatchers.append(training)
+    for dispatcher in dispatchers:
+        dispatcher.__class__ = capaware_dispatcher_class(dispatcher)
+        dispatcher.capaware_variable_counts = capaware.router_type != "topk"
+    load_group, copies = build_load_group(layer)
+    if capaware.router_type == "expanded-drop" and copies > 1:
+        raise CapawareConfigError(
+            "expanded-drop with tensor parallelism needs --sequence-parallel: without it the TP "
+            "ranks hold copies of the same tokens on different EP ranks, whose local experts differ"
+        )
+    ep_size = layer.config.num_moe_experts // layer.num_local_experts
+    stats = LayerRoutingStats(
+        layer_number=int(router.layer_number or layer.layer_number or 0),
+        num_experts=layer.config.num_moe_experts,
+        ep_size=ep_size,
+        local_experts=list(layer.local_expert_indices),
+        duplication=copies,
+        load_group=load_group,
+    )
+    router.capaware_installed = True
+    router.capaware_load_group = load_group
+    router.capaware_local_experts = list(layer.local_expert_indices)
+    router.capaware_stats = stats if capaware.record_stats else None
+    for dispatcher in dispatchers:
+        dispatcher.capaware_stats = router.capaware_stats
+    return stats
+
+
+def install_capaware_routers(model: torch.nn.Module, capaware: CapawareConfig) -> Dict[int, LayerRoutingStats]:
+    """Make every MoE layer of ``model`` route with ``capaware`` (idempotent).
+
+    Returns:
+        ``{layer_number: LayerRoutingStats}`` of the model's MoE layers.
+
+    Raises:
+        CapawareConfigError: unsupported Megatron options, or a LASER
+            calibration made for a different model.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        raise CapawareConfigError("the model has no MoE layer (num_moe_experts unset?)")
+    if capaware.router_type == "laser" and capaware.laser_calibration:
+        config = layers[0].config
+        load_calibration(capaware.laser_calibration).check_model(
+            [int(l.layer_number) for l in layers], config.num_moe_experts, config.moe_router_topk
+        )
+    elif capaware.router_type == "laser" and capaware.layer_params:
+        missing = sorted({int(l.layer_number) for l in layers} - set(capaware.layer_params))
+        if missing:
+            raise CapawareConfigError(
+                f"LASER per-layer parameters are missing MoE layers {missing}; calibrate this model"
+            )
+    return {stats.layer_number: stats for stats in (install_in_layer(l, capaware) for l in layers)}
+
+
+def collect_stats(model: torch.nn.Module) -> Dict[int, LayerRoutingStats]:
+    """The stats recorders of an installed model, by layer number."""
+    out: Dict[int, LayerRoutingStats] = {}
+    for layer in moe_layers(model):
+        stats = getattr(layer.router, "capaware_stats", None)
+        if stats is not None:
+            out[stats.layer_number] = stats
+    return out
+
+
+def reset_stats(model: torch.nn.Module) -> None:
+    for stats in collect_stats(model).values():
+        stats.reset()

@@ -1,0 +1,275 @@
+"""One dataclass that carries the router type and its knobs, with validation.
+
+Used by the Megatron adapters, the command-line flags
+(:mod:`megatron_capaware.arguments`) and the evaluation. Every invalid value
+raises :class:`CapawareConfigError` with what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
+
+ROUTER_TYPES = ("topk", "capacity-drop", "capacity-reroute", "expanded-drop", "laser")
+SCOPES = ("global", "local")
+DROP_POLICIES = ("score", "position", "random")
+REROUTE_POLICIES = ("score", "load")
+CALIBRATION_FORMAT = "capaware-laser-calibration/1"
+MAX_GAMMA = 1e6  # beyond this a capacity factor is a typo, not a setting
+
+
+class CapawareConfigError(ValueError):
+    """An invalid router configuration; the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class LaserParams:
+    """LASER's per-layer knobs."""
+
+    eps_high: float
+    t_fix: float
+    pool: int
+
+    def validate(self, where: str, k: Optional[int] = None, score_function: str = "softmax") -> None:
+        upper = 1.0 if score_function == "softmax" else float(k or 1)
+        if not isinstance(self.eps_high, (int, float)) or isinstance(self.eps_high, bool) or not (
+            0.0 <= float(self.eps_high) <= upper
+        ):
+            raise CapawareConfigError(
+                f"{where}: eps_high={self.eps_high!r} must be in [0, {upper:g}] (the top-k score "
+                "mass of a token; 0 makes every token confident, i.e. top-k)"
+            )
+        if not isinstance(self.t_fix, (int, float)) or isinstance(self.t_fix, bool) or not (
+            0.0 < float(self.t_fix) <= 1.0
+        ):
+            raise CapawareConfigError(
+                f"{where}: t_fix={self.t_fix!r} must be in (0, 1] (pool keeps experts scoring "
+                ">= t_fix x the best score)"
+            )
+        if not isinstance(self.pool, int) or isinstance(self.pool, bool) or self.pool < 1:
+            raise CapawareConfigError(f"{where}: pool={self.pool!r} must be a positive integer")
+        if k is not None and self.pool < k:
+            raise CapawareConfigError(
+                f"{where}: pool={self.pool} is smaller than top-k={k}; the pool always holds the "
+                f"top-k, use pool >= {k} (pool == k reproduces top-k)"
+            )
+
+
+@dataclass
+class CapawareConfig:
+    """Router type and knobs (names follow the ``--moe-router-type`` / ``--capaware-*`` flags).
+
+    Attributes:
+        router_type: one of ``topk``, ``capacity-drop``, ``capacity-reroute``,
+            ``expanded-drop``, ``laser``.
+        gamma: capacity factor: ``C = ceil(gamma * T_glob * k / E)``.
+        drop_policy: which assignments an overloaded expert keeps.
+        renormalize: make each token's surviving weights sum to 1.
+        scope: ``global`` (loads over the EP group, exact) or ``local`` (each
+            rank's own tokens, the papers' and Megatron's semantics).
+        reroute_rounds, reroute_policy, reroute_min_ratio: Token Reroute knobs.
+        laser_eps_high, laser_t_fix, laser_pool: LASER defaults for every
+            layer (``laser_pool=None``: ``2k``); a calibration file overrides
+            them per layer.
+        laser_waves, laser_rounds: LASER fast-path granularity.
+        laser_calibration: path of a calibration file (``capaware-calibrate``).
+        seed: seed of the ``random`` drop policy.
+        record_stats: record per-layer load statistics on every forward.
+        check_scores: reject NaN / Inf router scores (one host sync per layer).
+        layer_params: per-layer LASER knobs (from the calibration file).
+    """
+
+    router_type: str = "topk"
+    gamma: float = 1.25
+    drop_policy: str = "score"
+    renormalize: bool = False
+    scope: str = "global"
+    reroute_rounds: int = 1
+    reroute_policy: str = "score"
+    reroute_min_ratio: float = 0.0
+    laser_eps_high: float = 0.6
+    laser_t_fix: float = 0.5
+    laser_pool: Optional[int] = None
+    laser_waves: int = 8
+    laser_rounds: int = 1
+    laser_calibration: Optional[str] = None
+    seed: int = 0
+    record_stats: bool = True
+    check_scores: bool = True
+    layer_params: Dict[int, LaserParams] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.laser_calibration and not self.layer_params:
+            self.layer_params = load_calibration(self.laser_calibration).layer_params
+        self.validate()
+
+    @property
+    def uses_capacity(self) -> bool:
+        return self.router_type in ("capacity-drop", "capacity-reroute", "expanded-drop")
+
+    def validate(
+        self,
+        *,
+        num_experts: Optional[int] = None,
+        topk: Optional[int] = None,
+        score_function: str = "softmax",
+    ) -> None:
+        """Check the knobs; with the model's sizes, also check them against the model.
+
+        Raises:
+            CapawareConfigError: naming the field and the fix.
+        """
+        if self.router_type not in ROUTER_TYPES:
+            raise CapawareConfigError(
+                f"unknown router type {self.router_type!r}: this version of megatron-capaware "
+                f"supports {', '.join(ROUTER_TYPES)}"
+            )
+        if self.scope not in SCOPES:
+            raise CapawareConfigError(f"scope={self.scope!r} must be one of {', '.join(SCOPES)}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise CapawareConfigError(
+                f"drop policy {self.drop_policy!r} must be one of {', '.join(DROP_POLICIES)}"
+            )
+        if self.reroute_policy not in REROUTE_POLICIES:
+            raise CapawareConfigError(
+                f"reroute policy {self.reroute_policy!r} must be one of {', '.join(REROUTE_POLICIES)}"
+            )
+        gamma = self.gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or math.isnan(gamma) or gamma <= 0:
+            raise CapawareConfigError(
+                f"capacity factor gamma={gamma!r} must be > 0 (1.0 caps every expert at the mean "
+                "load; typical values 1.0-2.0)"
+            )
+        if gamma > MAX_GAMMA and not math.isinf(gamma):
+            raise CapawareConfigError(
+                f"capacity factor gamma={gamma} is absurdly large (> {MAX_GAMMA:g}); to disable the "
+                "capacity limit use --moe-router-type topk (or gamma=inf)"
+            )
+        if not isinstance(self.reroute_rounds, int) or isinstance(self.reroute_rounds, bool) or self.reroute_rounds < 0:
+            raise CapawareConfigError(f"reroute rounds={self.reroute_rounds!r} must be an integer >= 0")
+        if not (isinstance(self.reroute_min_ratio, (int, float)) and 0 <= self.reroute_min_ratio < math.inf):
+            raise CapawareConfigError(
+                f"reroute min ratio={self.reroute_min_ratio!r} must be a finite number >= 0"
+            )
+        for name in ("laser_waves",):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise CapawareConfigError(f"{name}={value!r} must be an integer >= 1")
+        if not isinstance(self.laser_rounds, int) or isinstance(self.laser_rounds, bool) or self.laser_rounds < 0:
+            raise CapawareConfigError(f"laser_rounds={self.laser_rounds!r} must be an integer >= 0")
+        pool = self.laser_pool if self.laser_pool is not None else (2 * topk if topk else 2)
+        LaserParams(self.laser_eps_high, self.laser_t_fix, pool).validate(
+            "LASER defaults", topk, score_function
+        )
+        for layer, params in self.layer_params.items():
+            params.validate(f"LASER calibration, layer {layer}", topk, score_function)
+        if topk is not None and num_experts is not None and topk > num_experts:
+            raise CapawareConfigError(f"top-k={topk} exceeds the number of experts {num_experts}")
+
+    def laser_params(self, layer_number: Optional[int], topk: int) -> LaserParams:
+        """LASER knobs of one layer: the calibrated ones, else the defaults."""
+        if layer_number is not None and layer_number in self.layer_params:
+            return self.layer_params[layer_number]
+        pool = self.laser_pool if self.laser_pool is not None else 2 * topk
+        return LaserParams(self.laser_eps_high, self.laser_t_fix, pool)
+
+    def describe(self) -> str:
+        """A short label for tables: ``capacity-drop(gamma=1.25)``, ``laser(cal)``..."""
+        if self.router_type == "topk":
+            return "topk"
+        if self.router_type == "laser":
+            if self.layer_params:
+                return "laser(calibrated)"
+            return f"laser(eps={self.laser_eps_high:g},t_fix={self.laser_t_fix:g},pool={self.laser_pool or '2k'})"
+        extra = ""
+        if self.router_type == "capacity-reroute":
+            extra = f",rounds={self.reroute_rounds}"
+            if self.reroute_min_ratio:
+                extra += f",rho={self.reroute_min_ratio:g}"
+        if self.scope == "local":
+            extra += ",local"
+        return f"{self.router_type}(gamma={self.gamma:g}{extra})"
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["layer_params"] = {str(k): dataclasses.asdict(v) for k, v in self.layer_params.items()}
+        return data
+
+    def replace(self, **changes: Any) -> "CapawareConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class Calibration:
+    """A LASER calibration file's content."""
+
+    layer_params: Dict[int, LaserParams]
+    model: Dict[str, Any] = field(default_factory=dict)
+    rule: Dict[str, Any] = field(default_factory=dict)
+    statistics: Dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Union[str, Path]) -> None:
+        data = {
+            "format": CALIBRATION_FORMAT,
+            "model": self.model,
+            "rule": self.rule,
+            "layers": {str(k): dataclasses.asdict(v) for k, v in sorted(self.layer_params.items())},
+            "statistics": self.statistics,
+        }
+        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    def check_model(self, num_moe_layers: Sequence[int], num_experts: int, topk: int) -> None:
+        """Raise if this file was made for another model (layers, experts, top-k)."""
+        expected = sorted(int(x) for x in self.model.get("moe_layer_numbers", self.layer_params.keys()))
+        if sorted(num_moe_layers) != expected:
+            raise CapawareConfigError(
+                f"LASER calibration is for MoE layers {expected} but the model's MoE layers are "
+                f"{sorted(num_moe_layers)}: it was made for a different model; run "
+                "capaware-calibrate on this checkpoint"
+            )
+        for key, actual in (("num_moe_experts", num_experts), ("moe_router_topk", topk)):
+            if key in self.model and int(self.model[key]) != actual:
+                raise CapawareConfigError(
+                    f"LASER calibration has {key}={self.model[key]} but the model has {actual}: "
+                    "it was made for a different model; run capaware-calibrate on this checkpoint"
+                )
+
+
+def load_calibration(path: Union[str, Path]) -> Calibration:
+    """Read a calibration file written by ``capaware-calibrate``.
+
+    Raises:
+        CapawareConfigError: missing file, not JSON, wrong format, bad values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CapawareConfigError(f"LASER calibration file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CapawareConfigError(f"LASER calibration file {path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
+        raise CapawareConfigError(
+            f"{path} is not a LASER calibration file (expected format {CALIBRATION_FORMAT!r}); "
+            "make one with capaware-calibrate"
+        )
+    layers: Dict[int, LaserParams] = {}
+    for key, params in data.get("layers", {}).items():
+        try:
+            layers[int(key)] = LaserParams(
+                eps_high=float(params["eps_high"]), t_fix=float(params["t_fix"]), pool=int(params["pool"])
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise CapawareConfigError(f"{path}: layer {key} is malformed ({err})") from err
+    if not layers:
+        raise CapawareConfigError(f"{path} holds no layers")
+    return Calibration(
+        layer_params=layers,
+        model=data.get("model", {}),
+        rule=data.get("rule", {}),
+        statistics=data.get("statistics", {}),
+    )

@@ -1,0 +1,124 @@
+"""Functions run on spawned gloo ranks by the multi-rank tests (module level: picklable)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import torch
+
+from megatron_capaware import parallel
+
+
+def deterministic_tokens(num_tokens: int, hidden: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(num_tokens, hidden, generator=g)
+
+
+def deterministic_weights(num_experts: int, hidden: int, ffn: int, seed: int) -> Dict[str, torch.Tensor]:
+    """Router and per-expert weights, identical on every rank whatever the layout."""
+    g = torch.Generator().manual_seed(seed)
+    weights = {"router": torch.randn(num_experts, hidden, generator=g) * 0.5}
+    for e in range(num_experts):
+        weights[f"fc1.{e}"] = torch.randn(ffn, hidden, generator=g) * hidden ** -0.5
+        weights[f"fc2.{e}"] = torch.randn(hidden, ffn, generator=g) * ffn ** -0.5
+    return weights
+
+
+def build_moe_layer(spec: Dict[str, Any]):
+    """A standalone Megatron MoELayer (SequentialMLP experts, non-gated) with fixed weights."""
+    from megatron_capaware.model_builder import MoEModelArgs, build_transformer_config
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    E, H, F = spec["experts"], spec["hidden"], spec["ffn"]
+    args = MoEModelArgs(
+        num_layers=1, hidden_size=H, num_attention_heads=4, num_moe_experts=E,
+        moe_router_topk=spec["k"], moe_ffn_hidden_size=F, vocab_size=8, max_sequence_length=8,
+        gated_linear_unit=False, activation="gelu",
+    )
+    config = build_transformer_config(
+        args, tensor_parallel=spec["tp"], expert_parallel=spec["ep"],
+        expert_tensor_parallel=spec["etp"], dispatcher=spec["dispatcher"],
+        sequence_parallel=spec.get("sequence_parallel", False),
+    )
+    layer = build_module(get_moe_module_spec(use_te=False, num_experts=E), config=config, layer_number=1)
+    weights = deterministic_weights(E, H, F, spec["seed"])
+    etp, etp_rank = spec["etp"], ps.get_expert_tensor_parallel_rank()
+    shard = F // etp
+    with torch.no_grad():
+        layer.router.weight.copy_(weights["router"])
+        for i, e in enumerate(layer.local_expert_indices):
+            expert = layer.experts.local_experts[i]
+            expert.linear_fc1.weight.copy_(weights[f"fc1.{e}"][etp_rank * shard:(etp_rank + 1) * shard])
+            expert.linear_fc2.weight.copy_(weights[f"fc2.{e}"][:, etp_rank * shard:(etp_rank + 1) * shard])
+    return layer.eval()
+
+
+def moe_layer_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Route this rank's slice of a fixed token set through a MoE layer under each router config.
+
+    ``spec["tokens_per_slice"]`` gives the token count of each attention-data-
+    parallel slice; TP ranks of a slice hold the same tokens (copies, no SP).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron_capaware.adapters import collect_stats, install_capaware_routers
+    from megatron_capaware.config import CapawareConfig
+
+    parallel.init_model_parallel(
+        parallel.ParallelSizes(spec["tp"], spec["ep"], spec["etp"]),
+        timeout_s=float(spec.get("collective_timeout_s", 120)),
+    )
+    layer = build_moe_layer(spec)
+    dp_rank = ps.get_data_parallel_rank()
+    sizes: List[int] = spec["tokens_per_slice"]
+    start = sum(sizes[:dp_rank])
+    tokens = deterministic_tokens(sum(sizes), spec["hidden"], spec["seed"] + 1)[start:start + sizes[dp_rank]]
+    hidden = tokens.unsqueeze(1)  # [S, B=1, H]: token order = position order
+    captured: Dict[str, Any] = {}
+    layer.router.register_forward_hook(lambda mod, inp, out: captured.update(probs=out[0], map=out[1]))
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    dp_of_rank = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(dp_of_rank, torch.tensor([dp_rank]))
+    dp_of_rank = [int(x) for x in dp_of_rank]
+    members = dist.get_process_group_ranks(layer.token_dispatcher.tp_ep_group)
+    domain_slices: List[int] = []
+    for r in members:
+        if dp_of_rank[r] not in domain_slices:
+            domain_slices.append(dp_of_rank[r])
+    if 0 in sizes:
+        # Vanilla Megatron's gate fails on a rank with no tokens; the capaware
+        # topk router (equal to vanilla elsewhere) handles it.
+        install_capaware_routers(layer, CapawareConfig("topk"))
+    with torch.no_grad():
+        scores = torch.softmax(layer.router.gating(hidden).view(-1, spec["experts"]).float(), dim=-1)
+    results: Dict[str, Any] = {
+        "scores": scores,
+        "domain_slices": domain_slices,
+        "rank": torch.distributed.get_rank(), "dp_rank": dp_rank, "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "ep_rank": ps.get_expert_model_parallel_rank(), "local_experts": list(layer.local_expert_indices),
+        "routers": {},
+    }
+    with torch.no_grad():
+        vanilla_out, _ = layer(hidden)
+        results["vanilla_map"] = captured["map"].clone()
+        results["vanilla_probs"] = captured["probs"].clone()
+        results["vanilla_out"] = vanilla_out.clone()
+        for name, kwargs in spec["routers"].items():
+            install_capaware_routers(layer, CapawareConfig(**kwargs))
+            out, _ = layer(hidden)
+            stats = collect_stats(layer)[1]
+            results["routers"][name] = {
+                "map": captured["map"].clone(),
+                "probs": captured["probs"].clone(),
+                "out": out.clone(),
+                "received": stats.received[-1].clone() if stats.received else None,
+                "global_loads": stats.global_loads[-1].clone(),
+                "capacity": stats.capacity[-1],
+                "duplication": stats.duplication,
+            }
+            stats.reset()
+    parallel.destroy()
+    return results
