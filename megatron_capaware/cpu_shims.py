@@ -144,6 +144,18 @@ def _stub_triton_if_missing() -> None:
     sys.modules.setdefault(name, stub)
 
 
+def stub_missing_triton_on_cpu() -> bool:
+    """Install shim 8 alone (needed before megatron.core is first imported).
+
+    Returns:
+        True when the stand-in is in place; False with CUDA or with triton installed.
+    """
+    if cuda_available():
+        return False
+    _stub_triton_if_missing()
+    return "triton" not in sys.modules and importlib.util.find_spec("triton") is None
+
+
 def _shim_rng_tracker() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 

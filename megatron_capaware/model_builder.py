@@ -266,3 +266,27 @@ def build_gpt_model(
     if cuda_available():
         model = model.cuda()
     return model.eval()
+
+
+def build_moe_layer(config: Any, *, use_te: Optional[bool] = None, layer_number: int = 1) -> torch.nn.Module:
+    """A standalone Megatron ``MoELayer`` (router, dispatcher, experts) for ``config``.
+
+    Works across megatron-core 0.16 (``ModuleSpec``) and 0.19 (``functools.partial``
+    specs). Experts are ``TEGroupedMLP`` when Transformer Engine is used and
+    ``config.moe_grouped_gemm`` is set, else ``SequentialMLP``.
+    """
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    if use_te is None:
+        use_te = use_transformer_engine()
+    spec = get_moe_module_spec(
+        use_te=use_te, num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
+    )
+    if isinstance(spec, ModuleSpec):
+        layer = build_module(spec, config=config, layer_number=layer_number)
+    else:
+        layer = spec(config=config, layer_number=layer_number)
+    if cuda_available():
+        layer = layer.cuda()
+    return layer

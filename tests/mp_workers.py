@@ -26,10 +26,9 @@ def deterministic_weights(num_experts: int, hidden: int, ffn: int, seed: int) ->
 
 def build_moe_layer(spec: Dict[str, Any]):
     """A standalone Megatron MoELayer (SequentialMLP experts, non-gated) with fixed weights."""
-    from megatron_capaware.model_builder import MoEModelArgs, build_transformer_config
+    from megatron_capaware.model_builder import MoEModelArgs, build_moe_layer as build_layer
+    from megatron_capaware.model_builder import build_transformer_config
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.transformer.spec_utils import build_module
 
     E, H, F = spec["experts"], spec["hidden"], spec["ffn"]
     args = MoEModelArgs(
@@ -42,7 +41,7 @@ def build_moe_layer(spec: Dict[str, Any]):
         expert_tensor_parallel=spec["etp"], dispatcher=spec["dispatcher"],
         sequence_parallel=spec.get("sequence_parallel", False),
     )
-    layer = build_module(get_moe_module_spec(use_te=False, num_experts=E), config=config, layer_number=1)
+    layer = build_layer(config, use_te=False)
     weights = deterministic_weights(E, H, F, spec["seed"])
     etp, etp_rank = spec["etp"], ps.get_expert_tensor_parallel_rank()
     shard = F // etp
@@ -122,3 +121,58 @@ def moe_layer_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
             stats.reset()
     parallel.destroy()
     return results
+
+
+TINY_GPT = dict(
+    num_layers=2, hidden_size=64, num_attention_heads=4, num_moe_experts=8, moe_router_topk=2,
+    moe_ffn_hidden_size=32, vocab_size=128, max_sequence_length=64,
+)
+
+
+def gpt_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Tiny GPT MoE at EP=spec['ep']: vanilla vs swapped routers vs spec-built, and checkpoints."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_capaware.adapters import capaware_spec, collect_stats, install_capaware_routers
+    from megatron_capaware.checkpoint import load_weights, save_checkpoint
+    from megatron_capaware.config import CapawareConfig
+    from megatron_capaware.model_builder import MoEModelArgs, build_gpt_model, build_transformer_config
+
+    ep = spec["ep"]
+    parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=ep))
+    parallel.set_seed(7)
+    args = MoEModelArgs(**TINY_GPT)
+    config = build_transformer_config(args, expert_parallel=ep, dispatcher=spec["dispatcher"])
+    vanilla = build_gpt_model(args, config)
+    save_checkpoint(vanilla, spec["ckpt"], args)
+    rank = torch.distributed.get_rank()
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(0, args.vocab_size, (2, 32), generator=g)
+    pos = torch.arange(32).unsqueeze(0).expand(2, 32)
+    out: Dict[str, Any] = {"state_keys_vanilla": sorted(vanilla.state_dict().keys())}
+    with torch.no_grad():
+        out["vanilla"] = vanilla(ids, pos, attention_mask=None)
+        for kwargs in spec["routers"]:
+            cfg = CapawareConfig(**kwargs)
+            install_capaware_routers(vanilla, cfg)
+            out[cfg.describe()] = vanilla(ids, pos, attention_mask=None)
+            out[cfg.describe() + ":layers"] = sorted(collect_stats(vanilla))
+        # A model built with capaware specs from the start loads the vanilla checkpoint.
+        block = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+        built = GPTModel(
+            config=config, transformer_layer_spec=capaware_spec(block, CapawareConfig(**spec["routers"][1])),
+            vocab_size=args.vocab_size, max_sequence_length=args.max_sequence_length,
+            share_embeddings_and_output_weights=True, position_embedding_type="rope", parallel_output=False,
+        ).eval()
+        out["state_keys_capaware"] = sorted(built.state_dict().keys())
+        load_weights(built, spec["ckpt"], args)
+        out["spec_built"] = built(ids, pos, attention_mask=None)
+        out["spec_built_router_types"] = sorted({type(m).__name__ for m in built.modules() if "Router" in type(m).__name__})
+        # ... and a capaware model's checkpoint loads back into a vanilla model.
+        save_checkpoint(built, spec["ckpt"] + "-capaware", args)
+        fresh = build_gpt_model(args, config)
+        load_weights(fresh, spec["ckpt"] + "-capaware", args)
+        out["roundtrip"] = fresh(ids, pos, attention_mask=None)
+    parallel.destroy()
+    return out
