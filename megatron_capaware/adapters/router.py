@@ -110,6 +110,8 @@ class CapawareRouter(TopKRouter):
         self.capaware_load_group = getattr(self, "capaware_load_group", None)
         self.capaware_local_experts: Optional[List[int]] = getattr(self, "capaware_local_experts", None)
         self.capaware_stats = getattr(self, "capaware_stats", None)
+        # Optional callable receiving each call's scores [T, E] (calibration, traces).
+        self.capaware_score_hook = getattr(self, "capaware_score_hook", None)
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """Megatron's gate; an empty batch (a rank with no tokens) gives empty logits.
@@ -138,6 +140,8 @@ class CapawareRouter(TopKRouter):
         capaware = self.capaware
         if capaware.router_type == "topk":
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+            if self.capaware_score_hook is not None:
+                self.capaware_score_hook(self._scores(logits.reshape(-1, self.config.num_moe_experts)))
             if self.capaware_stats is not None and capaware.record_stats:
                 self._record(policies.map_decision(probs, routing_map, self._group()))
             return probs, routing_map
@@ -159,11 +163,9 @@ class CapawareRouter(TopKRouter):
             expert_bias=self.expert_bias,
             fused=self.config.moe_router_fusion,
         )
-        scores = (
-            torch.softmax(logits.float(), dim=-1)
-            if self.score_function == "softmax"
-            else torch.sigmoid(logits.float())
-        )  # [T, E] the model's probabilities before top-k
+        scores = self._scores(logits)  # [T, E] the model's probabilities before top-k
+        if self.capaware_score_hook is not None:
+            self.capaware_score_hook(scores)
         decision = self._decide(scores, vanilla_map)
         new_probs = decision.probs
         scaling = self.config.moe_router_topk_scaling_factor
@@ -176,6 +178,12 @@ class CapawareRouter(TopKRouter):
         if self.capaware_stats is not None and capaware.record_stats:
             self._record(decision)
         return probs.to(vanilla_probs.dtype), decision.routing_map
+
+    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's full score distribution ``[T, E]`` in float32 (softmax or sigmoid)."""
+        if self.score_function == "softmax":
+            return torch.softmax(logits.float(), dim=-1)
+        return torch.sigmoid(logits.float())
 
     def _decide(self, scores: torch.Tensor, vanilla_map: torch.Tensor):
         capaware = self.capaware

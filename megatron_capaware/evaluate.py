@@ -1,0 +1,296 @@
+"""capaware-eval: held-out quality against expert-load balance, per router setting.
+
+Loads a Megatron MoE checkpoint once, then for every router setting runs the
+same held-out token windows through it (batches of several thousand tokens
+per forward: the inference-prefill regime) and reports held-out perplexity,
+next-token accuracy, ``I_agg``, rank imbalance, MaxVio, dropped and rerouted
+fractions, and per-layer figures; writes JSON, CSV and PNG plots.
+
+Runs at any EP / TP: under ``torchrun``, or pass ``--ep N`` (and ``--tp``) and
+it launches itself through torchrun with the right number of processes::
+
+    capaware-eval --ep 2                       # bundled model, full router sweep
+    capaware-eval --checkpoint CKPT --text held_out.txt --ep 2 \\
+        --routers topk capacity-drop:gamma=1.25 laser:calibration=cal.json --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from megatron_capaware.config import CapawareConfig
+
+DEFAULT_ROUTER_SPECS = [
+    "topk",
+    "capacity-drop:gamma=1.0|1.25|1.5|2.0",
+    "capacity-reroute:gamma=1.0|1.25|1.5|2.0",
+    "expanded-drop:gamma=1.0|1.25|1.5|2.0",
+    "laser",
+]
+CALIBRATION_FILE = "laser_calibration.json"
+
+
+@dataclass
+class EvalOptions:
+    """What to evaluate and how (the CLI flags map onto these)."""
+
+    checkpoint: Path
+    text: Path
+    tokenizer: Optional[Path] = None
+    seq_len: int = 256
+    sequences_per_rank: int = 16
+    max_tokens: Optional[int] = None
+    tensor_parallel: int = 1
+    expert_parallel: int = 1
+    expert_tensor_parallel: int = 1
+    dispatcher: str = "alltoall"
+    dtype: str = "auto"
+    progress: bool = True
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+
+
+@dataclass
+class RouterResult:
+    """One router setting's raw figures over the whole evaluation."""
+
+    config: CapawareConfig
+    nll: float
+    tokens: int
+    correct: int
+    per_layer: Dict[int, Dict[str, float]]
+    expert_loads: Dict[int, List[float]]
+    seconds: float
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.tokens if self.tokens else float("nan")
+
+
+def default_routers(checkpoint: Path) -> List[CapawareConfig]:
+    """The main comparison: top-k, the capacity routers at gamma 1.0-2.0, LASER
+    (defaults, and calibrated when the checkpoint ships a calibration file)."""
+    from megatron_capaware.router_specs import parse_router_specs
+
+    specs = list(DEFAULT_ROUTER_SPECS)
+    calibration = Path(checkpoint) / CALIBRATION_FILE
+    if calibration.exists():
+        specs.append(f"laser:calibration={calibration}")
+    return parse_router_specs(specs)
+
+
+def _loss_and_correct(logits: torch.Tensor, labels: torch.Tensor) -> "tuple[float, int]":
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = -logp.gather(-1, labels.unsqueeze(-1)).sum()
+    correct = (logits.argmax(dim=-1) == labels).sum()
+    return float(nll), int(correct)
+
+
+def run_evaluation(
+    options: EvalOptions,
+    routers: List[CapawareConfig],
+    *,
+    on_result: Optional[Callable[[RouterResult], None]] = None,
+) -> List[RouterResult]:
+    """Evaluate every router setting on every rank (call under torch.distributed).
+
+    Returns the same results on every rank.
+    """
+    import torch.distributed as dist
+
+    from megatron_capaware import parallel
+    from megatron_capaware.adapters import collect_stats, install_capaware_routers, reduce_summaries
+    from megatron_capaware.checkpoint import load_model
+    from megatron_capaware.text_data import load_tokenizer, rank_batches, token_windows
+
+    parallel.init_model_parallel(
+        parallel.ParallelSizes(
+            options.tensor_parallel, options.expert_parallel, options.expert_tensor_parallel
+        )
+    )
+    parallel.set_seed(0)
+    from megatron.core import parallel_state as ps
+
+    model, args = load_model(
+        options.checkpoint,
+        tensor_parallel=options.tensor_parallel,
+        expert_parallel=options.expert_parallel,
+        expert_tensor_parallel=options.expert_tensor_parallel,
+        dispatcher=options.dispatcher,
+        params_dtype=options.torch_dtype(),
+    )
+    tokenizer = load_tokenizer(options.tokenizer or options.checkpoint)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+            f"{args.vocab_size}: wrong tokenizer for this checkpoint"
+        )
+    text = Path(options.text).read_text(encoding="utf-8")
+    windows = token_windows(tokenizer.encode(text), options.seq_len, options.max_tokens)
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    batches = list(rank_batches(windows, options.sequences_per_rank, dp_size, dp_rank))
+    if not batches:
+        raise ValueError(
+            f"{options.text} gives {windows.shape[0]} windows of {options.seq_len} tokens: too few for "
+            f"one batch of {options.sequences_per_rank} sequences on each of {dp_size} data-parallel "
+            "ranks; lower --sequences-per-rank or --seq-len, or give more text"
+        )
+    device = next(model.parameters()).device
+    counts_once = 1.0 if ps.get_tensor_model_parallel_rank() == 0 else 0.0
+    rank0 = dist.get_rank() == 0
+    bar = None
+    if options.progress and rank0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(routers) * len(batches), desc="capaware-eval", unit="batch", file=sys.stderr)
+    results: List[RouterResult] = []
+    for config in routers:
+        install_capaware_routers(model, config)
+        for stats in collect_stats(model).values():
+            stats.reset()
+        nll, correct, start = 0.0, 0, time.perf_counter()
+        with torch.no_grad():
+            for batch in batches:
+                batch = batch.to(device)
+                ids, labels = batch[:, :-1], batch[:, 1:]
+                position = torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids)
+                logits = model(ids, position, attention_mask=None)
+                batch_nll, batch_correct = _loss_and_correct(logits, labels)
+                nll += batch_nll
+                correct += batch_correct
+                if bar is not None:
+                    bar.set_postfix_str(config.describe())
+                    bar.update(1)
+        totals = torch.tensor(
+            [nll * counts_once, correct * counts_once, labels.numel() * len(batches) * counts_once],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(totals)
+        all_stats = collect_stats(model)
+        per_layer = reduce_summaries(all_stats)
+        loads = {
+            layer: (torch.stack(s.global_loads).double().mean(0)).tolist() if s.global_loads else []
+            for layer, s in all_stats.items()
+        }
+        result = RouterResult(
+            config=config, nll=float(totals[0]), correct=int(totals[1]), tokens=int(totals[2]),
+            per_layer=per_layer, expert_loads=loads, seconds=time.perf_counter() - start,
+        )
+        results.append(result)
+        if on_result is not None and rank0:
+            on_result(result)
+    if bar is not None:
+        bar.close()
+    parallel.destroy()
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capaware-eval",
+        description="Held-out perplexity and accuracy against expert-load balance for MoE routers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="Megatron checkpoint root (default: the bundled reference model)")
+    parser.add_argument("--text", type=Path, default=None,
+                        help="held-out text file (default: the bundled held-out works)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer file or folder (default: the checkpoint's tokenizer/)")
+    parser.add_argument("--routers", nargs="+", default=None, metavar="SPEC",
+                        help="router settings, e.g. topk capacity-drop:gamma=1|1.25 "
+                             "capacity-reroute:gamma=1.25,rounds=2 laser:calibration=FILE "
+                             "(default: top-k, the three capacity routers at gamma 1.0/1.25/1.5/2.0, "
+                             "LASER default and calibrated)")
+    parser.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    parser.add_argument("--etp", type=int, default=1, help="expert tensor parallel size")
+    parser.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--sequences-per-rank", type=int, default=16,
+                        help="sequences per forward on each data-parallel rank")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="evaluate at most this many held-out tokens per setting")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--out", type=Path, default=Path("capaware-eval-results"),
+                        help="folder for results.json, results.csv and plots")
+    parser.add_argument("--json", type=Path, default=None, help="also write the records here")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _launch_with_torchrun(world: int, argv: List[str]) -> int:
+    """Re-run this command under torchrun with ``world`` local processes."""
+    import subprocess
+
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    env.setdefault("TORCHDYNAMO_DISABLE", "1")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           "-m", "megatron_capaware.evaluate", *argv]
+    return subprocess.call(cmd, env=env)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    world = args.tp * args.ep if args.etp == 1 else max(args.tp, args.etp) * args.ep
+    if "RANK" not in os.environ and world > 1:
+        return _launch_with_torchrun(world, argv)
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    warnings.filterwarnings("ignore")
+
+    from megatron_capaware import report
+    from megatron_capaware.router_specs import parse_router_specs
+
+    checkpoint, text = args.checkpoint, args.text
+    if checkpoint is None or text is None:
+        from megatron_capaware import reference_models
+
+        checkpoint = checkpoint or reference_models.reference_model_dir()
+        text = text or reference_models.HELDOUT_TEXT
+    routers = parse_router_specs(args.routers) if args.routers else default_routers(checkpoint)
+    options = EvalOptions(
+        checkpoint=checkpoint, text=text, tokenizer=args.tokenizer, seq_len=args.seq_len,
+        sequences_per_rank=args.sequences_per_rank, max_tokens=args.max_tokens,
+        tensor_parallel=args.tp, expert_parallel=args.ep, expert_tensor_parallel=args.etp,
+        dispatcher=args.dispatcher, dtype=args.dtype, progress=not args.no_progress,
+    )
+    results = run_evaluation(options, routers)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or int(os.environ.get("RANK", "0")) == 0:
+        records = report.make_records(results, options)
+        print(report.format_table(records))
+        paths = report.write_outputs(records, args.out, json_path=args.json, csv_path=args.csv,
+                                     plots=not args.no_plots)
+        for path in paths:
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

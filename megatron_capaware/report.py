@@ -1,0 +1,209 @@
+"""Evaluation records: table, JSON, CSV and plots.
+
+A record is one router setting: ``router``, ``gamma`` (None where none),
+``ppl``, ``accuracy``, ``i_agg``, ``rank_imbalance``, ``dropped_frac``,
+``rerouted_frac`` and more (``label``, deltas against top-k, per-layer
+figures, mean expert loads per layer). ``capaware-eval --json`` writes a
+list of them; ``docs/results/reference_eval.json`` is one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from megatron_capaware import metrics
+
+TABLE_COLUMNS = (
+    ("label", "router", "{}"),
+    ("ppl", "ppl", "{:.3f}"),
+    ("delta_ppl_pct", "dppl%", "{:+.2f}"),
+    ("accuracy", "acc", "{:.4f}"),
+    ("i_agg", "I_agg", "{:.3f}"),
+    ("i_agg_reduction", "I_topk/I", "{:.2f}x"),
+    ("rank_imbalance", "I_rank", "{:.3f}"),
+    ("max_vio", "MaxVio", "{:.3f}"),
+    ("dropped_frac", "dropped%", "{:.2%}"),
+    ("rerouted_frac", "rerouted%", "{:.2%}"),
+)
+CSV_FIELDS = (
+    "label", "router", "gamma", "ppl", "delta_ppl_pct", "accuracy", "delta_accuracy", "i_agg",
+    "i_agg_reduction", "rank_imbalance", "max_vio", "cv", "zero_load_frac", "dropped_frac",
+    "rerouted_frac", "flexible_frac", "tokens", "ep", "tp", "seconds",
+)
+
+
+def make_records(results: Sequence[Any], options: Any) -> List[Dict[str, Any]]:
+    """Records from :class:`~megatron_capaware.evaluate.RouterResult` s (deltas vs the first top-k)."""
+    records: List[Dict[str, Any]] = []
+    for result in results:
+        cfg = result.config
+        agg = metrics.aggregate_layers(result.per_layer)
+        flexible = [l.get("flexible_frac", 0.0) for l in result.per_layer.values()]
+        records.append({
+            "label": cfg.describe(),
+            "router": cfg.router_type,
+            "gamma": cfg.gamma if cfg.uses_capacity else None,
+            "ppl": result.ppl,
+            "accuracy": result.accuracy,
+            "i_agg": agg.get("i_agg"),
+            "rank_imbalance": agg.get("rank_imbalance"),
+            "max_vio": agg.get("max_vio"),
+            "cv": agg.get("cv"),
+            "zero_load_frac": agg.get("zero_load_frac"),
+            "dropped_frac": agg.get("dropped_frac"),
+            "rerouted_frac": agg.get("rerouted_frac"),
+            "flexible_frac": sum(flexible) / len(flexible) if flexible else 0.0,
+            "tokens": result.tokens,
+            "ep": options.expert_parallel,
+            "tp": options.tensor_parallel,
+            "seconds": result.seconds,
+            "config": cfg.to_dict(),
+            "per_layer": {str(k): v for k, v in sorted(result.per_layer.items())},
+            "expert_loads": {str(k): v for k, v in sorted(result.expert_loads.items())},
+        })
+    baseline = next((r for r in records if r["router"] == "topk"), None)
+    for record in records:
+        if baseline is None:
+            record.update(delta_ppl_pct=None, delta_accuracy=None, i_agg_reduction=None)
+            continue
+        record["delta_ppl_pct"] = 100.0 * (record["ppl"] / baseline["ppl"] - 1.0)
+        record["delta_accuracy"] = record["accuracy"] - baseline["accuracy"]
+        record["i_agg_reduction"] = baseline["i_agg"] / record["i_agg"] if record["i_agg"] else None
+    return records
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def format_table(records: Sequence[Dict[str, Any]]) -> str:
+    """A fixed-width text table of the records."""
+    rows = [[header for _, header, _ in TABLE_COLUMNS]]
+    for record in records:
+        rows.append([_cell(record.get(key), fmt) for key, _, fmt in TABLE_COLUMNS])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(records: Sequence[Dict[str, Any]]) -> str:
+    """The same table in Markdown (for the README)."""
+    header = "| " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
+    body = [
+        "| " + " | ".join(_cell(r.get(k), f) for k, _, f in TABLE_COLUMNS) + " |" for r in records
+    ]
+    return "\n".join([header, sep, *body])
+
+
+def write_outputs(
+    records: Sequence[Dict[str, Any]],
+    out_dir: Path,
+    *,
+    json_path: Optional[Path] = None,
+    csv_path: Optional[Path] = None,
+    plots: bool = True,
+) -> List[Path]:
+    """Write results.json, results.csv (and plots) to ``out_dir``; returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: List[Path] = []
+    for path in filter(None, (out_dir / "results.json", json_path)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(list(records), indent=2) + "\n")
+        written.append(Path(path))
+    for path in filter(None, (out_dir / "results.csv", csv_path)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(records)
+        written.append(Path(path))
+    if plots:
+        written += plot_load_heatmaps(records, out_dir / "expert_load_heatmaps.png")
+        written += plot_quality_vs_balance(records, out_dir / "quality_vs_balance.png")
+    return written
+
+
+def plot_load_heatmaps(records: Sequence[Dict[str, Any]], path: Path) -> List[Path]:
+    """One heatmap per router: rows = MoE layers, columns = experts, colour = load / mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    usable = [r for r in records if r.get("expert_loads")]
+    if not usable:
+        return []
+    cols = min(4, len(usable))
+    rows = math.ceil(len(usable) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 0.5 + 0.45 * rows * max(
+        len(usable[0]["expert_loads"]), 2)), squeeze=False)
+    vmax = 1.0
+    grids = []
+    for record in usable:
+        layers = sorted(record["expert_loads"], key=int)
+        grid = np.array([record["expert_loads"][l] for l in layers], dtype=float)
+        grid = grid / np.maximum(grid.mean(axis=1, keepdims=True), 1e-9)
+        grids.append((record, layers, grid))
+        vmax = max(vmax, float(grid.max()))
+    image = None
+    for ax, (record, layers, grid) in zip(axes.flat, grids):
+        image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0.0, vmax=vmax)
+        ax.set_title(f"{record['label']}\nI_agg={record['i_agg']:.2f}", fontsize=8)
+        ax.set_yticks(range(len(layers)), [f"L{l}" for l in layers], fontsize=7)
+        ax.set_xticks(range(grid.shape[1]), [str(e) for e in range(grid.shape[1])], fontsize=6)
+        ax.set_xlabel("expert", fontsize=7)
+    for ax in list(axes.flat)[len(grids):]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="load / mean load")
+    fig.suptitle("Per-layer expert load (mean over forward calls)", fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [path]
+
+
+def plot_quality_vs_balance(records: Sequence[Dict[str, Any]], path: Path) -> List[Path]:
+    """Perplexity against I_agg: one line per router family across its settings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    families: Dict[str, List[Dict[str, Any]]] = {}
+    for record in records:
+        families.setdefault(record["router"], []).append(record)
+    markers = {"topk": "*", "capacity-drop": "o", "capacity-reroute": "s", "expanded-drop": "^", "laser": "D"}
+    for family, items in families.items():
+        items = sorted(items, key=lambda r: r["i_agg"] or 0)
+        xs = [r["i_agg"] for r in items]
+        ys = [r["ppl"] for r in items]
+        ax.plot(xs, ys, marker=markers.get(family, "o"), label=family, linestyle="-" if len(items) > 1 else "")
+        for r in items:
+            if r.get("gamma") is not None:
+                ax.annotate(f"{r['gamma']:g}", (r["i_agg"], r["ppl"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+            elif family == "laser":
+                ax.annotate("cal" if "calibrated" in r["label"] else "default", (r["i_agg"], r["ppl"]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("I_agg = mean over layers of max/mean expert load (lower is better)")
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_title("Quality against balance (labels: capacity factor gamma)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [path]
