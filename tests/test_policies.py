@@ -268,3 +268,21 @@ def test_decisions_report_loads_drops_and_reroutes() -> None:
     assert int(rr.rerouted) + int(rr.dropped) == int(drop.dropped)
     las = P.laser_decision(scores, 2, 0.9, 0.3, 4)
     assert torch.equal(las.global_loads, las.routing_map.sum(0))
+
+
+def test_sync_free_path_used_on_cuda_matches_the_reference(monkeypatch) -> None:
+    """The CUDA code path (fixed work, no host sync) gives the same decisions."""
+    from megatron_capaware.policies import selection
+
+    monkeypatch.setattr(selection, "FORCE_SYNC_FREE", True)
+    for case in CASES[::3]:
+        E = case.scores.shape[1]
+        for fast, ref in (
+            (P.capacity_drop(case.scores, case.k, case.gamma, normalize=case.normalize),
+             R.capacity_drop(case.scores, case.k, case.gamma, normalize=case.normalize)),
+            (P.capacity_reroute(case.scores, case.k, case.gamma, rounds=2, policy="load"),
+             R.capacity_reroute(case.scores, case.k, case.gamma, rounds=2, policy="load")),
+            (P.expanded_drop(case.scores, case.k, case.gamma, list(range(0, E, 2))),
+             R.expanded_drop(case.scores, case.k, case.gamma, [list(range(0, E, 2))], [case.scores.shape[0]])),
+        ):
+            assert_same(fast, ref, case, "sync-free path")

@@ -152,32 +152,66 @@ class CapawareRouter(TopKRouter):
             )
         num_experts = self.config.num_moe_experts
         logits = logits.reshape(-1, num_experts)
-        vanilla_probs, vanilla_map = topk_routing_with_score_function(
-            logits,
-            self.topk,
-            use_pre_softmax=self.config.moe_router_pre_softmax,
-            num_groups=self.config.moe_router_num_groups,
-            group_topk=self.config.moe_router_group_topk,
-            scaling_factor=self.config.moe_router_topk_scaling_factor,
-            score_function=self.score_function,
-            expert_bias=self.expert_bias,
-            fused=self.config.moe_router_fusion,
-        )
-        scores = self._scores(logits)  # [T, E] the model's probabilities before top-k
+        vanilla_top, indices, scores = self._vanilla_topk(logits)  # [T, k], [T, k], [T, E]
         if self.capaware_score_hook is not None:
             self.capaware_score_hook(scores)
-        decision = self._decide(scores, vanilla_map)
-        new_probs = decision.probs
-        scaling = self.config.moe_router_topk_scaling_factor
-        if scaling:
-            new_probs = new_probs * scaling
+        decision = self._decide(scores, indices)
+        scaling = self.config.moe_router_topk_scaling_factor or 1.0
         if capaware.renormalize:
-            probs = new_probs
+            probs = decision.probs * scaling
         else:
-            probs = torch.where(vanilla_map, vanilla_probs.float(), new_probs) * decision.routing_map
+            # Kept assignments: vanilla's weights bit for bit. New ones (rerouted,
+            # moved, added): s[t, e] under the model's normalisation and scaling.
+            factor = torch.full((scores.shape[0], 1), scaling, dtype=scores.dtype, device=scores.device)
+            if model_normalizes(self.config):
+                factor = factor / scores.gather(1, indices).sum(dim=1, keepdim=True).clamp_min(
+                    torch.finfo(scores.dtype).tiny)
+            vanilla = torch.zeros_like(scores).scatter_(1, indices, vanilla_top.float())
+            vanilla_map = torch.zeros_like(decision.routing_map).scatter_(1, indices, True)
+            probs = torch.where(vanilla_map, vanilla, scores * factor) * decision.routing_map
         if self.capaware_stats is not None and capaware.record_stats:
             self._record(decision)
-        return probs.to(vanilla_probs.dtype), decision.routing_map
+        return probs.to(logits.dtype), decision.routing_map
+
+    def _vanilla_topk(self, logits: torch.Tensor):
+        """Megatron's own top-k, computed once: ``(weights [T, k], experts [T, k], scores [T, E])``.
+
+        For plain routing (no group-limited top-k, no expert bias, no fused
+        kernel) these are the operations of Megatron's
+        ``topk_routing_with_score_function``, so the selection and the kept
+        weights are bit-identical to vanilla; otherwise Megatron's function
+        itself is called. ``scores`` is the full float32 score distribution
+        the policies rank by.
+        """
+        config, k = self.config, self.topk
+        plain = not (config.moe_router_num_groups or config.moe_router_group_topk) and (
+            self.expert_bias is None and not config.moe_router_fusion
+        )
+        if not plain:
+            probs, routing_map = topk_routing_with_score_function(
+                logits, k, use_pre_softmax=config.moe_router_pre_softmax,
+                num_groups=config.moe_router_num_groups, group_topk=config.moe_router_group_topk,
+                scaling_factor=config.moe_router_topk_scaling_factor, score_function=self.score_function,
+                expert_bias=self.expert_bias, fused=config.moe_router_fusion,
+            )
+            scores = self._scores(logits)
+            indices = _map_to_indices(scores, routing_map, k)
+            return probs.gather(1, indices), indices, scores
+        if self.score_function == "softmax":
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            if config.moe_router_pre_softmax:
+                top, indices = torch.topk(scores.type_as(logits), k=k, dim=1)
+            else:
+                top_logits, indices = torch.topk(logits, k=k, dim=1)
+                top = torch.softmax(top_logits, dim=-1, dtype=torch.float32).type_as(logits)
+        else:
+            scores = torch.sigmoid(logits.float())
+            top, indices = torch.topk(scores.type_as(logits), k=k, dim=1)
+            if k > 1:
+                top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
+        if config.moe_router_topk_scaling_factor:
+            top = top * config.moe_router_topk_scaling_factor
+        return top, indices, scores
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
         """The model's full score distribution ``[T, E]`` in float32 (softmax or sigmoid)."""
@@ -185,30 +219,29 @@ class CapawareRouter(TopKRouter):
             return torch.softmax(logits.float(), dim=-1)
         return torch.sigmoid(logits.float())
 
-    def _decide(self, scores: torch.Tensor, vanilla_map: torch.Tensor):
+    def _decide(self, scores: torch.Tensor, indices: torch.Tensor):
         capaware = self.capaware
         k = self.topk
         group = self._group()
         normalize = model_normalizes(self.config)
         common = dict(normalize=normalize, renormalize=capaware.renormalize, group=group,
-                      check_values=capaware.check_scores)
+                      check_values=capaware.check_scores, topk_indices=indices,
+                      weights=capaware.renormalize)
         if capaware.router_type == "laser":
             params = capaware.laser_params(self.layer_number, k)
             return policies.laser_decision(
                 scores, k, params.eps_high, params.t_fix, params.pool,
                 waves=capaware.laser_waves, rounds=capaware.laser_rounds, **common,
             )
-        indices = _map_to_indices(scores, vanilla_map, k)
         if capaware.router_type == "capacity-drop":
             return policies.capacity_drop_decision(
-                scores, k, capaware.gamma, policy=capaware.drop_policy, seed=capaware.seed,
-                topk_indices=indices, **common,
+                scores, k, capaware.gamma, policy=capaware.drop_policy, seed=capaware.seed, **common,
             )
         if capaware.router_type == "capacity-reroute":
             return policies.capacity_reroute_decision(
                 scores, k, capaware.gamma, rounds=capaware.reroute_rounds,
                 policy=capaware.reroute_policy, min_ratio=capaware.reroute_min_ratio,
-                drop_policy=capaware.drop_policy, seed=capaware.seed, topk_indices=indices, **common,
+                drop_policy=capaware.drop_policy, seed=capaware.seed, **common,
             )
         if capaware.router_type == "expanded-drop":
             if self.capaware_local_experts is None:
@@ -217,7 +250,7 @@ class CapawareRouter(TopKRouter):
                     "layer (install_capaware_routers) so the EP layout is known"
                 )
             return policies.expanded_drop_decision(
-                scores, k, capaware.gamma, self.capaware_local_experts, topk_indices=indices, **common,
+                scores, k, capaware.gamma, self.capaware_local_experts, **common,
             )
         raise CapawareConfigError(f"unknown router type {capaware.router_type!r}")
 

@@ -146,6 +146,45 @@ def local_token_offset(num_tokens: int, device: torch.device, group) -> Tuple[to
     return counts[: group_rank(group)].sum(), counts.sum()
 
 
+EXPERT_ID_BITS = 10  # composite keys hold expert ids below 2**10
+SPARE_LIMIT = (1 << 22) - 1  # spare capacities above this compare as equal in load order
+
+
+def score_bits(scores: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int64 keys of non-negative float scores (``-0.0`` as ``+0.0``)."""
+    s = scores.to(torch.float32) + 0.0  # IEEE: -0.0 + 0.0 == +0.0
+    return s.view(torch.int32).to(torch.int64)
+
+
+def ranked_experts(
+    scores: torch.Tensor,
+    available: torch.Tensor,
+    count: int,
+    spare: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``count`` best available experts, best first, ties by lower id.
+
+    "Best" is the highest score, or with ``spare [E]`` the largest spare
+    capacity, then the highest score. Unique int64 keys (spare, score bits,
+    inverted expert id) make ``torch.topk`` deterministic and replace a full
+    ``[T, E]`` sort.
+
+    Returns:
+        ``(experts [T, count] int64, ok [T, count] bool)``; ``ok`` is False
+        where fewer than ``count`` experts are available.
+    """
+    num_experts = scores.shape[1]
+    if num_experts > (1 << EXPERT_ID_BITS):
+        raise RoutingInputError(f"at most {1 << EXPERT_ID_BITS} experts are supported, got {num_experts}")
+    ids = torch.arange(num_experts, device=scores.device)
+    key = (score_bits(scores) << EXPERT_ID_BITS) | ((1 << EXPERT_ID_BITS) - 1 - ids)
+    if spare is not None:
+        key = key | (spare.clamp(0, SPARE_LIMIT).to(torch.int64) << (31 + EXPERT_ID_BITS)).unsqueeze(0)
+    key = torch.where(available, key, torch.full_like(key, -1))
+    values, experts = torch.topk(key, min(count, num_experts), dim=1)
+    return experts, values >= 0
+
+
 def as_device_tensor(value: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
     if value is None:
         return None

@@ -19,7 +19,15 @@ import torch
 from megatron_capaware.policies import _common as C
 from megatron_capaware.policies.collectives import ProcessGroup, all_reduce_sum
 from megatron_capaware.policies.decision import RoutingDecision
+from megatron_capaware.policies import selection as _selection
 from megatron_capaware.policies.selection import select_top_per_expert
+
+
+def _sync_free(tensor: torch.Tensor) -> bool:
+    """CUDA: fixed-shape work without host syncs; CPU: compact to the rows that matter."""
+    if _selection.FORCE_SYNC_FREE is not None:
+        return _selection.FORCE_SYNC_FREE
+    return tensor.is_cuda
 
 _M32 = 0xFFFFFFFF
 
@@ -95,8 +103,13 @@ def capacity_drop_decision(
     seed: int = 0,
     topk_indices: Optional[torch.Tensor] = None,
     check_values: bool = True,
+    weights: bool = True,
 ) -> RoutingDecision:
-    """Capacity-Aware Token Drop with its load figures; see :func:`capacity_drop`."""
+    """Capacity-Aware Token Drop with its load figures; see :func:`capacity_drop`.
+
+    ``weights=False`` skips the combine weights (``probs`` is None) for callers
+    that compute them themselves (the Megatron router).
+    """
     C.check_scores(scores, k, check_values=check_values)
     gamma = C.check_gamma(gamma)
     C.check_choice("policy", policy, C.DROP_POLICIES)
@@ -113,8 +126,9 @@ def capacity_drop_decision(
     )
     keep = selection.keep.view(num_tokens, k)
     routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, keep)
-    topk_sum = values.sum(dim=1)
-    probs = C.weights_for(scores, routing_map, topk_sum, normalize=normalize, renormalize=renormalize)
+    probs = None
+    if weights:
+        probs = C.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize, renormalize=renormalize)
     return RoutingDecision(
         probs=probs,
         routing_map=routing_map,
@@ -189,9 +203,9 @@ def _stable_rank_desc(key: torch.Tensor) -> torch.Tensor:
 
 
 def candidate_order(
-    scores: torch.Tensor, spare: torch.Tensor, available: torch.Tensor, policy: str
+    scores: torch.Tensor, spare: torch.Tensor, available: torch.Tensor, policy: str, count: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Each token's reroute candidates, best first.
+    """Each token's ``count`` best reroute candidates, best first.
 
     Args:
         scores: ``[T, E]``.
@@ -202,19 +216,9 @@ def candidate_order(
             score, then lower expert id).
 
     Returns:
-        ``(order [T, E] expert ids, ok [T, E] bool)``: ``ok`` marks real candidates.
+        ``(experts [T, count], ok [T, count] bool)``: ``ok`` marks real candidates.
     """
-    masked = torch.where(available, scores, torch.full_like(scores, -1.0))
-    order = _stable_rank_desc(masked)  # by score, ties by expert id
-    if policy == "load":
-        spare_key = torch.where(
-            available, spare.to(torch.float64).unsqueeze(0).expand_as(scores), -1.0
-        )
-        # Stable sort by spare of the score-ordered columns keeps score order on ties.
-        by_spare = _stable_rank_desc(spare_key.gather(1, order))
-        order = order.gather(1, by_spare)
-    ok = available.gather(1, order)
-    return order, ok
+    return C.ranked_experts(scores, available, count, spare if policy == "load" else None)
 
 
 def capacity_reroute_decision(
@@ -232,6 +236,7 @@ def capacity_reroute_decision(
     seed: int = 0,
     topk_indices: Optional[torch.Tensor] = None,
     check_values: bool = True,
+    weights: bool = True,
 ) -> RoutingDecision:
     """Capacity-Aware Token Reroute with its load figures; see :func:`capacity_reroute`."""
     C.check_choice("policy", policy, C.REROUTE_POLICIES)
@@ -251,24 +256,32 @@ def capacity_reroute_decision(
         seed=seed,
         topk_indices=topk_indices,
         check_values=check_values,
+        weights=False,
     )
     num_tokens, num_experts = scores.shape
     indices, values = _selected(scores, k, topk_indices)  # [T, k]
     kept = drop.routing_map.gather(1, indices)  # [T, k]
-    unplaced = ~kept  # dropped slots still looking for an expert
-    taken = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)  # [T, E]
+    # Only tokens with a dropped slot take part; on the CPU work on those rows
+    # alone (on CUDA all rows, masked: no host sync). Row order = token order.
+    if _sync_free(scores):
+        rows = torch.arange(num_tokens, device=scores.device)
+    else:
+        rows = (~kept).any(dim=1).nonzero().squeeze(1)
+    r_scores, r_idx, r_values = scores[rows], indices[rows], values[rows]
+    unplaced = ~kept[rows]  # [n, k] dropped slots still looking for an expert
+    taken = torch.zeros_like(r_scores, dtype=torch.bool).scatter_(1, r_idx, True)  # [n, E]
     placed = torch.zeros_like(taken)
     loads = drop.global_loads.clone()
     spare = (drop.capacity - loads).clamp(min=0)
+    rerouted = torch.zeros((), dtype=torch.int64, device=scores.device)
     for _ in range(rounds):
         # Dropped slots, highest dropped score first: slot j proposes to candidate j.
-        slot_score = torch.where(unplaced, values, torch.full_like(values, -1.0))
-        slot_order = _stable_rank_desc(slot_score)  # [T, k]
+        slot_score = torch.where(unplaced, r_values, torch.full_like(r_values, -1.0))
+        slot_order = _stable_rank_desc(slot_score)  # [n, k]
         slot_score = slot_score.gather(1, slot_order)
         available = (~taken) & (spare > 0).unsqueeze(0)
-        cand, cand_ok = candidate_order(scores, spare, available, policy)
-        cand, cand_ok = cand[:, :k], cand_ok[:, :k]
-        cand_score = scores.gather(1, cand)
+        cand, cand_ok = candidate_order(r_scores, spare, available, policy, k)
+        cand_score = r_scores.gather(1, cand)
         propose = (slot_score >= 0) & cand_ok & (cand_score >= min_ratio * slot_score)
         selection = select_top_per_expert(
             slot_score.clamp(min=0).reshape(-1),
@@ -278,23 +291,25 @@ def capacity_reroute_decision(
             group,
             valid=propose.reshape(-1),
         )
-        accepted = selection.keep.view(num_tokens, k)
+        accepted = selection.keep.view(-1, k)
         placed |= torch.zeros_like(placed).scatter_(1, cand, accepted)
         taken |= placed
-        accepted_slots = torch.zeros_like(accepted).scatter_(1, slot_order, accepted)
-        unplaced &= ~accepted_slots
+        unplaced &= ~torch.zeros_like(accepted).scatter_(1, slot_order, accepted)
+        rerouted = rerouted + accepted.sum()
         loads = loads + selection.global_kept
         spare = spare - selection.global_kept
-    routing_map = drop.routing_map | placed
-    topk_sum = values.sum(dim=1)
-    probs = C.weights_for(scores, routing_map, topk_sum, normalize=normalize, renormalize=renormalize)
+    routing_map = drop.routing_map.clone()
+    routing_map[rows] |= placed
+    probs = None
+    if weights:
+        probs = C.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize, renormalize=renormalize)
     return RoutingDecision(
         probs=probs,
         routing_map=routing_map,
         global_loads=loads,
         requested_assignments=drop.requested_assignments,
         dropped=unplaced.sum(),
-        rerouted=placed.sum(),
+        rerouted=rerouted,
         global_tokens=drop.global_tokens,
         capacity=drop.capacity,
     )
@@ -388,6 +403,7 @@ def expanded_drop_decision(
     group: Optional[ProcessGroup] = None,
     topk_indices: Optional[torch.Tensor] = None,
     check_values: bool = True,
+    weights: bool = True,
 ) -> RoutingDecision:
     """Expanded Drop with its load figures; see :func:`expanded_drop`."""
     C.check_scores(scores, k, check_values=check_values)
@@ -420,8 +436,9 @@ def expanded_drop_decision(
     routing_map = torch.zeros(
         (num_tokens, num_experts + 1), dtype=torch.bool, device=scores.device
     ).scatter_(1, target, keep & valid)[:, :num_experts]
-    topk_sum = values.sum(dim=1)
-    probs = C.weights_for(scores, routing_map, topk_sum, normalize=normalize, renormalize=renormalize)
+    probs = None
+    if weights:
+        probs = C.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize, renormalize=renormalize)
     kept_topk = keep[:, :k]
     return RoutingDecision(
         probs=probs,

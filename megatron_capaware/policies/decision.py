@@ -13,7 +13,8 @@ class RoutingDecision:
     """A policy's full result. The public functions return ``(probs, routing_map)``.
 
     Attributes:
-        probs: ``[T, E]`` combine weights, zero off the map.
+        probs: ``[T, E]`` combine weights, zero off the map (None when the
+            caller asked for no weights).
         routing_map: ``[T, E]`` bool, the experts each token is sent to.
         global_loads: ``[E]`` int64, assignments per expert over the group
             after the decision (what the experts will process).
@@ -26,7 +27,7 @@ class RoutingDecision:
         flexible: 0-d int64, this rank's LASER-flexible tokens (None otherwise).
     """
 
-    probs: torch.Tensor
+    probs: Optional[torch.Tensor]
     routing_map: torch.Tensor
     global_loads: torch.Tensor
     requested_assignments: torch.Tensor

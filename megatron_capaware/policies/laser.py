@@ -28,7 +28,9 @@ the defaults the imbalance ``I`` stays within about 2% of the greedy's
 
 Collectives (with a group): one all-reduce of ``E + 1``, one all-gather of
 1 and one all-reduce of ``waves * (E + 1)`` int64 up front; per wave, one
-all-gather of ``E`` int64 per round and one all-reduce of ``E`` int64.
+all-gather of ``E`` int64 per round and one all-reduce of ``E`` int64. One
+host read per call (the local size of each wave): each wave then works on
+its own tokens only.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def check_laser_args(k: int, num_experts: int, eps_high: float, t_fix: float, po
 
 
 def laser_candidates(
-    scores: torch.Tensor, k: int, t_fix: float, pool: int
+    scores: torch.Tensor, k: int, t_fix: float, pool: int, topk_indices: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each token's candidate list, best score first.
 
@@ -88,12 +90,16 @@ def laser_candidates(
         then the other experts by score descending (ties: lower id);
         ``in_pool [T, c]`` bool; ``topk_idx [T, k]``; ``topk_sum [T]``.
     """
-    values, topk_idx = C.topk_indices(scores, k)
+    if topk_indices is None:
+        values, topk_idx = C.topk_indices(scores, k)
+    else:
+        topk_idx = topk_indices.to(torch.int64)
+        values = scores.gather(1, topk_idx)
     extra = pool - k
     if extra > 0:
-        rest = scores.scatter(1, topk_idx, -1.0)
-        rest_idx = torch.sort(rest, dim=1, descending=True, stable=True).indices[:, :extra]
-        good = scores.gather(1, rest_idx) >= t_fix * values[:, :1]
+        others = torch.ones_like(scores, dtype=torch.bool).scatter_(1, topk_idx, False)
+        rest_idx, _ = C.ranked_experts(scores, others, extra)
+        good = scores.gather(1, rest_idx) >= t_fix * values.max(dim=1, keepdim=True).values
         cand = torch.cat([topk_idx, rest_idx], dim=1)
         in_pool = torch.cat([torch.ones_like(topk_idx, dtype=torch.bool), good], dim=1)
     else:
@@ -167,6 +173,8 @@ def laser_decision(
     waves: int = DEFAULT_WAVES,
     rounds: int = DEFAULT_ROUNDS,
     check_values: bool = True,
+    topk_indices: Optional[torch.Tensor] = None,
+    weights: bool = True,
 ) -> RoutingDecision:
     """LASER with its load figures; see :func:`laser`."""
     C.check_scores(scores, k, check_values=check_values)
@@ -178,7 +186,7 @@ def laser_decision(
         raise C.RoutingInputError(f"rounds must be an integer >= 0, got {rounds!r}")
     device = scores.device
     rank = group_rank(group)
-    cand, in_pool, topk_idx, topk_sum = laser_candidates(scores, k, t_fix, width)
+    cand, in_pool, topk_idx, topk_sum = laser_candidates(scores, k, t_fix, width, topk_indices)
     flexible = topk_sum < eps_high  # [T]
     top_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, topk_idx, True)
     confident_map = top_map & ~flexible.unsqueeze(1)
@@ -202,37 +210,47 @@ def laser_decision(
 
     chosen = torch.zeros_like(in_pool)  # [T, c] positions taken by flexible tokens
     slot = torch.arange(k, device=device).unsqueeze(0)
+    # This rank's tokens grouped by wave, token order kept inside a wave (one host read).
+    order = torch.argsort(wave_of, stable=True)
+    sizes = torch.bincount(wave_of, minlength=waves + 1).tolist()
+    start = 0
     for wave in range(waves):
-        member = wave_of == wave
-        need = torch.where(member, k, 0)
+        rows = order[start:start + sizes[wave]]
+        start += sizes[wave]
+        w_cand, w_pool = cand[rows], in_pool[rows]  # [n, c]
+        w_chosen = torch.zeros_like(w_pool)
+        need = torch.full((rows.shape[0],), k, dtype=torch.int64, device=device)
         quota = capped_water_fill(loads, wave_stats[wave, :-1], wave_stats[wave, -1] * k)
         for _ in range(rounds):
-            allowed = in_pool & ~chosen & (quota[cand] > 0) & member.unsqueeze(1)
-            positions, ok = _least_loaded_positions(loads[cand], allowed, k)
+            allowed = w_pool & ~w_chosen & (quota[w_cand] > 0)
+            positions, ok = _least_loaded_positions(loads[w_cand], allowed, k)
             ok &= slot < need.unsqueeze(1)
-            experts = cand.gather(1, positions)
-            offered = torch.zeros(num_tokens, num_experts, dtype=torch.int64, device=device)
+            experts = w_cand.gather(1, positions)
+            offered = torch.zeros(rows.shape[0], num_experts, dtype=torch.int64, device=device)
             offered.scatter_(1, experts, ok.to(torch.int64))
-            per_rank = all_gather_stack(offered.sum(0), group)  # [W_ranks, E]
+            per_rank = all_gather_stack(offered.sum(0), group)  # [ranks, E]
             earlier = torch.cumsum(offered, 0) - offered + per_rank[:rank].sum(0)
             accepted = ok & (earlier.gather(1, experts) < quota[experts])
-            chosen |= torch.zeros_like(chosen).scatter_(1, positions, accepted)
+            w_chosen |= torch.zeros_like(w_chosen).scatter_(1, positions, accepted)
             need = need - accepted.sum(1)
             taken = torch.minimum(per_rank.sum(0), quota)
             loads = loads + taken
             quota = quota - taken
-        allowed = in_pool & ~chosen & member.unsqueeze(1)
-        positions, ok = _least_loaded_positions(loads[cand], allowed, k)
+        allowed = w_pool & ~w_chosen
+        positions, ok = _least_loaded_positions(loads[w_cand], allowed, k)
         ok &= slot < need.unsqueeze(1)
-        chosen |= torch.zeros_like(chosen).scatter_(1, positions, ok)
-        loads = loads + all_reduce_sum(_scatter_counts(cand.gather(1, positions), ok, num_experts), group)
+        w_chosen |= torch.zeros_like(w_chosen).scatter_(1, positions, ok)
+        loads = loads + all_reduce_sum(_scatter_counts(w_cand.gather(1, positions), ok, num_experts), group)
+        chosen[rows] = w_chosen
 
     target = torch.where(chosen, cand, torch.full_like(cand, num_experts))
     flexible_map = torch.zeros(
         (num_tokens, num_experts + 1), dtype=torch.bool, device=device
     ).scatter_(1, target, chosen)[:, :num_experts]
     routing_map = confident_map | flexible_map
-    probs = C.weights_for(scores, routing_map, topk_sum, normalize=normalize, renormalize=renormalize)
+    probs = None
+    if weights:
+        probs = C.weights_for(scores, routing_map, topk_sum, normalize=normalize, renormalize=renormalize)
     return RoutingDecision(
         probs=probs,
         routing_map=routing_map,
@@ -258,6 +276,7 @@ def laser(
     waves: int = DEFAULT_WAVES,
     rounds: int = DEFAULT_ROUNDS,
     check_values: bool = True,
+    topk_indices: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """LASER routing.
 
@@ -273,6 +292,7 @@ def laser(
         group: process group over which loads are global.
         waves, rounds: fast-path granularity (module docstring); ``waves`` =
             number of flexible tokens with ``rounds=0`` is the exact greedy.
+        topk_indices: optional ``[T, k]`` top-k already computed by the caller.
 
     Returns:
         ``(probs [T, E], routing_map [T, E] bool)``, exactly ``k`` experts per token.
@@ -289,4 +309,5 @@ def laser(
         waves=waves,
         rounds=rounds,
         check_values=check_values,
+        topk_indices=topk_indices,
     ).as_tuple()

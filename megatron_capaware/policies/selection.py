@@ -21,9 +21,11 @@ Collective payload per call (independent of the number of tokens):
 For E = 64 that is 0.5 MB in all-reduces, against the all-to-all of hidden
 states (``T*k*H*2`` bytes: 128 MB for T=8192, k=2, H=4096 in bf16), i.e. 0.4%;
 for decode-sized batches the ratio grows (see docs/scaling.md).
-The shapes depend only on ``E`` and the group, never on the data, and the
-number of collectives is fixed, so every rank always issues the same calls.
-No host synchronisation is needed: every decision stays on the device.
+The shapes depend only on ``E`` and the group, never on the data. On CUDA
+the number of collectives is fixed and no host synchronisation is needed;
+on the CPU the undecided items are compacted after the first round and
+rounds stop early once every expert is settled (often after one or two),
+decided from group-wide counts so every rank issues the same calls.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from megatron_capaware.policies.collectives import (
 RADIX_BITS = 8
 RADIX_BINS = 1 << RADIX_BITS
 RADIX_SHIFTS = (24, 16, 8, 0)
+# Tests set this to exercise the CUDA (sync-free) code path on the CPU.
+FORCE_SYNC_FREE: Optional[bool] = None
 
 CapacityArg = Union[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
@@ -71,8 +75,7 @@ def priority_keys(priority: torch.Tensor) -> torch.Tensor:
 
     ``-0.0`` is mapped to ``+0.0`` first so equal values get equal keys.
     """
-    p = priority.to(torch.float32)
-    p = torch.where(p == 0, torch.zeros_like(p), p)
+    p = priority.to(torch.float32) + 0.0  # IEEE: -0.0 + 0.0 == +0.0
     return p.view(torch.int32).to(torch.int64)
 
 
@@ -85,6 +88,7 @@ def select_top_per_expert(
     *,
     valid: Optional[torch.Tensor] = None,
     extra_count: Optional[torch.Tensor] = None,
+    sync_free: Optional[bool] = None,
 ) -> Selection:
     """Keep, per expert, the ``capacity[e]`` highest-priority items over the group.
 
@@ -100,15 +104,23 @@ def select_top_per_expert(
         group: process group whose ranks share the experts; ``None``: this
             process alone.
         valid: optional ``[N]`` bool; items marked False are ignored (never
-            counted, never kept). Lets callers use fixed-size item arrays
-            (no data-dependent shapes, hence no host sync).
+            counted, never kept). Lets callers use fixed-size item arrays.
         extra_count: optional 0-d int64 summed over the group in the first
             round at no extra cost (e.g. the local token count); returned as
             ``global_items``.
+        sync_free: ``True``: fixed work and collectives, no host sync (the
+            CUDA default); ``False``: after the first round only the still
+            undecided items are processed, rounds stop once every expert is
+            settled and the tie step is skipped when no tie is split (the CPU
+            default: reading a CPU tensor costs nothing). Both give identical
+            results; every early stop is decided from group-wide counts, so
+            all ranks take the same branch.
 
     Returns:
         :class:`Selection`.
     """
+    if sync_free is None:
+        sync_free = FORCE_SYNC_FREE if FORCE_SYNC_FREE is not None else priority.is_cuda
     device = priority.device
     num_items = priority.shape[0]
     keys = priority_keys(priority)
@@ -118,27 +130,28 @@ def select_top_per_expert(
         if extra_count is None
         else extra_count.to(device=device, dtype=torch.int64).reshape(())
     )
-
-    active = (
-        torch.ones(num_items, dtype=torch.bool, device=device) if valid is None else valid.clone()
-    )
+    active = torch.ones(num_items, dtype=torch.bool, device=device) if valid is None else valid.clone()
     kept_above = torch.zeros(num_items, dtype=torch.bool, device=device)
-    need: Optional[torch.Tensor] = None
-    offered: Optional[torch.Tensor] = None
-    cap: Optional[torch.Tensor] = None
+    # Compacted mode works on the positions of the still-undecided items only.
+    position = None if sync_free else active.nonzero().squeeze(1)
+    need = offered = cap = None
     global_items = extra
-
+    last_hist = boundary = None
     for round_index, shift in enumerate(RADIX_SHIFTS):
-        digit = (keys >> shift) & (RADIX_BINS - 1)  # [N]
+        if position is None:
+            item_keys, item_expert, weight = keys, expert, active.to(torch.int64)
+        else:
+            item_keys, item_expert = keys[position], expert[position]
+            weight = torch.ones_like(item_expert)
+        digit = (item_keys >> shift) & (RADIX_BINS - 1)
         hist = torch.zeros(num_experts * RADIX_BINS + 1, dtype=torch.int64, device=device)
-        hist.scatter_add_(0, expert * RADIX_BINS + digit, active.to(torch.int64))
+        hist.scatter_add_(0, item_expert * RADIX_BINS + digit, weight)
         if round_index == 0:
             hist[-1] = extra
         all_reduce_sum(hist, group)
-        if round_index == 0:
-            global_items = hist[-1].clone()
         hist2d = hist[:-1].view(num_experts, RADIX_BINS)
         if round_index == 0:
+            global_items = hist[-1].clone()
             offered = hist2d.sum(dim=1)
             if callable(capacity):
                 cap = capacity(offered, global_items).to(device=device, dtype=torch.int64)
@@ -153,24 +166,38 @@ def select_top_per_expert(
         # non-increasing in d); -1 if all remaining items fit (all kept); RADIX_BINS
         # (matches no byte) once nothing more is needed (the rest is dropped).
         fits = suffix[:, :RADIX_BINS] >= need.unsqueeze(1)
-        boundary = torch.where(
-            need > 0, fits.sum(dim=1) - 1, torch.full_like(need, RADIX_BINS)
-        )
+        boundary = torch.where(need > 0, fits.sum(dim=1) - 1, torch.full_like(need, RADIX_BINS))
         # Items strictly above the boundary byte: all kept. suffix[:, RADIX_BINS] == 0.
         above_count = suffix.gather(1, (boundary + 1).clamp(max=RADIX_BINS).unsqueeze(1)).squeeze(1)
-        item_boundary = boundary[expert]
-        kept_above |= active & (digit > item_boundary)
-        active &= digit == item_boundary
+        item_boundary = boundary[item_expert]
+        above, stay = digit > item_boundary, digit == item_boundary
+        if position is None:
+            kept_above |= active & above
+            active &= stay
+        else:
+            kept_above[position[above]] = True
+            position = position[stay]
         need = need - above_count
-
+        last_hist = hist2d
+        if not sync_free and not bool(((boundary >= 0) & (boundary < RADIX_BINS)).any()):
+            break  # every expert settled group-wide: no item is still undecided anywhere
+    if position is not None:
+        active = torch.zeros(num_items, dtype=torch.bool, device=device)
+        active[position] = True
     # Items still active carry exactly the threshold value of their expert:
     # keep `need[e]` of them, in rank order, then local order.
-    local_ties = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    local_ties.scatter_add_(0, expert, active.to(torch.int64))
-    before_me = exclusive_rank_prefix(local_ties, group)
-    allowance = (need - before_me).clamp(min=0)
-    tie_rank = _rank_within_expert(expert, active, num_experts)
-    keep = kept_above | (active & (tie_rank < allowance[expert]))
+    unsettled = (boundary >= 0) & (boundary < RADIX_BINS)
+    tied = last_hist.gather(1, boundary.clamp(0, RADIX_BINS - 1).unsqueeze(1)).squeeze(1)
+    split = unsettled & (need < tied)
+    if sync_free or bool(split.any()):
+        local_ties = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        local_ties.scatter_add_(0, expert, active.to(torch.int64))
+        before_me = exclusive_rank_prefix(local_ties, group)
+        allowance = (need - before_me).clamp(min=0)
+        tie_rank = _rank_within_expert(expert, active, num_experts)
+        keep = kept_above | (active & (tie_rank < allowance[expert]))
+    else:
+        keep = kept_above | (active & (need[expert] > 0))
     kept = torch.minimum(offered, cap)
     return Selection(
         keep=keep, global_offered=offered, global_kept=kept, capacity=cap, global_items=global_items

@@ -1,0 +1,1 @@
+"""Benchmarks: measured straggler speedup (straggler.py) and routing overhead (overhead.py)."""
