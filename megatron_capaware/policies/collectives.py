@@ -10,8 +10,9 @@ waiting in a collective.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,43 @@ class LoadGroup:
     group: Any
     counts_weight: int
     primary_rank: int
+
+
+@dataclass
+class CollectiveLog:
+    """Collectives issued while recording: ``(op, bytes sent by this rank, group size)``."""
+
+    calls: List[Tuple[str, int, int]] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+    def bytes_sent(self) -> int:
+        return sum(b for _, b, _ in self.calls)
+
+    def bytes_received(self) -> int:
+        """All-reduce: ~ what was sent (ring); all-gather: every rank's part."""
+        return sum(b * (w if op == "all_gather" else 1) for op, b, w in self.calls)
+
+
+_LOG: Optional[CollectiveLog] = None
+
+
+@contextlib.contextmanager
+def record_collectives() -> Iterator[CollectiveLog]:
+    """Record the routing collectives issued inside the block (payload accounting)."""
+    global _LOG
+    previous, _LOG = _LOG, CollectiveLog()
+    try:
+        yield _LOG
+    finally:
+        _LOG = previous
+
+
+def _note(op: str, tensor: torch.Tensor, group: Optional[ProcessGroup]) -> None:
+    if _LOG is not None:
+        _LOG.calls.append((op, tensor.numel() * tensor.element_size(), group_size(group)))
 
 
 def _process_group(group: Optional[ProcessGroup]) -> Any:
@@ -75,6 +113,7 @@ def all_reduce_sum(tensor: torch.Tensor, group: Optional[ProcessGroup]) -> torch
     if pg is not None and group_size(group) > 1:
         if isinstance(group, LoadGroup) and group.counts_weight != 1:
             tensor.mul_(group.counts_weight)
+        _note("all_reduce", tensor, group)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=pg)
     return tensor
 
@@ -85,6 +124,7 @@ def all_gather_stack(tensor: torch.Tensor, group: Optional[ProcessGroup]) -> tor
     if size == 1:
         return tensor.unsqueeze(0)
     tensor = _weighted(tensor, group)
+    _note("all_gather", tensor, group)
     # List all_gather: gloo's all_gather_into_tensor aborts on this torch (2.13 CPU).
     parts = [torch.empty_like(tensor) for _ in range(size)]
     dist.all_gather(parts, tensor.contiguous(), group=_process_group(group))

@@ -16,10 +16,10 @@ expert's threshold. Four rounds give the exact threshold; a final all-gather
 of the per-rank count of items equal to it splits those ties by rank order.
 
 Collective payload per call (independent of the number of tokens):
-    4 all-reduces of ``E * 256 + 1`` int64 -> ``4 * 8 * (256 E + 1)`` bytes,
-    1 all-gather of ``E`` int64 per rank   -> ``8 E * W`` bytes received.
-For E = 64 that is 0.5 MB in all-reduces, against the all-to-all of hidden
-states (``T*k*H*2`` bytes: 128 MB for T=8192, k=2, H=4096 in bf16), i.e. 0.4%;
+    4 all-reduces of ``E * 256 + 1`` int32 -> ``4 * 4 * (256 E + 1)`` bytes,
+    1 all-gather of ``E`` int32 per rank   -> ``4 E * W`` bytes received.
+For E = 64 that is 256 KB in all-reduces, against the all-to-all of hidden
+states (``T*k*H*2`` bytes: 128 MB for T=8192, k=2, H=4096 in bf16), i.e. 0.2%;
 for decode-sized batches the ratio grows (see docs/scaling.md).
 The shapes depend only on ``E`` and the group, never on the data. On CUDA
 the number of collectives is fixed and no host synchronisation is needed;
@@ -144,11 +144,12 @@ def select_top_per_expert(
             item_keys, item_expert = keys[position], expert[position]
             weight = torch.ones_like(item_expert)
         digit = (item_keys >> shift) & (RADIX_BINS - 1)
-        hist = torch.zeros(num_experts * RADIX_BINS + 1, dtype=torch.int64, device=device)
-        hist.scatter_add_(0, item_expert * RADIX_BINS + digit, weight)
+        # int32 on the wire (counts stay below 2**31: T_glob * k items at most).
+        hist = torch.zeros(num_experts * RADIX_BINS + 1, dtype=torch.int32, device=device)
+        hist.scatter_add_(0, item_expert * RADIX_BINS + digit, weight.to(torch.int32))
         if round_index == 0:
-            hist[-1] = extra
-        all_reduce_sum(hist, group)
+            hist[-1] = extra.to(torch.int32)
+        hist = all_reduce_sum(hist, group).to(torch.int64)
         hist2d = hist[:-1].view(num_experts, RADIX_BINS)
         if round_index == 0:
             global_items = hist[-1].clone()
@@ -190,9 +191,9 @@ def select_top_per_expert(
     tied = last_hist.gather(1, boundary.clamp(0, RADIX_BINS - 1).unsqueeze(1)).squeeze(1)
     split = unsettled & (need < tied)
     if sync_free or bool(split.any()):
-        local_ties = torch.zeros(num_experts, dtype=torch.int64, device=device)
-        local_ties.scatter_add_(0, expert, active.to(torch.int64))
-        before_me = exclusive_rank_prefix(local_ties, group)
+        local_ties = torch.zeros(num_experts, dtype=torch.int32, device=device)
+        local_ties.scatter_add_(0, expert, active.to(torch.int32))
+        before_me = exclusive_rank_prefix(local_ties, group).to(torch.int64)
         allowance = (need - before_me).clamp(min=0)
         tie_rank = _rank_within_expert(expert, active, num_experts)
         keep = kept_above | (active & (tie_rank < allowance[expert]))
