@@ -23,10 +23,14 @@ with the Hugging Face tokenizer files), which
 :func:`megatron_capaware.checkpoint.load_model` loads at any TP / EP that
 divides the sizes.
 
-Memory: the Megatron model is built once, at TP=1 / EP=1 in the checkpoint's
-dtype without random initialisation, and filled one Hugging Face tensor at a
-time (``safetensors.safe_open``, memory-mapped); no second copy of the model is
-ever held. Peak memory is about the model's size in its dtype.
+Memory: the Megatron model is built once, in the checkpoint's dtype without
+random initialisation, and filled one Hugging Face tensor at a time
+(``safetensors.safe_open``, memory-mapped); no second copy of the model is
+ever held. In one process (TP=1 / EP=1) peak memory is about the model's
+size in its dtype. Under ``torchrun --nproc-per-node N`` the experts are
+split over N ranks (EP=N): each rank holds and reads only its experts plus
+the non-expert weights, so N machines (or N processes on one large one) can
+convert a model too big for one.
 
 Every check that needs no weights runs first (``--check-only`` stops there):
 an unknown ``model_type``, missing config keys, an option this converter
@@ -802,11 +806,16 @@ def convert_checkpoint(
     require_tokenizer: bool = True,
     overwrite: bool = False,
     progress: bool = True,
+    expert_parallel: Optional[int] = None,
 ) -> MoEModelArgs:
     """Convert a Hugging Face MoE checkpoint folder to a Megatron checkpoint at ``out_dir``.
 
-    Runs in one process (it initialises a one-rank gloo group and Megatron's
-    groups at TP=1 / EP=1 if none exist, and tears them down again).
+    In a single process (no ``torch.distributed`` group yet) it builds the whole
+    model at TP=1 / EP=1, using a one-rank gloo group it tears down again. Under
+    ``torchrun`` (a group of N ranks already initialised) every rank calls it
+    and the experts are split over ``expert_parallel`` (default N) ranks: each
+    rank builds and reads only its own experts (plus the non-expert weights),
+    which divides the memory the experts need by the EP size.
 
     Args:
         hf_dir: folder with config.json, ``*.safetensors`` (sharded or not) and tokenizer files.
@@ -815,7 +824,8 @@ def convert_checkpoint(
         tokenizer_dir: where the tokenizer files are (default: ``hf_dir``).
         require_tokenizer: raise when no tokenizer file is found (else convert without one).
         overwrite: replace an existing checkpoint at ``out_dir``.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (rank 0).
+        expert_parallel: EP size of the conversion under an initialised group (default: world size).
 
     Returns:
         The :class:`MoEModelArgs` written to ``capaware_model.json``.
@@ -823,6 +833,8 @@ def convert_checkpoint(
     Raises:
         ConversionError: see the module docstring.
     """
+    import torch.distributed as dist
+
     hf_dir, out = Path(hf_dir), Path(out_dir)
     cfg = HFConfig.read(hf_dir)
     plan = plan_conversion(cfg)
@@ -834,40 +846,47 @@ def convert_checkpoint(
             f"no tokenizer in {tokenizer_dir or hf_dir} (expected tokenizer.json, tokenizer.model or vocab.json); "
             "pass --tokenizer DIR, or --no-tokenizer to convert the weights alone"
         )
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConversionError(f"{out} exists and is not empty; pass --force to replace it")
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConversionError(f"{out} exists and is not empty; pass --force to replace it")
+    owns_group = not dist.is_initialized()
+    world = 1 if owns_group else dist.get_world_size()
+    ep = expert_parallel or world
+    if world % ep or plan.args.num_moe_experts % ep:
+        raise ConversionError(
+            f"expert parallel size {ep} must divide the world size ({world}) and the number of experts "
+            f"({plan.args.num_moe_experts})"
+        )
     target_dtype = _resolve_dtype(dtype, cfg, index)
     args = plan.args
     args.extra["dtype"] = _dtype_name(target_dtype)
     args.extra["tokenizer"] = "hf" if tokenizer_files else None
     args.extra["tokenizer_dir"] = "tokenizer" if tokenizer_files else None
 
-    import torch.distributed as dist
-
     from megatron_capaware import parallel
 
-    owns_group = not dist.is_initialized()
-    if not owns_group and dist.get_world_size() != 1:
-        raise ConversionError("convert_checkpoint runs in a single process (world size 1)")
-    parallel.init_model_parallel(parallel.ParallelSizes())
+    parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=ep))
+    rank = dist.get_rank()
     try:
+        if rank == 0 and out.exists() and any(out.iterdir()):
+            shutil.rmtree(out)
+        dist.barrier()
         model = _build_empty_model(args, target_dtype)
-        _fill(model, plan, index, progress)
+        _fill(model, plan, index, progress and rank == 0)
         from megatron_capaware.checkpoint import TOKENIZER_DIR, save_checkpoint
 
         save_checkpoint(model, out, args)
         del model
-        (out / HF_CONFIG_COPY).write_text(json.dumps(cfg.data, indent=2, sort_keys=True) + "\n")
-        if tokenizer_files:
-            tok = out / TOKENIZER_DIR
-            tok.mkdir(parents=True, exist_ok=True)
-            for path in tokenizer_files:
-                shutil.copy2(path, tok / path.name)
-            # AutoTokenizer resolves the tokenizer class through config.json when
-            # tokenizer_config.json does not name it.
-            shutil.copy2(hf_dir / "config.json", tok / "config.json")
+        if rank == 0:
+            (out / HF_CONFIG_COPY).write_text(json.dumps(cfg.data, indent=2, sort_keys=True) + "\n")
+            if tokenizer_files:
+                tok = out / TOKENIZER_DIR
+                tok.mkdir(parents=True, exist_ok=True)
+                for path in tokenizer_files:
+                    shutil.copy2(path, tok / path.name)
+                # AutoTokenizer resolves the tokenizer class through config.json when
+                # tokenizer_config.json does not name it.
+                shutil.copy2(hf_dir / "config.json", tok / "config.json")
+        dist.barrier()
     finally:
         if owns_group:
             parallel.destroy()
@@ -887,17 +906,40 @@ def _build_empty_model(args: MoEModelArgs, dtype: torch.dtype) -> torch.nn.Modul
     return build_gpt_model(args, config, use_te=False)
 
 
+_EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+
+
+def _local_pieces(model: torch.nn.Module, pieces: List[Piece]) -> List[Piece]:
+    """The pieces this rank fills: every non-expert piece, and its own experts renamed to local indices."""
+    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseMoELayer)]
+    if not layers:
+        return list(pieces)
+    local = {int(e): j for j, e in enumerate(layers[0].local_expert_indices)}
+    out = []
+    for piece in pieces:
+        match = _EXPERT.match(piece.target)
+        if match is None:
+            out.append(piece)
+        elif int(match.group(2)) in local:
+            target = f"{match.group(1)}{local[int(match.group(2))]}{match.group(3)}"
+            out.append(Piece(piece.hf_name, target, piece.hf_shape, piece.rows))
+    return out
+
+
 def _fill(model: torch.nn.Module, plan: ConversionPlan, index: SafetensorsIndex, progress: bool) -> None:
     """Copy every planned Hugging Face tensor into the model, one tensor at a time."""
     from safetensors import safe_open
 
     state = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
+    pieces = _local_pieces(model, plan.pieces)
     by_name: Dict[str, List[Piece]] = {}
-    for piece in plan.pieces:
+    for piece in pieces:
         by_name.setdefault(piece.hf_name, []).append(piece)
     # The plan must cover every model tensor exactly once: check before reading anything.
     filled: Dict[str, torch.Tensor] = {}
-    for piece in plan.pieces:
+    for piece in pieces:
         if piece.target not in state:
             raise ConversionError(
                 f"internal: {piece.hf_name} maps to {piece.target}, which this megatron-core model does not have"
@@ -1001,6 +1043,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"note: {note}", file=sys.stderr)
             print(f"{options.hf_dir}: {plan.model_type}, {len(set(plan.hf_names()))} tensors, OK", file=sys.stderr)
             return 0
+        if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from megatron_capaware import parallel
+
+            parallel.init_distributed()  # torchrun: the experts are split over the ranks
         args = convert_checkpoint(
             options.hf_dir, options.out_dir, dtype=options.dtype, tokenizer_dir=options.tokenizer,
             require_tokenizer=not options.no_tokenizer, overwrite=options.force, progress=not options.quiet,
@@ -1008,6 +1054,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConversionError as err:
         print(f"capaware-convert: error: {err}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     for note in args.extra.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {options.out_dir} ({args.family}, {args.num_layers} layers, {args.num_moe_experts} experts, "

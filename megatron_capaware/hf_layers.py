@@ -181,10 +181,19 @@ def _local_mla_class():
 
 # Local MLA norms under the names Transformer Engine's MLA spec gives them (fused into the
 # up-projections), as Megatron's local spec does for input_layernorm: one checkpoint for both.
-MLA_TE_KEYS_MAP = {
+MLA_TE_KEYS_MAP = {  # prefix in the local model -> prefix in the checkpoint
     "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
     "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
 }
+
+
+def _builds_moe(spec: Any) -> bool:
+    """Whether a layer's mlp spec builds a MoE layer (0.16 ModuleSpec or 0.19 functools.partial)."""
+    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+
+    target = getattr(spec, "module", None) or getattr(spec, "func", None) or spec
+    target = getattr(target, "__self__", target)  # a bound classmethod builder
+    return isinstance(target, type) and issubclass(target, BaseMoELayer)
 
 
 def with_local_mla(block_spec: Any, *, q_lora: bool = True) -> Any:
@@ -195,9 +204,8 @@ def with_local_mla(block_spec: Any, *, q_lora: bool = True) -> Any:
     query LoRA (``q_lora=False``, DeepSeek-V2-Lite) there is no query norm: megatron-core
     0.19 rejects a non-identity ``q_layernorm`` then.
     """
-    from megatron.core.transformer.identity_op import IdentityOp
-
     from megatron.core.transformer import multi_latent_attention as mla_module
+    from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
     from megatron.core.extensions import transformer_engine as te_extension
@@ -227,6 +235,10 @@ def with_local_mla(block_spec: Any, *, q_lora: bool = True) -> Any:
         attention.submodules = dataclasses.replace(attention.submodules, **changes)
         keys = dict(getattr(layer.submodules, "sharded_state_dict_keys_map", None) or {})
         keys.update(MLA_TE_KEYS_MAP)
+        if not _builds_moe(layer.submodules.mlp):
+            # Dense layer: Transformer Engine fuses this norm into linear_fc1 (as in
+            # Megatron's standard local spec's map); MoE layers keep a separate norm.
+            keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
         layer.submodules = dataclasses.replace(layer.submodules, sharded_state_dict_keys_map=keys)
         patched += 1
     if not patched:
