@@ -102,6 +102,9 @@ def test_converted_model_matches_transformers(tmp_path: Path, family: str) -> No
 
     tok = Tokenizer.from_file(str(ckpt / "tokenizer" / "tokenizer.json"))
     assert tok.encode("w5 w17 w95").ids == [5, 17, 95]
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))("w5 w17")["input_ids"][-2:] == [5, 17]
 
 
 # --------------------------------------------------------------------------- errors (no Megatron needed)
@@ -283,3 +286,52 @@ def test_old_model_args_files_still_load(tmp_path: Path) -> None:
     args = MoEModelArgs.load(tmp_path / "capaware_model.json")
     assert args.mla is None and args.qk_norm_scope == "head" and args.moe_router_num_groups is None
     assert not args.moe_router_enable_expert_bias
+
+
+HUB_CONFIGS = Path(__file__).parent / "data" / "hf_configs"
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("Mixtral-8x7B-v0.1", dict(moe_router_pre_softmax=False, num_moe_experts=8, moe_router_topk=2)),
+    ("Qwen1.5-MoE-A2.7B", dict(moe_router_pre_softmax=True, moe_shared_expert_gate=True,
+                               moe_shared_expert_intermediate_size=5632, num_moe_experts=60)),
+    ("OLMoE-1B-7B-0924", dict(moe_router_pre_softmax=True, qk_norm_scope="all_heads", moe_router_topk=8)),
+    ("deepseek-moe-16b-base", dict(moe_router_pre_softmax=True, moe_shared_expert_intermediate_size=2816,
+                                   moe_router_topk_scaling_factor=None, mla=None)),
+    ("DeepSeek-V2-Lite", dict(moe_router_pre_softmax=True, moe_router_num_groups=None,
+                              moe_shared_expert_intermediate_size=2816)),
+    ("DeepSeek-V2", "group_limited_greedy ranks groups by their best expert"),
+    ("DeepSeek-V3", "quantized checkpoints (fp8) are not supported; dequantize to bfloat16 first"),
+])
+def test_hub_configs(name: str, expect) -> None:
+    """The published config.json files (v4 keys: rope_theta, rope_scaling, torch_dtype) plan as documented."""
+    from megatron_capaware.checkpoints import ConversionError, plan_conversion
+
+    config = json.loads((HUB_CONFIGS / f"{name}.json").read_text())
+    if isinstance(expect, str):
+        with pytest.raises(ConversionError) as info:
+            plan_conversion(config)
+        assert expect in str(info.value)
+        return
+    args = plan_conversion(config).args
+    for key, value in expect.items():
+        assert getattr(args, key) == value, key
+    if name == "DeepSeek-V2-Lite":
+        assert args.mla["rope_type"] == "yarn" and args.mla["rotary_scaling_factor"] == 40.0
+        assert args.mla["mscale"] == args.mla["mscale_all_dim"] == 0.707 and args.moe_layer_freq[:2] == [0, 1]
+    if name.startswith("deepseek-moe"):
+        assert args.moe_layer_freq == [0] + [1] * 27
+
+
+def test_dequantized_deepseek_v3_config_plans() -> None:
+    from megatron_capaware.checkpoints import plan_conversion
+
+    config = json.loads((HUB_CONFIGS / "DeepSeek-V3.json").read_text())
+    config.pop("quantization_config")
+    plan = plan_conversion(config)
+    args = plan.args
+    assert (args.moe_router_score_function, args.moe_router_enable_expert_bias) == ("sigmoid", True)
+    assert (args.moe_router_num_groups, args.moe_router_group_topk) == (8, 4)
+    assert args.moe_router_topk_scaling_factor == 2.5 and args.moe_layer_freq[:4] == [0, 0, 0, 1]
+    # The multi-token-prediction layer 61 is skipped, not reported as unknown.
+    assert any(pattern.search("model.layers.61.eh_proj.weight") for pattern, _ in plan.skip)
