@@ -42,14 +42,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -200,10 +199,6 @@ class ConversionPlan:
 
     def hf_names(self) -> List[str]:
         return [p.hf_name for p in self.pieces]
-
-
-def _ranges(*spans: Tuple[int, int]) -> torch.Tensor:
-    return torch.cat([torch.arange(a, b) for a, b in spans])
 
 
 class _Builder:
@@ -501,7 +496,7 @@ def _deepseek_routing(cfg: HFConfig, family: str, topk: int, experts: int) -> Tu
     return out, notes
 
 
-def _mla_rope(cfg: HFConfig, family: str, rope_dim: int) -> Tuple[Dict[str, Any], float]:
+def _mla_rope(cfg: HFConfig, family: str) -> Tuple[Dict[str, Any], float]:
     theta, scaling = cfg.rope()
     if scaling is None:
         return dict(rope_type="rope", rotary_base=theta, rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0), theta
@@ -575,13 +570,14 @@ def _plan_deepseek(cfg: HFConfig) -> ConversionPlan:
         q_lora = cfg.get("q_lora_rank")
         kv_lora, nope, rope_dim, v_dim = (int(x) for x in cfg.require(
             "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
-        rope_cfg, theta = _mla_rope(cfg, family, rope_dim)
+        rope_cfg, theta = _mla_rope(cfg, family)
         mla = dict(q_lora_rank=int(q_lora) if q_lora else None, kv_lora_rank=kv_lora, qk_head_dim=nope,
                    qk_pos_emb_head_dim=rope_dim, v_head_dim=v_dim, **rope_cfg)
         if eps != 1e-6:
             b.notes.append(
                 f"rms_norm_eps={eps}: DeepSeek's q_a/kv_a latent norms use eps 1e-6, Megatron uses "
-                "rms_norm_eps for them (a difference below 1e-6 relative)"
+                f"rms_norm_eps for them too (a relative difference of about {abs(eps - 1e-6) / 2:.1e} "
+                "on unit-scale latents)"
             )
         interleaved = family == "deepseek_v2" or bool(cfg.get("rope_interleave", True))
     b.embeddings(s["vocab"], s["hidden"], tied)

@@ -18,7 +18,6 @@ Run with ``-s`` to see the measured figures.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
