@@ -19,6 +19,25 @@ import torch
 from megatron_capaware.cpu_shims import apply_cpu_shims, cuda_available
 
 
+# MLATransformerConfig fields that MoEModelArgs.mla may set (megatron-core 0.16 to 0.19).
+MLA_FIELDS = (
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_head_dim",
+    "qk_pos_emb_head_dim",
+    "v_head_dim",
+    "rope_type",
+    "rotary_base",
+    "rotary_percent",
+    "rotary_scaling_factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+)
+
+
 @dataclass
 class MoEModelArgs:
     """Architecture of a GPT-style MoE model (decoder only, rotary positions).
@@ -59,6 +78,21 @@ class MoEModelArgs:
     share_embeddings_and_output_weights: bool = True
     family: str = "gpt-moe"
     extra: Dict[str, Any] = field(default_factory=dict)
+    # Added for the Hugging Face conversions (megatron_capaware.checkpoints); the
+    # defaults are Megatron's own, so older capaware_model.json files load unchanged.
+    # Group-limited routing (DeepSeek n_group / topk_group).
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    # A per-expert bias added to the scores for the choice only (DeepSeek-V3
+    # e_score_correction_bias); a checkpoint buffer.
+    moe_router_enable_expert_bias: bool = False
+    # "head": Megatron's q/k norm over each head; "all_heads": one RMSNorm over all
+    # the (local) heads of q and of k together, OLMoE's q_norm/k_norm.
+    qk_norm_scope: str = "head"
+    # Multi-latent attention (DeepSeek-V2/V3): MLATransformerConfig fields
+    # (q_lora_rank, kv_lora_rank, qk_head_dim, qk_pos_emb_head_dim, v_head_dim,
+    # rope_type, rotary_base, rotary_scaling_factor, mscale, ...); None: standard attention.
+    mla: Optional[Dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,6 +140,31 @@ class MoEModelArgs:
                 raise ValueError("model args: dense layers need ffn_hidden_size")
         if self.activation not in ("silu", "gelu", "relu"):
             raise ValueError(f"model args: unsupported activation {self.activation!r}")
+        if (self.moe_router_num_groups is None) != (self.moe_router_group_topk is None):
+            raise ValueError(
+                "model args: moe_router_num_groups and moe_router_group_topk go together"
+            )
+        if self.moe_router_num_groups is not None:
+            groups, chosen = self.moe_router_num_groups, self.moe_router_group_topk
+            if groups <= 0 or self.num_moe_experts % groups or not 0 < chosen <= groups:
+                raise ValueError(
+                    f"model args: group-limited routing needs num_moe_experts "
+                    f"({self.num_moe_experts}) divisible by moe_router_num_groups ({groups}) "
+                    f"and 0 < moe_router_group_topk ({chosen}) <= moe_router_num_groups"
+                )
+        if self.qk_norm_scope not in ("head", "all_heads"):
+            raise ValueError(
+                f"model args: qk_norm_scope must be 'head' or 'all_heads', got {self.qk_norm_scope!r}"
+            )
+        if self.qk_norm_scope == "all_heads" and not self.qk_layernorm:
+            raise ValueError("model args: qk_norm_scope='all_heads' needs qk_layernorm=True")
+        if self.mla is not None:
+            unknown = sorted(set(self.mla) - set(MLA_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"model args: unknown multi-latent attention fields {unknown}; "
+                    f"known: {list(MLA_FIELDS)}"
+                )
 
     @property
     def moe_layer_numbers(self) -> List[int]:
@@ -162,7 +221,7 @@ def build_transformer_config(
     """
     if not cuda_available():
         apply_cpu_shims()
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     if dispatcher not in ("alltoall", "allgather", "flex"):
         raise ValueError(f"dispatcher must be alltoall, allgather or flex, got {dispatcher!r}")
@@ -182,6 +241,9 @@ def build_transformer_config(
         moe_router_score_function=args.moe_router_score_function,
         moe_router_pre_softmax=args.moe_router_pre_softmax,
         moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+        moe_router_num_groups=args.moe_router_num_groups,
+        moe_router_group_topk=args.moe_router_group_topk,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
         moe_router_load_balancing_type="aux_loss" if moe_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=moe_aux_loss_coeff,
         moe_token_dispatcher_type=dispatcher,
@@ -210,8 +272,12 @@ def build_transformer_config(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
     )
+    config_class = TransformerConfig
+    if args.mla is not None:
+        config_class = MLATransformerConfig
+        kwargs.update(multi_latent_attention=True, **args.mla)
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return config_class(**kwargs)
 
 
 def use_transformer_engine() -> bool:
@@ -248,6 +314,14 @@ def build_gpt_model(
     if use_te is None:
         use_te = use_transformer_engine()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
+    if args.qk_norm_scope == "all_heads":
+        from megatron_capaware.hf_layers import with_all_heads_qk_norm
+
+        spec = with_all_heads_qk_norm(spec)
+    if args.mla is not None and not use_te:
+        from megatron_capaware.hf_layers import with_local_mla
+
+        spec = with_local_mla(spec, q_lora=args.mla.get("q_lora_rank") is not None)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
