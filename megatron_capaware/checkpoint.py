@@ -160,6 +160,7 @@ def load_weights(
             )
     inner = _unwrap(model)
     sharded = {"model": inner.sharded_state_dict()}
+    align_keys_with_checkpoint(sharded, weights)
     try:
         state = dist_checkpointing.load(sharded, str(weights), strict=_strictness(strict))
     except Exception as err:  # Megatron raises several types; name the checkpoint
@@ -169,6 +170,44 @@ def load_weights(
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if strict and missing:
         raise CheckpointError(f"checkpoint {weights} lacks tensors the model needs: {missing[:8]}")
+
+
+# Megatron saves fused-norm weights under two names depending on the layer spec:
+# the local spec maps every layer's norms to Transformer Engine's fused names,
+# but the TE spec keeps an MoE layer's pre-MLP norm as a separate module. A
+# checkpoint written with one spec would then miss keys for the other.
+KEY_ALIASES = (
+    ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"),
+    ("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+)
+
+
+def align_keys_with_checkpoint(sharded: Any, weights_dir: Union[str, Path]) -> int:
+    """Rename the model's sharded tensors to the checkpoint's spelling of known aliases.
+
+    Returns:
+        How many keys were renamed (0 when model and checkpoint already agree).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    available = set(dist_checkpointing.load_tensors_metadata(str(weights_dir)).keys())
+    renamed = 0
+    for item in nested_values(sharded):
+        if not isinstance(item, ShardedTensor) or item.key in available:
+            continue
+        for a, b in KEY_ALIASES:
+            for old, new in ((a, b), (b, a)):
+                alternative = item.key.replace(old, new)
+                if old in item.key and alternative in available:
+                    item.key = alternative
+                    renamed += 1
+                    break
+            else:
+                continue
+            break
+    return renamed
 
 
 def _strictness(strict: bool) -> Any:

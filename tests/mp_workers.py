@@ -176,3 +176,35 @@ def gpt_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         out["roundtrip"] = fresh(ids, pos, attention_mask=None)
     parallel.destroy()
     return out
+
+
+def te_style_keys_worker(ckpt: str) -> Dict[str, Any]:
+    """Load a local-spec checkpoint into a model whose norms use TE-style separate keys."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_capaware.checkpoint import load_weights, save_checkpoint
+    from megatron_capaware.model_builder import MoEModelArgs, build_gpt_model, build_transformer_config
+
+    parallel.init_model_parallel(parallel.ParallelSizes())
+    parallel.set_seed(5)
+    args = MoEModelArgs(**TINY_GPT)
+    config = build_transformer_config(args)
+    saved = build_gpt_model(args, config)
+    save_checkpoint(saved, ckpt, args)
+    # The Transformer Engine spec keeps an MoE layer's pre-MLP norm as its own module
+    # (key "pre_mlp_layernorm.weight"); emulate that naming on CPU by dropping the map.
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    for layer_spec in block.layer_specs:
+        layer_spec.submodules.sharded_state_dict_keys_map = {}
+    te_style = GPTModel(config=config, transformer_layer_spec=block, vocab_size=args.vocab_size,
+                        max_sequence_length=args.max_sequence_length, share_embeddings_and_output_weights=True,
+                        position_embedding_type="rope", parallel_output=False).eval()
+    keys = [t.key for t in te_style.sharded_state_dict().values() if hasattr(t, "key")]
+    load_weights(te_style, ckpt, args)
+    ids = torch.randint(0, args.vocab_size, (1, 16))
+    pos = torch.arange(16).unsqueeze(0)
+    with torch.no_grad():
+        same = torch.equal(te_style(ids, pos, attention_mask=None), saved(ids, pos, attention_mask=None))
+    parallel.destroy()
+    return {"same_logits": same, "te_style_keys": keys}

@@ -37,3 +37,12 @@ def test_gpt_moe_with_swapped_routers_at_ep2(tmp_path, dispatcher: str) -> None:
         assert out["spec_built_router_types"] == ["CapawareRouter"]
         assert torch.equal(out["spec_built"], out["capacity-drop(gamma=1)"])
         assert torch.equal(out["roundtrip"], vanilla)
+
+
+def test_checkpoint_loads_across_norm_key_spellings(tmp_path) -> None:
+    """A local-spec checkpoint loads into a model with TE-style (separate) norm keys."""
+    from tests.mp_workers import te_style_keys_worker
+
+    out = run_distributed(te_style_keys_worker, 1, str(tmp_path / "ckpt"), timeout_s=300)[0]
+    assert any("pre_mlp_layernorm.weight" in k for k in out["te_style_keys"]), "test must use the other spelling"
+    assert out["same_logits"]
