@@ -91,3 +91,26 @@ def reference_greedy(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
                         "generated_text": tokenizer.detokenize(generated)})
     parallel.destroy()
     return out
+
+
+def spec_built_layer_numbers(_: Dict[str, Any]) -> Dict[str, Any]:
+    """Stats keys and router layer numbers of a GPT model built with capaware specs."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from megatron_capaware.adapters import capaware_spec, collect_stats
+    from megatron_capaware.config import CapawareConfig
+    from megatron_capaware.model_builder import MoEModelArgs, build_transformer_config
+
+    parallel.init_model_parallel(parallel.ParallelSizes())
+    parallel.set_seed(1)
+    args = MoEModelArgs(vocab_size=64, **TINY_MODEL)
+    config = build_transformer_config(args)
+    spec = capaware_spec(get_gpt_decoder_block_spec(config, use_transformer_engine=False),
+                         CapawareConfig("capacity-drop"))
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=64, max_sequence_length=32,
+                     position_embedding_type="rope").eval()
+    out = {"stats": sorted(collect_stats(model)),
+           "routers": [int(layer.mlp.router.layer_number) for layer in model.decoder.layers]}
+    parallel.destroy()
+    return out
