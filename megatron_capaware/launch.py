@@ -53,6 +53,7 @@ class LaunchSession:
         self._config: Any = None
         self._calibration: Any = None
         self.announced = False
+        self.installed_elsewhere = False
 
     # -- configuration -----------------------------------------------------
 
@@ -94,6 +95,10 @@ class LaunchSession:
     def _first_forward(self, layer: Any, inputs: Any) -> None:
         layer._capaware_launch_hook.remove()
         layer._capaware_launch_hook = None
+        if getattr(layer.router, "capaware_installed", False):
+            # The script (or a capaware spec) installed the routers itself: leave them.
+            self.installed_elsewhere = True
+            return
         if not self.wanted():
             return
         from megatron_capaware.adapters.swap import install_in_layer
@@ -149,7 +154,7 @@ class LaunchSession:
         self.reported = True
         if not self.layers:
             cfg = self.config()
-            if cfg is not None and cfg.router_type != "topk":
+            if cfg is not None and cfg.router_type != "topk" and not self.installed_elsewhere:
                 megatron_lm.print_rank0(
                     f"megatron-capaware: warning: --moe-router-type {cfg.router_type} was given "
                     "but no MoE layer ran a forward pass"

@@ -232,3 +232,15 @@ def test_default_checkpoint_is_the_reference_model_when_installed(tiny_ckpt, mon
     assert generate.default_checkpoint() == str(tiny_ckpt)
     fake.REFERENCE_MODEL_DIR = tiny_ckpt / "not-there"
     assert generate.default_checkpoint() is None
+
+
+def test_example_script_and_launcher_leave_a_scripts_own_routers_alone(tiny_ckpt) -> None:
+    """examples/generate_text.py installs the routers itself; launched, it is not done twice."""
+    result = run_cli([sys.executable, "-m", "megatron_capaware.launch", "examples/generate_text.py",
+                      "--load", str(tiny_ckpt), "--moe-router-type", "capacity-drop", "--capaware-gamma", "1.0",
+                      "--prompts", "To be", "--num-tokens-to-generate", "4"])
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    assert re.search(r"^'To be' -> '.+'$", out, re.M), out[-3000:]
+    assert out.count("megatron-capaware load stats: router capacity-drop(gamma=1), EP=1") == 1
+    assert "megatron-capaware: routing with" not in out and "warning" not in out
