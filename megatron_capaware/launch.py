@@ -37,7 +37,7 @@ import os
 import runpy
 import sys
 import weakref
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from megatron_capaware import megatron_lm
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import types
 import typing
@@ -16,7 +15,7 @@ from megatron_capaware import megatron_lm
 from megatron_capaware.model_builder import MoEModelArgs
 from megatron_capaware.testing import run_distributed
 from tests.cli_workers import EOT, TEXT, make_tiny_checkpoint, train_tokenizer
-from tests.megatron_training_support import HAVE_MEGATRON_TRAINING, ROOT, needs_megatron_training, run_cli
+from tests.megatron_training_support import HAVE_MEGATRON_TRAINING, needs_megatron_training, run_cli
 
 
 def write_model_args(root: Path, **changes) -> Path:
