@@ -98,8 +98,10 @@ class CapawareRouter(TopKRouter):
         capaware_stats: a :class:`LayerRoutingStats` or None.
     """
 
-    def __init__(self, config: Any, pg_collection: Any = None, *, capaware: Optional[CapawareConfig] = None):
-        super().__init__(config=config, pg_collection=pg_collection)
+    def __init__(self, config: Any, pg_collection: Any = None, *, capaware: Optional[CapawareConfig] = None,
+                 **kwargs: Any):
+        # kwargs: what newer MoELayers pass on (0.19: is_mtp_layer).
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         self.capaware_setup(capaware or CapawareConfig())
 
     def capaware_setup(self, capaware: CapawareConfig) -> None:

@@ -33,6 +33,12 @@ class CapawareMoELayer(MoELayer):
         super().__init__(*args, **kwargs)
         self.capaware_stats = install_in_layer(self, capaware or CapawareConfig())
 
+    def set_layer_number(self, layer_number: int) -> None:
+        """Megatron numbers MoE layers after building them: keep the stats recorder's in step."""
+        super().set_layer_number(layer_number)
+        if self.capaware_stats is not None:
+            self.capaware_stats.layer_number = int(layer_number)
+
 
 def _router_builder(capaware: CapawareConfig) -> Any:
     return functools.partial(CapawareRouter, capaware=capaware)

@@ -1,0 +1,483 @@
+"""Megatron-style command-line flags for the capaware routers.
+
+:func:`add_capaware_args` adds ``--moe-router-type`` and the ``--capaware-*``
+knobs to an ``argparse`` parser and returns it, like Megatron's own argument
+providers, so it can be Megatron's ``extra_args_provider`` or be called inside
+one::
+
+    from megatron.training.arguments import parse_and_validate_args
+    from megatron_capaware.arguments import add_capaware_args, config_from_args
+
+    parse_and_validate_args(extra_args_provider=add_capaware_args)
+    cfg = config_from_args(get_args())          # a CapawareConfig
+
+It also checks the flags, and the flags against Megatron's own, when the
+parser parses: a bad value or a contradiction ends the run at parse time with
+``error: ...`` and exit status 2, before Megatron initialises anything.
+
+What wins between Megatron's flags and these (see ``docs/megatron_lm.md``):
+
+* ``--moe-router-type topk`` (the default) is Megatron's routing unchanged,
+  including Megatron's own capacity dropping (``--moe-expert-capacity-factor``,
+  ``--moe-token-drop-policy``, ``--moe-pad-expert-input-to-capacity``).
+* Any other router type replaces Megatron's capacity logic: combining it with
+  ``--moe-expert-capacity-factor`` or ``--moe-pad-expert-input-to-capacity`` is
+  an error (use ``--capaware-gamma``).
+* ``--moe-token-drop-policy`` is honoured as the default of
+  ``--capaware-drop-policy`` (``probs`` -> ``score``, ``position`` ->
+  ``position``); giving both with different meanings is an error.
+
+This module imports no Megatron: it works with any ``argparse`` parser (the
+Megatron checks apply to the Megatron flags the parsed namespace holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Any, Callable, Dict, List, Optional
+
+from megatron_capaware.config import (
+    DROP_POLICIES,
+    REROUTE_POLICIES,
+    ROUTER_TYPES,
+    SCOPES,
+    CapawareConfig,
+    CapawareConfigError,
+)
+
+GROUP_TITLE = "capaware routing (megatron-capaware)"
+_MARK = "_capaware_args_added"
+_RESOLVED = "_capaware_resolved"
+
+#: Documented defaults of the flags whose argparse default is None (so that
+#: an explicit value can be told from the default when checking combinations).
+DEFAULTS: Dict[str, Any] = {
+    "capaware_gamma": 1.25,
+    "capaware_drop_policy": "score",
+    "capaware_renormalize": False,
+    "capaware_scope": "global",
+    "capaware_reroute_rounds": 1,
+    "capaware_reroute_policy": "score",
+    "capaware_reroute_min_ratio": 0.0,
+    "capaware_laser_eps_high": 0.6,
+    "capaware_laser_t_fix": 0.5,
+    "capaware_laser_pool": None,  # 2 x top-k
+    "capaware_laser_calibration": None,
+    "capaware_laser_waves": 8,
+    "capaware_laser_rounds": 1,
+    "capaware_seed": 0,
+}
+
+#: Which router types read each knob (a knob given with another router type is an error).
+KNOB_ROUTERS: Dict[str, tuple] = {
+    "capaware_gamma": ("capacity-drop", "capacity-reroute", "expanded-drop"),
+    "capaware_drop_policy": ("capacity-drop", "capacity-reroute"),
+    "capaware_renormalize": ("capacity-drop", "capacity-reroute", "expanded-drop", "laser"),
+    "capaware_scope": ("capacity-drop", "capacity-reroute", "expanded-drop", "laser"),
+    "capaware_reroute_rounds": ("capacity-reroute",),
+    "capaware_reroute_policy": ("capacity-reroute",),
+    "capaware_reroute_min_ratio": ("capacity-reroute",),
+    "capaware_laser_eps_high": ("laser",),
+    "capaware_laser_t_fix": ("laser",),
+    "capaware_laser_pool": ("laser",),
+    "capaware_laser_calibration": ("laser",),
+    "capaware_laser_waves": ("laser",),
+    "capaware_laser_rounds": ("laser",),
+    "capaware_seed": ("capacity-drop", "capacity-reroute"),
+}
+
+#: Megatron's --moe-token-drop-policy values and the capaware policy each means.
+MEGATRON_DROP_POLICY = {"probs": "score", "position": "position"}
+
+
+def flag(dest: str) -> str:
+    """``capaware_laser_t_fix`` -> ``--capaware-laser-t-fix``."""
+    return "--" + dest.replace("_", "-")
+
+
+# --- value types: argparse reports their errors as "argument --x: invalid ..." ---
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if math.isnan(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0.0 <= value < math.inf):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
+    return value
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be an integer >= {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"file {text!r} does not exist")
+    return text
+
+
+def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--moe-router-type`` and the ``--capaware-*`` flags; returns ``parser``.
+
+    Usable as Megatron's ``extra_args_provider`` or inside one. Idempotent:
+    a parser that already has the flags is returned unchanged. After parsing,
+    the flags are resolved (documented defaults filled in, Megatron's
+    ``--moe-token-drop-policy`` honoured) and checked; an invalid value or
+    combination ends the run with ``error: ...`` (exit status 2).
+    """
+    if getattr(parser, _MARK, False):
+        return parser
+    existing = {opt for action in parser._actions for opt in action.option_strings}
+    mine = ["--moe-router-type"] + [flag(d) for d in DEFAULTS] + ["--capaware-stats-output"]
+    clash = sorted(set(mine) & existing)
+    if clash:
+        raise argparse.ArgumentError(
+            None,
+            f"megatron-capaware cannot add {', '.join(clash)}: this parser already defines them "
+            "(a newer Megatron with flags of the same name?)",
+        )
+    group = parser.add_argument_group(
+        title=GROUP_TITLE,
+        description="Inference-time MoE routers of megatron-capaware (see docs/megatron_lm.md). "
+        "Loads and capacities are counted per MoE layer and per forward call, over the whole "
+        "expert-parallel group unless --capaware-scope local.",
+    )
+    group.add_argument(
+        "--moe-router-type", choices=ROUTER_TYPES, default="topk",
+        help="MoE routing decision at inference. topk: Megatron's own routing, unchanged "
+        "(also keeps Megatron's --moe-expert-capacity-factor dropping); capacity-drop: each "
+        "expert keeps at most C = ceil(gamma x T x k / E) assignments, its highest-scoring "
+        "ones; capacity-reroute: overflow goes to experts with spare capacity; expanded-drop: "
+        "top-k plus the token's own EP rank's experts, then the capacity rule; laser: top-k "
+        "for confident tokens, the least-loaded good-enough experts for the others. "
+        "Default: topk.",
+    )
+    group.add_argument(
+        "--capaware-gamma", type=_positive_float, default=None, metavar="GAMMA",
+        help="Capacity factor gamma > 0 of capacity-drop, capacity-reroute and expanded-drop: "
+        "an expert processes at most C = ceil(gamma x T x k / E) assignments per layer and "
+        "forward call (T tokens, k = --moe-router-topk, E = --num-experts); 1.0 caps every "
+        "expert at the mean load. Replaces Megatron's --moe-expert-capacity-factor. "
+        f"Default: {DEFAULTS['capaware_gamma']}.",
+    )
+    group.add_argument(
+        "--capaware-drop-policy", choices=DROP_POLICIES, default=None,
+        help="Which assignments an overloaded expert keeps (capacity-drop, capacity-reroute): "
+        "score (highest router score), position (earliest tokens), random (seeded by "
+        "--capaware-seed). Default: follows Megatron's --moe-token-drop-policy (probs -> "
+        "score, position -> position), i.e. score.",
+    )
+    group.add_argument(
+        "--capaware-renormalize", action="store_true", default=None,
+        help="Rescale each token's surviving expert weights to sum to 1 after drops or "
+        "reroutes. Default: off (kept weights equal vanilla top-k's exactly).",
+    )
+    group.add_argument(
+        "--capaware-scope", choices=SCOPES, default=None,
+        help="global: loads and capacity over the whole expert-parallel group (exact: no "
+        "expert receives more than C after dispatch); local: each rank's own tokens, the "
+        "papers' and Megatron's per-rank semantics. Default: global.",
+    )
+    group.add_argument(
+        "--capaware-reroute-rounds", type=_int_at_least(0), default=None, metavar="N",
+        help="capacity-reroute: rounds of rerouting dropped assignments to experts with spare "
+        "capacity; what is still unplaced is dropped (0 = capacity-drop). Default: 1.",
+    )
+    group.add_argument(
+        "--capaware-reroute-policy", choices=REROUTE_POLICIES, default=None,
+        help="capacity-reroute: order in which a dropped assignment tries other experts: "
+        "score (router score, descending; the paper's) or load (least loaded first). "
+        "Default: score.",
+    )
+    group.add_argument(
+        "--capaware-reroute-min-ratio", type=_nonnegative_float, default=None, metavar="RHO",
+        help="capacity-reroute quality guard: reroute only to an expert whose score is at "
+        "least RHO x the dropped assignment's score (a ratio, >= 0; 0 = always reroute). "
+        "Default: 0.",
+    )
+    group.add_argument(
+        "--capaware-laser-eps-high", type=_nonnegative_float, default=None, metavar="EPS",
+        help="laser: a token whose top-k score mass is >= EPS keeps its top-k (a probability "
+        "mass in [0, 1] for softmax routers, [0, k] for sigmoid; 0 = always top-k). Same for "
+        "every layer unless --capaware-laser-calibration. Default: 0.6.",
+    )
+    group.add_argument(
+        "--capaware-laser-t-fix", type=_unit_float, default=None, metavar="T",
+        help="laser: a flexible token's candidate pool holds the experts scoring >= T x its "
+        "best score (a ratio in (0, 1]). Default: 0.5.",
+    )
+    group.add_argument(
+        "--capaware-laser-pool", type=_int_at_least(1), default=None, metavar="C",
+        help="laser: at most C candidate experts per flexible token (an expert count >= "
+        "--moe-router-topk; C = k reproduces top-k). Default: 2 x --moe-router-topk.",
+    )
+    group.add_argument(
+        "--capaware-laser-calibration", type=_existing_file, default=None, metavar="FILE",
+        help="laser: per-layer eps_high / t_fix / pool from a calibration file written by "
+        "capaware-calibrate (JSON); replaces --capaware-laser-eps-high/-t-fix/-pool. "
+        "Default: none.",
+    )
+    group.add_argument(
+        "--capaware-laser-waves", type=_int_at_least(1), default=None, metavar="N",
+        help="laser: flexible tokens are placed in N waves, loads updated between waves "
+        "(more = closer to one-at-a-time placement, slower). Default: 8.",
+    )
+    group.add_argument(
+        "--capaware-laser-rounds", type=_int_at_least(0), default=None, metavar="N",
+        help="laser: repair rounds after the waves. Default: 1.",
+    )
+    group.add_argument(
+        "--capaware-seed", type=_int_at_least(0), default=None, metavar="SEED",
+        help="Seed of --capaware-drop-policy random (independent of Megatron's --seed). "
+        "Default: 0.",
+    )
+    group.add_argument(
+        "--capaware-stats-output", type=str, default=None, metavar="PATH",
+        help="Write per-layer expert-load statistics (imbalance max/mean load per expert and "
+        "per EP rank, dropped and rerouted fractions, over every forward call) as JSON to "
+        "PATH at the end of the run (rank 0 writes). Works with every router type, topk "
+        "included. Default: not written.",
+    )
+    _install_validation(parser)
+    setattr(parser, _MARK, True)
+    return parser
+
+
+def with_capaware_args(provider: Optional[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    """An ``extra_args_provider`` that runs ``provider`` (may be None), then adds ours."""
+
+    def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        if provider is not None:
+            parser = provider(parser)
+        return add_capaware_args(parser)
+
+    extra_args_provider.capaware_wrapped = provider  # type: ignore[attr-defined]
+    return extra_args_provider
+
+
+def _install_validation(parser: argparse.ArgumentParser) -> None:
+    """Check the parsed flags right after parsing (``parse_args`` goes through this)."""
+    original = parser.parse_known_args
+
+    def parse_known_args(args: Optional[List[str]] = None, namespace: Any = None):
+        namespace, extras = original(args, namespace)
+        try:
+            resolve_args(namespace)
+        except CapawareConfigError as err:
+            parser.exit(2, f"{parser.prog}: error: {err}\n")
+        return namespace, extras
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def resolve_args(args: Any) -> Any:
+    """Fill in the documented defaults and check the flags against each other and Megatron's.
+
+    Idempotent; called by the parser after parsing. Returns ``args``.
+
+    Raises:
+        CapawareConfigError: naming the flags and the fix.
+    """
+    if getattr(args, _RESOLVED, False):
+        return args
+    router = getattr(args, "moe_router_type", "topk") or "topk"
+    if router not in ROUTER_TYPES:
+        raise CapawareConfigError(
+            f"--moe-router-type {router!r} is unknown; choose from {', '.join(ROUTER_TYPES)}"
+        )
+    given = {d for d in DEFAULTS if getattr(args, d, None) is not None}
+    _check_knobs_apply(router, given)
+    _check_megatron(args, router, given)
+    drop = _effective_drop_policy(args)
+    cfg = config_from_args(args)  # the dataclass's own checks (ranges, calibration file)
+    num_experts = getattr(args, "num_experts", None)
+    if num_experts:
+        cfg.validate(
+            num_experts=num_experts,
+            topk=getattr(args, "moe_router_topk", None),
+            score_function=getattr(args, "moe_router_score_function", "softmax") or "softmax",
+        )
+    for dest, default in DEFAULTS.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, default)
+    args.capaware_drop_policy = drop
+    args.capaware_renormalize = bool(args.capaware_renormalize)
+    if not hasattr(args, "capaware_stats_output"):
+        args.capaware_stats_output = None
+    setattr(args, _RESOLVED, True)
+    return args
+
+
+def _effective_drop_policy(args: Any) -> str:
+    """``--capaware-drop-policy``, else the meaning of Megatron's ``--moe-token-drop-policy``."""
+    drop = getattr(args, "capaware_drop_policy", None)
+    if drop is None:
+        drop = MEGATRON_DROP_POLICY.get(getattr(args, "moe_token_drop_policy", None) or "probs", "score")
+    return drop
+
+
+def _check_knobs_apply(router: str, given: set) -> None:
+    for dest in sorted(given):
+        users = KNOB_ROUTERS[dest]
+        if router not in users:
+            raise CapawareConfigError(
+                f"{flag(dest)} has no effect with --moe-router-type {router}; it applies to "
+                f"--moe-router-type {' / '.join(users)}. Remove it or choose one of those routers"
+            )
+
+
+def _check_megatron(args: Any, router: str, given: set) -> None:
+    """Contradictions with Megatron's own flags (absent flags are skipped)."""
+    name = f"--moe-router-type {router}"
+    if "capaware_seed" in given and _effective_drop_policy(args) != "random":
+        raise CapawareConfigError(
+            "--capaware-seed only seeds --capaware-drop-policy random; remove it or use that policy"
+        )
+    if "capaware_laser_calibration" in given:
+        both = sorted(flag(d) for d in ("capaware_laser_eps_high", "capaware_laser_t_fix", "capaware_laser_pool") if d in given)
+        if both:
+            raise CapawareConfigError(
+                f"--capaware-laser-calibration sets eps_high, t_fix and pool for every layer; "
+                f"{', '.join(both)} would be ignored. Give either the calibration file or the flags"
+            )
+    megatron_policy = getattr(args, "moe_token_drop_policy", None)
+    mine = getattr(args, "capaware_drop_policy", None)
+    if router == "topk":
+        return  # Megatron's routing, Megatron's flags: nothing to reconcile
+    capacity = getattr(args, "moe_expert_capacity_factor", None)
+    if capacity is not None and capacity >= 0:  # Megatron treats a negative factor as unset
+        raise CapawareConfigError(
+            f"{name} cannot be combined with Megatron's --moe-expert-capacity-factor {capacity:g}: "
+            "both limit expert load and Megatron's runs on each rank's local tokens after the "
+            "capaware decision. Use --capaware-gamma for the capacity factor (unset "
+            "--moe-expert-capacity-factor), or --moe-router-type topk to keep Megatron's dropping"
+        )
+    if getattr(args, "moe_pad_expert_input_to_capacity", False):
+        raise CapawareConfigError(
+            f"{name} cannot be combined with --moe-pad-expert-input-to-capacity (Megatron's padded "
+            "capacity path); unset it"
+        )
+    if megatron_policy == "position" and mine is not None and mine != "position":
+        raise CapawareConfigError(
+            f"--moe-token-drop-policy position and --capaware-drop-policy {mine} contradict each "
+            f"other; with {name} the capaware policy decides. Give one of them"
+        )
+    if megatron_policy == "position" and router not in KNOB_ROUTERS["capaware_drop_policy"]:
+        raise CapawareConfigError(
+            f"--moe-token-drop-policy position has no effect with {name}; it applies to "
+            "--moe-router-type capacity-drop / capacity-reroute (or Megatron's own topk dropping)"
+        )
+    balancing = getattr(args, "moe_router_load_balancing_type", None)
+    types = [balancing] if isinstance(balancing, str) else list(balancing or [])
+    for bad in ("sinkhorn", "quantile_balancing"):
+        if bad in types:
+            raise CapawareConfigError(
+                f"{name} cannot be combined with --moe-router-load-balancing-type {bad}, which "
+                "replaces top-k routing itself; use aux_loss, seq_aux_loss, global_aux_loss or none"
+            )
+    dispatcher = getattr(args, "moe_token_dispatcher_type", None)
+    if dispatcher is not None and dispatcher not in ("alltoall", "allgather"):
+        raise CapawareConfigError(
+            f"{name} supports --moe-token-dispatcher-type alltoall and allgather (dropped "
+            f"assignments must not be sent); got {dispatcher}"
+        )
+    if (getattr(args, "context_parallel_size", 1) or 1) > 1:
+        raise CapawareConfigError(f"{name} does not support context parallelism (--context-parallel-size > 1)")
+    if getattr(args, "moe_enable_routing_replay", False):
+        raise CapawareConfigError(f"{name} cannot be combined with --moe-enable-routing-replay")
+    if getattr(args, "transformer_impl", None) == "inference_optimized":
+        raise CapawareConfigError(
+            f"{name} replaces Megatron's TopKRouter, which --transformer-impl inference_optimized "
+            "does not use; use --transformer-impl transformer_engine or local"
+        )
+    if router == "expanded-drop" and (getattr(args, "tensor_model_parallel_size", 1) or 1) > 1 and not getattr(
+        args, "sequence_parallel", False
+    ):
+        raise CapawareConfigError(
+            "--moe-router-type expanded-drop with --tensor-model-parallel-size > 1 needs "
+            "--sequence-parallel: without it the TP ranks hold copies of the same tokens on "
+            "different EP ranks, whose local experts differ"
+        )
+    if router == "laser":
+        if getattr(args, "moe_router_num_groups", None) or getattr(args, "moe_router_group_topk", None):
+            raise CapawareConfigError(
+                "--moe-router-type laser does not support group-limited routing "
+                "(--moe-router-num-groups / --moe-router-group-topk); use a capacity router"
+            )
+        if getattr(args, "moe_router_enable_expert_bias", False):
+            raise CapawareConfigError(
+                "--moe-router-type laser does not support --moe-router-enable-expert-bias: its "
+                "confident tokens must take the model's own top-k; use a capacity router"
+            )
+
+
+def config_from_args(args: Any) -> CapawareConfig:
+    """The :class:`CapawareConfig` the parsed flags describe.
+
+    Accepts a namespace from a parser with :func:`add_capaware_args` (resolved
+    or not: unset knobs take their documented defaults).
+
+    Raises:
+        CapawareConfigError: invalid values.
+    """
+
+    def get(dest: str) -> Any:
+        value = getattr(args, dest, None)
+        return DEFAULTS[dest] if value is None else value
+
+    return CapawareConfig(
+        router_type=getattr(args, "moe_router_type", None) or "topk",
+        gamma=float(get("capaware_gamma")),
+        drop_policy=_effective_drop_policy(args),
+        renormalize=bool(get("capaware_renormalize")),
+        scope=get("capaware_scope"),
+        reroute_rounds=int(get("capaware_reroute_rounds")),
+        reroute_policy=get("capaware_reroute_policy"),
+        reroute_min_ratio=float(get("capaware_reroute_min_ratio")),
+        laser_eps_high=float(get("capaware_laser_eps_high")),
+        laser_t_fix=float(get("capaware_laser_t_fix")),
+        laser_pool=get("capaware_laser_pool"),
+        laser_waves=int(get("capaware_laser_waves")),
+        laser_rounds=int(get("capaware_laser_rounds")),
+        laser_calibration=get("capaware_laser_calibration"),
+        seed=int(get("capaware_seed")),
+    )
+
+
+def stats_requested(args: Any) -> bool:
+    """Whether the run asked for the per-layer load statistics file."""
+    return bool(getattr(args, "capaware_stats_output", None))

@@ -1,0 +1,187 @@
+"""Glue to megatron.training: checkpoint-derived flags, tokenizer, errors without it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_capaware import megatron_lm
+from megatron_capaware.model_builder import MoEModelArgs
+from megatron_capaware.testing import run_distributed
+from tests.cli_workers import EOT, TEXT, make_tiny_checkpoint, train_tokenizer
+from tests.megatron_training_support import HAVE_MEGATRON_TRAINING, needs_megatron_training, run_cli
+
+
+def write_model_args(root: Path, **changes) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    fields = dict(num_layers=4, hidden_size=128, num_attention_heads=8, num_moe_experts=16, moe_router_topk=4,
+                  moe_ffn_hidden_size=64, vocab_size=1000, max_sequence_length=256)
+    fields.update(changes)
+    MoEModelArgs(**fields).save(root / "capaware_model.json")
+    return root
+
+
+def test_checkpoint_defaults_map_the_architecture_onto_megatron_flags(tmp_path) -> None:
+    root = write_model_args(tmp_path / "a", num_query_groups=2, kv_channels=16, moe_layer_freq=[0, 1, 1, 1],
+                            ffn_hidden_size=512, share_embeddings_and_output_weights=False,
+                            moe_shared_expert_intermediate_size=64, layernorm_epsilon=1e-6, rotary_base=500000.0)
+    d = megatron_lm.checkpoint_defaults(str(root))
+    assert d["num_layers"] == 4 and d["hidden_size"] == 128 and d["num_attention_heads"] == 8
+    assert d["num_experts"] == 16 and d["moe_router_topk"] == 4 and d["moe_ffn_hidden_size"] == 64
+    assert d["ffn_hidden_size"] == 512 and d["padded_vocab_size"] == 1000
+    assert d["max_position_embeddings"] == 256 and d["seq_length"] == 256
+    assert d["group_query_attention"] is True and d["num_query_groups"] == 2 and d["kv_channels"] == 16
+    assert d["moe_layer_freq"] == [0, 1, 1, 1] and d["moe_shared_expert_intermediate_size"] == 64
+    assert d["untie_embeddings_and_output_weights"] is True and d["swiglu"] is True
+    assert d["normalization"] == "RMSNorm" and d["norm_epsilon"] == 1e-6 and d["rotary_base"] == 500000
+    assert d["add_bias_linear"] is False and d["position_embedding_type"] == "rope"
+    assert "bf16" not in d  # no weights to read a dtype from
+    plain = megatron_lm.checkpoint_defaults(str(write_model_args(tmp_path / "b", gated_linear_unit=False,
+                                                                  activation="gelu")))
+    assert plain["swiglu"] is False and plain["ffn_hidden_size"] == 64 and "num_query_groups" not in plain
+    with pytest.raises(ValueError, match="no Megatron-LM flag"):
+        megatron_lm.checkpoint_defaults(str(write_model_args(tmp_path / "c", activation="relu")))
+
+
+def test_checkpoint_defaults_become_parser_defaults_the_command_line_overrides(tmp_path) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num-layers", type=int, default=None)
+    parser.add_argument("--swiglu", action="store_true")
+    applied = megatron_lm.set_parser_defaults(parser, megatron_lm.checkpoint_defaults(str(write_model_args(tmp_path))))
+    assert set(applied) == {"num_layers", "swiglu"}  # unknown destinations are left out
+    assert parser.parse_args([]).num_layers == 4
+    assert parser.parse_args(["--num-layers", "2"]).num_layers == 2
+    assert "--num-layers 4" in megatron_lm.describe_defaults(applied) and "--swiglu" in megatron_lm.describe_defaults(applied)
+
+
+def test_peek_flag() -> None:
+    argv = ["--load", "a", "--x", "--load=b", "--loader", "c"]
+    assert megatron_lm.peek_flag(argv, "--load") == "b"
+    assert megatron_lm.peek_flag(["--load", "a"], "--load") == "a"
+    assert megatron_lm.peek_flag(["--x"], "--load") is None
+
+
+def test_tokenizer_has_megatrons_interface(tmp_path) -> None:
+    train_tokenizer(tmp_path / "tok")
+    tok = megatron_lm.CapawareTokenizer.from_file(tmp_path / "tok")
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    assert tok.vocab_size == raw.get_vocab_size()
+    assert tok.eod == raw.token_to_id(EOT) and tok.eos == tok.eod and tok.bos is None
+    ids = tok.tokenize(TEXT[0])
+    assert ids == raw.encode(TEXT[0]).ids and tok.detokenize(ids) == TEXT[0]
+    assert tok.detokenize(ids + [tok.eod]) == TEXT[0]  # special tokens skipped
+    offsets = tok.offsets(ids, TEXT[0])
+    assert offsets[0] == 0 and offsets == sorted(offsets) and len(offsets) == len(ids)
+    pieces = [TEXT[0][a:b] for a, b in zip(offsets, offsets[1:] + [len(TEXT[0])])]
+    assert "".join(pieces) == TEXT[0]
+    with pytest.raises(FileNotFoundError):
+        megatron_lm.CapawareTokenizer.from_file(tmp_path / "missing")
+
+
+def test_the_checkpoint_tokenizer_is_used_only_when_none_is_named(tmp_path) -> None:
+    root = write_model_args(tmp_path / "ckpt")
+    train_tokenizer(root / "tokenizer")
+    ns = argparse.Namespace
+    assert megatron_lm.checkpoint_tokenizer_for(ns(load=str(root), tokenizer_type=None, tokenizer_model=None)) == (
+        root / "tokenizer" / "tokenizer.json")
+    assert megatron_lm.checkpoint_tokenizer_for(ns(load=str(root), tokenizer_type="GPT2BPETokenizer",
+                                                   tokenizer_model=None)) is None
+    assert megatron_lm.checkpoint_tokenizer_for(ns(load=str(root), tokenizer_type=None, tokenizer_model="x")) is None
+    assert megatron_lm.checkpoint_tokenizer_for(ns(load=str(tmp_path), tokenizer_type=None, tokenizer_model=None)) is None
+    # The hook Megatron's build_tokenizer goes through.
+    seen = []
+    build = megatron_lm._tokenizer_builder(lambda args: seen.append(args) or "megatron's")
+    args = ns(load=str(root), tokenizer_type=None, tokenizer_model=None, padded_vocab_size=None, rank=1)
+    assert isinstance(build(args), megatron_lm.CapawareTokenizer) and args.padded_vocab_size > 0 and not seen
+    assert build(ns(load=None, tokenizer_type="X", tokenizer_model=None)) == "megatron's"
+
+
+def test_replace_function_rebinds_imported_names() -> None:
+    holder = types.ModuleType("capaware_test_holder")
+    user = types.ModuleType("capaware_test_user")
+
+    def original():
+        return 1
+
+    holder.fn = original
+    user.fn = original  # as "from holder import fn" leaves it
+    sys.modules[holder.__name__], sys.modules[user.__name__] = holder, user
+    try:
+        back = megatron_lm.replace_function(holder, "fn", lambda: 2)
+        assert back is original and holder.fn() == 2 and user.fn() == 2
+    finally:
+        del sys.modules[holder.__name__], sys.modules[user.__name__]
+
+
+def test_python_compat_provides_typing_override() -> None:
+    megatron_lm.ensure_python_compat()
+
+    @typing.override
+    def method():
+        return 3
+
+    assert method() == 3
+
+
+def test_bf16_weights_are_detected(tmp_path) -> None:
+    root = tmp_path / "bf16"
+    run_distributed(make_tiny_checkpoint, 1, {"ckpt": str(root), "bf16": True}, timeout_s=240)
+    assert megatron_lm.checkpoint_dtype(str(root)) == torch.bfloat16
+    defaults = megatron_lm.checkpoint_defaults(str(root))
+    assert defaults["bf16"] is True and "fp16" not in defaults
+    assert megatron_lm.checkpoint_dtype(str(tmp_path / "nothing")) is None
+
+
+# --------------------------------------------------------------------------- with / without megatron.training
+
+
+@pytest.mark.skipif(HAVE_MEGATRON_TRAINING, reason="megatron.training is importable here (0.19.2): "
+                    "this checks the message of an install without it (0.16.1)")
+@pytest.mark.parametrize("command", [
+    ["-m", "megatron_capaware.generate", "--prompts", "x"],
+    ["-m", "megatron_capaware.launch", "examples/megatron_style_static_inference.py", "--moe-router-type", "laser"],
+])
+def test_without_megatron_training_the_clis_say_how_to_get_it(command) -> None:
+    result = run_cli([sys.executable, *command], timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "megatron.training is not importable" in result.stderr
+    assert "megatron-core==0.19.2" in result.stderr and "is installed" in result.stderr
+    with pytest.raises(megatron_lm.MegatronTrainingUnavailable, match="megatron-core 0.19.2 wheel"):
+        megatron_lm.import_megatron_training()
+
+
+class TestWithMegatronTraining:
+    pytestmark = needs_megatron_training
+
+    def test_import_and_prebuilt_dataset_helpers(self) -> None:
+        training = megatron_lm.import_megatron_training()
+        assert training.__name__ == "megatron.training"
+        from megatron.core.datasets import utils
+
+        if not (Path(utils.__file__).parent / "Makefile").exists():
+            assert getattr(utils.compile_helpers, "capaware_prebuilt", False)
+            utils.compile_helpers()  # a no-op, not `make`
+        assert megatron_lm.megatron_training_available() == (True, "")
+
+    def test_megatron_parser_takes_the_checkpoint_defaults(self, tmp_path, monkeypatch) -> None:
+        megatron_lm.import_megatron_training()
+        from megatron.training.arguments import parse_args
+
+        root = write_model_args(tmp_path / "ckpt", num_query_groups=4)
+        monkeypatch.setattr(sys, "argv", ["x", "--load", str(root), "--hidden-size", "256",
+                                          "--moe-router-type", "laser"])
+        args = parse_args(extra_args_provider=megatron_lm.extra_args_provider(None))
+        assert (args.num_layers, args.num_experts, args.moe_router_topk, args.padded_vocab_size) == (4, 16, 4, 1000)
+        assert args.hidden_size == 256  # the command line wins
+        assert args.swiglu and args.group_query_attention and args.num_query_groups == 4
+        assert args.moe_router_type == "laser" and args.moe_router_dtype == "fp32"
+        if not torch.cuda.is_available():
+            assert args.distributed_backend == "gloo" and args.transformer_impl == "local"
