@@ -144,7 +144,9 @@ def calibrate_layer(
     """
     from megatron_capaware import policies
 
-    mass = torch.cat([c.topk(k, dim=1).values.sum(1) for c in calls]).double()
+    from megatron_capaware.policies.laser import topk_mass
+
+    mass = torch.cat([topk_mass(c.topk(k, dim=1).values) for c in calls])  # M_k as the router computes it
     top_maps = [policies.topk(c, k)[1] for c in calls]
     i_topk = _mean_imbalance(top_maps)
     target = max(1.0, i_topk / target_reduction)
