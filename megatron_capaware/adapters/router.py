@@ -155,6 +155,12 @@ class CapawareRouter(TopKRouter):
         vanilla_top, indices, scores = self._vanilla_topk(logits)  # [T, k], [T, k], [T, E]
         if self.capaware_score_hook is not None:
             self.capaware_score_hook(scores)
+        if capaware.check_scores:
+            # Over the load group (whatever the scope: the dispatch spans it), so a
+            # NaN on one rank raises on all of them instead of leaving them waiting.
+            from megatron_capaware.adapters.guards import check_scores_over_group
+
+            check_scores_over_group(scores, self.capaware_load_group, self.layer_number)
         decision = self._decide(scores, indices)
         scaling = self.config.moe_router_topk_scaling_factor or 1.0
         if capaware.renormalize:
@@ -225,7 +231,7 @@ class CapawareRouter(TopKRouter):
         group = self._group()
         normalize = model_normalizes(self.config)
         common = dict(normalize=normalize, renormalize=capaware.renormalize, group=group,
-                      check_values=capaware.check_scores, topk_indices=indices,
+                      check_values=False, topk_indices=indices,  # checked in routing()
                       weights=capaware.renormalize)
         if capaware.router_type == "laser":
             params = capaware.laser_params(self.layer_number, k)
