@@ -207,3 +207,173 @@ def fault_worker(mode: str, events_dir: str, hang_s: float, router_type: str = "
         raise
     _record(log, event="exit", t=time.time())
     return {"rank": rank}
+
+
+# ----------------------------------------------------------------------------- bad-input catalogue
+
+
+def _attempt(results: Dict[str, Any], name: str, fn) -> None:
+    try:
+        fn()
+        results[name] = None
+    except BaseException as err:  # noqa: BLE001 - the catalogue records what surfaced
+        results[name] = {"type": type(err).__name__, "module": type(err).__module__, "message": str(err)}
+
+
+def catalogue_worker(paths: Dict[str, str], tmp: str) -> Dict[str, Any]:
+    """Every Megatron-, checkpoint- and tokenizer-level bad input, on one rank."""
+    import copy
+    import dataclasses
+    import shutil
+
+    from megatron_capaware.adapters import install_capaware_routers, moe_layers
+    from megatron_capaware.checkpoint import CheckpointError, load_model, load_model_args, load_weights
+    from megatron_capaware.config import Calibration, CapawareConfig, LaserParams, load_calibration
+    from megatron_capaware.evaluate import EvalOptions, run_evaluation
+    from megatron_capaware.model_builder import (
+        MoEModelArgs, build_gpt_model, build_moe_layer as build_layer, build_transformer_config,
+    )
+
+    results: Dict[str, Any] = {}
+    tmp_path = Path(tmp)
+    parallel.init_model_parallel(parallel.ParallelSizes(), timeout_s=60)
+    parallel.set_seed(0)
+    args = MoEModelArgs(num_layers=1, hidden_size=32, num_attention_heads=4, num_moe_experts=8,
+                        moe_router_topk=2, moe_ffn_hidden_size=16, vocab_size=8, max_sequence_length=8)
+
+    def layer_with(**overrides):
+        return build_layer(build_transformer_config(args, **overrides), use_te=False).eval()
+
+    # --- Megatron MoE flags that contradict a capaware router.
+    _attempt(results, "megatron: moe_expert_capacity_factor", lambda: install_capaware_routers(
+        layer_with(moe_expert_capacity_factor=1.0), CapawareConfig("capacity-drop")))
+    _attempt(results, "megatron: sinkhorn load balancing", lambda: install_capaware_routers(
+        layer_with(moe_router_load_balancing_type="sinkhorn"), CapawareConfig("capacity-reroute")))
+    _attempt(results, "megatron: group-limited routing with laser", lambda: install_capaware_routers(
+        layer_with(moe_router_num_groups=2, moe_router_group_topk=1), CapawareConfig("laser")))
+    _attempt(results, "megatron: expert bias with laser", lambda: install_capaware_routers(
+        layer_with(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid"),
+        CapawareConfig("laser")))
+    base = layer_with()
+    # Flags Megatron itself refuses to build on one CPU rank: set them on a built layer's config.
+    for name, attr, value in (
+        ("megatron: pad_expert_input_to_capacity", "moe_pad_expert_input_to_capacity", True),
+        ("megatron: flex dispatcher", "moe_token_dispatcher_type", "flex"),
+        ("megatron: routing replay", "moe_enable_routing_replay", True),
+        ("megatron: context parallelism", "context_parallel_size", 2),
+        ("megatron: unknown score function", "moe_router_score_function", "sqrtsoftplus"),
+        ("megatron: router padding for quantization", "moe_router_padding_for_quantization", True),
+    ):
+        saved = getattr(base.config, attr, None)
+        setattr(base.config, attr, value)
+        _attempt(results, name, lambda: install_capaware_routers(base, CapawareConfig("capacity-drop")))
+        setattr(base.config, attr, saved)
+    results["refused install left the router unchanged"] = type(base.router).__name__
+    _attempt(results, "config: pool < k (checked at install)", lambda: install_capaware_routers(
+        base, CapawareConfig("laser", laser_pool=1)))
+    _attempt(results, "model without MoE layers", lambda: install_capaware_routers(
+        torch.nn.Linear(2, 2), CapawareConfig("capacity-drop")))
+
+    class OtherRouter(type(base.router)):
+        pass
+
+    other = layer_with()
+    other.router.__class__ = OtherRouter
+    _attempt(results, "a router that is not Megatron's TopKRouter", lambda: install_capaware_routers(
+        other, CapawareConfig("capacity-drop")))
+
+    def train_mode():
+        layer = layer_with()
+        install_capaware_routers(layer, CapawareConfig("capacity-drop"))
+        layer.train()
+        layer(torch.randn(4, 1, 32))
+
+    _attempt(results, "capacity router in training mode", train_mode)
+
+    # --- NaN / Inf from the gate of a real GPT MoE (layer 2 of 2).
+    gpt_args = MoEModelArgs(num_layers=2, hidden_size=32, num_attention_heads=4, num_moe_experts=8,
+                            moe_router_topk=2, moe_ffn_hidden_size=16, vocab_size=64, max_sequence_length=16)
+    gpt = build_gpt_model(gpt_args, build_transformer_config(gpt_args))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(8).unsqueeze(0).expand(2, 8)
+    second = moe_layers(gpt)[1]
+    for router_type in ("capacity-drop", "capacity-reroute", "expanded-drop", "laser"):
+        install_capaware_routers(gpt, CapawareConfig(router_type))
+        with torch.no_grad():
+            saved = second.router.weight.detach().clone()
+            second.router.weight[3, 5] = float("nan")
+            _attempt(results, f"NaN gate weight, {router_type}", lambda: gpt(ids, pos, attention_mask=None))
+            second.router.weight.copy_(saved)
+            second.router.weight[1] = float("inf")  # +inf logits -> softmax NaN
+            _attempt(results, f"Inf gate weight, {router_type}", lambda: gpt(ids, pos, attention_mask=None))
+            second.router.weight.copy_(saved)
+    install_capaware_routers(gpt, CapawareConfig("topk"))
+    with torch.no_grad():
+        second.router.weight[3, 5] = float("nan")
+        _attempt(results, "NaN gate weight, topk (vanilla Megatron)", lambda: gpt(ids, pos, attention_mask=None))
+        second.router.weight.copy_(saved)
+
+    # --- LASER calibration made for another model.
+    layer_params = {1: LaserParams(0.5, 0.3, 4), 2: LaserParams(0.5, 0.3, 4)}
+    model_info = {"moe_layer_numbers": [1, 2], "num_moe_experts": 8, "moe_router_topk": 2}
+    for name, changes in (("calibration for other layers", {"moe_layer_numbers": [1, 2, 3, 4]}),
+                          ("calibration for another expert count", {"num_moe_experts": 16}),
+                          ("calibration for another top-k", {"moe_router_topk": 1})):
+        path = tmp_path / f"cal-{len(results)}.json"
+        Calibration(layer_params=dict(layer_params), model=dict(model_info, **changes)).save(path)
+        _attempt(results, name, lambda: install_capaware_routers(
+            gpt, CapawareConfig("laser", laser_calibration=str(path))))
+
+    # --- checkpoints of another architecture.
+    ckpt = Path(paths["checkpoint"])
+    saved_args = load_model_args(ckpt)
+    wider = dataclasses.replace(saved_args, num_moe_experts=16)
+    wider_model = build_gpt_model(wider, build_transformer_config(wider))
+    _attempt(results, "checkpoint: load_weights with other MoEModelArgs",
+             lambda: load_weights(wider_model, ckpt, wider))
+    bare = tmp_path / "ckpt-without-json"
+    shutil.copytree(ckpt, bare)
+    (bare / "capaware_model.json").unlink()
+    _attempt(results, "checkpoint: no capaware_model.json (load_model)", lambda: load_model(bare))
+    _attempt(results, "checkpoint: no capaware_model.json, other architecture (load_weights)",
+             lambda: load_weights(wider_model, bare, wider))
+    odd = tmp_path / "ckpt-odd-json"
+    shutil.copytree(ckpt, odd)
+    data = json.loads((odd / "capaware_model.json").read_text())
+    data["num_experts_per_tok"] = 2
+    (odd / "capaware_model.json").write_text(json.dumps(data))
+    _attempt(results, "checkpoint: capaware_model.json with unknown fields", lambda: load_model(odd))
+    _attempt(results, "checkpoint: directory does not exist", lambda: load_model(tmp_path / "nowhere"))
+    _attempt(results, "checkpoint: not a checkpoint directory", lambda: load_weights(
+        wider_model, tmp_path, wider))
+
+    # --- wrong tokenizers (through the evaluation).
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    def word_tokenizer(size: int, name: str) -> Path:
+        vocab = {f"w{i}": i for i in range(size)}
+        vocab["[UNK]"] = size
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        path = tmp_path / name
+        tok.save(str(path))
+        return path
+
+    def evaluate(**kw):
+        options = EvalOptions(checkpoint=ckpt, text=Path(paths["heldout"]), seq_len=16, sequences_per_rank=2,
+                              max_tokens=64, progress=False, **kw)
+        run_evaluation(options, [CapawareConfig("topk")])
+
+    _attempt(results, "tokenizer: larger vocabulary than the model",
+             lambda: evaluate(tokenizer=word_tokenizer(5000, "big.json")))
+    _attempt(results, "tokenizer: another tokenizer that fits the vocabulary",
+             lambda: evaluate(tokenizer=word_tokenizer(50, "small.json")))
+    _attempt(results, "tokenizer: the checkpoint's own, passed explicitly",
+             lambda: evaluate(tokenizer=ckpt / "tokenizer" / "tokenizer.json"))
+    short = tmp_path / "short.txt"
+    short.write_text("the king.\n")
+    _attempt(results, "evaluation: held-out text too short",
+             lambda: run_evaluation(EvalOptions(checkpoint=ckpt, text=short, seq_len=16, sequences_per_rank=2,
+                                                progress=False), [CapawareConfig("topk")]))
+    parallel.destroy()
+    return results

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -33,6 +35,44 @@ import torch.distributed as dist
 from megatron_capaware.config import CapawareConfig, CapawareConfigError
 from megatron_capaware.policies._common import RoutingInputError
 from megatron_capaware.policies.collectives import LoadGroup, all_gather_stack, group_size
+
+# ----------------------------------------------------------------------------- failed collectives
+
+
+class RoutingCollectiveError(RuntimeError):
+    """A routing collective failed on this rank: another rank crashed, hung or raised."""
+
+
+def _is_distributed_failure(err: BaseException) -> bool:
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    text = str(err)
+    return any(marker in text for marker in ("gloo/", "NCCL", "ProcessGroup", "c10d", "Connection closed by peer"))
+
+
+@contextmanager
+def routing_collectives(layer_number: Optional[int], group: Any):
+    """Re-raise a failed collective of this block as :class:`RoutingCollectiveError`, with context."""
+    try:
+        yield
+    except RuntimeError as err:
+        if isinstance(err, RoutingCollectiveError) or not _is_distributed_failure(err):
+            raise
+        pg = group.group if isinstance(group, LoadGroup) else group
+        members = _global_ranks(group, range(group_size(group))) if pg is not None else []
+        me = dist.get_rank() if dist.is_initialized() else 0
+        timeout = os.environ.get("CAPAWARE_COLLECTIVE_TIMEOUT_S")
+        limit = f"{float(timeout):g} s (CAPAWARE_COLLECTIVE_TIMEOUT_S)" if timeout else (
+            "the process group's timeout (CAPAWARE_COLLECTIVE_TIMEOUT_S; megatron-capaware's default "
+            "300 s)")
+        raise RoutingCollectiveError(
+            f"MoE layer {layer_number}: a routing collective over the load group (ranks {members}) "
+            f"failed on rank {me}: {err}. Another rank of the group most likely crashed, hung or "
+            "raised before reaching this collective: its log has the cause. Collectives give up "
+            f"after {limit}."
+        ) from err
+
 
 # ----------------------------------------------------------------------------- bad scores
 

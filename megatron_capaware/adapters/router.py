@@ -59,14 +59,35 @@ def check_supported(config: Any, capaware: CapawareConfig) -> None:
             "replaces top-k routing itself; use aux_loss/seq_aux_loss/none"
         )
     if getattr(config, "moe_enable_routing_replay", False):
-        raise CapawareConfigError(f"{name} cannot be combined with routing replay")
+        raise CapawareConfigError(
+            f"{name} cannot be combined with routing replay (--moe-enable-routing-replay replays "
+            "recorded top-k decisions); unset it"
+        )
     if config.moe_token_dispatcher_type not in ("alltoall", "allgather"):
         raise CapawareConfigError(
             f"{name} supports the alltoall and allgather token dispatchers (dropped assignments "
             f"must not be sent); got --moe-token-dispatcher-type {config.moe_token_dispatcher_type}"
         )
     if getattr(config, "context_parallel_size", 1) > 1:
-        raise CapawareConfigError(f"{name} does not support context parallelism yet (CP > 1)")
+        raise CapawareConfigError(
+            f"{name} does not support context parallelism yet (CP > 1): use "
+            "--context-parallel-size 1, or --moe-router-type topk"
+        )
+    if config.moe_router_score_function not in ("softmax", "sigmoid"):
+        raise CapawareConfigError(
+            f"{name} knows the softmax and sigmoid score functions, not --moe-router-score-function "
+            f"{config.moe_router_score_function} (newer than this megatron-capaware); use "
+            "--moe-router-type topk, or a megatron-capaware release that supports it"
+        )
+    if getattr(config, "moe_router_padding_for_quantization", False) or getattr(
+        config, "moe_router_padding_for_fp8", False
+    ):
+        raise CapawareConfigError(
+            f"{name} cannot be combined with --moe-router-padding-for-quantization "
+            "(--moe-router-padding-for-fp8): the dispatcher would pad every expert's tokens to a "
+            "multiple of the quantization block after the routing decision, so experts would "
+            "process more than the capacity allows; unset it"
+        )
     if capaware.router_type == "laser":
         if config.moe_router_num_groups or config.moe_router_group_topk:
             raise CapawareConfigError(
@@ -136,7 +157,19 @@ class CapawareRouter(TopKRouter):
         return self.capaware_load_group
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """Route ``logits [S, B, E]``: ``(probs [S*B, E], routing_map [S*B, E] bool)``."""
+        """Route ``logits [S, B, E]``: ``(probs [S*B, E], routing_map [S*B, E] bool)``.
+
+        A failed routing collective (another rank crashed, hung past the
+        process-group timeout, or raised) surfaces as a
+        :class:`~megatron_capaware.adapters.guards.RoutingCollectiveError`
+        naming the layer and the group.
+        """
+        from megatron_capaware.adapters.guards import routing_collectives
+
+        with routing_collectives(self.layer_number, self.capaware_load_group):
+            return self._capaware_routing(logits, padding_mask)
+
+    def _capaware_routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         capaware = self.capaware
         if capaware.router_type == "topk":
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
