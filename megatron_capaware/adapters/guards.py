@@ -182,12 +182,20 @@ def agreement_fields(layers: Sequence[Any], capaware: CapawareConfig) -> List[Tu
     return fields
 
 
-def _text_tensor(texts: Sequence[str]) -> torch.Tensor:
+def _text_tensor(texts: Sequence[str], device: torch.device) -> torch.Tensor:
     out = torch.zeros(len(texts), _TEXT_BYTES, dtype=torch.uint8)
     for i, text in enumerate(texts):
         raw = text.encode()[:_TEXT_BYTES]
         out[i, :len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
-    return out
+    return out.to(device)
+
+
+def _collective_device(layers: Sequence[Any]) -> torch.device:
+    """Where the group's collectives take tensors: the model's device (CUDA for NCCL)."""
+    for layer in layers:
+        for param in layer.router.parameters():
+            return param.device
+    return torch.device("cpu")
 
 
 def _decode(row: torch.Tensor) -> str:
@@ -197,7 +205,7 @@ def _decode(row: torch.Tensor) -> str:
 def _all_gather(tensor: torch.Tensor, pg: Any, world: int) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(parts, tensor.contiguous(), group=pg)
-    return torch.stack(parts)
+    return torch.stack(parts).cpu()
 
 
 def check_rank_agreement(
@@ -231,17 +239,18 @@ def check_rank_agreement(
     members = dist.get_process_group_ranks(pg)
     me = dist.get_rank()
     status = "ok" if validation_error is None else f"{type(validation_error).__name__}: {validation_error}"
+    device = _collective_device(layers)
     fields = agreement_fields(layers, capaware)[: _SLOTS - 2]
     hashes = torch.zeros(_SLOTS, dtype=torch.int64)
     hashes[0] = _digest("|".join(name for name, _ in fields))
     hashes[1] = 0 if validation_error is None else 1
     for i, (_, value) in enumerate(fields):
         hashes[2 + i] = _digest(value)
-    table = _all_gather(hashes, pg, world)  # [W, SLOTS]
+    table = _all_gather(hashes.to(device), pg, world)  # [W, SLOTS]
 
     failed = table[:, 1].nonzero().view(-1).tolist()
     if failed:
-        texts = _all_gather(_text_tensor([status]), pg, world)[:, 0]
+        texts = _all_gather(_text_tensor([status], device), pg, world)[:, 0]
         if validation_error is not None:
             raise validation_error
         first = failed[0]
@@ -255,7 +264,7 @@ def check_rank_agreement(
         return
     slots = [i for i in differ.nonzero().view(-1).tolist() if i >= 2][:_MAX_REPORTED]
     names = [fields[i - 2][0] for i in slots]
-    texts = _all_gather(_text_tensor([fields[i - 2][1] for i in slots]), pg, world)  # [W, n, BYTES]
+    texts = _all_gather(_text_tensor([fields[i - 2][1] for i in slots], device), pg, world)  # [W, n, BYTES]
     lines = []
     for j, name in enumerate(names):
         values = ", ".join(f"rank {members[r]}: {_decode(texts[r, j])}" for r in range(world))
