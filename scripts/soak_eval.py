@@ -113,6 +113,26 @@ def _summary(sampler: RssSampler, warmup_forwards: int, warm_rss: Optional[int])
     }
 
 
+def _round_diagnostics(sampler: RssSampler, malloc_trim: bool) -> Dict[str, Any]:
+    """After a round: live Python objects and tensors (after gc), RSS, and RSS after
+    ``malloc_trim`` (what the allocator holds but does not use is not a leak)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    objects = gc.get_objects()
+    tensors = sum(1 for o in objects if isinstance(o, torch.Tensor))
+    out = {"forwards": sampler.forwards, "objects": len(objects), "tensors": tensors,
+           "rss_mb": sampler.sample() / (1 << 20)}
+    if malloc_trim:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        out["rss_after_trim_mb"] = sampler.sample() / (1 << 20)
+    return out
+
+
 def forward_worker(opts: Dict[str, Any]) -> Dict[str, Any]:
     """Mode ``forward`` on one rank (call on every rank)."""
     import torch
@@ -185,14 +205,16 @@ def eval_worker(opts: Dict[str, Any]) -> Dict[str, Any]:
     warm_rss, warm_forwards, rank = None, 0, int(os.environ.get("RANK", "0"))
     with RssSampler(opts["sample_s"]) as sampler:
         hook = _count_forwards(sampler)
+        per_round = []
         for round_index in range(opts["rounds"]):
             run_evaluation(options, routers)
+            per_round.append(_round_diagnostics(sampler, opts["malloc_trim"]))
             if round_index + 1 == opts["warmup_rounds"]:
                 warm_rss = sampler.sample()
                 warm_forwards = sampler.forwards
         hook.remove()
     out = _summary(sampler, warm_forwards if opts["warmup_rounds"] else 0, warm_rss)
-    out.update(rank=rank, mode="eval", rounds=opts["rounds"])
+    out.update(rank=rank, mode="eval", rounds=opts["rounds"], per_round=per_round)
     if dist.is_initialized():
         dist.destroy_process_group()
     return out
@@ -223,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=64)
     e.add_argument("--sequences-per-rank", type=int, default=8)
     e.add_argument("--max-tokens", type=int, default=None)
+    e.add_argument("--malloc-trim", action="store_true",
+                   help="after each round, return freed heap to the OS (glibc) and sample RSS again")
     return p
 
 

@@ -60,6 +60,14 @@ def run_fault(mode: str, timeout_s: float, hang_s: float) -> Dict[str, Any]:
     return result
 
 
+def summary(result: Dict[str, Any]) -> str:
+    """One line for the log: seconds from the injection to each rank's error and exit."""
+    fmt = lambda v: "-" if v is None else f"{v:.2f}s"  # noqa: E731
+    return (f"fault {result['mode']} (timeout {result['timeout_s']:g}s): rank 0 error {fmt(result['rank0_error_s'])} "
+            f"exit {fmt(result['rank0_exit_s'])}; rank 1 error {fmt(result['rank1_error_s'])} exit "
+            f"{fmt(result['rank1_exit_s'])}; run {result['wall_s']:.1f}s")
+
+
 def check_fault(result: Dict[str, Any]) -> None:
     mode, timeout = result["mode"], result["timeout_s"]
     where = f"{mode}: {result}"
@@ -82,7 +90,7 @@ def test_rank_failures_end_every_rank_in_bounded_time() -> None:
     with ThreadPoolExecutor(3) as pool:  # the hang's wait overlaps the other runs
         results = list(pool.map(lambda m: run_fault(m, timeout, timeout + 3), ["raise", "exit", "hang"]))
     for result in results:
-        print({k: v for k, v in result.items() if not k.endswith("_error")})
+        print(summary(result))
         check_fault(result)
 
 
@@ -91,5 +99,5 @@ def test_rank_failures_end_every_rank_in_bounded_time() -> None:
 @pytest.mark.parametrize("mode", ["raise", "exit", "hang", "raise_and_stay"])
 def test_rank_failures_with_a_30s_collective_timeout(mode: str) -> None:
     result = run_fault(mode, 30.0, 40.0)
-    print({k: v for k, v in result.items() if not k.endswith("_error")})
+    print(summary(result))
     check_fault(result)
