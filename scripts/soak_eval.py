@@ -123,8 +123,11 @@ def _round_diagnostics(sampler: RssSampler, malloc_trim: bool) -> Dict[str, Any]
     gc.collect()
     objects = gc.get_objects()
     tensors = sum(1 for o in objects if isinstance(o, torch.Tensor))
+    import torch.distributed as dist
+
+    groups = len(dist.distributed_c10d._world.pg_map) if dist.is_initialized() else 0
     out = {"forwards": sampler.forwards, "objects": len(objects), "tensors": tensors,
-           "rss_mb": sampler.sample() / (1 << 20)}
+           "process_groups": groups, "rss_mb": sampler.sample() / (1 << 20)}
     if malloc_trim:
         import ctypes
 
@@ -191,13 +194,7 @@ def eval_worker(opts: Dict[str, Any]) -> Dict[str, Any]:
     # run_evaluation tears down the default process group at its end, and gloo
     # cannot build it again in the same processes (connectFullMesh fails on the
     # second round): keep it, tear down Megatron's groups only.
-    def destroy_model_parallel_only() -> None:
-        from megatron.core import parallel_state
-
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-
-    parallel.destroy = destroy_model_parallel_only
+    parallel.destroy = parallel.destroy_model_parallel
     options = EvalOptions(checkpoint=Path(opts["checkpoint"]), text=Path(opts["text"]), seq_len=opts["seq_len"],
                           sequences_per_rank=opts["sequences_per_rank"], max_tokens=opts["max_tokens"],
                           expert_parallel=opts["ep"], progress=False)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from megatron_capaware.testing import run_distributed
 
@@ -16,6 +16,9 @@ settings.register_profile("ci", max_examples=300, deadline=None, derandomize=Tru
 settings.register_profile("nightly", max_examples=15000, deadline=None, suppress_health_check=_SLOW_OK,
                           print_blob=True)
 settings.register_profile("dev", max_examples=30, deadline=None, suppress_health_check=_SLOW_OK)
+# Re-run only the failures a nightly run saved in .hypothesis/ (triage).
+settings.register_profile("replay", deadline=None, suppress_health_check=_SLOW_OK, print_blob=True,
+                          phases=(Phase.explicit, Phase.reuse, Phase.shrink))
 settings.load_profile(os.environ.get("CAPAWARE_HYPOTHESIS_PROFILE", "ci"))
 
 

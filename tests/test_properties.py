@@ -21,6 +21,7 @@ cases, derandomized) or ``nightly`` (>= 10^5 cases)::
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -36,6 +37,11 @@ from megatron_capaware.policies import _common as C
 from megatron_capaware.policies import reference as R
 from megatron_capaware.policies import selection
 from tests.sim_dist import run_ranks
+
+# pytest-timeout's 600 s per test (pyproject.toml) fits the ci profile; a
+# nightly property runs 15,000 cases and may take much longer.
+if os.environ.get("CAPAWARE_HYPOTHESIS_PROFILE", "ci") in ("nightly",):
+    pytestmark = pytest.mark.timeout(0)
 
 F32_MAX = float(np.finfo(np.float32).max)
 F32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal
