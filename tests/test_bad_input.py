@@ -269,7 +269,7 @@ def _record(name: str, err: Any) -> None:
         _ROWS.append((name, type(err).__name__, str(err)))
     out = os.environ.get("CAPAWARE_WRITE_CATALOGUE")
     if out:
-        clean = lambda text: re.sub(r"/tmp/\S+?/", ".../", text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        clean = lambda text: re.sub(r"/tmp/[^\s'\"]*/", ".../", text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
         lines = ["| bad input | error | message |", "|---|---|---|"]
         lines += [f"| {n} | `{t}` | {clean(m)} |" for n, t, m in _ROWS]
         Path(out).write_text("\n".join(lines) + "\n")
