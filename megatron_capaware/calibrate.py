@@ -68,7 +68,7 @@ def record_scores(
     from megatron_capaware import parallel
     from megatron_capaware.adapters import install_capaware_routers, moe_layers
     from megatron_capaware.checkpoint import load_model
-    from megatron_capaware.text_data import load_tokenizer, rank_batches, token_windows
+    from megatron_capaware.text_data import check_tokenizer, load_tokenizer, rank_batches, token_windows
 
     parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=expert_parallel))
     parallel.set_seed(0)
@@ -85,6 +85,7 @@ def record_scores(
         recorded[number] = []
         layer.router.capaware_score_hook = (lambda store: lambda s: store.append(s.detach().cpu()))(recorded[number])
     tok = load_tokenizer(tokenizer or checkpoint)
+    check_tokenizer(tok, args.vocab_size, checkpoint, tokenizer)
     windows = token_windows(tok.encode(Path(text).read_text(encoding="utf-8")), seq_len, max_tokens)
     batches = list(rank_batches(windows, sequences_per_rank, ps.get_data_parallel_world_size(),
                                 ps.get_data_parallel_rank()))
@@ -144,7 +145,9 @@ def calibrate_layer(
     """
     from megatron_capaware import policies
 
-    mass = torch.cat([c.topk(k, dim=1).values.sum(1) for c in calls]).double()
+    from megatron_capaware.policies.laser import topk_mass
+
+    mass = torch.cat([topk_mass(c.topk(k, dim=1).values) for c in calls])  # M_k as the router computes it
     top_maps = [policies.topk(c, k)[1] for c in calls]
     i_topk = _mean_imbalance(top_maps)
     target = max(1.0, i_topk / target_reduction)

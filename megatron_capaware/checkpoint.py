@@ -69,6 +69,8 @@ def checkpoint_weights_dir(ckpt_dir: Union[str, Path]) -> Path:
 
 def load_model_args(ckpt_dir: Union[str, Path]) -> MoEModelArgs:
     """Read the :class:`MoEModelArgs` saved beside a checkpoint."""
+    if not Path(ckpt_dir).exists():
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
     path = Path(ckpt_dir) / MODEL_ARGS_FILE
     if not path.exists():
         raise CheckpointError(
@@ -160,11 +162,15 @@ def load_weights(
             )
     inner = _unwrap(model)
     sharded = {"model": inner.sharded_state_dict()}
-    align_keys_with_checkpoint(sharded, weights)
     try:
+        align_keys_with_checkpoint(sharded, weights)
         state = dist_checkpointing.load(sharded, str(weights), strict=_strictness(strict))
-    except Exception as err:  # Megatron raises several types; name the checkpoint
-        raise CheckpointError(f"cannot load {weights} into this model: {err}") from err
+    except _LOAD_ERRORS as err:  # Megatron and torch raise several types; name the checkpoint
+        hint = ""
+        if args is None or not (root / MODEL_ARGS_FILE).exists():
+            hint = (f"; the model was probably built for another architecture, and {root} has no "
+                    f"{MODEL_ARGS_FILE} to say which (write one with MoEModelArgs(...).save())")
+        raise CheckpointError(f"cannot load {weights} into this model: {_load_error_text(err)}{hint}") from err
     model_state = state["model"]
     result = inner.load_state_dict(model_state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
@@ -208,6 +214,27 @@ def align_keys_with_checkpoint(sharded: Any, weights_dir: Union[str, Path]) -> i
                 continue
             break
     return renamed
+
+
+def _checkpoint_exception() -> tuple:
+    try:  # torch's CheckpointException derives from BaseException, not Exception
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        return (CheckpointException,)
+    except ImportError:  # pragma: no cover - older torch
+        return ()
+
+
+_LOAD_ERRORS = (Exception, *_checkpoint_exception())
+
+
+def _load_error_text(err: BaseException) -> str:
+    """The root cause of a failed load, without torch's per-rank tracebacks."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (exc, _) = next(iter(failures.items()))
+        return f"{type(exc).__name__}: {exc} (rank {rank})"
+    return f"{type(err).__name__}: {err}"
 
 
 def _strictness(strict: bool) -> Any:

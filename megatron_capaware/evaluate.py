@@ -119,7 +119,7 @@ def run_evaluation(
     from megatron_capaware import parallel
     from megatron_capaware.adapters import collect_stats, install_capaware_routers, reduce_summaries
     from megatron_capaware.checkpoint import load_model
-    from megatron_capaware.text_data import load_tokenizer, rank_batches, token_windows
+    from megatron_capaware.text_data import check_tokenizer, load_tokenizer, rank_batches, token_windows
 
     parallel.init_model_parallel(
         parallel.ParallelSizes(
@@ -138,11 +138,7 @@ def run_evaluation(
         params_dtype=options.torch_dtype(),
     )
     tokenizer = load_tokenizer(options.tokenizer or options.checkpoint)
-    if tokenizer.vocab_size > args.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-            f"{args.vocab_size}: wrong tokenizer for this checkpoint"
-        )
+    check_tokenizer(tokenizer, args.vocab_size, options.checkpoint, options.tokenizer)
     text = Path(options.text).read_text(encoding="utf-8")
     windows = token_windows(tokenizer.encode(text), options.seq_len, options.max_tokens)
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

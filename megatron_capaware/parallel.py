@@ -100,9 +100,9 @@ def init_model_parallel(sizes: ParallelSizes, timeout_s: Optional[float] = None)
     sizes.validate(dist.get_world_size())
     from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
     timeout = collective_timeout(timeout_s)
+    before = set(_c10d_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=sizes.tensor_parallel,
         expert_model_parallel_size=sizes.expert_parallel,
@@ -110,6 +110,35 @@ def init_model_parallel(sizes: ParallelSizes, timeout_s: Optional[float] = None)
         # Megatron builds timedelta(minutes=...): a float keeps sub-minute timeouts.
         distributed_timeout_minutes=timeout.total_seconds() / 60.0,
     )
+    _MEGATRON_GROUPS.extend(g for g in _c10d_groups() if g not in before)
+
+
+# Process groups created by Megatron's initialize_model_parallel. Its
+# destroy_model_parallel only drops its references; the c10d groups (sockets,
+# threads, buffers: ~1 MB and 17 groups per initialisation at EP=2 on gloo)
+# live until the default group is destroyed, so a long-lived process that
+# initialises model parallelism repeatedly grew without bound.
+_MEGATRON_GROUPS: list = []
+
+
+def _c10d_groups() -> list:
+    world = getattr(dist.distributed_c10d, "_world", None)
+    return list(getattr(world, "pg_map", {}).keys()) if world is not None else []
+
+
+def destroy_model_parallel() -> None:
+    """Tear down Megatron's model-parallel state and the process groups it created.
+
+    The default process group stays (see :func:`destroy`).
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    while _MEGATRON_GROUPS:
+        group = _MEGATRON_GROUPS.pop()
+        if group in _c10d_groups():
+            dist.destroy_process_group(group)
 
 
 def set_seed(seed: int) -> None:
@@ -122,9 +151,6 @@ def set_seed(seed: int) -> None:
 
 def destroy() -> None:
     """Tear down Megatron's groups and the default process group."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

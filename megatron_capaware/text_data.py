@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import torch
 
@@ -33,6 +33,51 @@ class TextTokenizer:
         if self.kind == "tokenizers":
             return self.backend.get_vocab_size()
         return len(self.backend)
+
+    def vocab(self) -> Dict[str, int]:
+        """Token string -> id."""
+        return dict(self.backend.get_vocab())
+
+
+def check_tokenizer(
+    tokenizer: TextTokenizer,
+    model_vocab_size: int,
+    checkpoint: Union[str, Path],
+    tokenizer_path: Optional[Union[str, Path]] = None,
+) -> None:
+    """Refuse a tokenizer that cannot be the model's.
+
+    Its vocabulary must fit the model's, and a tokenizer given explicitly
+    (``--tokenizer``) must map tokens to the same ids as the tokenizer shipped
+    with the checkpoint, when one is: another tokenizer feeds the model ids
+    it was never trained on and the quality figures mean nothing, silently.
+
+    Raises:
+        TokenizerError: naming the mismatch and the fix.
+    """
+    if tokenizer.vocab_size > model_vocab_size:
+        raise TokenizerError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+            f"{model_vocab_size}: wrong tokenizer for this checkpoint; omit --tokenizer to use the "
+            "checkpoint's own"
+        )
+    if tokenizer_path is None:
+        return
+    try:
+        own = load_tokenizer(checkpoint)
+    except TokenizerError:
+        return  # the checkpoint ships none: nothing to compare with
+    theirs, mine = own.vocab(), tokenizer.vocab()
+    if theirs == mine:
+        return
+    tokens = set(theirs) | set(mine)
+    differing = sum(1 for token in tokens if theirs.get(token) != mine.get(token))
+    raise TokenizerError(
+        f"the tokenizer {tokenizer_path} is not the one shipped with the checkpoint ({checkpoint}): "
+        f"{differing} of {len(tokens)} tokens are missing from one or have other ids ({len(mine)} vs "
+        f"{len(theirs)} tokens). The model would read ids it was not trained on; omit --tokenizer "
+        "to use the checkpoint's own, or pass the tokenizer the model was trained with"
+    )
 
 
 def load_tokenizer(path: Union[str, Path]) -> TextTokenizer:

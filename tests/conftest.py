@@ -1,8 +1,25 @@
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import HealthCheck, Phase, settings
 
 from megatron_capaware.testing import run_distributed
+
+# Property tests (tests/test_properties.py): CAPAWARE_HYPOTHESIS_PROFILE picks
+# how many cases. "ci" (default): a few thousand in all, derandomized so CI is
+# reproducible. "nightly": >= 10^5 in all, fresh random cases each run.
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", max_examples=300, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=_SLOW_OK, print_blob=True)
+settings.register_profile("nightly", max_examples=15000, deadline=None, suppress_health_check=_SLOW_OK,
+                          print_blob=True)
+settings.register_profile("dev", max_examples=30, deadline=None, suppress_health_check=_SLOW_OK)
+# Re-run only the failures a nightly run saved in .hypothesis/ (triage).
+settings.register_profile("replay", deadline=None, suppress_health_check=_SLOW_OK, print_blob=True,
+                          phases=(Phase.explicit, Phase.reuse, Phase.shrink))
+settings.load_profile(os.environ.get("CAPAWARE_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -59,14 +59,35 @@ def check_supported(config: Any, capaware: CapawareConfig) -> None:
             "replaces top-k routing itself; use aux_loss/seq_aux_loss/none"
         )
     if getattr(config, "moe_enable_routing_replay", False):
-        raise CapawareConfigError(f"{name} cannot be combined with routing replay")
+        raise CapawareConfigError(
+            f"{name} cannot be combined with routing replay (--moe-enable-routing-replay replays "
+            "recorded top-k decisions); unset it"
+        )
     if config.moe_token_dispatcher_type not in ("alltoall", "allgather"):
         raise CapawareConfigError(
             f"{name} supports the alltoall and allgather token dispatchers (dropped assignments "
             f"must not be sent); got --moe-token-dispatcher-type {config.moe_token_dispatcher_type}"
         )
     if getattr(config, "context_parallel_size", 1) > 1:
-        raise CapawareConfigError(f"{name} does not support context parallelism yet (CP > 1)")
+        raise CapawareConfigError(
+            f"{name} does not support context parallelism yet (CP > 1): use "
+            "--context-parallel-size 1, or --moe-router-type topk"
+        )
+    if config.moe_router_score_function not in ("softmax", "sigmoid"):
+        raise CapawareConfigError(
+            f"{name} knows the softmax and sigmoid score functions, not --moe-router-score-function "
+            f"{config.moe_router_score_function} (newer than this megatron-capaware); use "
+            "--moe-router-type topk, or a megatron-capaware release that supports it"
+        )
+    if getattr(config, "moe_router_padding_for_quantization", False) or getattr(
+        config, "moe_router_padding_for_fp8", False
+    ):
+        raise CapawareConfigError(
+            f"{name} cannot be combined with --moe-router-padding-for-quantization "
+            "(--moe-router-padding-for-fp8): the dispatcher would pad every expert's tokens to a "
+            "multiple of the quantization block after the routing decision, so experts would "
+            "process more than the capacity allows; unset it"
+        )
     if capaware.router_type == "laser":
         if config.moe_router_num_groups or config.moe_router_group_topk:
             raise CapawareConfigError(
@@ -138,7 +159,19 @@ class CapawareRouter(TopKRouter):
         return self.capaware_load_group
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """Route ``logits [S, B, E]``: ``(probs [S*B, E], routing_map [S*B, E] bool)``."""
+        """Route ``logits [S, B, E]``: ``(probs [S*B, E], routing_map [S*B, E] bool)``.
+
+        A failed routing collective (another rank crashed, hung past the
+        process-group timeout, or raised) surfaces as a
+        :class:`~megatron_capaware.adapters.guards.RoutingCollectiveError`
+        naming the layer and the group.
+        """
+        from megatron_capaware.adapters.guards import routing_collectives
+
+        with routing_collectives(self.layer_number, self.capaware_load_group):
+            return self._capaware_routing(logits, padding_mask)
+
+    def _capaware_routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         capaware = self.capaware
         if capaware.router_type == "topk":
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
@@ -157,6 +190,12 @@ class CapawareRouter(TopKRouter):
         vanilla_top, indices, scores = self._vanilla_topk(logits)  # [T, k], [T, k], [T, E]
         if self.capaware_score_hook is not None:
             self.capaware_score_hook(scores)
+        if capaware.check_scores:
+            # Over the load group (whatever the scope: the dispatch spans it), so a
+            # NaN on one rank raises on all of them instead of leaving them waiting.
+            from megatron_capaware.adapters.guards import check_scores_over_group
+
+            check_scores_over_group(scores, self.capaware_load_group, self.layer_number)
         decision = self._decide(scores, indices)
         scaling = self.config.moe_router_topk_scaling_factor or 1.0
         if capaware.renormalize:
@@ -227,7 +266,7 @@ class CapawareRouter(TopKRouter):
         group = self._group()
         normalize = model_normalizes(self.config)
         common = dict(normalize=normalize, renormalize=capaware.renormalize, group=group,
-                      check_values=capaware.check_scores, topk_indices=indices,
+                      check_values=False, topk_indices=indices,  # checked in routing()
                       weights=capaware.renormalize)
         if capaware.router_type == "laser":
             params = capaware.laser_params(self.layer_number, k)

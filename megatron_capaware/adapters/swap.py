@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_capaware.adapters.dispatcher import capaware_dispatcher_class
-from megatron_capaware.adapters.router import CapawareRouter
+from megatron_capaware.adapters.router import CapawareRouter, check_supported
 from megatron_capaware.adapters.stats import LayerRoutingStats
 from megatron_capaware.config import CapawareConfig, CapawareConfigError, load_calibration
 from megatron_capaware.policies.collectives import LoadGroup
@@ -57,29 +57,51 @@ def build_load_group(layer: Any) -> Tuple[Optional[LoadGroup], int]:
     return load_group, len(copies)
 
 
-def install_in_layer(layer: Any, capaware: CapawareConfig) -> LayerRoutingStats:
-    """Make one MoE layer route with ``capaware``; returns its stats recorder."""
+def _dispatchers(layer: Any) -> List[Any]:
+    dispatchers = [layer.token_dispatcher]
+    training = getattr(layer, "_training_token_dispatcher", None)
+    if training is not None and training is not layer.token_dispatcher:
+        dispatchers.append(training)
+    return dispatchers
+
+
+def preflight_layer(layer: Any, capaware: CapawareConfig) -> None:
+    """Every check :func:`install_in_layer` makes, changing nothing (no collective).
+
+    Raises:
+        CapawareConfigError / TypeError: as :func:`install_in_layer`.
+    """
     router = layer.router
     if type(router) not in (TopKRouter, CapawareRouter):
         raise CapawareConfigError(
             f"MoE layer {layer.layer_number} uses {type(router).__name__}; capaware routing replaces "
             "Megatron's TopKRouter only (inference-optimized routers are not supported)"
         )
-    router.__class__ = CapawareRouter
-    router.capaware_setup(capaware)
-    dispatchers = [layer.token_dispatcher]
-    training = getattr(layer, "_training_token_dispatcher", None)
-    if training is not None and training is not layer.token_dispatcher:
-        dispatchers.append(training)
-    for dispatcher in dispatchers:
-        dispatcher.__class__ = capaware_dispatcher_class(dispatcher)
-        dispatcher.capaware_variable_counts = capaware.router_type != "topk"
-    load_group, copies = build_load_group(layer)
-    if capaware.router_type == "expanded-drop" and copies > 1:
+    check_supported(layer.config, capaware)
+    for dispatcher in _dispatchers(layer):
+        capaware_dispatcher_class(dispatcher)
+    if capaware.router_type == "expanded-drop" and build_load_group(layer)[1] > 1:
         raise CapawareConfigError(
             "expanded-drop with tensor parallelism needs --sequence-parallel: without it the TP "
             "ranks hold copies of the same tokens on different EP ranks, whose local experts differ"
         )
+
+
+def install_in_layer(layer: Any, capaware: CapawareConfig) -> LayerRoutingStats:
+    """Make one MoE layer route with ``capaware``; returns its stats recorder.
+
+    Validates first (:func:`preflight_layer`): a refused configuration leaves
+    the layer as it was.
+    """
+    preflight_layer(layer, capaware)
+    router = layer.router
+    router.__class__ = CapawareRouter
+    router.capaware_setup(capaware)
+    dispatchers = _dispatchers(layer)
+    for dispatcher in dispatchers:
+        dispatcher.__class__ = capaware_dispatcher_class(dispatcher)
+        dispatcher.capaware_variable_counts = capaware.router_type != "topk"
+    load_group, copies = build_load_group(layer)
     ep_size = layer.config.num_moe_experts // layer.num_local_experts
     stats = LayerRoutingStats(
         layer_number=int(router.layer_number or layer.layer_number or 0),
@@ -104,24 +126,42 @@ def install_capaware_routers(model: torch.nn.Module, capaware: CapawareConfig) -
     Returns:
         ``{layer_number: LayerRoutingStats}`` of the model's MoE layers.
 
+    Every layer is validated before any is changed, then the ranks of each
+    load group check that they install the same configuration on the same
+    layout (:func:`~megatron_capaware.adapters.guards.check_rank_agreement`:
+    one small all-gather; every rank of the group must call this).
+
     Raises:
-        CapawareConfigError: unsupported Megatron options, or a LASER
-            calibration made for a different model.
+        CapawareConfigError: unsupported Megatron options, a LASER
+            calibration made for a different model, or ranks that disagree
+            (raised on every rank of the group, naming the differing field).
     """
+    from megatron_capaware.adapters.guards import check_rank_agreement, distinct_load_groups
+
     layers = moe_layers(model)
     if not layers:
         raise CapawareConfigError("the model has no MoE layer (num_moe_experts unset?)")
-    if capaware.router_type == "laser" and capaware.laser_calibration:
-        config = layers[0].config
-        load_calibration(capaware.laser_calibration).check_model(
-            [int(l.layer_number) for l in layers], config.num_moe_experts, config.moe_router_topk
-        )
-    elif capaware.router_type == "laser" and capaware.layer_params:
-        missing = sorted({int(l.layer_number) for l in layers} - set(capaware.layer_params))
-        if missing:
-            raise CapawareConfigError(
-                f"LASER per-layer parameters are missing MoE layers {missing}; calibrate this model"
+    error: Optional[BaseException] = None
+    try:
+        if capaware.router_type == "laser" and capaware.laser_calibration:
+            config = layers[0].config
+            load_calibration(capaware.laser_calibration).check_model(
+                [int(l.layer_number) for l in layers], config.num_moe_experts, config.moe_router_topk
             )
+        elif capaware.router_type == "laser" and capaware.layer_params:
+            missing = sorted({int(l.layer_number) for l in layers} - set(capaware.layer_params))
+            if missing:
+                raise CapawareConfigError(
+                    f"LASER per-layer parameters are missing MoE layers {missing}; calibrate this model"
+                )
+        for layer in layers:
+            preflight_layer(layer, capaware)
+    except (CapawareConfigError, TypeError, ValueError) as err:
+        error = err
+    for load_group, _ in distinct_load_groups(layers).values():
+        check_rank_agreement(layers, capaware, load_group, error)
+    if error is not None:
+        raise error
     return {stats.layer_number: stats for stats in (install_in_layer(l, capaware) for l in layers)}
 
 

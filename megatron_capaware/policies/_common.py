@@ -73,15 +73,25 @@ def check_choice(name: str, value: str, allowed: Tuple[str, ...]) -> None:
         raise RoutingInputError(f"{name}={value!r} is not one of {', '.join(allowed)}")
 
 
+# Capacities saturate here: any C >= T*k is "no limit", and float64 -> int64
+# conversion of a larger value is undefined (on x86 it gives INT64_MIN, which
+# the selection clamps to 0 and so drops every assignment).
+CAPACITY_MAX = 1 << 62
+
+
 def capacity_from_total(gamma: float, total_assignments: int, num_experts: int) -> int:
     """``C = ceil(gamma * T*k / E)`` in float64; ``gamma = inf`` gives no limit.
 
     The same float64 expression is used by the fast and the reference code so
-    they agree to the last unit.
+    they agree to the last unit. ``C >= 1`` always (``gamma * T*k / E > 0``
+    rounds up to at least 1 even where the float product underflows, e.g.
+    a decode step with ``T*k < E``), and ``C`` saturates at
+    :data:`CAPACITY_MAX` (a huge ``gamma`` is no limit, never an overflow).
     """
     if math.isinf(gamma):
         return max(int(total_assignments), 1)
-    return int(math.ceil(gamma * float(total_assignments) / float(num_experts)))
+    value = gamma * float(total_assignments) / float(num_experts)
+    return CAPACITY_MAX if value >= CAPACITY_MAX else max(int(math.ceil(value)), 1)
 
 
 def capacity_tensor(gamma: float, total_assignments: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -89,7 +99,7 @@ def capacity_tensor(gamma: float, total_assignments: torch.Tensor, num_experts: 
     total = total_assignments.to(torch.float64)
     if math.isinf(gamma):
         return total.clamp(min=1).to(torch.int64)
-    return torch.ceil(gamma * total / float(num_experts)).to(torch.int64)
+    return torch.ceil(gamma * total / float(num_experts)).clamp(1.0, float(CAPACITY_MAX)).to(torch.int64)
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

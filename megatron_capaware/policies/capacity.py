@@ -282,7 +282,8 @@ def capacity_reroute_decision(
         available = (~taken) & (spare > 0).unsqueeze(0)
         cand, cand_ok = candidate_order(r_scores, spare, available, policy, k)
         cand_score = r_scores.gather(1, cand)
-        propose = (slot_score >= 0) & cand_ok & (cand_score >= min_ratio * slot_score)
+        # The guard in float64 (as SPEC and the reference): float32 rounds the product.
+        propose = (slot_score >= 0) & cand_ok & (cand_score.double() >= min_ratio * slot_score.double())
         selection = select_top_per_expert(
             slot_score.clamp(min=0).reshape(-1),
             cand.reshape(-1),

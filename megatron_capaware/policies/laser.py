@@ -99,12 +99,31 @@ def laser_candidates(
     if extra > 0:
         others = torch.ones_like(scores, dtype=torch.bool).scatter_(1, topk_idx, False)
         rest_idx, _ = C.ranked_experts(scores, others, extra)
-        good = scores.gather(1, rest_idx) >= t_fix * values.max(dim=1, keepdim=True).values
+        # float64, as SPEC and the reference state it: in float32, t_fix * max rounds
+        # and can admit or refuse an expert sitting exactly on the threshold.
+        best = values.max(dim=1, keepdim=True).values.double()
+        good = scores.gather(1, rest_idx).double() >= t_fix * best
         cand = torch.cat([topk_idx, rest_idx], dim=1)
         in_pool = torch.cat([torch.ones_like(topk_idx, dtype=torch.bool), good], dim=1)
     else:
         cand, in_pool = topk_idx, torch.ones_like(topk_idx, dtype=torch.bool)
     return cand, in_pool, topk_idx, values.sum(dim=1)
+
+
+def topk_mass(values: torch.Tensor) -> torch.Tensor:
+    """``M_k [T]`` float64: each row's top-k scores summed left to right.
+
+    Compared with ``eps_high`` in float64: a float32 comparison rounds
+    ``eps_high`` (``1e-167`` becomes 0, ``0.7`` becomes ``0.69999999``) and
+    flips tokens sitting on the threshold, against the calibration, which
+    compares in float64. A fixed left-to-right order makes ``M_k`` of a token
+    independent of how many tokens share its call (its EP split) and equal to
+    the reference's ``sum()``.
+    """
+    mass = values[:, 0].double() if values.shape[1] else values.new_zeros(values.shape[0], dtype=torch.float64)
+    for j in range(1, values.shape[1]):
+        mass = mass + values[:, j].double()
+    return mass
 
 
 def capped_water_fill(loads: torch.Tensor, demand: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
@@ -187,7 +206,7 @@ def laser_decision(
     device = scores.device
     rank = group_rank(group)
     cand, in_pool, topk_idx, topk_sum = laser_candidates(scores, k, t_fix, width, topk_indices)
-    flexible = topk_sum < eps_high  # [T]
+    flexible = topk_mass(scores.gather(1, topk_idx)) < eps_high  # [T]
     top_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, topk_idx, True)
     confident_map = top_map & ~flexible.unsqueeze(1)
 
