@@ -35,6 +35,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from megatron_capaware.policies._common import score_bits
 from megatron_capaware.policies.collectives import (
     ProcessGroup,
     all_reduce_sum,
@@ -68,15 +69,6 @@ class Selection:
     global_kept: torch.Tensor
     capacity: torch.Tensor
     global_items: torch.Tensor
-
-
-def priority_keys(priority: torch.Tensor) -> torch.Tensor:
-    """int64 sort keys of non-negative float priorities (order preserving).
-
-    ``-0.0`` is mapped to ``+0.0`` first so equal values get equal keys.
-    """
-    p = priority.to(torch.float32) + 0.0  # IEEE: -0.0 + 0.0 == +0.0
-    return p.view(torch.int32).to(torch.int64)
 
 
 def select_top_per_expert(
@@ -123,7 +115,7 @@ def select_top_per_expert(
         sync_free = FORCE_SYNC_FREE if FORCE_SYNC_FREE is not None else priority.is_cuda
     device = priority.device
     num_items = priority.shape[0]
-    keys = priority_keys(priority)
+    keys = score_bits(priority)
     expert = expert.to(torch.int64)
     extra = (
         torch.zeros((), dtype=torch.int64, device=device)
