@@ -160,15 +160,31 @@ def load_weights(
             )
     inner = _unwrap(model)
     sharded = {"model": inner.sharded_state_dict()}
+    # torch.distributed.checkpoint's CheckpointException (shape mismatches found
+    # while planning the load) derives from BaseException, not Exception.
+    from torch.distributed.checkpoint.api import CheckpointException as _DcpException
+
     try:
         state = dist_checkpointing.load(sharded, str(weights), strict=_strictness(strict))
-    except Exception as err:  # Megatron raises several types; name the checkpoint
-        raise CheckpointError(f"cannot load {weights} into this model: {err}") from err
+    except (Exception, _DcpException) as err:  # Megatron raises several types; name the checkpoint
+        raise CheckpointError(f"cannot load {weights} into this model: {_describe(err)}") from err
     model_state = state["model"]
     result = inner.load_state_dict(model_state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if strict and missing:
         raise CheckpointError(f"checkpoint {weights} lacks tensors the model needs: {missing[:8]}")
+
+
+def _describe(err: BaseException) -> str:
+    """The message of ``err``; for torch DCP's per-rank wrapper, the ranks' own messages."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        msgs = []
+        for rank_id, failure in sorted(failures.items()):
+            exc = failure[0] if isinstance(failure, tuple) else failure
+            msgs.append(f"rank {rank_id}: {type(exc).__name__}: {exc}")
+        return "; ".join(msgs)
+    return str(err)
 
 
 def _strictness(strict: bool) -> Any:
