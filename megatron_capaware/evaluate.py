@@ -183,7 +183,7 @@ def run_evaluation(
         all_stats = collect_stats(model)
         per_layer = reduce_summaries(all_stats)
         loads = {
-            layer: (torch.stack(s.global_loads).double().mean(0)).tolist() if s.global_loads else []
+            layer: s.mean_loads().tolist() if s.calls else []
             for layer, s in all_stats.items()
         }
         result = RouterResult(

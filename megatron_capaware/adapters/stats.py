@@ -15,6 +15,12 @@ import torch
 
 from megatron_capaware import metrics
 
+# Per-layer records kept one per call; older calls are folded into running
+# totals so a long-lived server's memory stays bounded while every summary
+# still covers all calls since the last reset.
+MAX_RECORDS = 1024
+_COUNTS = ("requested", "dropped", "rerouted", "tokens", "flexible")
+
 
 @dataclass
 class LayerRoutingStats:
@@ -46,6 +52,13 @@ class LayerRoutingStats:
     flexible: List[int] = field(default_factory=list)
     capacity: List[Optional[int]] = field(default_factory=list)
     received: List[torch.Tensor] = field(default_factory=list)
+    max_records: int = MAX_RECORDS
+    # Calls folded out of the lists above: count, summed per-call metrics,
+    # summed loads, and summed counts.
+    folded_calls: int = 0
+    folded_metrics: Dict[str, float] = field(default_factory=dict)
+    folded_loads: Optional[torch.Tensor] = None
+    folded_counts: Dict[str, int] = field(default_factory=dict)
 
     def record_decision(self, decision) -> None:
         """Store a :class:`~megatron_capaware.policies.RoutingDecision` (CPU copies)."""
@@ -56,22 +69,66 @@ class LayerRoutingStats:
         self.tokens.append(int(decision.global_tokens))
         self.flexible.append(int(decision.flexible) if decision.flexible is not None else 0)
         self.capacity.append(int(decision.capacity) if decision.capacity is not None else None)
+        if len(self.global_loads) > self.max_records:
+            self._fold_oldest()
+
+    def _fold_oldest(self) -> None:
+        loads = self.global_loads.pop(0)
+        for key, value in metrics.load_metrics(loads, self.ep_size).items():
+            self.folded_metrics[key] = self.folded_metrics.get(key, 0.0) + value
+        self.folded_loads = loads.clone() if self.folded_loads is None else self.folded_loads + loads
+        for name in _COUNTS:
+            self.folded_counts[name] = self.folded_counts.get(name, 0) + getattr(self, name).pop(0)
+        self.capacity.pop(0)
+        self.folded_calls += 1
+
+    @property
+    def calls(self) -> int:
+        """Forward calls recorded since the last reset (folded ones included)."""
+        return self.folded_calls + len(self.global_loads)
+
+    def total(self, name: str) -> int:
+        """Sum of one count (``requested``, ``dropped``, ...) over all recorded calls."""
+        return self.folded_counts.get(name, 0) + sum(getattr(self, name))
+
+    def mean_loads(self) -> Optional[torch.Tensor]:
+        """Per-expert global load ``[E]`` averaged over all recorded calls (float64)."""
+        if not self.calls:
+            return None
+        total = torch.stack(self.global_loads).sum(0).double() if self.global_loads else 0.0
+        if self.folded_loads is not None:
+            total = total + self.folded_loads.double()
+        return total / self.calls
 
     def record_received(self, tokens_per_local_expert) -> None:
         """Store the number of tokens each local expert received in this call."""
         counts = torch.as_tensor(tokens_per_local_expert).detach().to("cpu", torch.int64).reshape(-1)
         self.received.append(counts)
+        if len(self.received) > self.max_records:
+            self.received.pop(0)
 
     def reset(self) -> None:
         for name in ("global_loads", "requested", "dropped", "rerouted", "tokens", "flexible", "capacity", "received"):
             getattr(self, name).clear()
+        self.folded_calls = 0
+        self.folded_metrics = {}
+        self.folded_loads = None
+        self.folded_counts = {}
 
     def summary(self) -> Dict[str, float]:
         """Load figures over all recorded calls (drop and reroute fractions from
         this rank's own counts; :func:`reduce_summaries` gives the global ones)."""
-        return metrics.summarize_calls(
-            self.global_loads, self.requested, self.dropped, self.rerouted, self.ep_size
-        )
+        out = metrics.summarize_calls(self.global_loads, self.requested, self.dropped, self.rerouted, self.ep_size)
+        if not self.folded_calls:
+            return out
+        live = len(self.global_loads)
+        for key, folded in self.folded_metrics.items():
+            out[key] = (out.get(key, 0.0) * live + folded) / self.calls
+        total = self.total("requested")
+        out["dropped_frac"] = self.total("dropped") / total if total else 0.0
+        out["rerouted_frac"] = self.total("rerouted") / total if total else 0.0
+        out["calls"] = float(self.calls)
+        return out
 
 
 def reduce_summaries(all_stats: Dict[int, LayerRoutingStats]) -> Dict[int, Dict[str, float]]:
@@ -86,12 +143,12 @@ def reduce_summaries(all_stats: Dict[int, LayerRoutingStats]) -> Dict[int, Dict[
     out: Dict[int, Dict[str, float]] = {}
     for layer, stats in sorted(all_stats.items()):
         summary = stats.summary()
-        counts = torch.tensor([sum(stats.dropped), sum(stats.rerouted), sum(stats.flexible)], dtype=torch.int64)
+        counts = torch.tensor([stats.total("dropped"), stats.total("rerouted"), stats.total("flexible")], dtype=torch.int64)
         counts = all_reduce_sum(counts, stats.load_group)
-        total = float(sum(stats.requested))
+        total = float(stats.total("requested"))
         summary["dropped_frac"] = float(counts[0]) / total if total else 0.0
         summary["rerouted_frac"] = float(counts[1]) / total if total else 0.0
-        tokens = float(sum(stats.tokens))
+        tokens = float(stats.total("tokens"))
         summary["flexible_frac"] = float(counts[2]) / tokens if tokens else 0.0
         out[layer] = summary
     return out

@@ -1,0 +1,36 @@
+"""Per-layer routing statistics: bounded memory, same summary as keeping every call."""
+
+import torch
+
+from megatron_capaware import policies
+from megatron_capaware.adapters.stats import LayerRoutingStats
+
+
+def _decisions(n: int):
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n):
+        scores = torch.rand(40 + i, 8, generator=gen) ** 3
+        yield policies.capacity_drop_decision(scores.softmax(-1), 2, 1.0)
+
+
+def test_folded_records_give_the_same_summary_and_stay_bounded():
+    unbounded = LayerRoutingStats(layer_number=1, num_experts=8, ep_size=2, local_experts=list(range(8)),
+                                  max_records=10**9)
+    bounded = LayerRoutingStats(layer_number=1, num_experts=8, ep_size=2, local_experts=list(range(8)),
+                                max_records=4)
+    for decision in _decisions(23):
+        unbounded.record_decision(decision)
+        bounded.record_decision(decision)
+        bounded.record_received(torch.ones(8, dtype=torch.int64))
+    assert len(bounded.global_loads) == 4 and len(bounded.received) == 4 and len(bounded.capacity) == 4
+    assert bounded.calls == unbounded.calls == 23
+    a, b = unbounded.summary(), bounded.summary()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert abs(a[key] - b[key]) < 1e-9, key
+    assert a["dropped_frac"] > 0  # the case exercises drops
+    torch.testing.assert_close(bounded.mean_loads(), unbounded.mean_loads())
+    for name in ("requested", "dropped", "rerouted", "tokens", "flexible"):
+        assert bounded.total(name) == unbounded.total(name)
+    bounded.reset()
+    assert bounded.calls == 0 and bounded.mean_loads() is None and bounded.summary()["calls"] == 0.0
