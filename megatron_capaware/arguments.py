@@ -197,7 +197,8 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument(
         "--capaware-drop-policy", choices=DROP_POLICIES, default=None,
         help="Which assignments an overloaded expert keeps (capacity-drop, capacity-reroute): "
-        "score (highest router score), position (earliest tokens), random (seeded by "
+        "score (highest router score), weight (largest share of the token's top-k mass: "
+        "first choices before second choices), position (earliest tokens), random (seeded by "
         "--capaware-seed). Default: follows Megatron's --moe-token-drop-policy (probs -> "
         "score, position -> position), i.e. score.",
     )

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 ROUTER_TYPES = ("topk", "capacity-drop", "capacity-reroute", "expanded-drop", "laser")
 SCOPES = ("global", "local")
-DROP_POLICIES = ("score", "position", "random")
+from megatron_capaware.policies._common import DROP_POLICIES
 REROUTE_POLICIES = ("score", "load")
 CALIBRATION_FORMAT = "capaware-laser-calibration/1"
 MAX_GAMMA = 1e6  # beyond this a capacity factor is a typo, not a setting

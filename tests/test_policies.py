@@ -39,7 +39,7 @@ def capacity_of(case: Case) -> int:
     return C.capacity_from_total(case.gamma, T * case.k, E)
 
 
-@pytest.mark.parametrize("policy", ["score", "position", "random"])
+@pytest.mark.parametrize("policy", ["score", "weight", "position", "random"])
 def test_drop_matches_reference_and_respects_capacity(policy: str) -> None:
     for case in CASES:
         fast = P.capacity_drop(case.scores, case.k, case.gamma, policy=policy, normalize=case.normalize, seed=7)
@@ -65,6 +65,26 @@ def test_drop_by_score_keeps_the_highest_scores() -> None:
             dropped_scores = case.scores[dropped[:, e], e]
             if kept_scores.numel() and dropped_scores.numel():
                 assert float(kept_scores.min()) >= float(dropped_scores.max()), case.shape
+
+
+def test_weight_drop_keeps_first_choices_before_any_second_choice() -> None:
+    """k = 2, policy weight: an expert drops a token's first choice only once it has
+    dropped every second choice offered to it (first choices carry >= half the mass)."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(400, 8, generator=gen) * 2 + torch.linspace(2, 0, 8)  # skewed to low ids
+    scores = logits.softmax(-1)
+    top = scores.topk(2, dim=1).indices
+    _, kept = P.capacity_drop(scores, 2, 1.0, policy="weight")
+    _, kept_by_score = P.capacity_drop(scores, 2, 1.0, policy="score")
+    first_kept, second_kept = kept.gather(1, top).unbind(1)
+    crossings = 0
+    for e in range(8):
+        first_lost = ((top[:, 0] == e) & ~first_kept).any()
+        second_won = ((top[:, 1] == e) & second_kept).any()
+        assert not (first_lost and second_won), f"expert {e} kept a second choice over a first choice"
+        crossings += int(((top[:, 0] == e) & ~kept_by_score.gather(1, top)[:, 0]).any()
+                         and ((top[:, 1] == e) & kept_by_score.gather(1, top)[:, 1]).any())
+    assert crossings > 0, "the case should make score-priority keep a second choice over a first one"
 
 
 @pytest.mark.parametrize("policy", ["score", "load"])

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-DROP_POLICIES = ("score", "position", "random")
+DROP_POLICIES = ("score", "weight", "position", "random")
 REROUTE_POLICIES = ("score", "load")
 
 

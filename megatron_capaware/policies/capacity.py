@@ -75,6 +75,8 @@ def _drop_priority(
     """Priority of each top-k assignment ``[T*k]`` under a drop policy."""
     if policy == "score":
         return values.reshape(-1)
+    if policy == "weight":
+        return normalized_weights(values).reshape(-1)
     if policy == "position":
         # Equal priorities: ties break by (rank, token order) = earliest tokens first.
         return torch.zeros(values.numel(), dtype=torch.float32, device=values.device)
@@ -82,6 +84,23 @@ def _drop_priority(
     offset, _ = C.local_token_offset(num_tokens, values.device, group)
     token = torch.arange(num_tokens, device=values.device).unsqueeze(1) + offset
     return hash_uniform((token * num_experts + indices).reshape(-1), seed)
+
+
+def normalized_weights(values: torch.Tensor) -> torch.Tensor:
+    """``[T, k]`` float32: each top-k score over its row's top-k sum (0 where that sum is 0).
+
+    The share of the token's MoE output the assignment carries under top-k
+    normalisation (Mixtral, OLMoE, Qwen with ``norm_topk_prob``): for ``k = 2``
+    a token's first choice always outranks any second choice, and a flat
+    token's first choice outranks a confident token's second. Divided in
+    float64 over a left-to-right sum (as the reference) so rounding cannot
+    depend on the batch.
+    """
+    from megatron_capaware.policies.laser import topk_mass
+
+    mass = topk_mass(values).unsqueeze(1)
+    share = torch.where(mass > 0, values.double() / mass.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    return share.to(torch.float32)
 
 
 def _capacity_fn(gamma: float, k: int, num_experts: int):

@@ -51,9 +51,15 @@ def topk(scores: torch.Tensor, k: int, *, normalize: bool = False) -> Tuple[torc
     return _output(scores, [set(t) for t in tops], [sum(r[e] for e in t) for r, t in zip(rows, tops)], normalize)
 
 
-def _priority(policy: str, rows: List[List[float]], t: int, e: int, num_experts: int, seed: int) -> float:
+def _priority(policy: str, rows: List[List[float]], tops: List[List[int]], t: int, e: int,
+              num_experts: int, seed: int) -> float:
     if policy == "score":
         return rows[t][e]
+    if policy == "weight":  # share of the token's top-k mass, rounded to float32 as the fast path
+        mass = 0.0
+        for x in tops[t]:
+            mass += rows[t][x]
+        return float(torch.tensor(rows[t][e] / mass, dtype=torch.float64).float()) if mass > 0 else 0.0
     if policy == "position":
         return 0.0
     return float(hash_uniform(torch.tensor([t * num_experts + e]), seed)[0])
@@ -86,7 +92,7 @@ def _drop_state(scores, k, gamma, policy, seed):
     per_expert: Dict[int, List[Tuple[float, int, int]]] = {e: [] for e in range(num_experts)}
     for t in range(num_tokens):
         for e in tops[t]:
-            per_expert[e].append((_priority(policy, rows, t, e, num_experts, seed), t, t))
+            per_expert[e].append((_priority(policy, rows, tops, t, e, num_experts, seed), t, t))
     chosen: List[Set[int]] = [set() for _ in range(num_tokens)]
     for e, items in per_expert.items():
         for _, _, t in _keep_top(items, capacity):
