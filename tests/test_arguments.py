@@ -67,7 +67,8 @@ def test_defaults_are_vanilla_topk_and_the_documented_knobs() -> None:
     assert config_from_args(argparse.Namespace(moe_router_type="topk")) == CapawareConfig()
 
 
-def test_help_states_units_and_defaults(capsys) -> None:
+def test_help_states_units_and_defaults(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # no line wrap inside a hyphenated flag name
     with pytest.raises(SystemExit):
         parse(["--help"])
     text = " ".join(capsys.readouterr().out.split())

@@ -70,7 +70,7 @@ IN_PROCESS: List[Tuple[str, Callable[[Path], Any], type, str]] = [
     ("policy: gamma a string", lambda t: P.capacity_drop(S, 2, "1.25"), RoutingInputError, "gamma must be a number > 0"),
     # --- other knobs
     ("policy: unknown drop policy", lambda t: P.capacity_drop(S, 2, 1.0, policy="lowest"), RoutingInputError,
-     "policy='lowest' is not one of score, position, random"),
+     "policy='lowest' is not one of score, weight, position, random"),
     ("policy: unknown reroute policy", lambda t: P.capacity_reroute(S, 2, 1.0, policy="far"), RoutingInputError,
      "policy='far' is not one of score, load"),
     ("policy: reroute rounds < 0", lambda t: P.capacity_reroute(S, 2, 1.0, rounds=-1), RoutingInputError,
@@ -112,7 +112,7 @@ IN_PROCESS: List[Tuple[str, Callable[[Path], Any], type, str]] = [
     ("config: unknown scope", lambda t: CapawareConfig(scope="world"), CapawareConfigError,
      "scope='world' must be one of global, local"),
     ("config: unknown drop policy", lambda t: CapawareConfig(drop_policy="lowest"), CapawareConfigError,
-     "drop policy 'lowest' must be one of score, position, random"),
+     "drop policy 'lowest' must be one of score, weight, position, random"),
     ("config: unknown reroute policy", lambda t: CapawareConfig(reroute_policy="far"), CapawareConfigError,
      "reroute policy 'far' must be one of score, load"),
     ("config: reroute rounds < 0", lambda t: CapawareConfig(reroute_rounds=-1), CapawareConfigError,
