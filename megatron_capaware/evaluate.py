@@ -276,9 +276,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         dispatcher=args.dispatcher, dtype=args.dtype, progress=not args.no_progress,
     )
     results = run_evaluation(options, routers)
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or int(os.environ.get("RANK", "0")) == 0:
+    # run_evaluation has destroyed the process group by now: the launcher's RANK decides.
+    if int(os.environ.get("RANK", "0")) == 0:
         records = report.make_records(results, options)
         print(report.format_table(records))
         paths = report.write_outputs(records, args.out, json_path=args.json, csv_path=args.csv,

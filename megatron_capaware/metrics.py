@@ -29,8 +29,16 @@ def rank_loads(loads: torch.Tensor, ep_size: int) -> torch.Tensor:
     return loads.reshape(*loads.shape[:-1], ep_size, num_experts // ep_size).sum(-1)
 
 
-def load_metrics(loads: torch.Tensor, ep_size: int = 1) -> Dict[str, float]:
-    """Metrics of one layer's per-expert loads ``[E]`` in one forward call."""
+def load_metrics(loads: torch.Tensor, ep_size: int = 1, requested: Optional[float] = None) -> Dict[str, float]:
+    """Metrics of one layer's per-expert loads ``[E]`` in one forward call.
+
+    With ``requested`` (the assignments top-k asked for, ``T_glob * k``) also
+    ``peak_load`` and ``rank_peak_load``: the busiest expert's (EP rank's) load
+    over top-k's *mean* expert (rank) load. Unlike ``I``, these compare routers
+    that compute different numbers of assignments (drops lower the mean;
+    expanded-drop raises it): the rank figure is what the layer's expert time
+    follows, relative to a perfectly balanced top-k.
+    """
     loads = loads.to(torch.float64)
     mean = float(loads.mean())
     i_expert = imbalance(loads)
@@ -43,6 +51,17 @@ def load_metrics(loads: torch.Tensor, ep_size: int = 1) -> Dict[str, float]:
         "zero_load_frac": float((loads == 0).double().mean()),
         "max_load": float(loads.max()),
         "mean_load": mean,
+        **_peaks(loads, ep_size, requested),
+    }
+
+
+def _peaks(loads: torch.Tensor, ep_size: int, requested: Optional[float]) -> Dict[str, float]:
+    if requested is None or requested <= 0 or not loads.numel():
+        return {}
+    requested = float(requested)
+    return {
+        "peak_load": float(loads.max()) * loads.numel() / requested,
+        "rank_peak_load": float(rank_loads(loads, ep_size).max()) * ep_size / requested,
     }
 
 
@@ -54,7 +73,8 @@ def summarize_calls(
     ep_size: int = 1,
 ) -> Dict[str, float]:
     """One layer over several forward calls: per-call metrics averaged, fractions pooled."""
-    per_call: List[Dict[str, float]] = [load_metrics(l, ep_size) for l in loads_per_call]
+    requested = list(requested)
+    per_call: List[Dict[str, float]] = [load_metrics(l, ep_size, r) for l, r in zip(loads_per_call, requested)]
     out: Dict[str, float] = {}
     if per_call:
         for key in per_call[0]:
@@ -72,7 +92,8 @@ def aggregate_layers(per_layer: Mapping[int, Mapping[str, float]]) -> Dict[str, 
     ``dropped_frac`` / ``rerouted_frac`` are averaged over layers too (every MoE
     layer is asked for the same number of assignments).
     """
-    keys = ("imbalance", "max_vio", "rank_imbalance", "cv", "zero_load_frac", "dropped_frac", "rerouted_frac")
+    keys = ("imbalance", "max_vio", "rank_imbalance", "cv", "zero_load_frac", "dropped_frac", "rerouted_frac",
+            "peak_load", "rank_peak_load")
     layers = list(per_layer.values())
     if not layers:
         return {}

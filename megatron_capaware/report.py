@@ -25,13 +25,14 @@ TABLE_COLUMNS = (
     ("i_agg", "I_agg", "{:.3f}"),
     ("i_agg_reduction", "I_topk/I", "{:.2f}x"),
     ("rank_imbalance", "I_rank", "{:.3f}"),
+    ("rank_peak_load", "peak_rank", "{:.3f}"),
     ("max_vio", "MaxVio", "{:.3f}"),
     ("dropped_frac", "dropped%", "{:.2%}"),
     ("rerouted_frac", "rerouted%", "{:.2%}"),
 )
 CSV_FIELDS = (
     "label", "router", "gamma", "ppl", "delta_ppl_pct", "accuracy", "delta_accuracy", "i_agg",
-    "i_agg_reduction", "rank_imbalance", "max_vio", "cv", "zero_load_frac", "dropped_frac",
+    "i_agg_reduction", "rank_imbalance", "rank_peak_load", "peak_load", "max_vio", "cv", "zero_load_frac", "dropped_frac",
     "rerouted_frac", "flexible_frac", "tokens", "ep", "tp", "seconds",
 )
 
@@ -51,6 +52,9 @@ def make_records(results: Sequence[Any], options: Any) -> List[Dict[str, Any]]:
             "accuracy": result.accuracy,
             "i_agg": agg.get("i_agg"),
             "rank_imbalance": agg.get("rank_imbalance"),
+            # busiest expert / EP rank over top-k's mean: comparable across routers
+            "peak_load": agg.get("peak_load"),
+            "rank_peak_load": agg.get("rank_peak_load"),
             "max_vio": agg.get("max_vio"),
             "cv": agg.get("cv"),
             "zero_load_frac": agg.get("zero_load_frac"),

@@ -34,3 +34,15 @@ def test_folded_records_give_the_same_summary_and_stay_bounded():
         assert bounded.total(name) == unbounded.total(name)
     bounded.reset()
     assert bounded.calls == 0 and bounded.mean_loads() is None and bounded.summary()["calls"] == 0.0
+
+
+def test_peak_load_is_relative_to_topk_mean_load():
+    """Expanded drop fills every expert to C: I is 1 but the busiest rank does gamma x top-k's mean."""
+    from megatron_capaware import metrics
+
+    full = metrics.load_metrics(torch.tensor([4, 4, 4, 4]), ep_size=2, requested=8)
+    assert full["imbalance"] == 1.0 and full["peak_load"] == 2.0 and full["rank_peak_load"] == 2.0
+    skewed = metrics.load_metrics(torch.tensor([5, 1, 1, 1]), ep_size=2, requested=8)
+    assert skewed["peak_load"] == skewed["imbalance"] == 2.5  # no drops: same mean
+    assert skewed["rank_peak_load"] == skewed["rank_imbalance"] == 1.5
+    assert "peak_load" not in metrics.load_metrics(torch.tensor([1, 1]))

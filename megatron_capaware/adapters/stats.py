@@ -74,7 +74,7 @@ class LayerRoutingStats:
 
     def _fold_oldest(self) -> None:
         loads = self.global_loads.pop(0)
-        for key, value in metrics.load_metrics(loads, self.ep_size).items():
+        for key, value in metrics.load_metrics(loads, self.ep_size, self.requested[0]).items():
             self.folded_metrics[key] = self.folded_metrics.get(key, 0.0) + value
         self.folded_loads = loads.clone() if self.folded_loads is None else self.folded_loads + loads
         for name in _COUNTS:
