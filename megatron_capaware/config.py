@@ -186,6 +186,8 @@ class CapawareConfig:
                 return "laser(calibrated)"
             return f"laser(eps={self.laser_eps_high:g},t_fix={self.laser_t_fix:g},pool={self.laser_pool or '2k'})"
         extra = ""
+        if self.drop_policy != "score" and self.router_type in ("capacity-drop", "capacity-reroute"):
+            extra += f",drop={self.drop_policy}"
         if self.router_type == "capacity-reroute":
             extra = f",rounds={self.reroute_rounds}"
             if self.reroute_min_ratio:

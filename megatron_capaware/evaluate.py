@@ -36,6 +36,9 @@ DEFAULT_ROUTER_SPECS = [
     "capacity-reroute:gamma=1.0|1.25|1.5|2.0",
     "expanded-drop:gamma=1.0|1.25|1.5|2.0",
     "laser",
+    # Beyond the paper: drop by share of the token's top-k mass.
+    "capacity-drop:gamma=1.0|1.25|1.5|2.0,drop_policy=weight",
+    "capacity-reroute:gamma=1.0|1.25,drop_policy=weight",
 ]
 CALIBRATION_FILE = "laser_calibration.json"
 
