@@ -118,7 +118,7 @@ def write_outputs(
     csv_path: Optional[Path] = None,
     plots: bool = True,
 ) -> List[Path]:
-    """Write results.json, results.csv (and plots) to ``out_dir``; returns the paths written."""
+    """Write results.json, results.csv, results.md (and plots) to ``out_dir``; returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: List[Path] = []
@@ -133,6 +133,8 @@ def write_outputs(
             writer.writeheader()
             writer.writerows(records)
         written.append(Path(path))
+    (out_dir / "results.md").write_text(markdown_table(records) + "\n")
+    written.append(out_dir / "results.md")
     if plots:
         written += plot_load_heatmaps(records, out_dir / "expert_load_heatmaps.png")
         written += plot_quality_vs_balance(records, out_dir / "quality_vs_balance.png")
