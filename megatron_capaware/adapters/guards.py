@@ -89,8 +89,12 @@ def check_scores_over_group(scores: torch.Tensor, group: Any, layer_number: Opti
         RoutingInputError: on every rank, naming the layer, the ranks with bad
             scores, and on those ranks the first bad position.
     """
-    nonfinite = ~torch.isfinite(scores)
-    local = torch.stack([nonfinite.sum(), (scores < 0).sum()]).to(torch.int64)
+    if scores.numel():
+        lo, hi = torch.aminmax(scores)  # one pass; NaN propagates
+        finite = torch.isfinite(lo) & torch.isfinite(hi)
+        local = torch.stack([~finite, finite & (lo < 0)]).to(torch.int64)
+    else:
+        local = torch.zeros(2, dtype=torch.int64, device=scores.device)
     gathered = all_gather_stack(local, group) if group_size(group) > 1 else local.unsqueeze(0)
     if not bool(gathered.any()):  # the one host read
         return
@@ -103,9 +107,10 @@ def check_scores_over_group(scores: torch.Tensor, group: Any, layer_number: Opti
     )
     if int(gathered[:, 0].sum()):
         detail = ""
+        nonfinite = ~torch.isfinite(scores)
         if bool(nonfinite.any()):
             t, e = (int(i) for i in nonfinite.nonzero()[0])
-            detail = f"; {int(local[0])} non-finite values on this rank, the first at token {t}, expert {e}"
+            detail = f"; {int(nonfinite.sum())} non-finite values on this rank, the first at token {t}, expert {e}"
         raise RoutingInputError(
             f"{where}router scores contain NaN or Inf{others}{detail}. The gate produced non-finite "
             "logits: check the model weights (a bad checkpoint or an overflow in a low-precision "
