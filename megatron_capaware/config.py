@@ -189,7 +189,7 @@ class CapawareConfig:
         if self.drop_policy != "score" and self.router_type in ("capacity-drop", "capacity-reroute"):
             extra += f",drop={self.drop_policy}"
         if self.router_type == "capacity-reroute":
-            extra = f",rounds={self.reroute_rounds}"
+            extra += f",rounds={self.reroute_rounds}"
             if self.reroute_min_ratio:
                 extra += f",rho={self.reroute_min_ratio:g}"
         if self.scope == "local":
