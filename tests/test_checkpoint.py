@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,20 +18,13 @@ import pytest
 import torch
 
 from megatron_capaware import checkpoint
+from tests.megatron_training_support import subprocess_env
 
 WORKER = Path(__file__).with_name("_ckpt_worker.py")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run_worker(nproc: int, *args: str, timeout: float = 150) -> None:
-    env = dict(os.environ)
-    env.update(
-        TORCHDYNAMO_DISABLE="1",
-        OMP_NUM_THREADS="1",
-        PYTHONWARNINGS="ignore",
-        CAPAWARE_COLLECTIVE_TIMEOUT_S="120",
-        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
-    )
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(WORKER), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
