@@ -181,6 +181,14 @@ def plot_load_heatmaps(records: Sequence[Dict[str, Any]], path: Path) -> List[Pa
     return [path]
 
 
+def _family(record: Dict[str, Any]) -> str:
+    """Router type, plus a non-default drop policy (its own curve)."""
+    policy = (record.get("config") or {}).get("drop_policy", "score")
+    if record["router"] in ("capacity-drop", "capacity-reroute") and policy != "score":
+        return f"{record['router']} (drop={policy})"
+    return record["router"]
+
+
 def plot_quality_vs_balance(records: Sequence[Dict[str, Any]], path: Path) -> List[Path]:
     """Perplexity against I_agg: one line per router family across its settings."""
     import matplotlib
@@ -191,13 +199,14 @@ def plot_quality_vs_balance(records: Sequence[Dict[str, Any]], path: Path) -> Li
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     families: Dict[str, List[Dict[str, Any]]] = {}
     for record in records:
-        families.setdefault(record["router"], []).append(record)
+        families.setdefault(_family(record), []).append(record)
     markers = {"topk": "*", "capacity-drop": "o", "capacity-reroute": "s", "expanded-drop": "^", "laser": "D"}
     for family, items in families.items():
         items = sorted(items, key=lambda r: r["i_agg"] or 0)
         xs = [r["i_agg"] for r in items]
         ys = [r["ppl"] for r in items]
-        ax.plot(xs, ys, marker=markers.get(family, "o"), label=family, linestyle="-" if len(items) > 1 else "")
+        ax.plot(xs, ys, marker=markers.get(items[0]["router"], "o"), label=family,
+                linestyle=("--" if family != items[0]["router"] else "-") if len(items) > 1 else "")
         for r in items:
             if r.get("gamma") is not None:
                 ax.annotate(f"{r['gamma']:g}", (r["i_agg"], r["ppl"]), fontsize=7, xytext=(3, 3),
