@@ -239,12 +239,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings("ignore")
     from megatron_capaware.testing import run_distributed
 
-    checkpoint, text = args.checkpoint, args.text
-    if checkpoint is None or text is None:
-        from megatron_capaware import reference_models
+    from megatron_capaware import reference_models
 
-        checkpoint = checkpoint or reference_models.reference_model_dir()
-        text = text or reference_models.CALIBRATION_TEXT
+    checkpoint, text = reference_models.checkpoint_and_text(
+        args.checkpoint, args.text, reference_models.CALIBRATION_TEXT
+    )
     if not 0 < args.target_reduction:
         raise SystemExit("--target-reduction must be > 0")
     options = dict(checkpoint=str(checkpoint), text=str(text), tokenizer=args.tokenizer, seq_len=args.seq_len,

@@ -265,12 +265,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from megatron_capaware import report
     from megatron_capaware.router_specs import parse_router_specs
 
-    checkpoint, text = args.checkpoint, args.text
-    if checkpoint is None or text is None:
-        from megatron_capaware import reference_models
+    from megatron_capaware import reference_models
 
-        checkpoint = checkpoint or reference_models.reference_model_dir()
-        text = text or reference_models.HELDOUT_TEXT
+    checkpoint, text = reference_models.checkpoint_and_text(args.checkpoint, args.text, reference_models.HELDOUT_TEXT)
     routers = parse_router_specs(args.routers) if args.routers else default_routers(checkpoint)
     options = EvalOptions(
         checkpoint=checkpoint, text=text, tokenizer=args.tokenizer, seq_len=args.seq_len,

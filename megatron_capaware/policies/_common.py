@@ -164,6 +164,22 @@ EXPERT_ID_BITS = 10  # composite keys hold expert ids below 2**10
 SPARE_LIMIT = (1 << 22) - 1  # spare capacities above this compare as equal in load order
 
 
+def topk_mass(values: torch.Tensor) -> torch.Tensor:
+    """``M_k [T]`` float64: each row's top-k scores summed left to right.
+
+    Compared with ``eps_high`` in float64: a float32 comparison rounds
+    ``eps_high`` (``1e-167`` becomes 0, ``0.7`` becomes ``0.69999999``) and
+    flips tokens sitting on the threshold, against the calibration, which
+    compares in float64. A fixed left-to-right order makes ``M_k`` of a token
+    independent of how many tokens share its call (its EP split) and equal to
+    the reference's ``sum()``.
+    """
+    mass = values[:, 0].double() if values.shape[1] else values.new_zeros(values.shape[0], dtype=torch.float64)
+    for j in range(1, values.shape[1]):
+        mass = mass + values[:, j].double()
+    return mass
+
+
 def score_bits(scores: torch.Tensor) -> torch.Tensor:
     """Order-preserving int64 keys of non-negative float scores (``-0.0`` as ``+0.0``)."""
     s = scores.to(torch.float32) + 0.0  # IEEE: -0.0 + 0.0 == +0.0

@@ -96,9 +96,7 @@ def normalized_weights(values: torch.Tensor) -> torch.Tensor:
     float64 over a left-to-right sum (as the reference) so rounding cannot
     depend on the batch.
     """
-    from megatron_capaware.policies.laser import topk_mass
-
-    mass = topk_mass(values).unsqueeze(1)
+    mass = C.topk_mass(values).unsqueeze(1)
     share = torch.where(mass > 0, values.double() / mass.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
     return share.to(torch.float32)
 

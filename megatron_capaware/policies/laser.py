@@ -41,6 +41,7 @@ from typing import Optional, Tuple
 import torch
 
 from megatron_capaware.policies import _common as C
+from megatron_capaware.policies._common import topk_mass
 from megatron_capaware.policies.collectives import (
     ProcessGroup,
     all_gather_stack,
@@ -108,22 +109,6 @@ def laser_candidates(
     else:
         cand, in_pool = topk_idx, torch.ones_like(topk_idx, dtype=torch.bool)
     return cand, in_pool, topk_idx, values.sum(dim=1)
-
-
-def topk_mass(values: torch.Tensor) -> torch.Tensor:
-    """``M_k [T]`` float64: each row's top-k scores summed left to right.
-
-    Compared with ``eps_high`` in float64: a float32 comparison rounds
-    ``eps_high`` (``1e-167`` becomes 0, ``0.7`` becomes ``0.69999999``) and
-    flips tokens sitting on the threshold, against the calibration, which
-    compares in float64. A fixed left-to-right order makes ``M_k`` of a token
-    independent of how many tokens share its call (its EP split) and equal to
-    the reference's ``sum()``.
-    """
-    mass = values[:, 0].double() if values.shape[1] else values.new_zeros(values.shape[0], dtype=torch.float64)
-    for j in range(1, values.shape[1]):
-        mass = mass + values[:, j].double()
-    return mass
 
 
 def capped_water_fill(loads: torch.Tensor, demand: torch.Tensor, units: torch.Tensor) -> torch.Tensor:

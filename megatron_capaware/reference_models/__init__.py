@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 REFERENCE_MODELS_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "shakespeare-moe-8x2"
@@ -78,6 +78,13 @@ def reference_model_dir(name: Optional[str] = None) -> Path:
             f"available: {available_models() or 'none'}"
         )
     return path
+
+
+def checkpoint_and_text(
+    checkpoint: Optional[Path], text: Optional[Path], default_text: Path
+) -> Tuple[Path, Path]:
+    """``(checkpoint, text)`` as given, the bundled model and ``default_text`` where None."""
+    return (checkpoint or reference_model_dir(), text or default_text)
 
 
 def tokenizer_path(name: Optional[str] = None) -> Path:
