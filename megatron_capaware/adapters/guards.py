@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_capaware.config import CapawareConfig, CapawareConfigError
-from megatron_capaware.policies._common import RoutingInputError
+from megatron_capaware.policies._common import RoutingInputError, score_value_flags
 from megatron_capaware.policies.collectives import LoadGroup, all_gather_stack, group_size
 
 # ----------------------------------------------------------------------------- failed collectives
@@ -89,12 +89,7 @@ def check_scores_over_group(scores: torch.Tensor, group: Any, layer_number: Opti
         RoutingInputError: on every rank, naming the layer, the ranks with bad
             scores, and on those ranks the first bad position.
     """
-    if scores.numel():
-        lo, hi = torch.aminmax(scores)  # one pass; NaN propagates
-        finite = torch.isfinite(lo) & torch.isfinite(hi)
-        local = torch.stack([~finite, finite & (lo < 0)]).to(torch.int64)
-    else:
-        local = torch.zeros(2, dtype=torch.int64, device=scores.device)
+    local = score_value_flags(scores)
     gathered = all_gather_stack(local, group) if group_size(group) > 1 else local.unsqueeze(0)
     if not bool(gathered.any()):  # the one host read
         return

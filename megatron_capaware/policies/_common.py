@@ -40,9 +40,7 @@ def check_scores(scores: torch.Tensor, k: int, *, check_values: bool = True) -> 
     if not 1 <= k <= num_experts:
         raise RoutingInputError(f"k={k} must be in [1, E={num_experts}]")
     if check_values and scores.numel():
-        # One pass and one host read in the normal case (aminmax propagates NaN).
-        lo, hi = torch.stack(torch.aminmax(scores)).tolist()
-        if math.isfinite(lo) and math.isfinite(hi) and lo >= 0:
+        if not bool(score_value_flags(scores).any()):  # the one host read in the normal case
             return
         bad = ~torch.isfinite(scores)
         if bool(bad.any()):
@@ -57,6 +55,19 @@ def check_scores(scores: torch.Tensor, k: int, *, check_values: bool = True) -> 
                 "router scores must be probabilities >= 0 (softmax or sigmoid output), got a "
                 f"minimum of {float(scores.min())}; pass probabilities, not logits"
             )
+
+
+def score_value_flags(scores: torch.Tensor) -> torch.Tensor:
+    """``[2]`` int64 on the scores' device: (any NaN / Inf, any negative finite score).
+
+    One ``aminmax`` pass (it propagates NaN) and no host sync, so callers can
+    all-gather the flags before reading them.
+    """
+    if not scores.numel():
+        return torch.zeros(2, dtype=torch.int64, device=scores.device)
+    lo, hi = torch.aminmax(scores)
+    finite = torch.isfinite(lo) & torch.isfinite(hi)
+    return torch.stack([~finite, finite & (lo < 0)]).to(torch.int64)
 
 
 def check_gamma(gamma: float) -> float:
