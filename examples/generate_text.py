@@ -27,8 +27,8 @@ from megatron.training.checkpointing import load_checkpoint  # noqa: E402
 from megatron.training.initialize import initialize_megatron  # noqa: E402
 
 from megatron_capaware.adapters import install_capaware_routers  # noqa: E402
-from megatron_capaware.arguments import config_from_args  # noqa: E402
-from megatron_capaware.generate import build_engine  # noqa: E402
+from megatron_capaware.megatron_lm.arguments import config_from_args  # noqa: E402
+from megatron_capaware.megatron_lm.generate import build_engine  # noqa: E402
 
 
 def add_prompt_args(parser):

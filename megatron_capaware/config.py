@@ -1,7 +1,7 @@
 """One dataclass that carries the router type and its knobs, with validation.
 
 Used by the Megatron adapters, the command-line flags
-(:mod:`megatron_capaware.arguments`) and the evaluation. Every invalid value
+(:mod:`megatron_capaware.megatron_lm.arguments`) and the evaluation. Every invalid value
 raises :class:`CapawareConfigError` with what is wrong and how to fix it.
 """
 
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
+from megatron_capaware.policies.common import DROP_POLICIES, REROUTE_POLICIES
+
 ROUTER_TYPES = ("topk", "capacity-drop", "capacity-reroute", "expanded-drop", "laser")
 SCOPES = ("global", "local")
-from megatron_capaware.policies._common import DROP_POLICIES
-REROUTE_POLICIES = ("score", "load")
 CALIBRATION_FORMAT = "capaware-laser-calibration/1"
 MAX_GAMMA = 1e6  # beyond this a capacity factor is a typo, not a setting
 

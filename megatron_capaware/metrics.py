@@ -1,4 +1,4 @@
-"""Load-balance metrics of ``shared/SPEC.md`` (pure functions, torch only).
+"""Load-balance metrics of ``docs/routers.md`` (pure functions, torch only).
 
 Per layer and forward call: ``I = max_e L_e / mean_e L_e``, ``MaxVio = I - 1``,
 the same over EP ranks (sum of each rank's local experts: what sets the

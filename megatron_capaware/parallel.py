@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_capaware.cpu_shims import apply_cpu_shims, cuda_available
+from megatron_capaware._compat.cpu_shims import apply_cpu_shims, cuda_available
+from megatron_capaware._compat.launcher import free_port
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -75,19 +76,11 @@ def init_distributed(timeout_s: Optional[float] = None) -> None:
         backend = "gloo"
     if "RANK" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ["RANK"] = "0"
         os.environ["WORLD_SIZE"] = "1"
         os.environ["LOCAL_RANK"] = "0"
     dist.init_process_group(backend=backend, timeout=collective_timeout(timeout_s))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_model_parallel(sizes: ParallelSizes, timeout_s: Optional[float] = None) -> None:

@@ -41,8 +41,8 @@ def payload_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     import torch.distributed as dist
 
     from megatron_capaware import parallel, policies
-    from megatron_capaware.bench.common import skewed_scores
-    from megatron_capaware.policies import selection
+    from megatron_capaware.tools.bench.common import skewed_scores
+    from megatron_capaware.policies.common import DEVICE_PATH_ENV
     from megatron_capaware.policies.collectives import record_collectives
 
     parallel.init_distributed()
@@ -60,8 +60,8 @@ def payload_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
                     "expanded-drop": lambda: policies.expanded_drop(scores, k, 1.25, local, group=group),
                     "laser": lambda: policies.laser(scores, k, 0.6, 0.5, 2 * k, group=group),
                 }
-                for path, force in (("cuda-path", True), ("cpu-path", False)):
-                    selection.FORCE_SYNC_FREE = force
+                for path, force in (("cuda-path", "1"), ("cpu-path", "0")):
+                    os.environ[DEVICE_PATH_ENV] = force
                     for router in ROUTERS:
                         with record_collectives() as log:
                             calls[router]()
@@ -72,7 +72,7 @@ def payload_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
                             "predicted": predicted(router, num_experts, world) if path == "cuda-path" else None,
                             "hidden_a2a_bytes_per_rank_bf16_h4096": tokens * k * 4096 * 2,
                         })
-                    selection.FORCE_SYNC_FREE = None
+                    os.environ.pop(DEVICE_PATH_ENV, None)
     parallel.destroy()
     return out
 
@@ -86,7 +86,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    from megatron_capaware.testing import run_distributed
+    from megatron_capaware._compat.launcher import run_distributed
 
     records: List[Dict[str, Any]] = []
     for ep in args.ep:

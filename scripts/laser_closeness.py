@@ -1,7 +1,7 @@
 """How close the fast LASER (waves, rounds) comes to the exact sequential greedy.
 
 Prints, per score distribution and shape, the imbalance I = max/mean expert
-load of top-k, of the exact greedy (SPEC.md's rule, one token at a time) and
+load of top-k, of the exact greedy (docs/routers.md's rule, one token at a time) and
 of the fast path at several (waves, rounds), plus the fraction of flexible
 tokens whose expert set differs from the greedy's. Writes JSON with --json.
 
@@ -19,7 +19,7 @@ import torch
 
 from megatron_capaware import policies as P
 from megatron_capaware.policies import reference as R
-from tests.policy_cases import make_scores
+from megatron_capaware.tools.bench.common import synthetic_scores as make_scores
 
 
 def imbalance(routing_map: torch.Tensor) -> float:
@@ -50,7 +50,7 @@ def main() -> None:
         for E, k in ((8, 2), (64, 6)):
             cases.append((mode, k, make_scores(args.tokens, E, mode, torch.Generator().manual_seed(0))))
     if args.trace:
-        from megatron_capaware.bench.common import load_score_trace
+        from megatron_capaware.tools.bench.common import load_score_trace
 
         for layer, calls in sorted(load_score_trace(args.trace)["layers"].items()):
             cases.append((f"layer{layer}", args.k, torch.cat(calls)[: args.tokens].float()))

@@ -8,7 +8,7 @@ Two modes, both on ``--ep`` local gloo ranks (CPU) or under torchrun:
   forwards (``install_capaware_routers`` again, as an evaluation sweep does),
   the routers' stats reset every ``--reset-every`` forwards (0: never, to
   see what the recorded stats cost).
-* ``eval``: ``--rounds`` calls of :func:`megatron_capaware.evaluate.run_evaluation`
+* ``eval``: ``--rounds`` calls of :func:`megatron_capaware.tools.evaluate.run_evaluation`
   on ``--checkpoint`` / ``--text`` (model load, process-group set-up and
   teardown each round), every router of ``--routers`` each round.
 
@@ -142,8 +142,8 @@ def forward_worker(opts: Dict[str, Any]) -> Dict[str, Any]:
 
     from megatron_capaware import parallel
     from megatron_capaware.adapters import collect_stats, install_capaware_routers
-    from megatron_capaware.model_builder import MoEModelArgs, build_gpt_model, build_transformer_config
-    from megatron_capaware.router_specs import parse_router_specs
+    from megatron_capaware.models.builder import MoEModelArgs, build_gpt_model, build_transformer_config
+    from megatron_capaware.tools.router_specs import parse_router_specs
 
     parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=opts["ep"]))
     parallel.set_seed(0)
@@ -186,8 +186,8 @@ def eval_worker(opts: Dict[str, Any]) -> Dict[str, Any]:
     """Mode ``eval`` on one rank: ``rounds`` x :func:`run_evaluation`."""
     import torch.distributed as dist
 
-    from megatron_capaware.evaluate import EvalOptions, run_evaluation
-    from megatron_capaware.router_specs import parse_router_specs
+    from megatron_capaware.tools.evaluate import EvalOptions, run_evaluation
+    from megatron_capaware.tools.router_specs import parse_router_specs
 
     from megatron_capaware import parallel
 
@@ -258,7 +258,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "RANK" in os.environ:  # under torchrun: this process is one rank
         results = [worker(opts)]
     else:
-        from megatron_capaware.testing import run_distributed
+        from megatron_capaware._compat.launcher import run_distributed
 
         results = run_distributed(worker, args.ep, opts, timeout_s=24 * 3600.0, collective_timeout_s=300.0)
     report = {"options": opts, "wall_s": time.monotonic() - started, "ranks": results}

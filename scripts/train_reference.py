@@ -2,11 +2,11 @@
 """Train, export and verify megatron-capaware's bundled reference MoE model.
 
 The model is a Megatron-Core ``GPTModel`` (built with
-:func:`megatron_capaware.model_builder.build_gpt_model`) trained on CPU, in
+:func:`megatron_capaware.models.builder.build_gpt_model`) trained on CPU, in
 fp32, with plain ``torch.optim.AdamW``, a warm-up + cosine learning-rate
 schedule, fixed seeds, and only a small Megatron ``aux_loss`` so that the
 router keeps the natural imbalance of real MoE models. The result is saved in
-bf16 with :func:`megatron_capaware.checkpoint.save_checkpoint` together with
+bf16 with :func:`megatron_capaware.models.checkpoint.save_checkpoint` together with
 its tokenizer and a provenance file (``provenance.json`` + ``PROVENANCE.md``).
 
 One command does everything (corpus from ``scripts/prepare_corpus.py``)::
@@ -57,18 +57,16 @@ import torch
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from megatron_capaware import checkpoint as ckpt_io  # noqa: E402
-from megatron_capaware.model_builder import (  # noqa: E402
+from megatron_capaware.models import checkpoint as ckpt_io
+from megatron_capaware.models.builder import (
     MoEModelArgs,
     build_gpt_model,
     build_transformer_config,
 )
-from megatron_capaware.parallel import ParallelSizes, destroy, init_model_parallel, set_seed  # noqa: E402
+from megatron_capaware.parallel import ParallelSizes, destroy, init_model_parallel, set_seed
 
-BUNDLE_ROOT = REPO / "megatron_capaware" / "reference_models"
+BUNDLE_ROOT = REPO / "megatron_capaware" / "models" / "reference_models"
 MK_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 MK_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -753,7 +751,7 @@ def cmd_provenance(a: argparse.Namespace) -> None:
         "params": state["params"],
         "checkpoint": {"format": "Megatron dist checkpoint (torch_dist), Megatron-LM release layout",
                        "dtype": "bf16", "bytes": export["bundle_bytes"], "files": files,
-                       "load": "megatron_capaware.checkpoint.load_model(dir, expert_parallel=N, params_dtype=torch.bfloat16)"},
+                       "load": "megatron_capaware.models.checkpoint.load_model(dir, expert_parallel=N, params_dtype=torch.bfloat16)"},
         "corpus": {
             "sources": manifest["sources"],
             "rules": manifest["rules"],
@@ -927,7 +925,7 @@ def parse() -> argparse.Namespace:
         sp.add_argument("--preset", default="shakespeare-moe-8x2", choices=sorted(PRESETS))
         sp.add_argument("--corpus-dir", default="runs/reference/corpus")
         sp.add_argument("--work-dir", default=None, help="default runs/reference/<preset>")
-        sp.add_argument("--bundle-dir", default=None, help="default megatron_capaware/reference_models/<preset>")
+        sp.add_argument("--bundle-dir", default=None, help="default megatron_capaware/models/reference_models/<preset>")
         sp.add_argument("--threads", type=int, default=1, help="torch threads per process")
 
     def hparams(sp: argparse.ArgumentParser) -> None:

@@ -72,8 +72,8 @@ def main() -> None:
     a = p.parse_args()
 
     torch.set_num_threads(1)
-    from megatron_capaware import checkpoint
-    from megatron_capaware.model_builder import MoEModelArgs, build_gpt_model, build_transformer_config
+    from megatron_capaware.models import checkpoint
+    from megatron_capaware.models.builder import MoEModelArgs, build_gpt_model, build_transformer_config
     from megatron_capaware.parallel import ParallelSizes, destroy, init_model_parallel, set_seed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -126,7 +126,7 @@ def main() -> None:
     elif a.mode == "bundle":
         import numpy as np
 
-        from megatron_capaware import reference_models
+        from megatron_capaware.models import reference_models
 
         model, margs = checkpoint.load_model(a.dir, params_dtype=torch.bfloat16)
         tok = reference_models.load_tokenizer(Path(a.dir).name)

@@ -44,8 +44,8 @@ def train_tokenizer(folder: Path) -> int:
 
 def make_tiny_checkpoint(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Save a tiny GPT MoE in Megatron-LM's release layout, with its tokenizer (one rank)."""
-    from megatron_capaware.checkpoint import save_checkpoint
-    from megatron_capaware.model_builder import MoEModelArgs, build_gpt_model, build_transformer_config
+    from megatron_capaware.models.checkpoint import save_checkpoint
+    from megatron_capaware.models.builder import MoEModelArgs, build_gpt_model, build_transformer_config
 
     root = Path(spec["ckpt"])
     tok_dir = root.parent / (root.name + "-tokenizer")
@@ -67,7 +67,7 @@ def make_tiny_checkpoint(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 def reference_greedy(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Greedy continuation of each prompt by full recompute with the package's own loader."""
-    from megatron_capaware.checkpoint import load_model
+    from megatron_capaware.models.checkpoint import load_model
     from megatron_capaware.megatron_lm import CapawareTokenizer
 
     parallel.init_model_parallel(parallel.ParallelSizes())
@@ -100,7 +100,7 @@ def spec_built_layer_numbers(_: Dict[str, Any]) -> Dict[str, Any]:
 
     from megatron_capaware.adapters import capaware_spec, collect_stats
     from megatron_capaware.config import CapawareConfig
-    from megatron_capaware.model_builder import MoEModelArgs, build_transformer_config
+    from megatron_capaware.models.builder import MoEModelArgs, build_transformer_config
 
     parallel.init_model_parallel(parallel.ParallelSizes())
     parallel.set_seed(1)

@@ -5,7 +5,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from megatron_capaware.testing import run_distributed
+from megatron_capaware._compat.launcher import run_distributed
 
 # Property tests (tests/test_properties.py): CAPAWARE_HYPOTHESIS_PROFILE picks
 # how many cases. "ci" (default): a few thousand in all, derandomized so CI is

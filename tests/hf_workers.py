@@ -219,7 +219,7 @@ def _gates(model: torch.nn.Module) -> List[torch.nn.Module]:
 class HFCapacityDrop:
     """An independent capacity drop written into a transformers model's gates.
 
-    SPEC.md: over the whole forward batch (T tokens), ``C = ceil(gamma * T * k / E)``;
+    docs/routers.md: over the whole forward batch (T tokens), ``C = ceil(gamma * T * k / E)``;
     each expert keeps its ``C`` assignments with the highest router probability
     ``s[t, e]`` (softmax over all experts; sigmoid for sigmoid gates) and drops the
     rest (weight 0); the kept weights stay what the model's own gate made them
@@ -288,7 +288,7 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def _run_routers(ckpt: str, ids: torch.Tensor, sizes: "parallel.ParallelSizes", gamma: float) -> Dict[str, Any]:
     from megatron_capaware.adapters import collect_stats, install_capaware_routers
-    from megatron_capaware.checkpoint import load_model
+    from megatron_capaware.models.checkpoint import load_model
     from megatron_capaware.config import CapawareConfig
 
     parallel.init_model_parallel(sizes)
@@ -308,7 +308,7 @@ def _run_routers(ckpt: str, ids: torch.Tensor, sizes: "parallel.ParallelSizes", 
 
 def convert(spec: Dict[str, Any]) -> None:
     """Convert spec["hf"] to spec["ckpt"] on the calling ranks (the CLI's main() when spec["cli"])."""
-    from megatron_capaware import checkpoints
+    from megatron_capaware.models.hf import convert as checkpoints
 
     if spec.get("cli"):
         rc = checkpoints.main([spec["hf"], spec["ckpt"], "--quiet"])

@@ -26,8 +26,8 @@ def deterministic_weights(num_experts: int, hidden: int, ffn: int, seed: int) ->
 
 def build_moe_layer(spec: Dict[str, Any]):
     """A standalone Megatron MoELayer (SequentialMLP experts, non-gated) with fixed weights."""
-    from megatron_capaware.model_builder import MoEModelArgs, build_moe_layer as build_layer
-    from megatron_capaware.model_builder import build_transformer_config
+    from megatron_capaware.models.builder import MoEModelArgs, build_moe_layer as build_layer
+    from megatron_capaware.models.builder import build_transformer_config
     from megatron.core import parallel_state as ps
 
     E, H, F = spec["experts"], spec["hidden"], spec["ffn"]
@@ -135,9 +135,9 @@ def gpt_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     from megatron_capaware.adapters import capaware_spec, collect_stats, install_capaware_routers
-    from megatron_capaware.checkpoint import load_weights, save_checkpoint
+    from megatron_capaware.models.checkpoint import load_weights, save_checkpoint
     from megatron_capaware.config import CapawareConfig
-    from megatron_capaware.model_builder import MoEModelArgs, build_gpt_model, build_transformer_config
+    from megatron_capaware.models.builder import MoEModelArgs, build_gpt_model, build_transformer_config
 
     ep = spec["ep"]
     parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=ep))
@@ -183,8 +183,8 @@ def te_style_keys_worker(ckpt: str) -> Dict[str, Any]:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    from megatron_capaware.checkpoint import load_weights, save_checkpoint
-    from megatron_capaware.model_builder import MoEModelArgs, build_gpt_model, build_transformer_config
+    from megatron_capaware.models.checkpoint import load_weights, save_checkpoint
+    from megatron_capaware.models.builder import MoEModelArgs, build_gpt_model, build_transformer_config
 
     parallel.init_model_parallel(parallel.ParallelSizes())
     parallel.set_seed(5)

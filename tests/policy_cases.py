@@ -8,28 +8,9 @@ from typing import Iterator
 
 import torch
 
+from megatron_capaware.tools.bench.common import synthetic_scores as make_scores  # noqa: F401  (re-exported for the tests)
+
 SCORE_MODES = ("random", "skewed", "ties", "uniform", "one_hot_expert", "peaked")
-
-
-def make_scores(num_tokens: int, num_experts: int, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Router probabilities ``[T, E]`` of a given shape and character."""
-    T, E = num_tokens, num_experts
-    if mode == "random":
-        logits = torch.randn(T, E, generator=generator)
-    elif mode == "skewed":  # a few hot experts, as trained gates have
-        logits = torch.randn(T, E, generator=generator) * 2 + torch.linspace(3, 0, E)
-    elif mode == "ties":  # many exactly equal probabilities
-        logits = torch.randint(0, 3, (T, E), generator=generator).float()
-    elif mode == "uniform":
-        logits = torch.zeros(T, E)
-    elif mode == "one_hot_expert":  # every token prefers expert 0 overwhelmingly
-        logits = torch.randn(T, E, generator=generator) * 0.1
-        logits[:, 0] += 30.0
-    elif mode == "peaked":
-        logits = torch.randn(T, E, generator=generator) * 6
-    else:
-        raise ValueError(mode)
-    return torch.softmax(logits, dim=-1)
 
 
 @dataclass

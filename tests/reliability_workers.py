@@ -164,7 +164,7 @@ def fault_worker(mode: str, events_dir: str, hang_s: float, router_type: str = "
     """
     from megatron_capaware.adapters import install_capaware_routers, moe_layers
     from megatron_capaware.config import CapawareConfig
-    from megatron_capaware.model_builder import MoEModelArgs, build_gpt_model, build_transformer_config
+    from megatron_capaware.models.builder import MoEModelArgs, build_gpt_model, build_transformer_config
 
     timeout = float(os.environ["CAPAWARE_COLLECTIVE_TIMEOUT_S"])
     parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=2), timeout_s=timeout)
@@ -227,10 +227,10 @@ def catalogue_worker(paths: Dict[str, str], tmp: str) -> Dict[str, Any]:
     import shutil
 
     from megatron_capaware.adapters import install_capaware_routers, moe_layers
-    from megatron_capaware.checkpoint import CheckpointError, load_model, load_model_args, load_weights
+    from megatron_capaware.models.checkpoint import CheckpointError, load_model, load_model_args, load_weights
     from megatron_capaware.config import Calibration, CapawareConfig, LaserParams, load_calibration
-    from megatron_capaware.evaluate import EvalOptions, run_evaluation
-    from megatron_capaware.model_builder import (
+    from megatron_capaware.tools.evaluate import EvalOptions, run_evaluation
+    from megatron_capaware.models.builder import (
         MoEModelArgs, build_gpt_model, build_moe_layer as build_layer, build_transformer_config,
     )
 

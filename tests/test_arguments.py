@@ -15,7 +15,7 @@ from typing import List
 
 import pytest
 
-from megatron_capaware.arguments import (
+from megatron_capaware.megatron_lm.arguments import (
     DEFAULTS,
     add_capaware_args,
     config_from_args,

@@ -22,10 +22,10 @@ import torch
 
 from megatron_capaware import policies as P
 from megatron_capaware.config import CapawareConfig, CapawareConfigError, load_calibration
-from megatron_capaware.model_builder import MoEModelArgs
+from megatron_capaware.models.builder import MoEModelArgs
 from megatron_capaware.policies import RoutingInputError
-from megatron_capaware.router_specs import parse_router_spec
-from megatron_capaware.testing import run_distributed
+from megatron_capaware.tools.router_specs import parse_router_spec
+from megatron_capaware._compat.launcher import run_distributed
 
 S = torch.softmax(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
 
@@ -181,7 +181,7 @@ SPAWNED: List[Tuple[str, Optional[str], str]] = [
     ("megatron: sinkhorn load balancing", "CapawareConfigError",
      "cannot be combined with --moe-router-load-balancing-type sinkhorn"),
     ("megatron: flex dispatcher", "CapawareConfigError",
-     "supports the alltoall and allgather token dispatchers (dropped assignments must not be sent); got "
+     "supports --moe-token-dispatcher-type alltoall and allgather (dropped assignments must not be sent); got "
      "--moe-token-dispatcher-type flex"),
     ("megatron: group-limited routing with laser", "CapawareConfigError", "laser does not support group-limited routing"),
     ("megatron: expert bias with laser", "CapawareConfigError",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from megatron_capaware.bench import overhead, straggler
+from megatron_capaware.tools.bench import overhead, straggler
 
 pytestmark = pytest.mark.multirank
 

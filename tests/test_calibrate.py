@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_capaware.calibrate import _calibrate_worker, build_calibration, calibrate_layer
+from megatron_capaware.tools.calibrate import _calibrate_worker, build_calibration, calibrate_layer
 from megatron_capaware.config import CapawareConfig, CapawareConfigError, load_calibration
-from megatron_capaware.testing import run_distributed
+from megatron_capaware._compat.launcher import run_distributed
 from tests.eval_workers import evaluate_worker
 from tests.policy_cases import make_scores
 

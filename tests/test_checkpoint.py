@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_capaware import checkpoint
+from megatron_capaware.models import checkpoint
 from tests.megatron_training_support import subprocess_env
 
 WORKER = Path(__file__).with_name("_ckpt_worker.py")
@@ -111,7 +111,7 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
 
 def test_bundled_reference_model_smoke(tmp_path):
     """The bundled model loads at EP=1 and its held-out loss on a short slice is sane."""
-    from megatron_capaware import reference_models
+    from megatron_capaware.models import reference_models
 
     try:
         bundle = reference_models.reference_model_dir()

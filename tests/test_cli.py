@@ -19,8 +19,8 @@ from typing import Dict, List
 
 import pytest
 
-from megatron_capaware.arguments import add_capaware_args, config_from_args
-from megatron_capaware.testing import run_distributed
+from megatron_capaware.megatron_lm.arguments import add_capaware_args, config_from_args
+from megatron_capaware._compat.launcher import run_distributed
 from tests.cli_workers import make_tiny_checkpoint, reference_greedy
 from tests.megatron_training_support import ROOT, needs_megatron_training, run_cli
 
@@ -212,7 +212,7 @@ def test_launcher_usage_errors(tmp_path) -> None:
 
 
 def test_generate_defaults_to_the_bundled_model(tiny_ckpt, monkeypatch) -> None:
-    from megatron_capaware import generate
+    from megatron_capaware.megatron_lm import generate
 
     monkeypatch.setattr(generate, "default_checkpoint", lambda: str(tiny_ckpt))
     assert generate.with_default_load(["--prompts", "x"]) == ["--prompts", "x", "--load", str(tiny_ckpt)]
@@ -224,11 +224,11 @@ def test_generate_defaults_to_the_bundled_model(tiny_ckpt, monkeypatch) -> None:
 def test_default_checkpoint_is_the_reference_model_when_installed(tiny_ckpt, monkeypatch) -> None:
     import types
 
-    from megatron_capaware import generate
+    from megatron_capaware.megatron_lm import generate
 
-    fake = types.ModuleType("megatron_capaware.reference_models")
+    fake = types.ModuleType("megatron_capaware.models.reference_models")
     fake.REFERENCE_MODEL_DIR = tiny_ckpt
-    monkeypatch.setitem(sys.modules, "megatron_capaware.reference_models", fake)
+    monkeypatch.setitem(sys.modules, "megatron_capaware.models.reference_models", fake)
     assert generate.default_checkpoint() == str(tiny_ckpt)
     fake.REFERENCE_MODEL_DIR = tiny_ckpt / "not-there"
     assert generate.default_checkpoint() is None

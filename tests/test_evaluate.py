@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from megatron_capaware import report
-from megatron_capaware.testing import run_distributed
+from megatron_capaware.tools import report
+from megatron_capaware._compat.launcher import run_distributed
 from tests.eval_workers import evaluate_worker
 
 pytestmark = pytest.mark.multirank

@@ -26,7 +26,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from megatron_capaware.testing import DistributedRunError, run_distributed
+from megatron_capaware._compat.launcher import DistributedRunError, run_distributed
 from tests.reliability_workers import fault_worker
 
 pytestmark = pytest.mark.multirank

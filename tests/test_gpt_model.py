@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_capaware.testing import run_distributed
+from megatron_capaware._compat.launcher import run_distributed
 from tests.mp_workers import gpt_worker
 
 pytestmark = pytest.mark.multirank

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_capaware.testing import run_distributed
+from megatron_capaware._compat.launcher import run_distributed
 from tests import hf_workers
 from tests.hf_workers import GAMMA, perplexity
 
@@ -143,7 +143,7 @@ def _rewrite_tensors(folder: Path, edit) -> None:
 
 
 def _convert_error(folder: Path, tmp_path: Path, **kwargs) -> str:
-    from megatron_capaware.checkpoints import ConversionError, convert_checkpoint
+    from megatron_capaware.models.hf.convert import ConversionError, convert_checkpoint
 
     with pytest.raises(ConversionError) as info:
         convert_checkpoint(folder, tmp_path / "out", progress=False, **kwargs)
@@ -218,7 +218,7 @@ def test_refuses_to_overwrite(mixtral_dir: Path, tmp_path: Path) -> None:
     ({"quantization_config": {"quant_method": "fp8"}}, "quantized checkpoints (fp8)"),
 ])
 def test_deepseek_options_not_expressible(changes, needle) -> None:
-    from megatron_capaware.checkpoints import ConversionError, plan_conversion
+    from megatron_capaware.models.hf.convert import ConversionError, plan_conversion
 
     config = hf_workers.hf_config("deepseek_v2").to_dict()
     config.update(changes)
@@ -228,7 +228,7 @@ def test_deepseek_options_not_expressible(changes, needle) -> None:
 
 
 def test_sigmoid_without_normalisation_is_refused() -> None:
-    from megatron_capaware.checkpoints import ConversionError, plan_conversion
+    from megatron_capaware.models.hf.convert import ConversionError, plan_conversion
 
     config = hf_workers.hf_config("deepseek_v3").to_dict()
     config["norm_topk_prob"] = False
@@ -237,7 +237,7 @@ def test_sigmoid_without_normalisation_is_refused() -> None:
 
 
 def test_cli_reports_errors(mixtral_dir: Path, tmp_path: Path, capsys) -> None:
-    from megatron_capaware.checkpoints import main
+    from megatron_capaware.models.hf.convert import main
 
     folder = _copy(mixtral_dir, tmp_path / "hf")
     _edit_config(folder, model_type="gpt2")
@@ -250,7 +250,7 @@ def test_cli_reports_errors(mixtral_dir: Path, tmp_path: Path, capsys) -> None:
 
 def test_plans_map_routing_exactly() -> None:
     """The Megatron router settings each family's gate needs."""
-    from megatron_capaware.checkpoints import plan_conversion
+    from megatron_capaware.models.hf.convert import plan_conversion
 
     def args(family):
         return plan_conversion(hf_workers.hf_config(family).to_dict()).args
@@ -277,7 +277,7 @@ def test_plans_map_routing_exactly() -> None:
 
 def test_old_model_args_files_still_load(tmp_path: Path) -> None:
     """capaware_model.json files written before the HF fields existed load with the old behaviour."""
-    from megatron_capaware.model_builder import MoEModelArgs
+    from megatron_capaware.models.builder import MoEModelArgs
 
     old = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_moe_experts=4, moe_router_topk=2,
                moe_ffn_hidden_size=16, vocab_size=64, max_sequence_length=64)
@@ -304,7 +304,7 @@ HUB_CONFIGS = Path(__file__).parent / "data" / "hf_configs"
 ])
 def test_hub_configs(name: str, expect) -> None:
     """The published config.json files (v4 keys: rope_theta, rope_scaling, torch_dtype) plan as documented."""
-    from megatron_capaware.checkpoints import ConversionError, plan_conversion
+    from megatron_capaware.models.hf.convert import ConversionError, plan_conversion
 
     config = json.loads((HUB_CONFIGS / f"{name}.json").read_text())
     if isinstance(expect, str):
@@ -323,7 +323,7 @@ def test_hub_configs(name: str, expect) -> None:
 
 
 def test_dequantized_deepseek_v3_config_plans() -> None:
-    from megatron_capaware.checkpoints import plan_conversion
+    from megatron_capaware.models.hf.convert import plan_conversion
 
     config = json.loads((HUB_CONFIGS / "DeepSeek-V3.json").read_text())
     config.pop("quantization_config")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from megatron_capaware import megatron_lm
-from megatron_capaware.model_builder import MoEModelArgs
-from megatron_capaware.testing import run_distributed
+from megatron_capaware.models.builder import MoEModelArgs
+from megatron_capaware._compat.launcher import run_distributed
 from tests.cli_workers import EOT, TEXT, make_tiny_checkpoint, train_tokenizer
 from tests.megatron_training_support import HAVE_MEGATRON_TRAINING, needs_megatron_training, run_cli
 
@@ -98,7 +98,7 @@ def test_the_checkpoint_tokenizer_is_used_only_when_none_is_named(tmp_path) -> N
     assert megatron_lm.checkpoint_tokenizer_for(ns(load=str(tmp_path), tokenizer_type=None, tokenizer_model=None)) is None
     # The hook Megatron's build_tokenizer goes through.
     seen = []
-    build = megatron_lm._tokenizer_builder(lambda args: seen.append(args) or "megatron's")
+    build = megatron_lm.tokenizer._tokenizer_builder(lambda args: seen.append(args) or "megatron's")
     args = ns(load=str(root), tokenizer_type=None, tokenizer_model=None, padded_vocab_size=None, rank=1)
     assert isinstance(build(args), megatron_lm.CapawareTokenizer) and args.padded_vocab_size > 0 and not seen
     assert build(ns(load=None, tokenizer_type="X", tokenizer_model=None)) == "megatron's"

@@ -1,8 +1,8 @@
 """Property-based tests of the routing policies (hypothesis).
 
-Every generated case checks the SPEC.md invariants and fast == reference, on
-both selection code paths (``selection.FORCE_SYNC_FREE`` False: the CPU path
-that compacts and stops early; True: the sync-free CUDA path), over arbitrary
+Every generated case checks the docs/routers.md invariants and fast == reference, on
+both selection code paths (``CAPAWARE_DEVICE_PATH=0``: the CPU path that
+compacts and stops early; ``=1``: the sync-free device path), over arbitrary
 ``T`` (0 included), ``E``, ``k``, ``gamma``, pools and degenerate scores:
 zeros, exactly equal values, one-hot rows, 1.0s, denormals, values near the
 float32 limit, ties from a tiny value set.
@@ -33,9 +33,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from megatron_capaware import policies as P
-from megatron_capaware.policies import _common as C
+from megatron_capaware.policies import common
 from megatron_capaware.policies import reference as R
-from megatron_capaware.policies import selection
+from megatron_capaware.policies.common import DEVICE_PATH_ENV
 from tests.sim_dist import run_ranks
 
 # pytest-timeout's 600 s per test (pyproject.toml) fits the ci profile; a
@@ -115,12 +115,19 @@ def topk_case(draw, **kwargs):
 
 @contextmanager
 def sync_free(value: Optional[bool]):
-    saved = selection.FORCE_SYNC_FREE
-    selection.FORCE_SYNC_FREE = value
+    """Force the device path (True), the CPU path (False) or neither (None), as CAPAWARE_DEVICE_PATH does."""
+    saved = os.environ.get(DEVICE_PATH_ENV)
+    if value is None:
+        os.environ.pop(DEVICE_PATH_ENV, None)
+    else:
+        os.environ[DEVICE_PATH_ENV] = "1" if value else "0"
     try:
         yield
     finally:
-        selection.FORCE_SYNC_FREE = saved
+        if saved is None:
+            os.environ.pop(DEVICE_PATH_ENV, None)
+        else:
+            os.environ[DEVICE_PATH_ENV] = saved
 
 
 SYNC_MODES = (False, True)
@@ -130,17 +137,17 @@ SYNC_MODES = (False, True)
 
 
 def fast_decision(name: str, scores: torch.Tensor, k: int, p: Dict[str, Any], group=None, local=None):
-    common = dict(normalize=p["normalize"], renormalize=p["renormalize"], group=group)
+    common = dict(normalize=p["normalize"], renormalize=p["renormalize"], group=group, return_decision=True)
     if name == "drop":
-        return P.capacity_drop_decision(scores, k, p["gamma"], policy=p["policy"], seed=p["seed"], **common)
+        return P.capacity_drop(scores, k, p["gamma"], policy=p["policy"], seed=p["seed"], **common)
     if name == "reroute":
-        return P.capacity_reroute_decision(
+        return P.capacity_reroute(
             scores, k, p["gamma"], rounds=p["rounds"], policy=p["policy"], min_ratio=p["min_ratio"],
             drop_policy=p["drop_policy"], seed=p["seed"], **common)
     if name == "expanded":
-        return P.expanded_drop_decision(scores, k, p["gamma"], local, **common)
+        return P.expanded_drop(scores, k, p["gamma"], local, **common)
     if name == "laser":
-        return P.laser_decision(scores, k, p["eps_high"], p["t_fix"], p["pool"], waves=p["waves"],
+        return P.laser(scores, k, p["eps_high"], p["t_fix"], p["pool"], waves=p["waves"],
                                 rounds=p["laser_rounds"], **common)
     raise KeyError(name)
 
@@ -168,11 +175,11 @@ def router_params(draw, name: str, k: int, num_experts: int) -> Dict[str, Any]:
     if name in ("drop", "reroute"):
         p["seed"] = draw(st.integers(0, 2**31 - 1))
     if name == "drop":
-        p["policy"] = draw(st.sampled_from(C.DROP_POLICIES))
+        p["policy"] = draw(st.sampled_from(common.DROP_POLICIES))
     if name == "reroute":
         p["rounds"] = draw(st.integers(0, 3))
-        p["policy"] = draw(st.sampled_from(C.REROUTE_POLICIES))
-        p["drop_policy"] = draw(st.sampled_from(C.DROP_POLICIES))
+        p["policy"] = draw(st.sampled_from(common.REROUTE_POLICIES))
+        p["drop_policy"] = draw(st.sampled_from(common.DROP_POLICIES))
         p["min_ratio"] = draw(st.sampled_from((0.0, 0.0, 0.2, 0.5, 1.0, 2.0)))
     if name == "laser":
         p["eps_high"] = draw(st.one_of(st.sampled_from((0.0, 0.25, 0.5, 0.9, 1.0, 1.5, 1e30)), st.floats(0, 2)))
@@ -195,7 +202,7 @@ def assert_same(fast: Tuple[torch.Tensor, torch.Tensor], ref: Tuple[torch.Tensor
 
 def check_invariants(name: str, scores: torch.Tensor, k: int, p: Dict[str, Any], decision, global_tokens: int,
                      local=None) -> None:
-    """SPEC.md invariants of one rank's decision (``global_tokens`` over the group)."""
+    """docs/routers.md invariants of one rank's decision (``global_tokens`` over the group)."""
     probs, routing_map = decision.probs, decision.routing_map
     num_tokens, num_experts = scores.shape
     assert routing_map.shape == scores.shape and routing_map.dtype == torch.bool
@@ -203,7 +210,7 @@ def check_invariants(name: str, scores: torch.Tensor, k: int, p: Dict[str, Any],
     assert torch.all(probs[~routing_map] == 0), "weights must be zero off the routing map"
     assert torch.all(torch.isfinite(probs)) and torch.all(probs >= 0), "weights must be finite and >= 0"
     per_token = routing_map.sum(1)
-    top_map, _ = C.topk_map(scores, k)
+    top_map, _ = common.topk_map(scores, k)
     if name == "laser":
         assert torch.all(per_token == k), "LASER gives every token exactly k experts"
     elif name != "expanded":
@@ -215,7 +222,7 @@ def check_invariants(name: str, scores: torch.Tensor, k: int, p: Dict[str, Any],
         allowed[:, torch.as_tensor(local, dtype=torch.int64)] = True
         assert not torch.any(routing_map & ~allowed), "expanded-drop used an expert neither top-k nor local"
     if name in ("drop", "reroute", "expanded"):
-        capacity = C.capacity_from_total(p["gamma"], global_tokens * k, num_experts)
+        capacity = common.capacity_from_total(p["gamma"], global_tokens * k, num_experts)
         assert int(decision.capacity) == capacity
         assert capacity >= 1, "C >= 1 always (a decode step keeps its experts)"
         assert int(decision.global_loads.max()) <= capacity, "an expert's global load exceeds C"
@@ -230,7 +237,7 @@ def check_single_rank_figures(name: str, scores: torch.Tensor, k: int, p: Dict[s
     num_tokens, num_experts = scores.shape
     assert torch.equal(decision.global_loads, routing_map.sum(0)), "global loads != the map's loads"
     if name in ("drop", "reroute"):
-        top_map, _ = C.topk_map(scores, k)
+        top_map, _ = common.topk_map(scores, k)
         kept_top = int((routing_map & top_map).sum())
         if name == "drop":
             assert int(decision.dropped) == num_tokens * k - kept_top
@@ -263,7 +270,7 @@ def test_capacity_drop_properties(data, case) -> None:
     scores, k = case
     p = data.draw(router_params("drop", k, scores.shape[1]))
     _run_single("drop", scores, k, p)
-    top_map, _ = C.topk_map(scores, k)
+    top_map, _ = common.topk_map(scores, k)
     top_probs, _ = P.topk(scores, k, normalize=p["normalize"])
     probs, routing_map = P.capacity_drop(scores, k, p["gamma"], policy=p["policy"], seed=p["seed"],
                                          normalize=p["normalize"])
@@ -318,7 +325,7 @@ def test_huge_gamma_equals_topk(case, gamma: float, normalize: bool, rounds: int
     expected = P.topk(scores, k, normalize=normalize)
     for mode in SYNC_MODES:
         with sync_free(mode):
-            for policy in C.DROP_POLICIES:
+            for policy in common.DROP_POLICIES:
                 got = P.capacity_drop(scores, k, gamma, policy=policy, normalize=normalize)
                 assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0]), (gamma, policy)
             got = P.capacity_reroute(scores, k, gamma, rounds=rounds, normalize=normalize)
@@ -334,9 +341,9 @@ def test_capacity_saturates_instead_of_overflowing() -> None:
     for gamma in (1e20, 1e300, 1.7e308):
         assert int(P.capacity_drop(scores, 2, gamma)[1].sum()) == 12
         assert int(R.capacity_drop(scores, 2, gamma)[1].sum()) == 12
-        assert int(P.capacity_drop_decision(scores, 2, gamma).capacity) == C.CAPACITY_MAX
+        assert int(P.capacity_drop(scores, 2, gamma, return_decision=True).capacity) == common.CAPACITY_MAX
     one = scores[:1]
-    assert int(P.capacity_drop_decision(one, 1, 5e-324).capacity) == 1
+    assert int(P.capacity_drop(one, 1, 5e-324, return_decision=True).capacity) == 1
     assert int(P.capacity_drop(one, 1, 5e-324)[1].sum()) == 1
 
 
@@ -422,11 +429,11 @@ def test_decode_sized_batches_keep_their_experts(data, num_experts: int, k_frac:
     assert full.shape == (num_tokens, num_experts)
     if num_tokens:
         assert int(full.sum()) >= 1, "every expert of every token was dropped"
-    top_map, _ = C.topk_map(scores, k)
+    top_map, _ = common.topk_map(scores, k)
     if name in ("drop", "reroute"):
         # Experts asked for by at most C tokens lose none of them (expanded-drop
         # excepted: a higher-scoring local candidate may take the slot).
-        capacity = C.capacity_from_total(p["gamma"], num_tokens * k, num_experts)
+        capacity = common.capacity_from_total(p["gamma"], num_tokens * k, num_experts)
         uncontested = top_map.sum(0) <= capacity
         assert torch.all(full[:, uncontested] >= top_map[:, uncontested]), "an uncontested expert was dropped"
         if num_tokens * k <= num_experts and torch.all(top_map.sum(0) <= 1):

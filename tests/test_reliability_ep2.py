@@ -18,7 +18,7 @@ import torch
 
 from megatron_capaware import policies as P
 from megatron_capaware.policies import reference as R
-from megatron_capaware.testing import run_distributed
+from megatron_capaware._compat.launcher import run_distributed
 from tests.reliability_workers import E, K, ROUTERS, ep2_worker
 from tests.sim_dist import run_ranks
 

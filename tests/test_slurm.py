@@ -117,7 +117,7 @@ def test_dry_run_gpu_two_nodes(tmp_path: Path) -> None:
     for piece in ("srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1",
                   "-m torch.distributed.run --nnodes=2 --nproc-per-node=8",
                   "--rdzv-backend=c10d --rdzv-endpoint=gpu-a:20077 --rdzv-id=77",
-                  f"-m megatron_capaware.evaluate --max-tokens 4096 --csv {job_dir}/eval.csv --ep 16 "
+                  f"-m megatron_capaware.tools.evaluate --max-tokens 4096 --csv {job_dir}/eval.csv --ep 16 "
                   f"--json {job_dir}/eval.json --out {job_dir}/eval"):
         assert piece in command, (piece, command)
     env_txt = (job_dir / "env.txt").read_text()
@@ -130,7 +130,7 @@ def test_dry_run_gpu_two_nodes(tmp_path: Path) -> None:
 def test_dry_run_cpu_static_module(tmp_path: Path) -> None:
     result = _dry_run(
         ["--device", "cpu", "--procs-per-node", "4", "--tp", "2", "--rdzv", "static", "--",
-         "-m", "megatron_capaware.selfcheck", "--ep", "4", "--tokens", "64"], tmp_path,
+         "-m", "megatron_capaware.tools.selfcheck", "--ep", "4", "--tokens", "64"], tmp_path,
         SLURM_JOB_ID="5", SLURM_NNODES="2", SLURM_JOB_NODELIST="cpu1,cpu2", SLURM_CPUS_ON_NODE="16",
     )
     assert result.returncode == 0, result.stderr
@@ -138,7 +138,7 @@ def test_dry_run_cpu_static_module(tmp_path: Path) -> None:
     command = (job_dir / "command.sh").read_text()
     assert "--node-rank=@NODE_RANK@ --master-addr=cpu1 --master-port=20005" in command
     # The command's own --ep is the layout; our own modules get the launcher's --tp added.
-    assert command.rstrip().endswith("-u -m megatron_capaware.selfcheck --ep 4 --tokens 64 --tp 2")
+    assert command.rstrip().endswith("-u -m megatron_capaware.tools.selfcheck --ep 4 --tokens 64 --tp 2")
     env_txt = (job_dir / "env.txt").read_text()
     assert "layout: device=cpu procs_per_node=4 world=8 TP=2 EP=4 ETP=1" in env_txt
     assert "OMP_NUM_THREADS=4" in env_txt and "CUDA_VISIBLE_DEVICES=\n" in env_txt
@@ -158,7 +158,7 @@ def test_dry_run_other_module_arguments_untouched(tmp_path: Path) -> None:
     [
         (["--ep", "3", "--", "selfcheck"], {}, "not divisible by EP x ETP = 3 x 1 = 3"),
         (["--procs-per-node", "3", "--tp", "2", "--", "selfcheck"], {}, "is not divisible by TP=2"),
-        (["--ep", "2", "--", "-m", "megatron_capaware.selfcheck", "--ep", "4"], {},
+        (["--ep", "2", "--", "-m", "megatron_capaware.tools.selfcheck", "--ep", "4"], {},
          "the command says --ep 4 but the launcher was given --ep 2"),
         (["--tp", "0", "--", "selfcheck"], {}, "--tp must be a positive integer"),
         (["--device", "gpu", "--", "selfcheck"], {}, "this allocation has no GPUs"),
@@ -643,7 +643,7 @@ def test_selfcheck_job_as_documented(slurm: LocalSlurm, submit_dir: Path) -> Non
     command = (job_dir / "command.sh").read_text()
     assert (f"--nnodes=1 --nproc-per-node=2 --max-restarts=0 --rdzv-backend=c10d "
             f"--rdzv-endpoint={slurm.node}:{20000 + job_id % 20000} --rdzv-id={job_id}") in command
-    assert command.rstrip().endswith("-u -m megatron_capaware.selfcheck --ep 2")
+    assert command.rstrip().endswith("-u -m megatron_capaware.tools.selfcheck --ep 2")
     env_txt = (job_dir / "env.txt").read_text()
     assert "layout: device=cpu procs_per_node=2 world=2 TP=1 EP=2 ETP=1" in env_txt
     assert f"OMP_NUM_THREADS={max(1, slurm.cpus // 2)}" in env_txt

@@ -5,7 +5,7 @@ the stats recorder made at build time must follow, or every layer's stats
 land under layer 0 (megatron-core 0.16.1 and 0.19.2 alike).
 """
 
-from megatron_capaware.testing import run_distributed
+from megatron_capaware._compat.launcher import run_distributed
 from tests.cli_workers import spec_built_layer_numbers
 
 

@@ -10,7 +10,7 @@ def _decisions(n: int):
     gen = torch.Generator().manual_seed(0)
     for i in range(n):
         scores = torch.rand(40 + i, 8, generator=gen) ** 3
-        yield policies.capacity_drop_decision(scores.softmax(-1), 2, 1.0)
+        yield policies.capacity_drop(scores.softmax(-1), 2, 1.0, return_decision=True)
 
 
 def test_folded_records_give_the_same_summary_and_stay_bounded():

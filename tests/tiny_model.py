@@ -33,8 +33,8 @@ def make_tiny_checkpoint(root: str) -> Dict[str, str]:
     """Train a BPE tokenizer, build a tiny GPT MoE with random weights, save both (1 rank)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 
-    from megatron_capaware.checkpoint import save_checkpoint
-    from megatron_capaware.model_builder import MoEModelArgs, build_gpt_model, build_transformer_config
+    from megatron_capaware.models.checkpoint import save_checkpoint
+    from megatron_capaware.models.builder import MoEModelArgs, build_gpt_model, build_transformer_config
 
     root_path = Path(root)
     (root_path / "tok").mkdir(parents=True, exist_ok=True)

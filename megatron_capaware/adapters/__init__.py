@@ -1,10 +1,10 @@
 """Thin Megatron-Core adapters over the pure policies.
 
 Importing this package imports Megatron-Core; on a machine without CUDA it
-first applies :mod:`megatron_capaware.cpu_shims` (a no-op when CUDA exists).
+first applies :mod:`megatron_capaware._compat.cpu_shims` (a no-op when CUDA exists).
 """
 
-from megatron_capaware.cpu_shims import apply_cpu_shims as _apply_cpu_shims
+from megatron_capaware._compat.cpu_shims import apply_cpu_shims as _apply_cpu_shims
 
 _apply_cpu_shims()
 

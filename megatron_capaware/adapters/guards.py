@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_capaware.config import CapawareConfig, CapawareConfigError
-from megatron_capaware.policies._common import RoutingInputError, score_value_flags
+from megatron_capaware.policies.common import RoutingInputError, score_value_flags
 from megatron_capaware.policies.collectives import LoadGroup, all_gather_stack, group_size
 
 # ----------------------------------------------------------------------------- failed collectives

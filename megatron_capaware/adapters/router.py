@@ -21,13 +21,14 @@ import torch
 
 from megatron_capaware import policies
 from megatron_capaware.config import CapawareConfig, CapawareConfigError
+from megatron_capaware.refusals import raise_if_refused
 
 from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 from megatron.core.transformer.moe.router import TopKRouter
 
 
 def check_supported(config: Any, capaware: CapawareConfig) -> None:
-    """Reject Megatron settings that a capaware router cannot honour.
+    """Reject Megatron settings that a capaware router cannot honour (:mod:`megatron_capaware.refusals`).
 
     Raises:
         CapawareConfigError: naming the conflicting Megatron option and the fix.
@@ -37,69 +38,7 @@ def check_supported(config: Any, capaware: CapawareConfig) -> None:
         topk=config.moe_router_topk,
         score_function=config.moe_router_score_function,
     )
-    if capaware.router_type == "topk":
-        return  # vanilla Megatron, whatever its options
-    name = f"--moe-router-type {capaware.router_type}"
-    if config.moe_expert_capacity_factor is not None:
-        raise CapawareConfigError(
-            f"{name} and Megatron's --moe-expert-capacity-factor both limit expert load; Megatron's "
-            "drops on each rank's local tokens and would run after the capaware decision. Unset "
-            "--moe-expert-capacity-factor (the capaware gamma replaces it), or use "
-            "--moe-router-type topk to keep Megatron's own token dropping"
-        )
-    if getattr(config, "moe_pad_expert_input_to_capacity", False):
-        raise CapawareConfigError(
-            f"{name} cannot be combined with --moe-pad-expert-input-to-capacity (Megatron's padded "
-            "capacity path); unset it"
-        )
-    balancing = config.moe_router_load_balancing_type
-    if isinstance(balancing, str) and balancing in ("sinkhorn", "quantile_balancing"):
-        raise CapawareConfigError(
-            f"{name} cannot be combined with --moe-router-load-balancing-type {balancing}, which "
-            "replaces top-k routing itself; use aux_loss/seq_aux_loss/none"
-        )
-    if getattr(config, "moe_enable_routing_replay", False):
-        raise CapawareConfigError(
-            f"{name} cannot be combined with routing replay (--moe-enable-routing-replay replays "
-            "recorded top-k decisions); unset it"
-        )
-    if config.moe_token_dispatcher_type not in ("alltoall", "allgather"):
-        raise CapawareConfigError(
-            f"{name} supports the alltoall and allgather token dispatchers (dropped assignments "
-            f"must not be sent); got --moe-token-dispatcher-type {config.moe_token_dispatcher_type}"
-        )
-    if getattr(config, "context_parallel_size", 1) > 1:
-        raise CapawareConfigError(
-            f"{name} does not support context parallelism yet (CP > 1): use "
-            "--context-parallel-size 1, or --moe-router-type topk"
-        )
-    if config.moe_router_score_function not in ("softmax", "sigmoid"):
-        raise CapawareConfigError(
-            f"{name} knows the softmax and sigmoid score functions, not --moe-router-score-function "
-            f"{config.moe_router_score_function} (newer than this megatron-capaware); use "
-            "--moe-router-type topk, or a megatron-capaware release that supports it"
-        )
-    if getattr(config, "moe_router_padding_for_quantization", False) or getattr(
-        config, "moe_router_padding_for_fp8", False
-    ):
-        raise CapawareConfigError(
-            f"{name} cannot be combined with --moe-router-padding-for-quantization "
-            "(--moe-router-padding-for-fp8): the dispatcher would pad every expert's tokens to a "
-            "multiple of the quantization block after the routing decision, so experts would "
-            "process more than the capacity allows; unset it"
-        )
-    if capaware.router_type == "laser":
-        if config.moe_router_num_groups or config.moe_router_group_topk:
-            raise CapawareConfigError(
-                "--moe-router-type laser does not support group-limited routing "
-                "(--moe-router-num-groups / --moe-router-group-topk): its pools are drawn from all "
-                "experts; use a capacity router"
-            )
-        if getattr(config, "moe_router_enable_expert_bias", False):
-            raise CapawareConfigError(
-                "--moe-router-type laser does not support --moe-router-enable-expert-bias: its "
-                "confident tokens must take the model's own top-k; use a capacity router"
-            )
+    raise_if_refused(capaware.router_type, config)  # topk: vanilla Megatron, whatever its options
 
 
 def model_normalizes(config: Any) -> bool:
@@ -267,19 +206,19 @@ class CapawareRouter(TopKRouter):
         normalize = model_normalizes(self.config)
         common = dict(normalize=normalize, renormalize=capaware.renormalize, group=group,
                       check_values=False, topk_indices=indices,  # checked in routing()
-                      weights=capaware.renormalize)
+                      weights=capaware.renormalize, return_decision=True)
         if capaware.router_type == "laser":
             params = capaware.laser_params(self.layer_number, k)
-            return policies.laser_decision(
+            return policies.laser(
                 scores, k, params.eps_high, params.t_fix, params.pool,
                 waves=capaware.laser_waves, rounds=capaware.laser_rounds, **common,
             )
         if capaware.router_type == "capacity-drop":
-            return policies.capacity_drop_decision(
+            return policies.capacity_drop(
                 scores, k, capaware.gamma, policy=capaware.drop_policy, seed=capaware.seed, **common,
             )
         if capaware.router_type == "capacity-reroute":
-            return policies.capacity_reroute_decision(
+            return policies.capacity_reroute(
                 scores, k, capaware.gamma, rounds=capaware.reroute_rounds,
                 policy=capaware.reroute_policy, min_ratio=capaware.reroute_min_ratio,
                 drop_policy=capaware.drop_policy, seed=capaware.seed, **common,
@@ -290,7 +229,7 @@ class CapawareRouter(TopKRouter):
                     "expanded-drop needs the experts of this rank: install the router in an MoE "
                     "layer (install_capaware_routers) so the EP layout is known"
                 )
-            return policies.expanded_drop_decision(
+            return policies.expanded_drop(
                 scores, k, capaware.gamma, self.capaware_local_experts, **common,
             )
         raise CapawareConfigError(f"unknown router type {capaware.router_type!r}")

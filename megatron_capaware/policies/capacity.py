@@ -3,7 +3,7 @@
 Pure torch: no Megatron import, CPU and GPU alike, no per-token Python loop
 and no host synchronisation on the routing path (every shape is fixed by
 ``T``, ``k``, ``E``; masks replace data-dependent indexing). Semantics are
-those of ``shared/SPEC.md``; :mod:`megatron_capaware.policies.reference`
+those of ``docs/routers.md``; :mod:`megatron_capaware.policies.reference`
 holds the loop implementations they are tested against.
 
 Tensor shapes: ``T`` local tokens, ``E`` experts, ``k`` top-k.
@@ -16,18 +16,12 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from megatron_capaware.policies import _common as C
+from megatron_capaware.policies import common
 from megatron_capaware.policies.collectives import ProcessGroup, all_reduce_sum
 from megatron_capaware.policies.decision import RoutingDecision
-from megatron_capaware.policies import selection as _selection
 from megatron_capaware.policies.selection import select_top_per_expert
 
 
-def _sync_free(tensor: torch.Tensor) -> bool:
-    """CUDA: fixed-shape work without host syncs; CPU: compact to the rows that matter."""
-    if _selection.FORCE_SYNC_FREE is not None:
-        return _selection.FORCE_SYNC_FREE
-    return tensor.is_cuda
 
 _M32 = 0xFFFFFFFF
 
@@ -54,10 +48,10 @@ def _selected(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The baseline choice ``(indices [T, k], their scores [T, k])``."""
     if topk_indices is None:
-        values, indices = C.topk_indices(scores, k)
+        values, indices = common.topk_indices(scores, k)
         return indices, values
     if topk_indices.shape != (scores.shape[0], k):
-        raise C.RoutingInputError(
+        raise common.RoutingInputError(
             f"topk_indices must be [T={scores.shape[0]}, k={k}], got {tuple(topk_indices.shape)}"
         )
     indices = topk_indices.to(torch.int64)
@@ -81,7 +75,7 @@ def _drop_priority(
         # Equal priorities: ties break by (rank, token order) = earliest tokens first.
         return torch.zeros(values.numel(), dtype=torch.float32, device=values.device)
     num_tokens, k = indices.shape
-    offset, _ = C.local_token_offset(num_tokens, values.device, group)
+    offset, _ = common.local_token_offset(num_tokens, values.device, group)
     token = torch.arange(num_tokens, device=values.device).unsqueeze(1) + offset
     return hash_uniform((token * num_experts + indices).reshape(-1), seed)
 
@@ -96,19 +90,21 @@ def normalized_weights(values: torch.Tensor) -> torch.Tensor:
     float64 over a left-to-right sum (as the reference) so rounding cannot
     depend on the batch.
     """
-    mass = C.topk_mass(values).unsqueeze(1)
+    mass = common.topk_mass(values).unsqueeze(1)
     share = torch.where(mass > 0, values.double() / mass.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
     return share.to(torch.float32)
 
 
-def _capacity_fn(gamma: float, k: int, num_experts: int):
+def _token_capacity(gamma: float, k: int, num_experts: int):
+    """The selection's capacity rule: ``C = ceil(gamma * T_glob * k / E)`` from the global token count."""
+
     def capacity(offered: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
-        return C.capacity_tensor(gamma, global_tokens * k, num_experts)
+        return common.capacity_tensor(gamma, global_tokens * k, num_experts)
 
     return capacity
 
 
-def capacity_drop_decision(
+def capacity_drop(
     scores: torch.Tensor,
     k: int,
     gamma: float,
@@ -121,56 +117,8 @@ def capacity_drop_decision(
     topk_indices: Optional[torch.Tensor] = None,
     check_values: bool = True,
     weights: bool = True,
-) -> RoutingDecision:
-    """Capacity-Aware Token Drop with its load figures; see :func:`capacity_drop`.
-
-    ``weights=False`` skips the combine weights (``probs`` is None) for callers
-    that compute them themselves (the Megatron router).
-    """
-    C.check_scores(scores, k, check_values=check_values)
-    gamma = C.check_gamma(gamma)
-    C.check_choice("policy", policy, C.DROP_POLICIES)
-    num_tokens, num_experts = scores.shape
-    indices, values = _selected(scores, k, topk_indices)  # [T, k]
-    priority = _drop_priority(policy, values, indices, num_experts, seed, group)
-    selection = select_top_per_expert(
-        priority,
-        indices.reshape(-1),
-        num_experts,
-        _capacity_fn(gamma, k, num_experts),
-        group,
-        extra_count=torch.tensor(num_tokens, device=scores.device),
-    )
-    keep = selection.keep.view(num_tokens, k)
-    routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, keep)
-    probs = None
-    if weights:
-        probs = C.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize, renormalize=renormalize)
-    return RoutingDecision(
-        probs=probs,
-        routing_map=routing_map,
-        global_loads=selection.global_kept,
-        requested_assignments=selection.global_offered.sum(),
-        dropped=(~keep).sum(),
-        rerouted=torch.zeros((), dtype=torch.int64, device=scores.device),
-        global_tokens=selection.global_items,
-        capacity=selection.capacity[0] if num_experts else None,
-    )
-
-
-def capacity_drop(
-    scores: torch.Tensor,
-    k: int,
-    gamma: float,
-    *,
-    policy: str = "score",
-    normalize: bool = False,
-    group: Optional[ProcessGroup] = None,
-    seed: int = 0,
-    renormalize: bool = False,
-    topk_indices: Optional[torch.Tensor] = None,
-    check_values: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    return_decision: bool = False,
+) -> Union[Tuple[torch.Tensor, torch.Tensor], RoutingDecision]:
     """Capacity-Aware Token Drop.
 
     Route top-k; every expert keeps at most ``C = ceil(gamma * T_glob * k / E)``
@@ -183,7 +131,7 @@ def capacity_drop(
         policy: which assignments an overloaded expert keeps: ``score``
             (highest ``s[t, e]``), ``position`` (earliest tokens), ``random``
             (a seeded hash of the global token index and expert).
-        normalize: the model's top-k normalisation (see SPEC.md).
+        normalize: the model's top-k normalisation (see docs/routers.md).
         group: process group over which loads and ``T_glob`` are global;
             ``None``: this process's tokens are the whole batch.
         seed: seed of the ``random`` policy.
@@ -199,19 +147,43 @@ def capacity_drop(
     Collectives (with a group): those of
     :func:`~megatron_capaware.policies.selection.select_top_per_expert`, plus
     one all-gather of one int64 for ``policy="random"``.
+
+    ``return_decision=True`` returns the :class:`RoutingDecision` instead, with
+    the global loads, drops and reroutes the policy already computed;
+    ``weights=False`` then skips the combine weights (``probs`` is None) for
+    callers that compute them (the Megatron router).
     """
-    return capacity_drop_decision(
-        scores,
-        k,
-        gamma,
-        policy=policy,
-        normalize=normalize,
-        renormalize=renormalize,
-        group=group,
-        seed=seed,
-        topk_indices=topk_indices,
-        check_values=check_values,
-    ).as_tuple()
+    common.check_scores(scores, k, check_values=check_values)
+    gamma = common.check_gamma(gamma)
+    common.check_choice("policy", policy, common.DROP_POLICIES)
+    num_tokens, num_experts = scores.shape
+    indices, values = _selected(scores, k, topk_indices)  # [T, k]
+    priority = _drop_priority(policy, values, indices, num_experts, seed, group)
+    selection = select_top_per_expert(
+        priority,
+        indices.reshape(-1),
+        num_experts,
+        _token_capacity(gamma, k, num_experts),
+        group,
+        extra_count=torch.tensor(num_tokens, device=scores.device),
+    )
+    keep = selection.keep.view(num_tokens, k)
+    routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, keep)
+    probs = None
+    if weights:
+        probs = common.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize, renormalize=renormalize)
+    decision = RoutingDecision(
+        probs=probs,
+        routing_map=routing_map,
+        global_loads=selection.global_kept,
+        requested_assignments=selection.global_offered.sum(),
+        dropped=(~keep).sum(),
+        rerouted=torch.zeros((), dtype=torch.int64, device=scores.device),
+        global_tokens=selection.global_items,
+        capacity=selection.capacity[0] if num_experts else None,
+    )
+    return decision if return_decision else decision.as_tuple()
+
 
 
 def _stable_rank_desc(key: torch.Tensor) -> torch.Tensor:
@@ -235,10 +207,10 @@ def candidate_order(
     Returns:
         ``(experts [T, count], ok [T, count] bool)``: ``ok`` marks real candidates.
     """
-    return C.ranked_experts(scores, available, count, spare if policy == "load" else None)
+    return common.ranked_experts(scores, available, count, spare if policy == "load" else None)
 
 
-def capacity_reroute_decision(
+def capacity_reroute(
     scores: torch.Tensor,
     k: int,
     gamma: float,
@@ -254,101 +226,8 @@ def capacity_reroute_decision(
     topk_indices: Optional[torch.Tensor] = None,
     check_values: bool = True,
     weights: bool = True,
-) -> RoutingDecision:
-    """Capacity-Aware Token Reroute with its load figures; see :func:`capacity_reroute`."""
-    C.check_choice("policy", policy, C.REROUTE_POLICIES)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise C.RoutingInputError(f"rounds must be an integer >= 0, got {rounds!r}")
-    if not (isinstance(min_ratio, (int, float)) and 0.0 <= float(min_ratio) and math.isfinite(min_ratio)):
-        raise C.RoutingInputError(
-            f"min_ratio={min_ratio!r} must be a finite number >= 0 (0 = always reroute)"
-        )
-    drop = capacity_drop_decision(
-        scores,
-        k,
-        gamma,
-        policy=drop_policy,
-        normalize=normalize,
-        group=group,
-        seed=seed,
-        topk_indices=topk_indices,
-        check_values=check_values,
-        weights=False,
-    )
-    num_tokens, num_experts = scores.shape
-    indices, values = _selected(scores, k, topk_indices)  # [T, k]
-    kept = drop.routing_map.gather(1, indices)  # [T, k]
-    # Only tokens with a dropped slot take part; on the CPU work on those rows
-    # alone (on CUDA all rows, masked: no host sync). Row order = token order.
-    if _sync_free(scores):
-        rows = torch.arange(num_tokens, device=scores.device)
-    else:
-        rows = (~kept).any(dim=1).nonzero().squeeze(1)
-    r_scores, r_idx, r_values = scores[rows], indices[rows], values[rows]
-    unplaced = ~kept[rows]  # [n, k] dropped slots still looking for an expert
-    taken = torch.zeros_like(r_scores, dtype=torch.bool).scatter_(1, r_idx, True)  # [n, E]
-    placed = torch.zeros_like(taken)
-    loads = drop.global_loads.clone()
-    spare = (drop.capacity - loads).clamp(min=0)
-    rerouted = torch.zeros((), dtype=torch.int64, device=scores.device)
-    for _ in range(rounds):
-        # Dropped slots, highest dropped score first: slot j proposes to candidate j.
-        slot_score = torch.where(unplaced, r_values, torch.full_like(r_values, -1.0))
-        slot_order = _stable_rank_desc(slot_score)  # [n, k]
-        slot_score = slot_score.gather(1, slot_order)
-        available = (~taken) & (spare > 0).unsqueeze(0)
-        cand, cand_ok = candidate_order(r_scores, spare, available, policy, k)
-        cand_score = r_scores.gather(1, cand)
-        # The guard in float64 (as SPEC and the reference): float32 rounds the product.
-        propose = (slot_score >= 0) & cand_ok & (cand_score.double() >= min_ratio * slot_score.double())
-        selection = select_top_per_expert(
-            slot_score.clamp(min=0).reshape(-1),
-            cand.reshape(-1),
-            num_experts,
-            spare,
-            group,
-            valid=propose.reshape(-1),
-        )
-        accepted = selection.keep.view(-1, k)
-        placed |= torch.zeros_like(placed).scatter_(1, cand, accepted)
-        taken |= placed
-        unplaced &= ~torch.zeros_like(accepted).scatter_(1, slot_order, accepted)
-        rerouted = rerouted + accepted.sum()
-        loads = loads + selection.global_kept
-        spare = spare - selection.global_kept
-    routing_map = drop.routing_map.clone()
-    routing_map[rows] |= placed
-    probs = None
-    if weights:
-        probs = C.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize, renormalize=renormalize)
-    return RoutingDecision(
-        probs=probs,
-        routing_map=routing_map,
-        global_loads=loads,
-        requested_assignments=drop.requested_assignments,
-        dropped=unplaced.sum(),
-        rerouted=rerouted,
-        global_tokens=drop.global_tokens,
-        capacity=drop.capacity,
-    )
-
-
-def capacity_reroute(
-    scores: torch.Tensor,
-    k: int,
-    gamma: float,
-    *,
-    rounds: int = 1,
-    policy: str = "score",
-    normalize: bool = False,
-    group: Optional[ProcessGroup] = None,
-    min_ratio: float = 0.0,
-    drop_policy: str = "score",
-    renormalize: bool = False,
-    seed: int = 0,
-    topk_indices: Optional[torch.Tensor] = None,
-    check_values: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    return_decision: bool = False,
+) -> Union[Tuple[torch.Tensor, torch.Tensor], RoutingDecision]:
     """Capacity-Aware Token Reroute.
 
     As :func:`capacity_drop`; then, for ``rounds`` rounds, every dropped
@@ -376,41 +255,109 @@ def capacity_reroute(
 
     Collectives (with a group): the drop's, plus one selection (4 all-reduces
     of ``E*256+1`` int64 and one all-gather of ``E`` int64) per round.
+
+    ``return_decision=True`` returns the :class:`RoutingDecision` instead, with
+    the global loads, drops and reroutes the policy already computed;
+    ``weights=False`` then skips the combine weights (``probs`` is None) for
+    callers that compute them (the Megatron router).
     """
-    return capacity_reroute_decision(
+    common.check_choice("policy", policy, common.REROUTE_POLICIES)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise common.RoutingInputError(f"rounds must be an integer >= 0, got {rounds!r}")
+    if not (isinstance(min_ratio, (int, float)) and 0.0 <= float(min_ratio) and math.isfinite(min_ratio)):
+        raise common.RoutingInputError(
+            f"min_ratio={min_ratio!r} must be a finite number >= 0 (0 = always reroute)"
+        )
+    drop = capacity_drop(
         scores,
         k,
         gamma,
-        rounds=rounds,
-        policy=policy,
-        min_ratio=min_ratio,
-        drop_policy=drop_policy,
+        policy=drop_policy,
         normalize=normalize,
-        renormalize=renormalize,
         group=group,
         seed=seed,
         topk_indices=topk_indices,
         check_values=check_values,
-    ).as_tuple()
+        weights=False,
+        return_decision=True,
+    )
+    num_tokens, num_experts = scores.shape
+    indices, values = _selected(scores, k, topk_indices)  # [T, k]
+    kept = drop.routing_map.gather(1, indices)  # [T, k]
+    # Only tokens with a dropped slot take part; on the CPU work on those rows
+    # alone (on CUDA all rows, masked: no host sync). Row order = token order.
+    if common.use_device_path(scores):
+        rows = torch.arange(num_tokens, device=scores.device)
+    else:
+        rows = (~kept).any(dim=1).nonzero().squeeze(1)
+    r_scores, r_idx, r_values = scores[rows], indices[rows], values[rows]
+    unplaced = ~kept[rows]  # [n, k] dropped slots still looking for an expert
+    taken = torch.zeros_like(r_scores, dtype=torch.bool).scatter_(1, r_idx, True)  # [n, E]
+    placed = torch.zeros_like(taken)
+    loads = drop.global_loads.clone()
+    spare = (drop.capacity - loads).clamp(min=0)
+    rerouted = torch.zeros((), dtype=torch.int64, device=scores.device)
+    for _ in range(rounds):
+        # Dropped slots, highest dropped score first: slot j proposes to candidate j.
+        slot_score = torch.where(unplaced, r_values, torch.full_like(r_values, -1.0))
+        slot_order = _stable_rank_desc(slot_score)  # [n, k]
+        slot_score = slot_score.gather(1, slot_order)
+        available = (~taken) & (spare > 0).unsqueeze(0)
+        cand, cand_ok = candidate_order(r_scores, spare, available, policy, k)
+        cand_score = r_scores.gather(1, cand)
+        # The guard in float64 (as docs/routers.md and the reference): float32 rounds the product.
+        propose = (slot_score >= 0) & cand_ok & (cand_score.double() >= min_ratio * slot_score.double())
+        selection = select_top_per_expert(
+            slot_score.clamp(min=0).reshape(-1),
+            cand.reshape(-1),
+            num_experts,
+            spare,
+            group,
+            valid=propose.reshape(-1),
+        )
+        accepted = selection.keep.view(-1, k)
+        placed |= torch.zeros_like(placed).scatter_(1, cand, accepted)
+        taken |= placed
+        unplaced &= ~torch.zeros_like(accepted).scatter_(1, slot_order, accepted)
+        rerouted = rerouted + accepted.sum()
+        loads = loads + selection.global_kept
+        spare = spare - selection.global_kept
+    routing_map = drop.routing_map.clone()
+    routing_map[rows] |= placed
+    probs = None
+    if weights:
+        probs = common.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize, renormalize=renormalize)
+    decision = RoutingDecision(
+        probs=probs,
+        routing_map=routing_map,
+        global_loads=loads,
+        requested_assignments=drop.requested_assignments,
+        dropped=unplaced.sum(),
+        rerouted=rerouted,
+        global_tokens=drop.global_tokens,
+        capacity=drop.capacity,
+    )
+    return decision if return_decision else decision.as_tuple()
+
 
 
 def _check_local_experts(local_experts: Union[Sequence[int], torch.Tensor], num_experts: int) -> torch.Tensor:
     if local_experts is None:
-        raise C.RoutingInputError(
+        raise common.RoutingInputError(
             "expanded_drop needs local_experts (the experts on this token's EP rank); "
             "pass them, or use capacity-drop when no expert-parallel layout is known"
         )
     ids = torch.as_tensor(local_experts, dtype=torch.int64).reshape(-1)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
-        raise C.RoutingInputError(
+        raise common.RoutingInputError(
             f"local_experts {ids.tolist()} must lie in [0, E={num_experts})"
         )
     if torch.unique(ids).numel() != ids.numel():
-        raise C.RoutingInputError(f"local_experts {ids.tolist()} has duplicates")
+        raise common.RoutingInputError(f"local_experts {ids.tolist()} has duplicates")
     return ids
 
 
-def expanded_drop_decision(
+def expanded_drop(
     scores: torch.Tensor,
     k: int,
     gamma: float,
@@ -422,66 +369,8 @@ def expanded_drop_decision(
     topk_indices: Optional[torch.Tensor] = None,
     check_values: bool = True,
     weights: bool = True,
-) -> RoutingDecision:
-    """Expanded Drop with its load figures; see :func:`expanded_drop`."""
-    C.check_scores(scores, k, check_values=check_values)
-    gamma = C.check_gamma(gamma)
-    num_tokens, num_experts = scores.shape
-    local = _check_local_experts(local_experts, num_experts).to(scores.device)
-    indices, values = _selected(scores, k, topk_indices)  # [T, k]
-    taken = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)
-    local_idx = local.unsqueeze(0).expand(num_tokens, -1)  # [T, m]
-    cand = torch.cat([indices, local_idx], dim=1)  # [T, k+m], token-major item order
-    valid = torch.cat([torch.ones_like(indices, dtype=torch.bool), ~taken.gather(1, local_idx)], dim=1)
-    priority = scores.gather(1, cand)
-
-    def capacity(offered: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
-        return C.capacity_tensor(gamma, global_tokens * k, num_experts)
-
-    selection = select_top_per_expert(
-        priority.reshape(-1),
-        cand.reshape(-1),
-        num_experts,
-        capacity,
-        group,
-        valid=valid.reshape(-1),
-        extra_count=torch.tensor(num_tokens, device=scores.device),
-    )
-    keep = selection.keep.view(num_tokens, cand.shape[1])
-    # Invalid items (a local expert already in the top-k) repeat a column: send
-    # them to a spare column so they cannot overwrite the real item's decision.
-    target = torch.where(valid, cand, torch.full_like(cand, num_experts))
-    routing_map = torch.zeros(
-        (num_tokens, num_experts + 1), dtype=torch.bool, device=scores.device
-    ).scatter_(1, target, keep & valid)[:, :num_experts]
-    probs = None
-    if weights:
-        probs = C.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize, renormalize=renormalize)
-    kept_topk = keep[:, :k]
-    return RoutingDecision(
-        probs=probs,
-        routing_map=routing_map,
-        global_loads=selection.global_kept,
-        requested_assignments=selection.global_items * k,
-        dropped=(~kept_topk).sum(),
-        rerouted=(keep[:, k:] & valid[:, k:]).sum(),
-        global_tokens=selection.global_items,
-        capacity=selection.capacity[0] if num_experts else None,
-    )
-
-
-def expanded_drop(
-    scores: torch.Tensor,
-    k: int,
-    gamma: float,
-    local_experts: Union[Sequence[int], torch.Tensor],
-    *,
-    normalize: bool = False,
-    group: Optional[ProcessGroup] = None,
-    renormalize: bool = False,
-    topk_indices: Optional[torch.Tensor] = None,
-    check_values: bool = True,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    return_decision: bool = False,
+) -> Union[Tuple[torch.Tensor, torch.Tensor], RoutingDecision]:
     """Expanded Drop: a token's candidates are its top-k plus its rank's local experts.
 
     Every expert then keeps at most ``C = ceil(gamma * T_glob * k / E)``
@@ -497,18 +386,54 @@ def expanded_drop(
         ``(probs [T, E], routing_map [T, E] bool)``; weights are the raw
         ``s[t, e]`` (divided by the original top-k sum when ``normalize``).
         The decision's ``rerouted`` counts the local experts added.
+
+    ``return_decision=True`` returns the :class:`RoutingDecision` instead, with
+    the global loads, drops and reroutes the policy already computed;
+    ``weights=False`` then skips the combine weights (``probs`` is None) for
+    callers that compute them (the Megatron router).
     """
-    return expanded_drop_decision(
-        scores,
-        k,
-        gamma,
-        local_experts,
-        normalize=normalize,
-        renormalize=renormalize,
-        group=group,
-        topk_indices=topk_indices,
-        check_values=check_values,
-    ).as_tuple()
+    common.check_scores(scores, k, check_values=check_values)
+    gamma = common.check_gamma(gamma)
+    num_tokens, num_experts = scores.shape
+    local = _check_local_experts(local_experts, num_experts).to(scores.device)
+    indices, values = _selected(scores, k, topk_indices)  # [T, k]
+    taken = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)
+    local_idx = local.unsqueeze(0).expand(num_tokens, -1)  # [T, m]
+    cand = torch.cat([indices, local_idx], dim=1)  # [T, k+m], token-major item order
+    valid = torch.cat([torch.ones_like(indices, dtype=torch.bool), ~taken.gather(1, local_idx)], dim=1)
+    priority = scores.gather(1, cand)
+    selection = select_top_per_expert(
+        priority.reshape(-1),
+        cand.reshape(-1),
+        num_experts,
+        _token_capacity(gamma, k, num_experts),
+        group,
+        valid=valid.reshape(-1),
+        extra_count=torch.tensor(num_tokens, device=scores.device),
+    )
+    keep = selection.keep.view(num_tokens, cand.shape[1])
+    # Invalid items (a local expert already in the top-k) repeat a column: send
+    # them to a spare column so they cannot overwrite the real item's decision.
+    target = torch.where(valid, cand, torch.full_like(cand, num_experts))
+    routing_map = torch.zeros(
+        (num_tokens, num_experts + 1), dtype=torch.bool, device=scores.device
+    ).scatter_(1, target, keep & valid)[:, :num_experts]
+    probs = None
+    if weights:
+        probs = common.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize, renormalize=renormalize)
+    kept_topk = keep[:, :k]
+    decision = RoutingDecision(
+        probs=probs,
+        routing_map=routing_map,
+        global_loads=selection.global_kept,
+        requested_assignments=selection.global_items * k,
+        dropped=(~kept_topk).sum(),
+        rerouted=(keep[:, k:] & valid[:, k:]).sum(),
+        global_tokens=selection.global_items,
+        capacity=selection.capacity[0] if num_experts else None,
+    )
+    return decision if return_decision else decision.as_tuple()
+
 
 
 def map_decision(
@@ -535,7 +460,7 @@ def map_decision(
     )
 
 
-def topk_decision(
+def topk(
     scores: torch.Tensor,
     k: int,
     *,
@@ -543,23 +468,18 @@ def topk_decision(
     group: Optional[ProcessGroup] = None,
     check_values: bool = True,
     topk_indices: Optional[torch.Tensor] = None,
-) -> RoutingDecision:
-    """Vanilla top-k with its load figures; see :func:`topk`."""
-    C.check_scores(scores, k, check_values=check_values)
-    indices, values = _selected(scores, k, topk_indices)
-    routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)
-    probs = C.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize)
-    return map_decision(probs, routing_map, group)
-
-
-def topk(
-    scores: torch.Tensor, k: int, *, normalize: bool = False, check_values: bool = True
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    return_decision: bool = False,
+) -> Union[Tuple[torch.Tensor, torch.Tensor], RoutingDecision]:
     """Vanilla top-k routing: ``(probs [T, E], routing_map [T, E] bool)``.
 
     ``normalize=True`` divides each token's weights by the sum of its top-k
     scores (Mixtral-style); otherwise weights are the raw scores.
+    ``topk_indices``: optional ``[T, k]`` choice already made by the caller.
+    ``return_decision=True`` returns the :class:`RoutingDecision` with the
+    global loads (one all-reduce over ``group``, see :func:`map_decision`).
     """
-    C.check_scores(scores, k, check_values=check_values)
-    routing_map, topk_sum = C.topk_map(scores, k)
-    return C.weights_for(scores, routing_map, topk_sum, normalize=normalize), routing_map
+    common.check_scores(scores, k, check_values=check_values)
+    indices, values = _selected(scores, k, topk_indices)
+    routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)
+    probs = common.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize)
+    return map_decision(probs, routing_map, group) if return_decision else (probs, routing_map)

@@ -1,6 +1,6 @@
 """LASER: per token, top-k when the gate is confident, else least-loaded among good-enough experts.
 
-Semantics (``shared/SPEC.md``): token ``t`` is *confident* when
+Semantics (``docs/routers.md``): token ``t`` is *confident* when
 ``M_k = sum of its top-k scores >= eps_high`` and takes its top-k. Otherwise
 its pool is its top-k plus the experts with ``s >= t_fix * max s``, trimmed to
 the ``pool`` best by score, and it takes the ``k`` least-loaded experts of the
@@ -36,12 +36,12 @@ its own tokens only.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
-from megatron_capaware.policies import _common as C
-from megatron_capaware.policies._common import topk_mass
+from megatron_capaware.policies import common
+from megatron_capaware.policies.common import topk_mass
 from megatron_capaware.policies.collectives import (
     ProcessGroup,
     all_gather_stack,
@@ -63,18 +63,18 @@ def check_laser_args(k: int, num_experts: int, eps_high: float, t_fix: float, po
         or not math.isfinite(eps_high)
         or eps_high < 0
     ):
-        raise C.RoutingInputError(
+        raise common.RoutingInputError(
             f"eps_high={eps_high!r} must be a finite number >= 0 (0 = every token confident = top-k)"
         )
     if isinstance(t_fix, bool) or not isinstance(t_fix, (int, float)) or not 0.0 < t_fix <= 1.0:
-        raise C.RoutingInputError(
+        raise common.RoutingInputError(
             f"t_fix={t_fix!r} must be in (0, 1]: the pool keeps experts scoring at least "
             "t_fix times the token's best score"
         )
     if isinstance(pool, bool) or not isinstance(pool, int):
-        raise C.RoutingInputError(f"pool must be an integer, got {pool!r}")
+        raise common.RoutingInputError(f"pool must be an integer, got {pool!r}")
     if pool < k:
-        raise C.RoutingInputError(
+        raise common.RoutingInputError(
             f"pool={pool} is smaller than k={k}: a token's pool always holds its top-k; "
             f"use pool >= {k} (pool == k reproduces top-k)"
         )
@@ -92,15 +92,15 @@ def laser_candidates(
         ``in_pool [T, c]`` bool; ``topk_idx [T, k]``; ``topk_sum [T]``.
     """
     if topk_indices is None:
-        values, topk_idx = C.topk_indices(scores, k)
+        values, topk_idx = common.topk_indices(scores, k)
     else:
         topk_idx = topk_indices.to(torch.int64)
         values = scores.gather(1, topk_idx)
     extra = pool - k
     if extra > 0:
         others = torch.ones_like(scores, dtype=torch.bool).scatter_(1, topk_idx, False)
-        rest_idx, _ = C.ranked_experts(scores, others, extra)
-        # float64, as SPEC and the reference state it: in float32, t_fix * max rounds
+        rest_idx, _ = common.ranked_experts(scores, others, extra)
+        # float64, as docs/routers.md and the reference state it: in float32, t_fix * max rounds
         # and can admit or refuse an expert sitting exactly on the threshold.
         best = values.max(dim=1, keepdim=True).values.double()
         good = scores.gather(1, rest_idx).double() >= t_fix * best
@@ -164,7 +164,7 @@ def _scatter_counts(experts: torch.Tensor, mask: torch.Tensor, num_experts: int)
     return counts.scatter_add_(0, experts.reshape(-1), mask.reshape(-1).to(torch.int64))
 
 
-def laser_decision(
+def laser(
     scores: torch.Tensor,
     k: int,
     eps_high: float,
@@ -179,15 +179,39 @@ def laser_decision(
     check_values: bool = True,
     topk_indices: Optional[torch.Tensor] = None,
     weights: bool = True,
-) -> RoutingDecision:
-    """LASER with its load figures; see :func:`laser`."""
-    C.check_scores(scores, k, check_values=check_values)
+    return_decision: bool = False,
+) -> Union[Tuple[torch.Tensor, torch.Tensor], RoutingDecision]:
+    """LASER routing.
+
+    Args:
+        scores: ``[T, E]`` router probabilities.
+        k: experts per token.
+        eps_high: confidence threshold on the top-k mass ``M_k`` (0: every
+            token confident, i.e. top-k).
+        t_fix: pool threshold in (0, 1], relative to the token's best score.
+        pool: the pool's maximum size ``c >= k`` (``c == k``: top-k).
+        normalize: the model's top-k normalisation; weights are the chosen
+            experts' ``s``, divided by the original top-k sum.
+        group: process group over which loads are global.
+        waves, rounds: fast-path granularity (module docstring); ``waves`` =
+            number of flexible tokens with ``rounds=0`` is the exact greedy.
+        topk_indices: optional ``[T, k]`` top-k already computed by the caller.
+
+    Returns:
+        ``(probs [T, E], routing_map [T, E] bool)``, exactly ``k`` experts per token.
+
+    ``return_decision=True`` returns the :class:`RoutingDecision` instead, with
+    the global loads, drops and reroutes the policy already computed;
+    ``weights=False`` then skips the combine weights (``probs`` is None) for
+    callers that compute them (the Megatron router).
+    """
+    common.check_scores(scores, k, check_values=check_values)
     num_tokens, num_experts = scores.shape
     width = check_laser_args(k, num_experts, eps_high, t_fix, pool)
     if isinstance(waves, bool) or not isinstance(waves, int) or waves < 1:
-        raise C.RoutingInputError(f"waves must be an integer >= 1, got {waves!r}")
+        raise common.RoutingInputError(f"waves must be an integer >= 1, got {waves!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise C.RoutingInputError(f"rounds must be an integer >= 0, got {rounds!r}")
+        raise common.RoutingInputError(f"rounds must be an integer >= 0, got {rounds!r}")
     device = scores.device
     rank = group_rank(group)
     cand, in_pool, topk_idx, topk_sum = laser_candidates(scores, k, t_fix, width, topk_indices)
@@ -254,8 +278,8 @@ def laser_decision(
     routing_map = confident_map | flexible_map
     probs = None
     if weights:
-        probs = C.weights_for(scores, routing_map, topk_sum, normalize=normalize, renormalize=renormalize)
-    return RoutingDecision(
+        probs = common.weights_for(scores, routing_map, topk_sum, normalize=normalize, renormalize=renormalize)
+    decision = RoutingDecision(
         probs=probs,
         routing_map=routing_map,
         global_loads=loads,
@@ -265,53 +289,5 @@ def laser_decision(
         global_tokens=global_tokens,
         flexible=flexible.sum(),
     )
+    return decision if return_decision else decision.as_tuple()
 
-
-def laser(
-    scores: torch.Tensor,
-    k: int,
-    eps_high: float,
-    t_fix: float,
-    pool: int,
-    *,
-    normalize: bool = False,
-    group: Optional[ProcessGroup] = None,
-    renormalize: bool = False,
-    waves: int = DEFAULT_WAVES,
-    rounds: int = DEFAULT_ROUNDS,
-    check_values: bool = True,
-    topk_indices: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """LASER routing.
-
-    Args:
-        scores: ``[T, E]`` router probabilities.
-        k: experts per token.
-        eps_high: confidence threshold on the top-k mass ``M_k`` (0: every
-            token confident, i.e. top-k).
-        t_fix: pool threshold in (0, 1], relative to the token's best score.
-        pool: the pool's maximum size ``c >= k`` (``c == k``: top-k).
-        normalize: the model's top-k normalisation; weights are the chosen
-            experts' ``s``, divided by the original top-k sum.
-        group: process group over which loads are global.
-        waves, rounds: fast-path granularity (module docstring); ``waves`` =
-            number of flexible tokens with ``rounds=0`` is the exact greedy.
-        topk_indices: optional ``[T, k]`` top-k already computed by the caller.
-
-    Returns:
-        ``(probs [T, E], routing_map [T, E] bool)``, exactly ``k`` experts per token.
-    """
-    return laser_decision(
-        scores,
-        k,
-        eps_high,
-        t_fix,
-        pool,
-        normalize=normalize,
-        renormalize=renormalize,
-        group=group,
-        waves=waves,
-        rounds=rounds,
-        check_values=check_values,
-        topk_indices=topk_indices,
-    ).as_tuple()

@@ -3,7 +3,7 @@
 Plain Python loops over the GLOBAL batch: the ranks' tokens concatenated in
 rank order, which is also the tie-break order of the fast implementations.
 Nothing here is vectorised or clever; a reader should be able to check each
-function against ``shared/SPEC.md`` line by line. Scores are read once into
+function against ``docs/routers.md`` line by line. Scores are read once into
 Python floats (float32 values, compared exactly).
 
 Each function returns ``(probs [T, E], routing_map [T, E] bool)`` for the
@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from megatron_capaware.policies import _common as C
+from megatron_capaware.policies import common
 from megatron_capaware.policies.capacity import hash_uniform
 
 
@@ -41,7 +41,7 @@ def _output(
         for e in experts:
             routing_map[t, e] = True
     topk_sum = torch.tensor(topk_sums, dtype=scores.dtype, device=scores.device)
-    probs = C.weights_for(scores, routing_map, topk_sum, normalize=normalize, renormalize=renormalize)
+    probs = common.weights_for(scores, routing_map, topk_sum, normalize=normalize, renormalize=renormalize)
     return probs, routing_map
 
 
@@ -88,7 +88,7 @@ def _drop_state(scores, k, gamma, policy, seed):
     num_tokens, num_experts = scores.shape
     rows = _rows(scores)
     tops = _topk_lists(scores, k)
-    capacity = C.capacity_from_total(gamma, num_tokens * k, num_experts)
+    capacity = common.capacity_from_total(gamma, num_tokens * k, num_experts)
     per_expert: Dict[int, List[Tuple[float, int, int]]] = {e: [] for e in range(num_experts)}
     for t in range(num_tokens):
         for e in tops[t]:
@@ -166,7 +166,7 @@ def expanded_drop(
         raise ValueError("tokens_per_rank must sum to the number of tokens")
     rows = _rows(scores)
     tops = _topk_lists(scores, k)
-    capacity = C.capacity_from_total(gamma, num_tokens * k, num_experts)
+    capacity = common.capacity_from_total(gamma, num_tokens * k, num_experts)
     rank_of: List[int] = []
     for r, n in enumerate(tokens_per_rank):
         rank_of += [r] * n
@@ -208,7 +208,7 @@ def laser_greedy(
     normalize: bool = False,
     renormalize: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """LASER exactly as SPEC.md states it: flexible tokens one at a time."""
+    """LASER exactly as docs/routers.md states it: flexible tokens one at a time."""
     num_tokens, num_experts = scores.shape
     rows = _rows(scores)
     tops = _topk_lists(scores, k)

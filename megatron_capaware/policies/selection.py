@@ -35,7 +35,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from megatron_capaware.policies._common import score_bits
+from megatron_capaware.policies.common import score_bits, use_device_path
 from megatron_capaware.policies.collectives import (
     ProcessGroup,
     all_reduce_sum,
@@ -45,8 +45,6 @@ from megatron_capaware.policies.collectives import (
 RADIX_BITS = 8
 RADIX_BINS = 1 << RADIX_BITS
 RADIX_SHIFTS = (24, 16, 8, 0)
-# Tests set this to exercise the CUDA (sync-free) code path on the CPU.
-FORCE_SYNC_FREE: Optional[bool] = None
 
 CapacityArg = Union[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
@@ -112,7 +110,7 @@ def select_top_per_expert(
         :class:`Selection`.
     """
     if sync_free is None:
-        sync_free = FORCE_SYNC_FREE if FORCE_SYNC_FREE is not None else priority.is_cuda
+        sync_free = use_device_path(priority)
     device = priority.device
     num_items = priority.shape[0]
     keys = score_bits(priority)

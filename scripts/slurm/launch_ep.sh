@@ -8,9 +8,9 @@
 #   launch_ep.sh [OPTIONS] [--] COMMAND [ARGS...]
 #
 # COMMAND (what every rank runs):
-#   selfcheck [ARGS]    python -m megatron_capaware.selfcheck, with --ep (and
+#   selfcheck [ARGS]    python -m megatron_capaware.tools.selfcheck, with --ep (and
 #                       --tp/--etp when > 1) added from the options below
-#   eval [ARGS]         python -m megatron_capaware.evaluate (capaware-eval), same
+#   eval [ARGS]         python -m megatron_capaware.tools.evaluate (capaware-eval), same
 #                       sizes added, plus --json JOB_DIR/eval.json and
 #                       --out JOB_DIR/eval unless ARGS gives them
 #   -m MODULE [ARGS]    any Python module, arguments passed as given
@@ -216,14 +216,14 @@ world=$((nnodes * ppn))
 cmd=("$@")
 kind=other
 case "${cmd[0]}" in
-  selfcheck) kind=selfcheck; cmd=(-m megatron_capaware.selfcheck "${cmd[@]:1}") ;;
-  eval|capaware-eval) kind=eval; cmd=(-m megatron_capaware.evaluate "${cmd[@]:1}") ;;
+  selfcheck) kind=selfcheck; cmd=(-m megatron_capaware.tools.selfcheck "${cmd[@]:1}") ;;
+  eval|capaware-eval) kind=eval; cmd=(-m megatron_capaware.tools.evaluate "${cmd[@]:1}") ;;
   -m) [[ ${#cmd[@]} -ge 2 ]] || die "-m needs a module name" ;;
   *.py) [[ -f "${cmd[0]}" ]] || die "script '${cmd[0]}' not found (from $PWD)" ;;
   *) die "unknown command '${cmd[0]}': use 'selfcheck', 'eval', '-m MODULE' or 'SCRIPT.py'" ;;
 esac
-[[ "${cmd[0]}" != -m || "${cmd[1]}" != megatron_capaware.selfcheck ]] || kind=selfcheck
-[[ "${cmd[0]}" != -m || "${cmd[1]}" != megatron_capaware.evaluate ]] || kind=eval
+[[ "${cmd[0]}" != -m || "${cmd[1]}" != megatron_capaware.tools.selfcheck ]] || kind=selfcheck
+[[ "${cmd[0]}" != -m || "${cmd[1]}" != megatron_capaware.tools.evaluate ]] || kind=eval
 
 # --tp/--ep/--etp/--json already in the command's own arguments.
 arg_value() {  # arg_value NAME: value of --NAME N / --NAME=N in cmd, or empty

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from megatron_capaware.cpu_shims import apply_cpu_shims, cuda_available
+from megatron_capaware._compat.cpu_shims import apply_cpu_shims, cuda_available
 
 
 # MLATransformerConfig fields that MoEModelArgs.mla may set (megatron-core 0.16 to 0.19).
@@ -78,7 +78,7 @@ class MoEModelArgs:
     share_embeddings_and_output_weights: bool = True
     family: str = "gpt-moe"
     extra: Dict[str, Any] = field(default_factory=dict)
-    # Added for the Hugging Face conversions (megatron_capaware.checkpoints); the
+    # Added for the Hugging Face conversions (megatron_capaware.models.hf.convert); the
     # defaults are Megatron's own, so older capaware_model.json files load unchanged.
     # Group-limited routing (DeepSeek n_group / topk_group).
     moe_router_num_groups: Optional[int] = None
@@ -315,11 +315,11 @@ def build_gpt_model(
         use_te = use_transformer_engine()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te)
     if args.qk_norm_scope == "all_heads":
-        from megatron_capaware.hf_layers import with_all_heads_qk_norm
+        from megatron_capaware.models.hf.layers import with_all_heads_qk_norm
 
         spec = with_all_heads_qk_norm(spec)
     if args.mla is not None and not use_te:
-        from megatron_capaware.hf_layers import with_local_mla
+        from megatron_capaware.models.hf.layers import with_local_mla
 
         spec = with_local_mla(spec, q_lora=args.mla.get("q_lora_rank") is not None)
     model = GPTModel(

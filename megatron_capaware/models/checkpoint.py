@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
-from megatron_capaware.model_builder import MoEModelArgs
+from megatron_capaware.models.builder import MoEModelArgs
 
 MODEL_ARGS_FILE = "capaware_model.json"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -65,6 +65,19 @@ def checkpoint_weights_dir(ckpt_dir: Union[str, Path]) -> Path:
     raise CheckpointError(
         f"{root} is not a Megatron dist checkpoint: expected {TRACKER_FILE} or metadata.json"
     )
+
+
+def is_capaware_checkpoint(path: Optional[str]) -> bool:
+    """Whether ``path`` is a checkpoint root holding ``capaware_model.json``."""
+    return bool(path) and (Path(path) / MODEL_ARGS_FILE).is_file()
+
+
+def checkpoint_tokenizer_file(ckpt_dir: Optional[str]) -> Optional[Path]:
+    """``CKPT/tokenizer/tokenizer.json`` when it exists."""
+    if not ckpt_dir:
+        return None
+    path = Path(ckpt_dir) / TOKENIZER_DIR / "tokenizer.json"
+    return path if path.is_file() else None
 
 
 def load_model_args(ckpt_dir: Union[str, Path]) -> MoEModelArgs:
@@ -263,7 +276,7 @@ def load_model(
     Returns:
         ``(model, args)``, the model in eval mode.
     """
-    from megatron_capaware.model_builder import build_gpt_model, build_transformer_config
+    from megatron_capaware.models.builder import build_gpt_model, build_transformer_config
 
     args = load_model_args(ckpt_dir)
     config = build_transformer_config(

@@ -38,7 +38,7 @@ CSV_FIELDS = (
 
 
 def make_records(results: Sequence[Any], options: Any) -> List[Dict[str, Any]]:
-    """Records from :class:`~megatron_capaware.evaluate.RouterResult` s (deltas vs the first top-k)."""
+    """Records from :class:`~megatron_capaware.tools.evaluate.RouterResult` s (deltas vs the first top-k)."""
     records: List[Dict[str, Any]] = []
     for result in results:
         cfg = result.config

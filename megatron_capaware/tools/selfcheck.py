@@ -7,7 +7,7 @@ capacity ``C`` and that the loads equal what the router decided. Prints a
 table on rank 0; exits 1 if any check fails. A quick way to validate a new
 cluster or Megatron version before a long job::
 
-    torchrun --nproc_per_node 2 -m megatron_capaware.selfcheck --ep 2
+    torchrun --nproc_per_node 2 -m megatron_capaware.tools.selfcheck --ep 2
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ from typing import List
 
 import torch
 
+from megatron_capaware._compat.cli import add_cli_flags, run_cli
+
+PROG = "python -m megatron_capaware.tools.selfcheck"
+
 
 def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m megatron_capaware.selfcheck", description=__doc__.split("\n\n")[0]
+        prog="python -m megatron_capaware.tools.selfcheck", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (default 1)")
     parser.add_argument("--ep", type=int, default=None, help="expert parallel size (default: world size / TP)")
@@ -33,10 +37,14 @@ def parse_args(argv: List[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gamma", type=float, default=1.0, help="capacity factor (default 1.0)")
     parser.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    return add_cli_flags(parser).parse_args(argv)
 
 
 def main(argv: List[str] | None = None) -> int:
+    return run_cli(PROG, _main, argv)
+
+
+def _main(argv: List[str]) -> int:
     args = parse_args(argv)
     from megatron_capaware import parallel
 
@@ -50,7 +58,7 @@ def main(argv: List[str] | None = None) -> int:
 
     from megatron_capaware.adapters import collect_stats, install_capaware_routers, reduce_summaries
     from megatron_capaware.config import CapawareConfig
-    from megatron_capaware.model_builder import MoEModelArgs, build_moe_layer, build_transformer_config
+    from megatron_capaware.models.builder import MoEModelArgs, build_moe_layer, build_transformer_config
 
     model_args = MoEModelArgs(
         num_layers=1, hidden_size=args.hidden, num_attention_heads=max(args.tp, 1) * 2,

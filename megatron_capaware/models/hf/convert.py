@@ -17,10 +17,10 @@ Supported ``model_type`` values (config.json):
 =================  ==========================================================
 
 The result is Megatron-LM's release layout written by
-:func:`megatron_capaware.checkpoint.save_checkpoint` (``release/`` torch_dist
+:func:`megatron_capaware.models.checkpoint.save_checkpoint` (``release/`` torch_dist
 files, ``capaware_model.json`` with the :class:`MoEModelArgs`, ``tokenizer/``
 with the Hugging Face tokenizer files), which
-:func:`megatron_capaware.checkpoint.load_model` loads at any TP / EP that
+:func:`megatron_capaware.models.checkpoint.load_model` loads at any TP / EP that
 divides the sizes.
 
 Memory: the Megatron model is built once, in the checkpoint's dtype without
@@ -52,7 +52,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from megatron_capaware.model_builder import MoEModelArgs
+from megatron_capaware.models.builder import MoEModelArgs
+
+from megatron_capaware._compat.cli import add_cli_flags, progress_enabled, run_cli
+
+PROG = "capaware-convert"
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "olmoe", "deepseek", "deepseek_v2", "deepseek_v3")
 
@@ -412,7 +416,7 @@ def _plan_olmoe(cfg: HFConfig) -> ConversionPlan:
         b.add(f"model.layers.{i}.mlp.gate.weight", f"decoder.layers.{i}.mlp.router.weight", (experts, s["hidden"]))
         b.experts(i, "mlp", experts, s["hidden"], ffn)
     b.notes.append(
-        "q_norm/k_norm normalise all heads together: converted to megatron_capaware.hf_layers."
+        "q_norm/k_norm normalise all heads together: converted to megatron_capaware.models.hf.layers."
         "AllHeadsQNorm/AllHeadsKNorm (qk_norm_scope='all_heads'), exact at any TP dividing the kv heads"
     )
     args = MoEModelArgs(
@@ -868,7 +872,7 @@ def convert_checkpoint(
         dist.barrier()
         model = _build_empty_model(args, target_dtype)
         _fill(model, plan, index, progress and rank == 0)
-        from megatron_capaware.checkpoint import TOKENIZER_DIR, save_checkpoint
+        from megatron_capaware.models.checkpoint import TOKENIZER_DIR, save_checkpoint
 
         save_checkpoint(model, out, args)
         del model
@@ -894,7 +898,7 @@ def convert_checkpoint(
 
 
 def _build_empty_model(args: MoEModelArgs, dtype: torch.dtype) -> torch.nn.Module:
-    from megatron_capaware.model_builder import build_gpt_model, build_transformer_config
+    from megatron_capaware.models.builder import build_gpt_model, build_transformer_config
 
     config = build_transformer_config(
         args, params_dtype=dtype, perform_initialization=False, use_cpu_initialization=True
@@ -1002,7 +1006,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="capaware-convert",
         description="Convert a Hugging Face MoE checkpoint (Mixtral, Qwen2-MoE / Qwen1.5-MoE, OLMoE, "
-        "DeepSeek-MoE / V2 / V3) to a Megatron dist checkpoint that megatron_capaware.checkpoint.load_model "
+        "DeepSeek-MoE / V2 / V3) to a Megatron dist checkpoint that megatron_capaware.models.checkpoint.load_model "
         "loads at any TP / EP.",
     )
     parser.add_argument("hf_dir", type=Path, help="Hugging Face folder: config.json, *.safetensors, tokenizer files")
@@ -1018,13 +1022,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--use-gpu", action="store_true",
                         help="build the model on the GPU (default: CUDA devices are hidden; conversion is a CPU job)")
-    args = parser.parse_args(argv)
+    args = add_cli_flags(parser).parse_args(argv)
     if not args.check_only and args.out_dir is None:
         parser.error("OUT_DIR is required (or pass --check-only)")
     return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    return run_cli(PROG, _main, argv)
+
+
+def _main(argv: List[str]) -> int:
     options = parse_args(argv)
     if not options.use_gpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA
@@ -1045,7 +1053,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parallel.init_distributed()  # torchrun: the experts are split over the ranks
         args = convert_checkpoint(
             options.hf_dir, options.out_dir, dtype=options.dtype, tokenizer_dir=options.tokenizer,
-            require_tokenizer=not options.no_tokenizer, overwrite=options.force, progress=not options.quiet,
+            require_tokenizer=not options.no_tokenizer, overwrite=options.force, progress=progress_enabled(not options.quiet),
         )
     except ConversionError as err:
         print(f"capaware-convert: error: {err}", file=sys.stderr)

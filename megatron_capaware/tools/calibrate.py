@@ -31,13 +31,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
+from megatron_capaware._compat.cli import UserInputError, add_cli_flags, run_cli
 from megatron_capaware.config import Calibration, CapawareConfig, LaserParams
+
+PROG = "capaware-calibrate"
 
 DEFAULT_T_FIX = 0.3
 DEFAULT_TARGET_REDUCTION = 1.6
@@ -67,8 +69,8 @@ def record_scores(
 
     from megatron_capaware import parallel
     from megatron_capaware.adapters import install_capaware_routers, moe_layers
-    from megatron_capaware.checkpoint import load_model
-    from megatron_capaware.text_data import check_tokenizer, load_tokenizer, rank_batches, token_windows
+    from megatron_capaware.models.checkpoint import load_model
+    from megatron_capaware.tools.text_data import check_tokenizer, load_tokenizer, rank_batches, token_windows
 
     parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=expert_parallel))
     parallel.set_seed(0)
@@ -208,7 +210,7 @@ def _calibrate_worker(options: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="capaware-calibrate",
+        prog=PROG,
         description="Per-layer LASER thresholds from a calibration text (see the module docstring for the rule).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -230,22 +232,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ep", type=int, default=1, help="expert parallel size (recording only)")
     parser.add_argument("--save-scores", type=Path, default=None,
                         help="also save the recorded score traces (torch file) for benchmarks")
-    return parser
+    return add_cli_flags(parser)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    return run_cli(PROG, _main, argv)
+
+
+def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    warnings.filterwarnings("ignore")
-    from megatron_capaware.testing import run_distributed
+    from megatron_capaware._compat.launcher import run_distributed
+    from megatron_capaware.tools import preflight
 
-    from megatron_capaware import reference_models
+    from megatron_capaware.models import reference_models
 
     checkpoint, text = reference_models.checkpoint_and_text(
         args.checkpoint, args.text, reference_models.CALIBRATION_TEXT
     )
     if not 0 < args.target_reduction:
-        raise SystemExit("--target-reduction must be > 0")
+        raise UserInputError(f"--target-reduction {args.target_reduction} is invalid: it must be > 0")
+    preflight.check_run(checkpoint, text, args.tokenizer, [], ep=args.ep, tp=1, etp=1,
+                        seq_len=args.seq_len, sequences_per_rank=args.sequences_per_rank)
     options = dict(checkpoint=str(checkpoint), text=str(text), tokenizer=args.tokenizer, seq_len=args.seq_len,
                    sequences_per_rank=args.sequences_per_rank, max_tokens=args.max_tokens, ep=args.ep)
     threads = max(1, (os.cpu_count() or 1) // args.ep)

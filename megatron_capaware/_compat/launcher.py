@@ -1,6 +1,6 @@
 """Run a function on several local gloo ranks and collect what each returns.
 
-Used by the tests and benchmarks to run real multi-process expert
+Used by the tools (evaluation, calibration, benchmarks) and the tests to run real multi-process expert
 parallelism on one machine. Every run is bounded: ranks get a collective
 timeout, and the parent kills them all when the whole run exceeds its limit,
 reporting which ranks did not finish (a hang is a failure, never a wait).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import queue
 import socket
 import time
@@ -58,7 +59,13 @@ def _worker(
         torch.save(out, buffer)
         results.put((rank, "ok", buffer.getvalue()))
     except BaseException as err:  # report everything, including SystemExit
-        results.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+        from megatron_capaware._compat.cli import user_error_types
+
+        if isinstance(err, user_error_types()):
+            # The user's mistake: the parent re-raises it as one line (cli.run_cli).
+            results.put((rank, "user-error", pickle.dumps(err)))
+        else:
+            results.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
         raise SystemExit(1)
     finally:
         try:
@@ -87,6 +94,9 @@ def run_distributed(
     Raises:
         DistributedRunError: with every failing rank's traceback, or the list
             of ranks still running when ``timeout_s`` passed.
+        A user-input error (:func:`megatron_capaware._compat.cli.user_error_types`)
+        raised on a rank: re-raised here, the lowest such rank's, its message
+        naming the rank.
     """
     env = {
         "TORCHDYNAMO_DISABLE": "1",
@@ -107,6 +117,7 @@ def run_distributed(
     deadline = time.monotonic() + timeout_s
     outputs: Dict[int, Any] = {}
     errors: Dict[int, str] = {}
+    user_errors: Dict[int, BaseException] = {}
     while len(outputs) + len(errors) < world_size:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -121,6 +132,9 @@ def run_distributed(
             continue
         if status == "ok":
             outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+        elif status == "user-error":
+            user_errors[rank] = pickle.loads(payload)
+            errors[rank] = f"{type(user_errors[rank]).__name__}: {user_errors[rank]}"
         else:
             errors[rank] = payload
         if errors:
@@ -133,6 +147,11 @@ def run_distributed(
         if p.is_alive():
             p.kill()
             p.join(timeout=5.0)
+    if user_errors:  # a mistake in the input outranks what it made the other ranks fail on
+        first = min(user_errors)
+        err = user_errors[first]
+        err.args = (f"{err} (rank {first})",) + tuple(err.args[1:])
+        raise err
     if errors:
         text = "\n".join(f"--- rank {r} ---\n{e}" for r, e in sorted(errors.items()))
         raise DistributedRunError(f"{len(errors)} of {world_size} ranks failed:\n{text}")

@@ -6,7 +6,7 @@ providers, so it can be Megatron's ``extra_args_provider`` or be called inside
 one::
 
     from megatron.training.arguments import parse_and_validate_args
-    from megatron_capaware.arguments import add_capaware_args, config_from_args
+    from megatron_capaware.megatron_lm.arguments import add_capaware_args, config_from_args
 
     parse_and_validate_args(extra_args_provider=add_capaware_args)
     cfg = config_from_args(get_args())          # a CapawareConfig
@@ -38,6 +38,7 @@ import math
 import os
 from typing import Any, Callable, Dict, List, Optional
 
+from megatron_capaware.refusals import raise_if_refused
 from megatron_capaware.config import (
     DROP_POLICIES,
     REROUTE_POLICIES,
@@ -379,19 +380,7 @@ def _check_megatron(args: Any, router: str, given: set) -> None:
     mine = getattr(args, "capaware_drop_policy", None)
     if router == "topk":
         return  # Megatron's routing, Megatron's flags: nothing to reconcile
-    capacity = getattr(args, "moe_expert_capacity_factor", None)
-    if capacity is not None and capacity >= 0:  # Megatron treats a negative factor as unset
-        raise CapawareConfigError(
-            f"{name} cannot be combined with Megatron's --moe-expert-capacity-factor {capacity:g}: "
-            "both limit expert load and Megatron's runs on each rank's local tokens after the "
-            "capaware decision. Use --capaware-gamma for the capacity factor (unset "
-            "--moe-expert-capacity-factor), or --moe-router-type topk to keep Megatron's dropping"
-        )
-    if getattr(args, "moe_pad_expert_input_to_capacity", False):
-        raise CapawareConfigError(
-            f"{name} cannot be combined with --moe-pad-expert-input-to-capacity (Megatron's padded "
-            "capacity path); unset it"
-        )
+    raise_if_refused(router, args)  # the same table the router applies at install
     if megatron_policy == "position" and mine is not None and mine != "position":
         raise CapawareConfigError(
             f"--moe-token-drop-policy position and --capaware-drop-policy {mine} contradict each "
@@ -402,48 +391,6 @@ def _check_megatron(args: Any, router: str, given: set) -> None:
             f"--moe-token-drop-policy position has no effect with {name}; it applies to "
             "--moe-router-type capacity-drop / capacity-reroute (or Megatron's own topk dropping)"
         )
-    balancing = getattr(args, "moe_router_load_balancing_type", None)
-    types = [balancing] if isinstance(balancing, str) else list(balancing or [])
-    for bad in ("sinkhorn", "quantile_balancing"):
-        if bad in types:
-            raise CapawareConfigError(
-                f"{name} cannot be combined with --moe-router-load-balancing-type {bad}, which "
-                "replaces top-k routing itself; use aux_loss, seq_aux_loss, global_aux_loss or none"
-            )
-    dispatcher = getattr(args, "moe_token_dispatcher_type", None)
-    if dispatcher is not None and dispatcher not in ("alltoall", "allgather"):
-        raise CapawareConfigError(
-            f"{name} supports --moe-token-dispatcher-type alltoall and allgather (dropped "
-            f"assignments must not be sent); got {dispatcher}"
-        )
-    if (getattr(args, "context_parallel_size", 1) or 1) > 1:
-        raise CapawareConfigError(f"{name} does not support context parallelism (--context-parallel-size > 1)")
-    if getattr(args, "moe_enable_routing_replay", False):
-        raise CapawareConfigError(f"{name} cannot be combined with --moe-enable-routing-replay")
-    if getattr(args, "transformer_impl", None) == "inference_optimized":
-        raise CapawareConfigError(
-            f"{name} replaces Megatron's TopKRouter, which --transformer-impl inference_optimized "
-            "does not use; use --transformer-impl transformer_engine or local"
-        )
-    if router == "expanded-drop" and (getattr(args, "tensor_model_parallel_size", 1) or 1) > 1 and not getattr(
-        args, "sequence_parallel", False
-    ):
-        raise CapawareConfigError(
-            "--moe-router-type expanded-drop with --tensor-model-parallel-size > 1 needs "
-            "--sequence-parallel: without it the TP ranks hold copies of the same tokens on "
-            "different EP ranks, whose local experts differ"
-        )
-    if router == "laser":
-        if getattr(args, "moe_router_num_groups", None) or getattr(args, "moe_router_group_topk", None):
-            raise CapawareConfigError(
-                "--moe-router-type laser does not support group-limited routing "
-                "(--moe-router-num-groups / --moe-router-group-topk); use a capacity router"
-            )
-        if getattr(args, "moe_router_enable_expert_bias", False):
-            raise CapawareConfigError(
-                "--moe-router-type laser does not support --moe-router-enable-expert-bias: its "
-                "confident tokens must take the model's own top-k; use a capacity router"
-            )
 
 
 def config_from_args(args: Any) -> CapawareConfig:

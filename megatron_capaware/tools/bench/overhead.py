@@ -25,7 +25,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from megatron_capaware.bench.common import skewed_scores, summarize_times, timed
+from megatron_capaware.tools.bench.common import skewed_scores, summarize_times, timed
+
+from megatron_capaware._compat.cli import add_cli_flags, run_cli
+
+PROG = "capaware-bench-overhead"
 
 DEFAULT_ROUTERS = [
     "capacity-drop:gamma=1.25",
@@ -39,9 +43,9 @@ GOALS = {"capacity": (1.5, 0.03), "laser": (2.0, 0.05)}
 def overhead_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     from megatron_capaware import parallel
     from megatron_capaware.adapters import install_capaware_routers
-    from megatron_capaware.bench.common import inject_scores
-    from megatron_capaware.model_builder import MoEModelArgs, build_moe_layer, build_transformer_config
-    from megatron_capaware.router_specs import parse_router_specs
+    from megatron_capaware.tools.bench.common import inject_scores
+    from megatron_capaware.models.builder import MoEModelArgs, build_moe_layer, build_transformer_config
+    from megatron_capaware.tools.router_specs import parse_router_specs
 
     ep = options["ep"]
     parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=ep))
@@ -164,14 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-warmup", type=int, default=1)
     p.add_argument("--threads-per-rank", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
-    return p
+    return add_cli_flags(p)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    return run_cli(PROG, _main, argv)
+
+
+def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     warnings.filterwarnings("ignore")
-    from megatron_capaware.testing import run_distributed
+    from megatron_capaware._compat.launcher import run_distributed
 
     threads = args.threads_per_rank or max(1, (os.cpu_count() or 1) // args.ep)
     options = dict(ep=args.ep, shapes=default_shapes(args.tokens, args.experts, args.topk), hidden=args.hidden,

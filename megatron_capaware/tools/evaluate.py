@@ -21,14 +21,17 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from megatron_capaware._compat.cli import add_cli_flags, progress_enabled, run_cli, run_torchrun
 from megatron_capaware.config import CapawareConfig
+from megatron_capaware.tools import preflight
+
+PROG = "capaware-eval"
 
 DEFAULT_ROUTER_SPECS = [
     "topk",
@@ -90,7 +93,7 @@ class RouterResult:
 def default_routers(checkpoint: Path) -> List[CapawareConfig]:
     """The main comparison: top-k, the capacity routers at gamma 1.0-2.0, LASER
     (defaults, and calibrated when the checkpoint ships a calibration file)."""
-    from megatron_capaware.router_specs import parse_router_specs
+    from megatron_capaware.tools.router_specs import parse_router_specs
 
     specs = list(DEFAULT_ROUTER_SPECS)
     calibration = Path(checkpoint) / CALIBRATION_FILE
@@ -121,8 +124,8 @@ def run_evaluation(
 
     from megatron_capaware import parallel
     from megatron_capaware.adapters import collect_stats, install_capaware_routers, reduce_summaries
-    from megatron_capaware.checkpoint import load_model
-    from megatron_capaware.text_data import check_tokenizer, load_tokenizer, rank_batches, token_windows
+    from megatron_capaware.models.checkpoint import load_model
+    from megatron_capaware.tools.text_data import check_tokenizer, load_tokenizer, rank_batches, token_windows
 
     parallel.init_model_parallel(
         parallel.ParallelSizes(
@@ -204,7 +207,7 @@ def run_evaluation(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="capaware-eval",
+        prog=PROG,
         description="Held-out perplexity and accuracy against expert-load balance for MoE routers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -235,45 +238,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None, help="also write the records here")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def _launch_with_torchrun(world: int, argv: List[str]) -> int:
-    """Re-run this command under torchrun with ``world`` local processes."""
-    import subprocess
-
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-    env.setdefault("TORCHDYNAMO_DISABLE", "1")
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           "-m", "megatron_capaware.evaluate", *argv]
-    return subprocess.call(cmd, env=env)
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (it draws only on a terminal anyway)")
+    return add_cli_flags(parser)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(PROG, _main, argv)
+
+
+def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
     world = args.tp * args.ep if args.etp == 1 else max(args.tp, args.etp) * args.ep
-    if "RANK" not in os.environ and world > 1:
-        return _launch_with_torchrun(world, argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    warnings.filterwarnings("ignore")
 
-    from megatron_capaware import report
-    from megatron_capaware.router_specs import parse_router_specs
-
-    from megatron_capaware import reference_models
+    from megatron_capaware.models import reference_models
+    from megatron_capaware.tools import report
+    from megatron_capaware.tools.router_specs import parse_router_specs
 
     checkpoint, text = reference_models.checkpoint_and_text(args.checkpoint, args.text, reference_models.HELDOUT_TEXT)
     routers = parse_router_specs(args.routers) if args.routers else default_routers(checkpoint)
+    launching = "RANK" not in os.environ
+    if launching:  # every mistake that can be seen before a rank starts
+        preflight.check_run(checkpoint, text, args.tokenizer, routers, ep=args.ep, tp=args.tp, etp=args.etp,
+                            seq_len=args.seq_len, sequences_per_rank=args.sequences_per_rank)
+    if launching and world > 1:
+        env = dict(os.environ)
+        if not torch.cuda.is_available():
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+        return run_torchrun(PROG, world, "megatron_capaware.tools.evaluate", argv, env)
     options = EvalOptions(
         checkpoint=checkpoint, text=text, tokenizer=args.tokenizer, seq_len=args.seq_len,
         sequences_per_rank=args.sequences_per_rank, max_tokens=args.max_tokens,
         tensor_parallel=args.tp, expert_parallel=args.ep, expert_tensor_parallel=args.etp,
-        dispatcher=args.dispatcher, dtype=args.dtype, progress=not args.no_progress,
+        dispatcher=args.dispatcher, dtype=args.dtype, progress=progress_enabled(not args.no_progress),
     )
     results = run_evaluation(options, routers)
     # run_evaluation has destroyed the process group by now: the launcher's RANK decides.

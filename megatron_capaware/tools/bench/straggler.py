@@ -31,7 +31,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from megatron_capaware.bench.common import geometric_mean, inject_scores, skewed_scores, summarize_times, timed
+from megatron_capaware.tools.bench.common import geometric_mean, inject_scores, skewed_scores, summarize_times, timed
+
+from megatron_capaware._compat.cli import add_cli_flags, run_cli
+
+PROG = "capaware-bench-straggler"
 
 DEFAULT_ROUTERS = [
     "topk",
@@ -47,7 +51,7 @@ def _cases(options: Dict[str, Any], tokens_per_rank: int, ep: int, rank: int) ->
     cases = []
     trace = options.get("trace")
     if trace:
-        from megatron_capaware.bench.common import load_score_trace
+        from megatron_capaware.tools.bench.common import load_score_trace
 
         data = load_score_trace(Path(trace))
         for layer, calls in sorted(data["layers"].items()):
@@ -68,8 +72,8 @@ def straggler_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Run on every EP rank; returns the records (identical on every rank)."""
     from megatron_capaware import metrics, parallel
     from megatron_capaware.adapters import collect_stats, install_capaware_routers, reduce_summaries
-    from megatron_capaware.model_builder import MoEModelArgs, build_moe_layer, build_transformer_config
-    from megatron_capaware.router_specs import parse_router_specs
+    from megatron_capaware.models.builder import MoEModelArgs, build_moe_layer, build_transformer_config
+    from megatron_capaware.tools.router_specs import parse_router_specs
 
     ep = options["ep"]
     parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=ep))
@@ -188,16 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads-per-rank", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
-    return p
+    return add_cli_flags(p)
 
 
 def default_trace(path: Path) -> Path:
     """Record a score trace of the bundled model on its held-out text (once)."""
     if path.exists():
         return path
-    from megatron_capaware import reference_models
-    from megatron_capaware.calibrate import _calibrate_worker
-    from megatron_capaware.testing import run_distributed
+    from megatron_capaware.models import reference_models
+    from megatron_capaware.tools.calibrate import _calibrate_worker
+    from megatron_capaware._compat.launcher import run_distributed
 
     recorded = run_distributed(_calibrate_worker, 1, dict(
         checkpoint=str(reference_models.reference_model_dir()), text=str(reference_models.HELDOUT_TEXT),
@@ -209,10 +213,14 @@ def default_trace(path: Path) -> Path:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    return run_cli(PROG, _main, argv)
+
+
+def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     warnings.filterwarnings("ignore")
-    from megatron_capaware.testing import run_distributed
+    from megatron_capaware._compat.launcher import run_distributed
 
     trace = None
     if args.trace is None:

@@ -26,6 +26,32 @@ def skewed_scores(num_tokens: int, num_experts: int, skew: float, seed: int, spr
     return torch.softmax(logits, dim=-1)
 
 
+def synthetic_scores(num_tokens: int, num_experts: int, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """Router probabilities ``[T, E]`` of a given character.
+
+    ``mode``: ``random``, ``skewed`` (a few hot experts, as trained gates have),
+    ``ties`` (many exactly equal probabilities), ``uniform``, ``one_hot_expert``
+    (every token prefers expert 0 overwhelmingly) or ``peaked``.
+    """
+    T, E = num_tokens, num_experts
+    if mode == "random":
+        logits = torch.randn(T, E, generator=generator)
+    elif mode == "skewed":  # a few hot experts, as trained gates have
+        logits = torch.randn(T, E, generator=generator) * 2 + torch.linspace(3, 0, E)
+    elif mode == "ties":  # many exactly equal probabilities
+        logits = torch.randint(0, 3, (T, E), generator=generator).float()
+    elif mode == "uniform":
+        logits = torch.zeros(T, E)
+    elif mode == "one_hot_expert":  # every token prefers expert 0 overwhelmingly
+        logits = torch.randn(T, E, generator=generator) * 0.1
+        logits[:, 0] += 30.0
+    elif mode == "peaked":
+        logits = torch.randn(T, E, generator=generator) * 6
+    else:
+        raise ValueError(f"unknown score mode {mode!r}: use random, skewed, ties, uniform, one_hot_expert or peaked")
+    return torch.softmax(logits, dim=-1)
+
+
 def load_score_trace(path: Path) -> Dict[str, Any]:
     """A score trace saved by ``capaware-calibrate --save-scores``."""
     trace = torch.load(path, weights_only=False)

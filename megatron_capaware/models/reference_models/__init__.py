@@ -17,7 +17,7 @@ training. They were made, and the models trained, by
 
 Example (Megatron's model-parallel groups initialised first)::
 
-    from megatron_capaware import checkpoint, reference_models
+    from megatron_capaware.models import checkpoint, reference_models
     model, args = checkpoint.load_model(
         reference_models.reference_model_dir(), expert_parallel=2,
         params_dtype=torch.bfloat16)

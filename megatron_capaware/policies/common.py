@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -226,7 +227,22 @@ def ranked_experts(
     return experts, values >= 0
 
 
-def as_device_tensor(value: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
-    if value is None:
-        return None
-    return torch.as_tensor(value, device=like.device)
+DEVICE_PATH_ENV = "CAPAWARE_DEVICE_PATH"
+
+
+def use_device_path(tensor: torch.Tensor) -> bool:
+    """Whether a policy takes its device code path for ``tensor``.
+
+    The device path does fixed-shape work with no host synchronisation (what
+    CUDA needs); the CPU path compacts to the rows that matter and stops
+    early (reading a CPU tensor costs nothing). Both decide identically.
+    CUDA tensors take the device path; ``CAPAWARE_DEVICE_PATH=1`` in the
+    environment forces it on CPU tensors (to count syncs and ops without a
+    GPU), ``CAPAWARE_DEVICE_PATH=0`` forces the CPU path.
+    """
+    forced = os.environ.get(DEVICE_PATH_ENV, "")
+    if not forced:
+        return tensor.is_cuda
+    if forced in ("1", "0"):
+        return forced == "1"
+    raise RoutingInputError(f"{DEVICE_PATH_ENV}={forced!r} must be 1 (device path), 0 (CPU path) or unset")

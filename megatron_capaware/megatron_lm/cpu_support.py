@@ -1,0 +1,157 @@
+"""What ``megatron.training`` needs on a machine without CUDA (every function a no-op with CUDA).
+
+The package's CPU shims, ``.cuda()`` and ``device="cuda"`` kept on the CPU (a
+process-lifetime ``TorchFunctionMode``), ``initialize_megatron`` allowed without
+CUDA, Megatron's model-parallel groups and RNG tracker set up (Megatron skips
+both when it sees no GPU), and CPU-safe defaults for Megatron flags.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+from megatron_capaware._compat.cpu_shims import apply_cpu_shims, cuda_available, redirect_cuda_tensors_to_cpu
+from megatron_capaware.megatron_lm.compat import import_megatron_training, replace_function
+
+
+#: Megatron flag defaults on a machine without CUDA: gloo, Megatron's local
+#: (non-Transformer-Engine) layers, and no fused CUDA kernels. Flags given on
+#: the command line still win.
+CPU_MEGATRON_DEFAULTS: Dict[str, Any] = {
+    "distributed_backend": "gloo",
+    "transformer_impl": "local",
+    "bias_dropout_fusion": False,
+    "bias_gelu_fusion": False,
+    "bias_swiglu_fusion": False,
+    "masked_softmax_fusion": False,
+    "apply_rope_fusion": False,
+    "gradient_accumulation_fusion": False,
+    "no_persist_layer_norm": True,
+}
+
+_CPU_SUPPORT = False
+
+
+def enable_cpu_support() -> bool:
+    """Let ``megatron.training`` run on a machine without CUDA (no-op with CUDA).
+
+    Returns:
+        True when active (now or earlier), False on a CUDA machine.
+    """
+    global _CPU_SUPPORT
+    if cuda_available():
+        return False
+    if _CPU_SUPPORT:
+        return True
+    import_megatron_training()
+    apply_cpu_shims()
+    redirect_cuda_tensors_to_cpu()
+    _redirect_cuda_device_arguments()
+    import megatron.training.initialize as initialize
+
+    original_init = initialize.initialize_megatron
+
+    def initialize_megatron(*args: Any, **kwargs: Any) -> Any:
+        kwargs["allow_no_cuda"] = True
+        return original_init(*args, **kwargs)
+
+    replace_function(initialize, "initialize_megatron", initialize_megatron)
+
+    original_distributed = initialize._initialize_distributed
+
+    def _initialize_distributed(*args: Any, **kwargs: Any) -> Any:
+        _default_rendezvous_env()
+        result = original_distributed(*args, **kwargs)
+        if not kwargs.get("skip_model_parallel_init", False):
+            _init_model_parallel_from_args()
+        return result
+
+    initialize._initialize_distributed = _initialize_distributed
+
+    original_seed = initialize._set_random_seed
+
+    def _set_random_seed(seed_: int, data_parallel_random_init: bool = False, *args: Any, **kwargs: Any) -> Any:
+        result = original_seed(seed_, data_parallel_random_init, *args, **kwargs)
+        # Megatron seeds its model-parallel RNG tracker only when it sees a GPU.
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        if parallel_state.model_parallel_is_initialized():
+            seed = seed_ + 100 * parallel_state.get_pipeline_model_parallel_rank()
+            if data_parallel_random_init:
+                seed += 10 * parallel_state.get_data_parallel_rank()
+            model_parallel_cuda_manual_seed(seed)
+        return result
+
+    initialize._set_random_seed = _set_random_seed
+    _CPU_SUPPORT = True
+    return True
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, str):
+        return device == "cuda" or device.startswith("cuda:")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaDeviceToCpu(torch.overrides.TorchFunctionMode):
+    """Turns ``device="cuda"`` (and ``tensor.to("cuda")``) into the CPU.
+
+    ``megatron.training`` (checkpoint metadata, the inference controller)
+    allocates with ``device="cuda"``; on a machine without CUDA those calls
+    would raise. Active only where :func:`enable_cpu_support` is.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.to and any(_is_cuda_device(a) for a in args[1:]):
+            args = tuple("cpu" if i and _is_cuda_device(a) else a for i, a in enumerate(args))
+        return func(*args, **kwargs)
+
+
+_DEVICE_MODE: Optional[_CudaDeviceToCpu] = None
+
+
+def _redirect_cuda_device_arguments() -> None:
+    global _DEVICE_MODE
+    if _DEVICE_MODE is None:
+        _DEVICE_MODE = _CudaDeviceToCpu()
+        _DEVICE_MODE.__enter__()  # stays pushed for the life of the process
+
+
+def _default_rendezvous_env() -> None:
+    """A single process started without torchrun gets a one-rank rendezvous."""
+    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        return
+    from megatron_capaware._compat.launcher import free_port
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+
+def _init_model_parallel_from_args() -> None:
+    """Megatron's model-parallel groups, as ``_initialize_distributed`` makes them with a GPU."""
+    from megatron.core import parallel_state
+    from megatron.training import get_args
+
+    if parallel_state.model_parallel_is_initialized():
+        return
+    args = get_args()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        distributed_timeout_minutes=args.distributed_timeout_minutes,
+        order="tp-cp-ep-dp-pp" if not getattr(args, "use_tp_pp_dp_mapping", False) else "tp-cp-ep-pp-dp",
+    )

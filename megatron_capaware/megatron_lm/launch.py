@@ -1,0 +1,294 @@
+"""Run any Megatron-LM script with the capaware routers, without editing it.
+
+::
+
+    python -m megatron_capaware.launch SCRIPT.py [SCRIPT ARGS...]
+    python -m megatron_capaware.launch -m PACKAGE.MODULE [ARGS...]
+    torchrun --nproc-per-node 2 -m megatron_capaware.launch SCRIPT.py --moe-router-type laser ...
+
+Before running ``SCRIPT.py`` as ``__main__`` (``runpy``), the launcher:
+
+* registers ``--moe-router-type`` and the ``--capaware-*`` flags by wrapping
+  ``megatron.training.arguments.parse_args``, so whatever
+  ``extra_args_provider`` the script passes (to ``parse_and_validate_args``
+  in Megatron-LM >= 0.18, to ``initialize_megatron`` before) gets them added
+  and checked at parse time;
+* when ``--load`` is a megatron-capaware checkpoint, makes its
+  ``capaware_model.json`` the default of Megatron's architecture flags and
+  its ``tokenizer/tokenizer.json`` the tokenizer (unless the command line
+  names one);
+* swaps the routers into every Megatron ``MoELayer`` the script builds, at
+  the layer's first forward (after the model is built, wrapped and loaded,
+  whichever builder made it: ``get_model``, Megatron-LM's ``ModelBuilder``,
+  or the script's own code);
+* at the end (the script's ``torch.distributed.destroy_process_group()``, or
+  its normal return), prints the per-layer load statistics on rank 0 and
+  writes ``--capaware-stats-output``.
+
+With ``--moe-router-type topk`` and no ``--capaware-stats-output`` nothing is
+swapped: the script runs exactly as without the launcher. On a machine
+without CUDA the launcher also applies :func:`megatron_lm.enable_cpu_support`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+import weakref
+from typing import Any, Dict, List, Optional
+
+from megatron_capaware import megatron_lm
+
+from megatron_capaware._compat.cli import run_cli
+
+
+PROG = "python -m megatron_capaware.launch"
+
+
+class LaunchSession:
+    """State of one launched run: the router config, the installed layers, the report."""
+
+    def __init__(self) -> None:
+        self.layers: List[Any] = []  # (weakref to MoELayer, LayerRoutingStats)
+        self.reported = False
+        self._config: Any = None
+        self._calibration: Any = None
+        self.announced = False
+        self.installed_elsewhere = False
+
+    # -- configuration -----------------------------------------------------
+
+    def megatron_args(self) -> Any:
+        try:
+            from megatron.training import get_args
+
+            return get_args()
+        except (AssertionError, ImportError):  # args not parsed (model built outside megatron.training)
+            return None
+
+    def config(self) -> Any:
+        if self._config is None:
+            args = self.megatron_args()
+            if args is None or not hasattr(args, "moe_router_type"):
+                return None
+            from megatron_capaware.megatron_lm.arguments import config_from_args
+
+            self._config = config_from_args(args)
+        return self._config
+
+    def wanted(self) -> bool:
+        """Whether routers must be installed: a capaware router, or stats asked for."""
+        from megatron_capaware.megatron_lm.arguments import stats_requested
+
+        cfg = self.config()
+        if cfg is None:
+            return False
+        return cfg.router_type != "topk" or stats_requested(self.megatron_args())
+
+    # -- hooks ---------------------------------------------------------------
+
+    def register_layer(self, layer: Any) -> None:
+        """Called at the end of every ``MoELayer.__init__``: install at its first forward."""
+        if getattr(layer, "_capaware_launch_hook", None) is not None:
+            return
+        layer._capaware_launch_hook = layer.register_forward_pre_hook(self._first_forward)
+
+    def _first_forward(self, layer: Any, inputs: Any) -> None:
+        layer._capaware_launch_hook.remove()
+        layer._capaware_launch_hook = None
+        if getattr(layer.router, "capaware_installed", False):
+            # The script (or a capaware spec) installed the routers itself: leave them.
+            self.installed_elsewhere = True
+            return
+        if not self.wanted():
+            return
+        from megatron_capaware.adapters.swap import install_in_layer
+
+        cfg = self.config()
+        self._check_calibration(layer, cfg)
+        stats = install_in_layer(layer, cfg)
+        self.layers.append((weakref.ref(layer), stats))
+        if not self.announced:
+            self.announced = True
+            megatron_lm.print_rank0(
+                f"megatron-capaware: routing with {cfg.describe()} (installed in each MoE layer at "
+                "its first forward)"
+            )
+
+    def _check_calibration(self, layer: Any, cfg: Any) -> None:
+        from megatron_capaware.config import CapawareConfigError, load_calibration
+
+        if cfg.router_type != "laser" or not cfg.layer_params:
+            return
+        number = int(layer.layer_number)
+        if number not in cfg.layer_params:
+            raise CapawareConfigError(
+                f"LASER calibration {cfg.laser_calibration or ''} has no parameters for MoE layer "
+                f"{number} (it holds layers {sorted(cfg.layer_params)}): it was made for another "
+                "model; run capaware-calibrate on this checkpoint"
+            )
+        if cfg.laser_calibration:
+            if self._calibration is None:
+                self._calibration = load_calibration(cfg.laser_calibration)
+            model = self._calibration.model
+            for key, actual in (("num_moe_experts", layer.config.num_moe_experts),
+                                ("moe_router_topk", layer.config.moe_router_topk)):
+                if key in model and int(model[key]) != int(actual):
+                    raise CapawareConfigError(
+                        f"LASER calibration has {key}={model[key]} but the model has {actual}: it "
+                        "was made for a different model; run capaware-calibrate on this checkpoint"
+                    )
+
+    # -- end of run ----------------------------------------------------------
+
+    def stats(self) -> Dict[int, Any]:
+        out: Dict[int, Any] = {}
+        for ref, stats in self.layers:
+            if ref() is not None and (stats.global_loads or stats.layer_number not in out):
+                out[stats.layer_number] = stats
+        return out
+
+    def finish(self) -> None:
+        """Print and write the load statistics (every rank calls this once)."""
+        if self.reported:
+            return
+        self.reported = True
+        if not self.layers:
+            cfg = self.config()
+            if cfg is not None and cfg.router_type != "topk" and not self.installed_elsewhere:
+                megatron_lm.print_rank0(
+                    f"megatron-capaware: warning: --moe-router-type {cfg.router_type} was given "
+                    "but no MoE layer ran a forward pass"
+                )
+            return
+        from megatron_capaware.megatron_lm.arguments import stats_requested
+
+        args = self.megatron_args()
+        output = args.capaware_stats_output if stats_requested(args) else None
+        megatron_lm.report_stats(self.stats(), self.config(), output)
+
+
+SESSION: Optional[LaunchSession] = None
+
+
+def install_hooks() -> LaunchSession:
+    """Patch ``megatron.training`` and Megatron-Core for this process (idempotent).
+
+    Raises:
+        megatron_lm.MegatronTrainingUnavailable: no ``megatron.training``.
+    """
+    global SESSION
+    if SESSION is not None:
+        return SESSION
+    megatron_lm.import_megatron_training()
+    megatron_lm.enable_cpu_support()
+    megatron_lm.install_tokenizer_hook()
+    session = LaunchSession()
+
+    import megatron.training.arguments as arguments
+
+    original_parse = arguments.parse_args
+
+    def parse_args(*args: Any, **kwargs: Any) -> Any:
+        if "extra_args_provider" in kwargs:
+            kwargs["extra_args_provider"] = megatron_lm.extra_args_provider(kwargs["extra_args_provider"])
+        elif args:
+            args = (megatron_lm.extra_args_provider(args[0]),) + tuple(args[1:])
+        else:
+            kwargs["extra_args_provider"] = megatron_lm.extra_args_provider(None)
+        return original_parse(*args, **kwargs)
+
+    megatron_lm.replace_function(arguments, "parse_args", parse_args)
+
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    original_init = MoELayer.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        session.register_layer(self)
+
+    MoELayer.__init__ = __init__  # type: ignore[method-assign]
+
+    import torch.distributed as dist
+
+    original_destroy = dist.destroy_process_group
+
+    def destroy_process_group(group: Any = None) -> Any:
+        if group is None and dist.is_initialized():
+            session.finish()
+        return original_destroy(group)
+
+    megatron_lm.replace_function(dist, "destroy_process_group", destroy_process_group)
+    SESSION = session
+    return session
+
+
+USAGE = f"""usage: {PROG} [-h] (SCRIPT.py | -m MODULE) [ARGS ...]
+
+Run a Megatron-LM script (or module) with megatron-capaware's --moe-router-type
+and --capaware-* flags added to its command line (see docs/megatron_lm.md).
+ARGS go to the script unchanged; its own --help lists them all.
+"""
+
+
+def parse_launcher_args(argv: List[str]) -> argparse.Namespace:
+    """``SCRIPT.py ARGS...`` or ``-m MODULE ARGS...``; the launcher's own options come first."""
+
+    def fail(message: str) -> None:
+        sys.stderr.write(USAGE.splitlines()[0] + f"\n{PROG}: error: {message}\n")
+        raise SystemExit(2)
+
+    if not argv:
+        fail("give the Megatron-LM script to run: SCRIPT.py [ARGS ...]")
+    if argv[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        raise SystemExit(0)
+    if argv[0] == "-m":
+        if len(argv) < 2:
+            fail("-m needs a module name")
+        return argparse.Namespace(module=argv[1], script=None, args=list(argv[2:]))
+    if argv[0].startswith("-"):
+        fail(f"unknown launcher option {argv[0]!r}: the script comes first, then its arguments")
+    if not os.path.isfile(argv[0]):
+        fail(f"script {argv[0]!r} does not exist")
+    return argparse.Namespace(module=None, script=argv[0], args=list(argv[1:]))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_cli(PROG, _main, argv, own_flags=False)
+
+
+def _main(argv: List[str]) -> int:
+    ns = parse_launcher_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        session = install_hooks()
+    except megatron_lm.MegatronTrainingUnavailable as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        if ns.module is not None:
+            sys.argv = [ns.module] + ns.args
+            runpy.run_module(ns.module, run_name="__main__", alter_sys=True)
+        else:
+            script = os.path.abspath(ns.script)
+            sys.argv = [script] + ns.args
+            sys.path.insert(0, os.path.dirname(script))
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as exit_:
+        if exit_.code not in (None, 0):
+            raise
+    _finish_if_running(session)
+    return 0
+
+
+def _finish_if_running(session: LaunchSession) -> None:
+    """A script that returns without destroying the process group still gets its report."""
+    if not session.reported:
+        session.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

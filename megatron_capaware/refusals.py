@@ -1,0 +1,193 @@
+"""The Megatron options a capaware router cannot honour: one table.
+
+Used in two places with the same rows: :func:`check_supported` on a built
+layer's ``TransformerConfig`` (every install) and the Megatron-LM command
+line (:func:`megatron_capaware.megatron_lm.arguments.resolve_args`, at parse
+time). Both objects use Megatron's own field names, so a row reads the same
+attribute from either; an attribute that is absent (another Megatron
+release, a partial namespace) counts as unset.
+
+``topk`` is Megatron's own routing and is never refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Tuple
+
+from megatron_capaware.config import CapawareConfigError
+
+#: What a row receives: ``get(field)`` -> the value, None when absent.
+Getter = Callable[[str], Any]
+
+CAPACITY_ROUTERS = ("capacity-drop", "capacity-reroute", "expanded-drop")
+NON_TOPK = CAPACITY_ROUTERS + ("laser",)
+SUPPORTED_DISPATCHERS = ("alltoall", "allgather")
+SUPPORTED_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+REPLACING_BALANCERS = ("sinkhorn", "quantile_balancing")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One refused option: which routers, when, and the message (what and how to fix)."""
+
+    option: str  # the Megatron flag, for docs and tests
+    routers: Tuple[str, ...]
+    refused: Callable[[Getter], bool]
+    message: Callable[[str, Getter], str]  # (router option text, get) -> message
+
+
+def _balancers(get: Getter) -> list:
+    value = get("moe_router_load_balancing_type")
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def _replacing_balancer(get: Getter) -> Optional[str]:
+    return next((b for b in _balancers(get) if b in REPLACING_BALANCERS), None)
+
+
+def _cuda_graphs(get: Getter) -> bool:
+    impl = get("cuda_graph_impl")
+    return bool((impl is not None and impl != "none") or get("enable_cuda_graph") or get("external_cuda_graph"))
+
+
+REFUSALS: Tuple[Refusal, ...] = (
+    Refusal(
+        "--moe-expert-capacity-factor", NON_TOPK,
+        # Megatron treats a negative factor as unset.
+        lambda get: get("moe_expert_capacity_factor") is not None and get("moe_expert_capacity_factor") >= 0,
+        lambda name, get: (
+            f"{name} cannot be combined with Megatron's --moe-expert-capacity-factor "
+            f"{get('moe_expert_capacity_factor'):g}: both limit expert load, and Megatron's drops on each "
+            "rank's local tokens after the capaware decision. Unset --moe-expert-capacity-factor (the "
+            "capaware gamma replaces it). Use --capaware-gamma for the capacity factor, or "
+            "--moe-router-type topk to keep Megatron's own token dropping"
+        ),
+    ),
+    Refusal(
+        "--moe-pad-expert-input-to-capacity", NON_TOPK,
+        lambda get: bool(get("moe_pad_expert_input_to_capacity")),
+        lambda name, get: (
+            f"{name} cannot be combined with --moe-pad-expert-input-to-capacity (Megatron's padded "
+            "capacity path); unset it"
+        ),
+    ),
+    Refusal(
+        "--moe-router-load-balancing-type", NON_TOPK,
+        lambda get: _replacing_balancer(get) is not None,
+        lambda name, get: (
+            f"{name} cannot be combined with --moe-router-load-balancing-type {_replacing_balancer(get)}, "
+            "which replaces top-k routing itself; use aux_loss, seq_aux_loss, global_aux_loss or none"
+        ),
+    ),
+    Refusal(
+        "--moe-enable-routing-replay", NON_TOPK,
+        lambda get: bool(get("moe_enable_routing_replay")),
+        lambda name, get: (
+            f"{name} cannot be combined with routing replay (--moe-enable-routing-replay replays "
+            "recorded top-k decisions); unset it"
+        ),
+    ),
+    Refusal(
+        "--moe-token-dispatcher-type", NON_TOPK,
+        lambda get: get("moe_token_dispatcher_type") is not None
+        and get("moe_token_dispatcher_type") not in SUPPORTED_DISPATCHERS,
+        lambda name, get: (
+            f"{name} supports --moe-token-dispatcher-type alltoall and allgather (dropped assignments "
+            f"must not be sent); got --moe-token-dispatcher-type {get('moe_token_dispatcher_type')}"
+        ),
+    ),
+    Refusal(
+        "--context-parallel-size", NON_TOPK,
+        lambda get: (get("context_parallel_size") or 1) > 1,
+        lambda name, get: (
+            f"{name} does not support context parallelism yet (--context-parallel-size "
+            f"{get('context_parallel_size')}): use --context-parallel-size 1, or --moe-router-type topk"
+        ),
+    ),
+    Refusal(
+        "--moe-router-score-function", NON_TOPK,
+        lambda get: get("moe_router_score_function") is not None
+        and get("moe_router_score_function") not in SUPPORTED_SCORE_FUNCTIONS,
+        lambda name, get: (
+            f"{name} knows the softmax and sigmoid score functions, not --moe-router-score-function "
+            f"{get('moe_router_score_function')} (newer than this megatron-capaware); use "
+            "--moe-router-type topk, or a megatron-capaware release that supports it"
+        ),
+    ),
+    Refusal(
+        "--moe-router-padding-for-quantization", NON_TOPK,
+        lambda get: bool(get("moe_router_padding_for_quantization") or get("moe_router_padding_for_fp8")),
+        lambda name, get: (
+            f"{name} cannot be combined with --moe-router-padding-for-quantization "
+            "(--moe-router-padding-for-fp8): the dispatcher would pad every expert's tokens to a "
+            "multiple of the quantization block after the routing decision, so experts would "
+            "process more than the capacity allows; unset it"
+        ),
+    ),
+    Refusal(
+        "--transformer-impl inference_optimized", NON_TOPK,
+        lambda get: get("transformer_impl") == "inference_optimized",
+        lambda name, get: (
+            f"{name} replaces Megatron's TopKRouter, which --transformer-impl inference_optimized "
+            "does not use (it builds InferenceTopKRouter); use --transformer-impl transformer_engine or local"
+        ),
+    ),
+    Refusal(
+        "--cuda-graph-impl", NON_TOPK,
+        _cuda_graphs,
+        lambda name, get: (
+            f"{name} is not CUDA-graph capturable yet (its routing has data-dependent control flow); "
+            "use --cuda-graph-impl none (and no --enable-cuda-graph / --external-cuda-graph), or "
+            "--moe-router-type topk"
+        ),
+    ),
+    Refusal(
+        "--tensor-model-parallel-size without --sequence-parallel", ("expanded-drop",),
+        lambda get: (get("tensor_model_parallel_size") or 1) > 1 and not get("sequence_parallel"),
+        lambda name, get: (
+            f"{name} with --tensor-model-parallel-size > 1 needs --sequence-parallel: without it the "
+            "TP ranks hold copies of the same tokens on different EP ranks, whose local experts differ"
+        ),
+    ),
+    Refusal(
+        "--moe-router-num-groups / --moe-router-group-topk", ("laser",),
+        lambda get: bool(get("moe_router_num_groups") or get("moe_router_group_topk")),
+        lambda name, get: (
+            f"{name} does not support group-limited routing (--moe-router-num-groups / "
+            "--moe-router-group-topk): its pools are drawn from all experts; use a capacity router"
+        ),
+    ),
+    Refusal(
+        "--moe-router-enable-expert-bias", ("laser",),
+        lambda get: bool(get("moe_router_enable_expert_bias")),
+        lambda name, get: (
+            f"{name} does not support --moe-router-enable-expert-bias: its confident tokens must take "
+            "the model's own top-k; use a capacity router"
+        ),
+    ),
+)
+
+
+def refusal_for(router_type: str, settings: Any) -> Optional[str]:
+    """The message of the first row that refuses ``settings`` for ``router_type``, else None.
+
+    Args:
+        router_type: a ``--moe-router-type`` value.
+        settings: a Megatron ``TransformerConfig`` or parsed-arguments namespace.
+    """
+    def get(field: str) -> Any:
+        return getattr(settings, field, None)
+
+    name = f"--moe-router-type {router_type}"
+    for row in REFUSALS:
+        if router_type in row.routers and row.refused(get):
+            return row.message(name, get)
+    return None
+
+
+def raise_if_refused(router_type: str, settings: Any) -> None:
+    """Raise :class:`CapawareConfigError` with the refusal's message, if a row refuses."""
+    message = refusal_for(router_type, settings)
+    if message is not None:
+        raise CapawareConfigError(message)
