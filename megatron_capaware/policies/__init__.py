@@ -3,9 +3,11 @@
 One public function per policy, named as in ``docs/routers.md`` (the
 semantics). Each takes the router's probabilities ``scores [T, E]`` and
 returns Megatron's routing format ``(probs [T, E] float, routing_map [T, E]
-bool)``, ``probs`` zero wherever ``routing_map`` is False; with
-``return_decision=True`` a :class:`RoutingDecision` that also carries the
-global loads, drops and reroutes the policy already computed. ``group`` is an
+bool)``, ``probs`` zero wherever ``routing_map`` is False. With
+``return_decision=True`` they return a :class:`RoutingDecision` instead, which
+also carries the global loads, drops and reroutes the policy already
+computed; ``weights=False`` then skips the combine weights (``probs`` is
+None) for callers that compute them (the Megatron router). ``group`` is an
 optional ``torch.distributed`` process group over which loads are global.
 :mod:`megatron_capaware.policies.reference` holds loop implementations used
 as test oracles.

@@ -148,10 +148,7 @@ def capacity_drop(
     :func:`~megatron_capaware.policies.selection.select_top_per_expert`, plus
     one all-gather of one int64 for ``policy="random"``.
 
-    ``return_decision=True`` returns the :class:`RoutingDecision` instead, with
-    the global loads, drops and reroutes the policy already computed;
-    ``weights=False`` then skips the combine weights (``probs`` is None) for
-    callers that compute them (the Megatron router).
+    ``return_decision`` and ``weights``: see :mod:`megatron_capaware.policies`.
     """
     common.check_scores(scores, k, check_values=check_values)
     gamma = common.check_gamma(gamma)
@@ -256,10 +253,7 @@ def capacity_reroute(
     Collectives (with a group): the drop's, plus one selection (4 all-reduces
     of ``E*256+1`` int64 and one all-gather of ``E`` int64) per round.
 
-    ``return_decision=True`` returns the :class:`RoutingDecision` instead, with
-    the global loads, drops and reroutes the policy already computed;
-    ``weights=False`` then skips the combine weights (``probs`` is None) for
-    callers that compute them (the Megatron router).
+    ``return_decision`` and ``weights``: see :mod:`megatron_capaware.policies`.
     """
     common.check_choice("policy", policy, common.REROUTE_POLICIES)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
@@ -387,10 +381,7 @@ def expanded_drop(
         ``s[t, e]`` (divided by the original top-k sum when ``normalize``).
         The decision's ``rerouted`` counts the local experts added.
 
-    ``return_decision=True`` returns the :class:`RoutingDecision` instead, with
-    the global loads, drops and reroutes the policy already computed;
-    ``weights=False`` then skips the combine weights (``probs`` is None) for
-    callers that compute them (the Megatron router).
+    ``return_decision`` and ``weights``: see :mod:`megatron_capaware.policies`.
     """
     common.check_scores(scores, k, check_values=check_values)
     gamma = common.check_gamma(gamma)

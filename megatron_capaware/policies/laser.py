@@ -200,10 +200,7 @@ def laser(
     Returns:
         ``(probs [T, E], routing_map [T, E] bool)``, exactly ``k`` experts per token.
 
-    ``return_decision=True`` returns the :class:`RoutingDecision` instead, with
-    the global loads, drops and reroutes the policy already computed;
-    ``weights=False`` then skips the combine weights (``probs`` is None) for
-    callers that compute them (the Megatron router).
+    ``return_decision`` and ``weights``: see :mod:`megatron_capaware.policies`.
     """
     common.check_scores(scores, k, check_values=check_values)
     num_tokens, num_experts = scores.shape
