@@ -70,6 +70,14 @@ class _SimDist:
         SUM = "sum"
 
     @staticmethod
+    def is_initialized() -> bool:
+        return True
+
+    @staticmethod
+    def get_backend(group: Any = None) -> str:
+        return "gloo"  # the simulated ranks exchange CPU tensors
+
+    @staticmethod
     def get_world_size(group: Any = None) -> int:
         return group.world
 

@@ -224,12 +224,9 @@ def _shim_uneven_gather() -> None:
         if output_split_sizes is None or group.size() == 1:
             return original(input_, group, output_split_sizes, use_global_buffer)
         # gloo's all_gather wants equal sizes: pad every rank's part to the largest.
-        largest = max(output_split_sizes)
-        padded = input_.new_zeros((largest, *input_.shape[1:]))
-        padded[: input_.shape[0]] = input_
-        parts = [torch.empty_like(padded) for _ in output_split_sizes]
-        torch.distributed.all_gather(parts, padded.contiguous(), group=group)
-        return torch.cat([p[:n] for p, n in zip(parts, output_split_sizes)], dim=0)
+        from megatron_capaware.policies.collectives import all_gather_padded
+
+        return all_gather_padded(input_, list(output_split_sizes), group)
 
     mappings._gather_along_first_dim = gather_along_first_dim
 

@@ -203,9 +203,7 @@ def _decode(row: torch.Tensor) -> str:
 
 
 def _all_gather(tensor: torch.Tensor, pg: Any, world: int) -> torch.Tensor:
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous(), group=pg)
-    return torch.stack(parts).cpu()
+    return all_gather_stack(tensor, pg).cpu()
 
 
 def check_rank_agreement(

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from megatron_capaware._compat.cli import run_cli
+from megatron_capaware.policies.collectives import barrier
 
 
 DEFAULT_PROMPTS = ["To be, or not to be,", "My lord, the king"]
@@ -219,7 +220,7 @@ def _main(argv: List[str]) -> int:
         Path(args.output_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_path).write_text(json.dumps(out, indent=2) + "\n")
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        barrier()
         torch.distributed.destroy_process_group()
     return 0
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_capaware.models.builder import MoEModelArgs
+from megatron_capaware.policies.collectives import barrier
 
 MODEL_ARGS_FILE = "capaware_model.json"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -117,8 +118,7 @@ def save_checkpoint(
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         weights.mkdir(parents=True, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     state = {
         "model": _unwrap(model).sharded_state_dict(),
         "checkpoint_version": 3.0,
@@ -132,8 +132,7 @@ def save_checkpoint(
             import shutil
 
             shutil.copytree(tokenizer_dir, root / TOKENIZER_DIR, dirs_exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return root
 
 

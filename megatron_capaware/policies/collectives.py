@@ -1,18 +1,27 @@
-"""The few collectives the routing policies need, over an optional process group.
+"""Every ``torch.distributed`` collective of the package goes through this module.
 
-``group=None`` means "this process's tokens are the whole batch": every
-function here is then the identity, so one code path serves local and
-global routing. Every call is made by every rank of the group in the same
-order with the same shapes (the shapes depend only on ``E`` and the group
-size, never on the data), so no data-dependent branch can leave a rank
-waiting in a collective.
+Each function puts its tensors on the group's device first (NCCL: the
+current CUDA device; gloo and others: the CPU) and hands the result back on
+the caller's device, so a CPU tensor never reaches an NCCL collective (which
+raises "No backend type associated with device type cpu"). A tensor already
+on the group's device is not copied. ``tests/test_collectives.py`` fails if
+any other module of the package calls a collective itself.
+
+The routing policies use :func:`all_reduce_sum`, :func:`all_gather_stack`
+and :func:`exclusive_rank_prefix`; ``group=None`` means "this process's
+tokens are the whole batch": every function is then the identity, so one
+code path serves local and global routing. Every call is made by every rank
+of the group in the same order with the same shapes (the shapes depend only
+on ``E`` and the group size, never on the data), so no data-dependent branch
+can leave a rank waiting in a collective. The tools use :func:`all_reduce`,
+:func:`all_gather_objects` and :func:`barrier`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -90,6 +99,36 @@ def _weighted(tensor: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tens
     return tensor
 
 
+_DEVICE_OF_BACKEND = {"nccl": "cuda", "xccl": "xpu"}
+_GROUP_DEVICES: Dict[int, torch.device] = {}
+
+
+def group_device(group: Optional[ProcessGroup] = None) -> torch.device:
+    """The device a collective over ``group`` takes its tensors on.
+
+    NCCL: the current CUDA device; gloo (and any other CPU backend): the CPU.
+    ``group=None`` is the default group. Cached per group (the backend of a
+    group never changes; the current CUDA device is read at every call).
+    """
+    pg = _process_group(group)
+    key = id(pg)
+    device = _GROUP_DEVICES.get(key)
+    if device is None:
+        if not dist.is_initialized():
+            return torch.device("cpu")
+        backend = str(dist.get_backend(pg)).lower()
+        kind = next((dev for name, dev in _DEVICE_OF_BACKEND.items() if name in backend), "cpu")
+        device = torch.device(kind)
+        _GROUP_DEVICES[key] = device
+    if device.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tensor if tensor.device == device else tensor.to(device)
+
+
 def group_size(group: Optional[ProcessGroup]) -> int:
     """Number of ranks whose tokens share the experts (1 without a group)."""
     pg = _process_group(group)
@@ -108,14 +147,82 @@ def group_rank(group: Optional[ProcessGroup]) -> int:
 
 
 def all_reduce_sum(tensor: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
-    """Sum counts over the group (copies of tokens counted once); returns the sum."""
+    """Sum counts over the group (copies of tokens counted once); returns the sum.
+
+    In place when ``tensor`` is on the group's device already (the routing
+    hot path); otherwise the sum comes back in ``tensor`` through one copy
+    each way.
+    """
     pg = _process_group(group)
     if pg is not None and group_size(group) > 1:
         if isinstance(group, LoadGroup) and group.counts_weight != 1:
             tensor.mul_(group.counts_weight)
         _note("all_reduce", tensor, group)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=pg)
+        work = _on(tensor, group_device(group))
+        dist.all_reduce(work, op=dist.ReduceOp.SUM, group=pg)
+        if work is not tensor:
+            tensor.copy_(work)
     return tensor
+
+
+_REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def all_reduce(tensor: torch.Tensor, group: Optional[ProcessGroup] = None, op: str = "sum") -> torch.Tensor:
+    """All-reduce over ``group`` (None: the default group, when initialised); returns the result.
+
+    ``op``: ``sum``, ``max`` or ``min``. The result is on ``tensor``'s device
+    (``tensor`` itself is updated when it is on the group's device).
+    """
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"op={op!r}: use one of {sorted(_REDUCE_OPS)}")
+    # No shortcut for one rank: the report paths then run the real collective
+    # (e.g. on a one-GPU NCCL group), which is what catches a tensor on the wrong device.
+    pg = _process_group(group)
+    if not dist.is_initialized():
+        return tensor
+    _note("all_reduce", tensor, group)
+    work = _on(tensor, group_device(group))
+    dist.all_reduce(work, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]), group=pg)
+    return work if work is tensor else work.to(tensor.device)
+
+
+def all_gather_objects(obj: Any, group: Optional[ProcessGroup] = None) -> List[Any]:
+    """Every rank's ``obj`` (picklable), in rank order (``[obj]`` without a process group).
+
+    On NCCL ``torch.distributed`` serialises through the current CUDA device,
+    which :func:`group_device` names; gloo through the CPU.
+    """
+    pg = _process_group(group)
+    if not dist.is_initialized():
+        return [obj]
+    parts: List[Any] = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(parts, obj, group=pg)
+    return parts
+
+
+def barrier(group: Optional[ProcessGroup] = None) -> None:
+    """Wait for every rank of ``group`` (no-op without a process group)."""
+    pg = _process_group(group)
+    if not dist.is_initialized():
+        return
+    if group_device(group).type == "cuda":
+        dist.barrier(group=pg, device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier(group=pg)
+
+
+def all_gather_padded(tensor: torch.Tensor, sizes: List[int], group: Any) -> torch.Tensor:
+    """Gather ``tensor`` ``[n_r, *]`` from every rank, ``sizes[r] = n_r``, concatenated in rank order.
+
+    For backends whose list all-gather wants equal sizes (gloo): every part is
+    padded to the largest.
+    """
+    largest = max(sizes)
+    padded = tensor.new_zeros((largest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = all_gather_stack(padded, group)
+    return torch.cat([part[:n] for part, n in zip(gathered, sizes)], dim=0)
 
 
 def all_gather_stack(tensor: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
@@ -125,10 +232,11 @@ def all_gather_stack(tensor: torch.Tensor, group: Optional[ProcessGroup]) -> tor
         return tensor.unsqueeze(0)
     tensor = _weighted(tensor, group)
     _note("all_gather", tensor, group)
+    work = _on(tensor, group_device(group)).contiguous()
     # List all_gather: gloo's all_gather_into_tensor aborts on this torch (2.13 CPU).
-    parts = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(parts, tensor.contiguous(), group=_process_group(group))
-    return torch.stack(parts)
+    parts = [torch.empty_like(work) for _ in range(size)]
+    dist.all_gather(parts, work, group=_process_group(group))
+    return _on(torch.stack(parts), tensor.device)
 
 
 def exclusive_rank_prefix(counts: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:

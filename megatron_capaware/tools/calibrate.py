@@ -38,6 +38,7 @@ import torch
 
 from megatron_capaware._compat.cli import UserInputError, add_cli_flags, run_cli
 from megatron_capaware.config import Calibration, CapawareConfig, LaserParams
+from megatron_capaware.policies.collectives import all_gather_objects
 
 PROG = "capaware-calibrate"
 
@@ -104,9 +105,7 @@ def record_scores(
     for number, calls in sorted(recorded.items()):
         gathered[number] = []
         for scores in calls:
-            parts: List[Any] = [None] * world
-            dist.all_gather_object(parts, scores)
-            gathered[number].append(torch.cat(parts))
+            gathered[number].append(torch.cat(all_gather_objects(scores)))
     model_info = {
         "moe_layer_numbers": sorted(gathered),
         "num_layers": args.num_layers,
@@ -241,7 +240,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    if not torch.cuda.is_available():  # Megatron's jit_fuser compiles for ~17 s on a CPU
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     from megatron_capaware._compat.launcher import run_distributed
     from megatron_capaware.tools import preflight
 

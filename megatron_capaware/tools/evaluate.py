@@ -30,6 +30,7 @@ import torch
 from megatron_capaware._compat.cli import add_cli_flags, progress_enabled, run_cli, run_torchrun
 from megatron_capaware.config import CapawareConfig
 from megatron_capaware.tools import preflight
+from megatron_capaware.policies.collectives import all_reduce
 
 PROG = "capaware-eval"
 
@@ -185,7 +186,7 @@ def run_evaluation(
             [nll * counts_once, correct * counts_once, labels.numel() * len(batches) * counts_once],
             dtype=torch.float64,
         )
-        dist.all_reduce(totals)
+        totals = all_reduce(totals)
         all_stats = collect_stats(model)
         per_layer = reduce_summaries(all_stats)
         loads = {
@@ -250,7 +251,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
     world = args.tp * args.ep if args.etp == 1 else max(args.tp, args.etp) * args.ep
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    if not torch.cuda.is_available():  # Megatron's jit_fuser compiles for ~17 s on a CPU
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
     from megatron_capaware.models import reference_models
     from megatron_capaware.tools import report

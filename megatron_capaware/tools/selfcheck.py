@@ -19,6 +19,7 @@ from typing import List
 import torch
 
 from megatron_capaware._compat.cli import add_cli_flags, run_cli
+from megatron_capaware.policies.collectives import all_reduce
 
 PROG = "python -m megatron_capaware.tools.selfcheck"
 
@@ -102,7 +103,7 @@ def _main(argv: List[str]) -> int:
         rows.append((cfg.describe(), summary, cap))
         stats.reset()
     flags = torch.tensor([len(failures)], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(flags)
+    flags = all_reduce(flags)
     if torch.distributed.get_rank() == 0:
         print(f"megatron-capaware selfcheck: world={world} TP={args.tp} EP={ep} ETP={args.etp} "
               f"E={args.experts} k={args.topk} tokens/rank={args.tokens} dispatcher={args.dispatcher}")

@@ -55,6 +55,7 @@ import torch
 from megatron_capaware.models.builder import MoEModelArgs
 
 from megatron_capaware._compat.cli import add_cli_flags, progress_enabled, run_cli
+from megatron_capaware.policies.collectives import barrier
 
 PROG = "capaware-convert"
 
@@ -869,7 +870,7 @@ def convert_checkpoint(
     try:
         if rank == 0 and out.exists() and any(out.iterdir()):
             shutil.rmtree(out)
-        dist.barrier()
+        barrier()
         model = _build_empty_model(args, target_dtype)
         _fill(model, plan, index, progress and rank == 0)
         from megatron_capaware.models.checkpoint import TOKENIZER_DIR, save_checkpoint
@@ -886,7 +887,7 @@ def convert_checkpoint(
                 # AutoTokenizer resolves the tokenizer class through config.json when
                 # tokenizer_config.json does not name it.
                 shutil.copy2(hf_dir / "config.json", tok / "config.json")
-        dist.barrier()
+        barrier()
     finally:
         if owns_group:
             parallel.destroy()
@@ -1036,7 +1037,8 @@ def _main(argv: List[str]) -> int:
     options = parse_args(argv)
     if not options.use_gpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    if not torch.cuda.is_available():  # Megatron's jit_fuser compiles for ~17 s on a CPU
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     try:
         if options.check_only:
             cfg = HFConfig.read(options.hf_dir)

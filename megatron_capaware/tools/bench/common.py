@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from megatron_capaware.policies.collectives import all_reduce, barrier
 
 
 def skewed_scores(num_tokens: int, num_experts: int, skew: float, seed: int, spread: float = 1.5) -> torch.Tensor:
@@ -89,11 +90,7 @@ def timed(fn: Callable[[], Any], group: Any = None) -> float:
 
     On CUDA the device is synchronised before and after.
     """
-    import torch.distributed as dist
-
-    distributed = dist.is_initialized()
-    if distributed:
-        dist.barrier(group=group)
+    barrier(group)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -101,9 +98,7 @@ def timed(fn: Callable[[], Any], group: Any = None) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-    if distributed:
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
-    return float(elapsed)
+    return float(all_reduce(elapsed, group, op="max"))
 
 
 def summarize_times(samples: List[float]) -> Dict[str, float]:
