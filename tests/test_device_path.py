@@ -29,3 +29,21 @@ def test_pure_device_work_counts_no_sync() -> None:
     x = torch.randn(64, 8)
     work = count_call(lambda: torch.topk(torch.softmax(x, -1), 2, dim=1))
     assert work.syncs == 0 and work.ops >= 2
+
+
+def test_recording_stats_costs_no_sync() -> None:
+    """The router records every forward; that must not read anything back to the host."""
+    from megatron_capaware import policies
+    from megatron_capaware.adapters.stats import LayerRoutingStats
+
+    scores = torch.softmax(torch.randn(256, 16, generator=torch.Generator().manual_seed(0)), -1)
+    decision = policies.capacity_drop(scores, 4, 1.0, check_values=False, return_decision=True)
+    stats = LayerRoutingStats(layer_number=1, num_experts=16, ep_size=2, local_experts=list(range(8)))
+    received = decision.global_loads[:8].clone()
+    work = count_call(lambda: (stats.record_decision(decision), stats.record_received(received)))
+    assert work.syncs == 0, work.sync_sites
+    assert len(stats.pending) == 1 and stats.calls == 1
+    # Reading copies the pending records to the host, once.
+    assert torch.equal(stats.global_loads[-1], decision.global_loads) and not stats.pending
+    assert stats.capacity[-1] == int(decision.capacity) and stats.dropped[-1] == int(decision.dropped)
+    assert torch.equal(stats.received[-1], received)

@@ -9,7 +9,7 @@ after dispatch, which is what the capacity guarantee is checked against.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -25,6 +25,11 @@ _COUNTS = ("requested", "dropped", "rerouted", "tokens", "flexible")
 @dataclass
 class LayerRoutingStats:
     """Everything recorded for one MoE layer, one entry per forward call.
+
+    Recording costs no host synchronisation: each call's figures stay on the
+    device where the policy computed them (:attr:`pending`) and move to the
+    host in one copy when something reads them (a summary, a report, the
+    attributes below), or when :data:`MAX_RECORDS` calls are pending.
 
     Attributes:
         layer_number: Megatron's 1-based layer number.
@@ -44,15 +49,15 @@ class LayerRoutingStats:
     local_experts: List[int]
     duplication: int = 1
     load_group: Any = None
-    global_loads: List[torch.Tensor] = field(default_factory=list)
-    requested: List[int] = field(default_factory=list)
-    dropped: List[int] = field(default_factory=list)
-    rerouted: List[int] = field(default_factory=list)
-    tokens: List[int] = field(default_factory=list)
-    flexible: List[int] = field(default_factory=list)
-    capacity: List[Optional[int]] = field(default_factory=list)
-    received: List[torch.Tensor] = field(default_factory=list)
     max_records: int = MAX_RECORDS
+    # Host copies, one entry per call (read through the properties below).
+    _global_loads: List[torch.Tensor] = field(default_factory=list)
+    _counts: Dict[str, List[int]] = field(default_factory=lambda: {name: [] for name in _COUNTS})
+    _capacity: List[Optional[int]] = field(default_factory=list)
+    _received: List[torch.Tensor] = field(default_factory=list)
+    # Device-side records not yet copied: (loads [E], counts [6]) and received counts.
+    pending: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    pending_received: List[torch.Tensor] = field(default_factory=list)
     # Calls folded out of the lists above: count, summed per-call metrics,
     # summed loads, and summed counts.
     folded_calls: int = 0
@@ -61,31 +66,99 @@ class LayerRoutingStats:
     folded_counts: Dict[str, int] = field(default_factory=dict)
 
     def record_decision(self, decision) -> None:
-        """Store a :class:`~megatron_capaware.policies.RoutingDecision` (CPU copies)."""
-        self.global_loads.append(decision.global_loads.detach().to("cpu", torch.int64))
-        self.requested.append(int(decision.requested_assignments))
-        self.dropped.append(int(decision.dropped))
-        self.rerouted.append(int(decision.rerouted))
-        self.tokens.append(int(decision.global_tokens))
-        self.flexible.append(int(decision.flexible) if decision.flexible is not None else 0)
-        self.capacity.append(int(decision.capacity) if decision.capacity is not None else None)
-        if len(self.global_loads) > self.max_records:
-            self._fold_oldest()
+        """Keep a :class:`~megatron_capaware.policies.RoutingDecision`'s figures (device-side, no sync)."""
+        loads = decision.global_loads.detach().to(torch.int64)
+        none = torch.full((), -1, dtype=torch.int64, device=loads.device)
+
+        def count(value: Optional[torch.Tensor]) -> torch.Tensor:
+            return none if value is None else value.detach().to(device=loads.device, dtype=torch.int64).reshape(())
+
+        counts = torch.stack([count(decision.requested_assignments), count(decision.dropped),
+                              count(decision.rerouted), count(decision.global_tokens),
+                              count(decision.flexible), count(decision.capacity)])
+        self.pending.append((loads.clone(), counts))
+        if len(self.pending) >= self.max_records:
+            self.flush()
+
+    def record_received(self, tokens_per_local_expert) -> None:
+        """Keep the number of tokens each local expert received in this call (device-side, no sync)."""
+        counts = torch.as_tensor(tokens_per_local_expert).detach().to(torch.int64).reshape(-1).clone()
+        self.pending_received.append(counts)
+        if len(self.pending_received) >= self.max_records:
+            self.flush()
+
+    def flush(self) -> None:
+        """Copy the pending device records to the host (one copy per kind) and fold old calls."""
+        if self.pending:
+            loads = torch.stack([p[0] for p in self.pending]).to("cpu")  # [n, E]
+            counts = torch.stack([p[1] for p in self.pending]).to("cpu").tolist()  # [n, 6]
+            self.pending.clear()
+            for row_loads, row in zip(loads, counts):
+                self._global_loads.append(row_loads)
+                for name, value in zip(_COUNTS, row):
+                    self._counts[name].append(0 if name == "flexible" and value < 0 else int(value))
+                self._capacity.append(None if row[len(_COUNTS)] < 0 else int(row[len(_COUNTS)]))
+            while len(self._global_loads) > self.max_records:
+                self._fold_oldest()
+        if self.pending_received:
+            self._received.extend(torch.stack(self.pending_received).to("cpu").unbind(0))
+            self.pending_received.clear()
+            del self._received[: max(0, len(self._received) - self.max_records)]
+
+    @property
+    def global_loads(self) -> List[torch.Tensor]:
+        self.flush()
+        return self._global_loads
+
+    @property
+    def capacity(self) -> List[Optional[int]]:
+        self.flush()
+        return self._capacity
+
+    @property
+    def received(self) -> List[torch.Tensor]:
+        self.flush()
+        return self._received
+
+    @property
+    def requested(self) -> List[int]:
+        self.flush()
+        return self._counts["requested"]
+
+    @property
+    def dropped(self) -> List[int]:
+        self.flush()
+        return self._counts["dropped"]
+
+    @property
+    def rerouted(self) -> List[int]:
+        self.flush()
+        return self._counts["rerouted"]
+
+    @property
+    def tokens(self) -> List[int]:
+        self.flush()
+        return self._counts["tokens"]
+
+    @property
+    def flexible(self) -> List[int]:
+        self.flush()
+        return self._counts["flexible"]
 
     def _fold_oldest(self) -> None:
-        loads = self.global_loads.pop(0)
-        for key, value in metrics.load_metrics(loads, self.ep_size, self.requested[0]).items():
+        loads = self._global_loads.pop(0)
+        for key, value in metrics.load_metrics(loads, self.ep_size, self._counts["requested"][0]).items():
             self.folded_metrics[key] = self.folded_metrics.get(key, 0.0) + value
         self.folded_loads = loads.clone() if self.folded_loads is None else self.folded_loads + loads
         for name in _COUNTS:
-            self.folded_counts[name] = self.folded_counts.get(name, 0) + getattr(self, name).pop(0)
-        self.capacity.pop(0)
+            self.folded_counts[name] = self.folded_counts.get(name, 0) + self._counts[name].pop(0)
+        self._capacity.pop(0)
         self.folded_calls += 1
 
     @property
     def calls(self) -> int:
         """Forward calls recorded since the last reset (folded ones included)."""
-        return self.folded_calls + len(self.global_loads)
+        return self.folded_calls + len(self._global_loads) + len(self.pending)
 
     def total(self, name: str) -> int:
         """Sum of one count (``requested``, ``dropped``, ...) over all recorded calls."""
@@ -100,16 +173,11 @@ class LayerRoutingStats:
             total = total + self.folded_loads.double()
         return total / self.calls
 
-    def record_received(self, tokens_per_local_expert) -> None:
-        """Store the number of tokens each local expert received in this call."""
-        counts = torch.as_tensor(tokens_per_local_expert).detach().to("cpu", torch.int64).reshape(-1)
-        self.received.append(counts)
-        if len(self.received) > self.max_records:
-            self.received.pop(0)
-
     def reset(self) -> None:
-        for name in ("global_loads", "requested", "dropped", "rerouted", "tokens", "flexible", "capacity", "received"):
-            getattr(self, name).clear()
+        self.pending.clear()
+        self.pending_received.clear()
+        for values in (self._global_loads, self._capacity, self._received, *self._counts.values()):
+            values.clear()
         self.folded_calls = 0
         self.folded_metrics = {}
         self.folded_loads = None
