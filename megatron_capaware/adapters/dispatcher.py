@@ -50,6 +50,15 @@ class CapawareAlltoAllTokenDispatcher(CapawareDispatcherMixin, MoEAlltoAllTokenD
             # Buffer size from the map, not tokens * k (as Megatron's capacity mode does).
             self.num_out_tokens = routing_map.sum()
             self._maybe_update_cuda_sync_point("before_permutation_1")
+            # Megatron checked "sync point not before the device-to-host copy point"
+            # inside preprocess, before this earlier sync point existed. Where the
+            # copies come later (its CUDA-graph setting: before_ep_alltoall) the
+            # sync would wait on an event not yet recorded: copy at the sync point
+            # instead (every count is computed by now).
+            priority = getattr(self, "cuda_sync_point_priority", None)
+            dtoh = getattr(self, "cuda_dtoh_point", None)
+            if priority and dtoh is not None and priority[dtoh] > priority[self.cuda_sync_point]:
+                self.cuda_dtoh_point = self.cuda_sync_point
         return tokens_per_local_expert
 
 
