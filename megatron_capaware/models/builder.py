@@ -266,9 +266,12 @@ def build_transformer_config(
         use_cpu_initialization=not cuda_available(),
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
+        # Fused kernels on GPUs (so GPU timings are not pessimistic), none on the CPU:
+        # bias-dropout is a jit fusion of plain torch; rope and softmax fusion need
+        # Transformer Engine; persistent layer norm needs Apex (never required).
+        bias_dropout_fusion=cuda_available(),
+        apply_rope_fusion=use_transformer_engine(),
+        masked_softmax_fusion=use_transformer_engine(),
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
     )
