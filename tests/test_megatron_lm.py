@@ -185,3 +185,18 @@ class TestWithMegatronTraining:
         assert args.moe_router_type == "laser" and args.moe_router_dtype == "fp32"
         if not torch.cuda.is_available():
             assert args.distributed_backend == "gloo" and args.transformer_impl == "local"
+
+
+def test_help_with_megatron_style_bare_percent_signs_prints() -> None:
+    """Megatron 0.19 / main have help strings with a lone '%': --help must still print."""
+    import argparse
+
+    from megatron_capaware.megatron_lm.checkpoint_flags import escape_help_percents
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--factor", default=1.1, help="buffer size factor (1.1 = 10% more, i.e. 110%)")
+    parser.add_argument("--ok", default=3, help="default %(default)s, 100%% sure")
+    with pytest.raises((ValueError, TypeError)):  # what argparse raises on a lone %
+        parser.format_help()
+    text = escape_help_percents(parser).format_help()
+    assert "10% more, i.e. 110%)" in text and "default 3, 100% sure" in text

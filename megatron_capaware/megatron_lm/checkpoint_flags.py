@@ -9,6 +9,7 @@ enough.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -148,10 +149,29 @@ def extra_args_provider(provider: Optional[Callable[[Any], Any]] = None) -> Call
                 f"megatron-capaware: model flags from {Path(load) / MODEL_ARGS_FILE}: "
                 f"{describe_defaults(applied)}"
             )
-        return add_capaware_args(parser)
+        return escape_help_percents(add_capaware_args(parser))
 
     extra.capaware_wrapped = provider  # type: ignore[attr-defined]
     return extra
+
+
+# An escaped %%, a named specifier such as %(default)s, or a lone % (group 1).
+_PERCENT = re.compile(r"%%|%\(\w+\)[#0\- +]*\d*(?:\.\d+)?[a-zA-Z]|(%)")
+
+
+def escape_help_percents(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Escape lone ``%`` in the parser's help strings, so ``--help`` can be printed.
+
+    argparse formats every help string with ``%`` (``%(default)s``); some of
+    Megatron's own help strings hold a bare ``%`` (megatron-core 0.19's
+    ``--moe-paged-stash-buffer-size-factor-cuda``, main's
+    ``--mhc-recompute-layer-num``), so ``--help`` raised ``ValueError:
+    unsupported format character``. Remove when Megatron escapes them.
+    """
+    for action in parser._actions:
+        if isinstance(action.help, str) and "%" in action.help:
+            action.help = _PERCENT.sub(lambda m: "%%" if m.group(1) else m.group(0), action.help)
+    return parser
 
 
 def describe_defaults(defaults: Dict[str, Any]) -> str:
