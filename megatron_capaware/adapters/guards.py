@@ -10,7 +10,11 @@ clear error on every rank, at once:
   any rank of the load group raise :class:`RoutingInputError` on all of them,
   naming the layer and the ranks. Cost: one all-gather of 2 int64 per layer
   and one host read (the policies' own local check, which it replaces, had
-  the host read already).
+  the host read already). On the device (CUDA) path the layers hand their
+  flags to a :class:`DeferredScoreCheck` instead, read once per forward of
+  the model (one all-gather of ``[layers, 2]`` and one host read); the
+  routing collectives have data-independent shapes, so a rank with bad
+  scores cannot leave the others waiting before that read.
 * :func:`check_rank_agreement` (once per :func:`install_capaware_routers`):
   ranks whose router configuration or MoE layer layout differ (a different
   gamma, router type, calibration, number of layers, experts, top-k...)
@@ -115,6 +119,71 @@ def check_scores_over_group(scores: torch.Tensor, group: Any, layer_number: Opti
         f"{where}router scores must be probabilities >= 0 (softmax or sigmoid output), got negative "
         f"values{others}; pass probabilities, not logits"
     )
+
+
+class DeferredScoreCheck:
+    """The score check of one model's MoE layers, read once per forward (device path).
+
+    Each router :meth:`note` s its layer's flags (device tensors, no sync); a
+    forward hook on the model calls :meth:`check` after the forward (one
+    all-gather over the load group, one host read) and a pre-hook clears what
+    an interrupted forward left.
+    """
+
+    def __init__(self, group: Any):
+        self.group = group
+        self.pending: List[Tuple[Optional[int], torch.Tensor]] = []
+
+    def note(self, layer_number: Optional[int], scores: torch.Tensor) -> None:
+        self.pending.append((layer_number, score_value_flags(scores)))
+
+    def clear(self, *_: Any) -> None:
+        self.pending.clear()
+
+    def check(self, *_: Any) -> None:
+        """Raise on every rank of the group if any layer of any rank saw bad scores."""
+        if not self.pending:
+            return
+        layers = [number for number, _ in self.pending]
+        local = torch.stack([flags for _, flags in self.pending])  # [L, 2]
+        self.pending = []
+        gathered = all_gather_stack(local, self.group) if group_size(self.group) > 1 else local.unsqueeze(0)
+        if not bool(gathered.any()):  # the one host read of the forward
+            return
+        bad = gathered.any(dim=2)  # [W, L]
+        first = int(bad.any(dim=0).nonzero()[0])
+        ranks = _global_ranks(self.group, bad[:, first].nonzero().view(-1).tolist())
+        where = f"MoE layer {layers[first]}: " if layers[first] is not None else ""
+        others = "" if group_size(self.group) == 1 else (
+            f" on rank(s) {ranks} of the load group (every rank of the group raises this error, so "
+            "none is left waiting in a collective)"
+        )
+        if int(gathered[:, first, 0].sum()):
+            raise RoutingInputError(
+                f"{where}router scores contain NaN or Inf{others}. The gate produced non-finite "
+                "logits: check the model weights (a bad checkpoint or an overflow in a low-precision "
+                "dtype) and the inputs of this layer. Routing them would silently corrupt the batch."
+            )
+        raise RoutingInputError(
+            f"{where}router scores must be probabilities >= 0 (softmax or sigmoid output), got negative "
+            f"values{others}; pass probabilities, not logits"
+        )
+
+
+def install_deferred_score_check(model: torch.nn.Module, layers: Sequence[Any], group: Any) -> DeferredScoreCheck:
+    """Attach one :class:`DeferredScoreCheck` to ``layers``' routers and hook it on ``model`` (idempotent)."""
+    previous = getattr(model, "_capaware_score_check_hooks", None)
+    if previous is not None:
+        for handle in previous:
+            handle.remove()
+    deferred = DeferredScoreCheck(group)
+    for layer in layers:
+        layer.router.capaware_score_check = deferred
+    model._capaware_score_check_hooks = (  # type: ignore[attr-defined]
+        model.register_forward_pre_hook(deferred.clear),
+        model.register_forward_hook(deferred.check),
+    )
+    return deferred
 
 
 def _global_ranks(group: Any, group_ranks: Sequence[int]) -> List[int]:

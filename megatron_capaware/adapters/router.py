@@ -132,9 +132,14 @@ class CapawareRouter(TopKRouter):
         if capaware.check_scores:
             # Over the load group (whatever the scope: the dispatch spans it), so a
             # NaN on one rank raises on all of them instead of leaving them waiting.
-            from megatron_capaware.adapters.guards import check_scores_over_group
+            # Device path: read once per model forward (guards.DeferredScoreCheck).
+            deferred = getattr(self, "capaware_score_check", None)
+            if deferred is not None and policies.common.use_device_path(scores):
+                deferred.note(self.layer_number, scores)
+            else:
+                from megatron_capaware.adapters.guards import check_scores_over_group
 
-            check_scores_over_group(scores, self.capaware_load_group, self.layer_number)
+                check_scores_over_group(scores, self.capaware_load_group, self.layer_number)
         decision = self._decide(scores, indices)
         scaling = self.config.moe_router_topk_scaling_factor or 1.0
         if capaware.renormalize:

@@ -136,7 +136,11 @@ def install_capaware_routers(model: torch.nn.Module, capaware: CapawareConfig) -
             calibration made for a different model, or ranks that disagree
             (raised on every rank of the group, naming the differing field).
     """
-    from megatron_capaware.adapters.guards import check_rank_agreement, distinct_load_groups
+    from megatron_capaware.adapters.guards import (
+        check_rank_agreement,
+        distinct_load_groups,
+        install_deferred_score_check,
+    )
 
     layers = moe_layers(model)
     if not layers:
@@ -158,11 +162,15 @@ def install_capaware_routers(model: torch.nn.Module, capaware: CapawareConfig) -
             preflight_layer(layer, capaware)
     except (CapawareConfigError, TypeError, ValueError) as err:
         error = err
-    for load_group, _ in distinct_load_groups(layers).values():
+    groups = distinct_load_groups(layers)
+    for load_group, _ in groups.values():
         check_rank_agreement(layers, capaware, load_group, error)
     if error is not None:
         raise error
-    return {stats.layer_number: stats for stats in (install_in_layer(l, capaware) for l in layers)}
+    installed = {stats.layer_number: stats for stats in (install_in_layer(l, capaware) for l in layers)}
+    if len(groups) == 1:  # one load group (every Megatron model): one score read per forward
+        install_deferred_score_check(model, layers, layers[0].router.capaware_load_group)
+    return installed
 
 
 def collect_stats(model: torch.nn.Module) -> Dict[int, LayerRoutingStats]:
