@@ -26,13 +26,17 @@ TABLE_COLUMNS = (
     ("i_agg_reduction", "I_topk/I", "{:.2f}x"),
     ("rank_imbalance", "I_rank", "{:.3f}"),
     ("rank_peak_load", "peak_rank", "{:.3f}"),
+    ("predicted_speedup", "speedup", "{:.3f}x"),
+    ("balancedness", "balanced", "{:.3f}"),
+    ("frontier", "frontier", "{}"),
     ("max_vio", "MaxVio", "{:.3f}"),
     ("dropped_frac", "dropped%", "{:.2%}"),
     ("rerouted_frac", "rerouted%", "{:.2%}"),
 )
 CSV_FIELDS = (
     "label", "router", "gamma", "ppl", "delta_ppl_pct", "accuracy", "delta_accuracy", "i_agg",
-    "i_agg_reduction", "rank_imbalance", "rank_peak_load", "peak_load", "max_vio", "cv", "zero_load_frac", "dropped_frac",
+    "i_agg_reduction", "rank_imbalance", "rank_peak_load", "predicted_speedup", "balancedness", "frontier",
+    "peak_load", "max_vio", "cv", "zero_load_frac", "dropped_frac",
     "rerouted_frac", "flexible_frac", "tokens", "ep", "tp", "seconds",
 )
 
@@ -71,13 +75,46 @@ def make_records(results: Sequence[Any], options: Any) -> List[Dict[str, Any]]:
         })
     baseline = next((r for r in records if r["router"] == "topk"), None)
     for record in records:
+        ranks = [1.0 / l["rank_imbalance"] for l in record["per_layer"].values() if l.get("rank_imbalance")]
+        record["balancedness"] = sum(ranks) / len(ranks) if ranks else None
         if baseline is None:
-            record.update(delta_ppl_pct=None, delta_accuracy=None, i_agg_reduction=None)
+            record.update(delta_ppl_pct=None, delta_accuracy=None, i_agg_reduction=None, predicted_speedup=None)
             continue
         record["delta_ppl_pct"] = 100.0 * (record["ppl"] / baseline["ppl"] - 1.0)
         record["delta_accuracy"] = record["accuracy"] - baseline["accuracy"]
         record["i_agg_reduction"] = baseline["i_agg"] / record["i_agg"] if record["i_agg"] else None
+        record["predicted_speedup"] = predicted_speedup(baseline, record)
+    mark_frontier(records)
     return records
+
+
+def predicted_speedup(baseline: Dict[str, Any], record: Dict[str, Any]) -> Optional[float]:
+    """``peak_rank(topk) / peak_rank(setting)``: the expert time the busiest EP rank sets, relative.
+
+    Prefill expert time follows the busiest rank's load (``rank_peak_load``:
+    its load over top-k's mean rank load), so this is the layer speedup the
+    setting would give where the experts dominate; measured layer time is
+    the ground truth (``capaware-bench-straggler``).
+    """
+    base, mine = baseline.get("rank_peak_load"), record.get("rank_peak_load")
+    if not base or not mine:
+        return None
+    return base / mine
+
+
+def mark_frontier(records: Sequence[Dict[str, Any]]) -> None:
+    """Set ``frontier`` to ``yes`` or ``dominated`` (another setting is at least as fast
+    and as good, and better in one) on records with a speedup and a perplexity."""
+    usable = [r for r in records if r.get("predicted_speedup") is not None and r.get("ppl") is not None]
+    for r in records:
+        r["frontier"] = None
+    for r in usable:
+        dominated = any(
+            o is not r and o["predicted_speedup"] >= r["predicted_speedup"] and o["ppl"] <= r["ppl"]
+            and (o["predicted_speedup"] > r["predicted_speedup"] or o["ppl"] < r["ppl"])
+            for o in usable
+        )
+        r["frontier"] = "dominated" if dominated else "yes"
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -138,6 +175,7 @@ def write_outputs(
     if plots:
         written += plot_load_heatmaps(records, out_dir / "expert_load_heatmaps.png")
         written += plot_quality_vs_balance(records, out_dir / "quality_vs_balance.png")
+        written += plot_frontier(records, out_dir / "frontier.png")
     return written
 
 
@@ -219,6 +257,48 @@ def plot_quality_vs_balance(records: Sequence[Dict[str, Any]], path: Path) -> Li
     ax.set_title("Quality against balance (labels: capacity factor gamma)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [path]
+
+
+def plot_frontier(records: Sequence[Dict[str, Any]], path: Path) -> List[Path]:
+    """Perplexity change against predicted speedup, the Pareto frontier drawn through."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    usable = [r for r in records if r.get("predicted_speedup") is not None and r.get("delta_ppl_pct") is not None]
+    if not usable:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    markers = {"topk": "*", "capacity-drop": "o", "capacity-reroute": "s", "expanded-drop": "^", "laser": "D"}
+    families: Dict[str, List[Dict[str, Any]]] = {}
+    for record in usable:
+        families.setdefault(_family(record), []).append(record)
+    for family, items in families.items():
+        ax.scatter([r["predicted_speedup"] for r in items], [r["delta_ppl_pct"] for r in items],
+                   marker=markers.get(items[0]["router"], "o"), label=family, alpha=0.85)
+    front = sorted((r for r in usable if r["frontier"] == "yes"), key=lambda r: r["predicted_speedup"])
+    ax.plot([r["predicted_speedup"] for r in front], [r["delta_ppl_pct"] for r in front], color="black",
+            linewidth=1, linestyle="--", label="frontier")
+    for r in front:
+        short = r["label"].replace("capacity-", "").replace(",rounds=1", "").replace("gamma=", "g=")
+        ax.annotate(short, (r["predicted_speedup"], r["delta_ppl_pct"]), fontsize=6, xytext=(3, -8),
+                    textcoords="offset points", rotation=20)
+    # Keep the frontier readable: settings far above it are listed, not plotted to scale.
+    top = max(2.0, 2.0 * max(r["delta_ppl_pct"] for r in front))
+    off = [r for r in usable if r["delta_ppl_pct"] > top]
+    if off:
+        ax.set_ylim(top=top)
+        ax.text(0.02, 0.97, "off the chart: " + ", ".join(f"{r['label']} {r['delta_ppl_pct']:+.1f}%" for r in off),
+                transform=ax.transAxes, fontsize=6, va="top")
+    ax.set_xlabel("predicted speedup = peak_rank(topk) / peak_rank(setting)  (higher is faster)")
+    ax.set_ylabel("held-out perplexity change vs topk, % (lower is better)")
+    ax.set_title("Speed against quality (settings off the dashed line are dominated)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return [path]
