@@ -41,10 +41,12 @@ class UserInputError(ValueError):
 def user_error_types() -> Tuple[Type[BaseException], ...]:
     """The exception types that mean the user's input is wrong (not a bug)."""
     from megatron_capaware.config import CapawareConfigError
+    from megatron_capaware.placement.planner import PlacementError
     from megatron_capaware.policies.common import RoutingInputError
     from megatron_capaware.tools.text_data import TokenizerError
 
-    types: List[Type[BaseException]] = [UserInputError, CapawareConfigError, RoutingInputError, TokenizerError]
+    types: List[Type[BaseException]] = [UserInputError, CapawareConfigError, RoutingInputError, TokenizerError,
+                                        PlacementError]
     try:  # imports the model builder (no Megatron import at module level)
         from megatron_capaware.models.checkpoint import CheckpointError
 

@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None, help="also write the records here")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--placement", type=Path, default=None,
+                        help="a capaware-plan file: report top-k's busiest-rank load under that placement "
+                             "(predicted from the measured loads; the weights are not moved yet)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (it draws only on a terminal anyway)")
     return add_cli_flags(parser)
@@ -260,6 +263,14 @@ def _main(argv: List[str]) -> int:
 
     checkpoint, text = reference_models.checkpoint_and_text(args.checkpoint, args.text, reference_models.HELDOUT_TEXT)
     routers = parse_router_specs(args.routers) if args.routers else default_routers(checkpoint)
+    placement = None
+    if args.placement is not None:
+        from megatron_capaware.models.checkpoint import load_model_args
+        from megatron_capaware.placement import load_plan
+
+        placement = load_plan(args.placement)
+        model_args = load_model_args(checkpoint)
+        placement.check_model(model_args.moe_layer_numbers, model_args.num_moe_experts, args.ep)
     launching = "RANK" not in os.environ
     if launching:  # every mistake that can be seen before a rank starts
         preflight.check_run(checkpoint, text, args.tokenizer, routers, ep=args.ep, tp=args.tp, etp=args.etp,
@@ -279,7 +290,12 @@ def _main(argv: List[str]) -> int:
     # run_evaluation has destroyed the process group by now: the launcher's RANK decides.
     if int(os.environ.get("RANK", "0")) == 0:
         records = report.make_records(results, options)
+        if placement is not None:
+            report.add_placement(records, placement, in_sample=Path(text).resolve() == Path(
+                placement.provenance.get("text", "")).resolve())
         print(report.format_table(records))
+        if placement is not None:
+            print(report.format_placement(records))
         paths = report.write_outputs(records, args.out, json_path=args.json, csv_path=args.csv,
                                      plots=not args.no_plots)
         for path in paths:

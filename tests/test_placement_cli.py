@@ -1,0 +1,53 @@
+"""capaware-plan on a tiny checkpoint, and capaware-eval --placement with it (real commands)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_capaware import placement as P
+from tests.megatron_training_support import subprocess_env
+from tests.test_cli_errors import assert_one_line, script
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.multirank
+
+
+def run(args, timeout=600):
+    return subprocess.run(args, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_plan_then_evaluate_with_it(tiny_checkpoint, tmp_path) -> None:
+    ckpt, text = tiny_checkpoint["checkpoint"], tiny_checkpoint["heldout"]
+    small = ["--seq-len", "32", "--sequences-per-rank", "2"]
+    plan_path = tmp_path / "plan.json"
+    made = run([script("capaware-plan"), "--checkpoint", ckpt, "--text", tiny_checkpoint["calibration"], "--ep", "2",
+                "--redundant-experts", "2", "--out", str(plan_path), *small])
+    assert made.returncode == 0, made.stdout + made.stderr
+    plan = P.load_plan(plan_path)
+    assert sorted(plan.layers) == [1, 2] and plan.ep == 2 and plan.redundant == 2
+    assert all(len(p.slots) == 10 for p in plan.layers.values())
+    assert plan.provenance["tokens"] > 0 and not plan.provenance["in_sample"]
+    assert "predicted speedup" in made.stdout
+    evaluated = run([script("capaware-eval"), "--checkpoint", ckpt, "--text", text, "--ep", "2", "--routers", "topk",
+                     "--placement", str(plan_path), "--no-plots", "--no-progress", "--out", str(tmp_path / "eval"),
+                     *small])
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    assert "placement (EP 2, R=2" in evaluated.stdout and "predicted speedup" in evaluated.stdout
+
+
+def test_a_plan_for_another_model_is_one_line(tiny_checkpoint) -> None:
+    bundled_plan = ROOT / "docs/results/placement/plan-ep2-r0.json"  # the bundled model has 4 MoE layers
+    result = run([script("capaware-eval"), "--checkpoint", tiny_checkpoint["checkpoint"], "--text",
+                  tiny_checkpoint["heldout"], "--ep", "2", "--placement", str(bundled_plan), "--seq-len", "32",
+                  "--sequences-per-rank", "2"])
+    assert_one_line(result, "capaware-eval", "made for another model; run capaware-plan on this checkpoint")
+
+
+def test_plan_refuses_a_layout_before_recording() -> None:
+    result = run([script("capaware-plan"), "--ep", "2", "--redundant-experts", "1", "--out", "/tmp/never.json"])
+    assert_one_line(result, "capaware-plan", "do not split evenly over EP 2")
+    assert not Path("/tmp/never.json").exists()
