@@ -234,11 +234,11 @@ def group_limited_mask(route_scores: torch.Tensor, k: int, num_groups: int, grou
             f"group-limited routing needs E={num_experts} divisible by num_groups={num_groups} and "
             f"1 <= group_topk={group_topk} <= num_groups"
         )
-    group_scores = route_scores.view(num_tokens, num_groups, -1).topk(k // group_topk, dim=-1)[0].sum(dim=-1)
+    group_size = num_experts // num_groups
+    group_scores = route_scores.view(num_tokens, num_groups, group_size).topk(k // group_topk, dim=-1)[0].sum(dim=-1)
     group_idx = torch.topk(group_scores, k=group_topk, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
-    return group_mask.unsqueeze(-1).expand(num_tokens, num_groups, num_experts // num_groups).reshape(
-        num_tokens, num_experts)
+    return group_mask.unsqueeze(-1).expand(num_tokens, num_groups, group_size).reshape(num_tokens, num_experts)
 
 
 EXPERT_ID_BITS = 10  # composite keys hold expert ids below 2**10
