@@ -1,8 +1,9 @@
 """Capacity-Aware Token Drop, Token Reroute and Expanded Drop (vectorised).
 
 Pure torch: no Megatron import, CPU and GPU alike, no per-token Python loop
-and no host synchronisation on the routing path (every shape is fixed by
-``T``, ``k``, ``E``; masks replace data-dependent indexing). Semantics are
+and, on the device path, no host synchronisation (every shape is fixed by
+``T``, ``k``, ``E``; masks replace data-dependent indexing; the optional
+score check, ``check_values=True``, reads one flag pair per call). Semantics are
 those of ``docs/routers.md``; :mod:`megatron_capaware.policies.reference`
 holds the loop implementations they are tested against.
 
