@@ -79,6 +79,33 @@ def router_inputs_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
             out[f"pad_{name}"] = (probs.clone(), routing_map.clone(), unmasked.clone(),
                                   list(layer.local_expert_indices))
 
+    # --- the whole CapawareRouter.routing on the device path (issue 12's shape), score
+    # check and stats off (theirs are counted elsewhere): syncs and ops per router.
+    import os
+
+    from megatron_capaware.tools.bench.launch_count import count_call
+
+    os.environ["CAPAWARE_DEVICE_PATH"] = "1"
+    counted: Dict[str, Any] = {}
+    for groups in (None, (8, 4)):
+        extra = dict(moe_router_num_groups=groups[0], moe_router_group_topk=groups[1]) if groups else {}
+        layer = _layer(E=64, k=8, **extra)
+        logits = torch.randn(2048, 1, 64, generator=gen)
+        padding_mask = torch.zeros(2048, 1, dtype=torch.bool)
+        padding_mask[::9] = True
+        for name, cfg in spec["count_routers"].items():
+            if groups and name == "laser":
+                continue  # refused with group-limited routing
+            install_capaware_routers(layer, CapawareConfig(**cfg, check_scores=False, record_stats=False))
+            for pads in (None, padding_mask):
+                with torch.no_grad():
+                    layer.router.routing(logits, padding_mask=pads)  # builds the cached local experts once
+                    work = count_call(lambda: layer.router.routing(logits, padding_mask=pads))
+                key = f"{name}{' groups' if groups else ''}{' padding' if pads is not None else ''}"
+                counted[key] = (work.syncs, work.ops, sorted(set(work.sync_sites)))
+    os.environ.pop("CAPAWARE_DEVICE_PATH")
+    out["router_counts"] = counted
+
     # --- empty batch: the gate's dtype follows moe_router_dtype.
     for dtype in ("fp32", "fp64", None):
         layer = _layer(moe_router_dtype=dtype)
@@ -103,9 +130,20 @@ PAD_ROUTERS = {
 }
 
 
+COUNT_ROUTERS = {
+    "topk": dict(router_type="topk"),
+    "capacity-drop": dict(router_type="capacity-drop"),
+    "capacity-reroute": dict(router_type="capacity-reroute"),
+    "capacity-reroute(load, rho=0.3)": dict(router_type="capacity-reroute", reroute_policy="load",
+                                            reroute_min_ratio=0.3),
+    "expanded-drop": dict(router_type="expanded-drop"),
+    "laser": dict(router_type="laser", laser_eps_high=0.9, laser_t_fix=0.3, laser_pool=16),
+}
+
+
 @pytest.fixture(scope="module")
 def results() -> Dict[str, Any]:
-    spec = dict(group_routers=GROUP_ROUTERS, pad_routers=PAD_ROUTERS)
+    spec = dict(group_routers=GROUP_ROUTERS, pad_routers=PAD_ROUTERS, count_routers=COUNT_ROUTERS)
     return run_distributed(router_inputs_worker, 1, spec, timeout_s=300)[0]
 
 
@@ -161,3 +199,16 @@ def test_empty_batch_gate_has_the_router_dtype(results) -> None:
     assert results["empty_fp32"] == torch.float32
     assert results["empty_fp64"] == torch.float64
     assert results["empty_None"] == torch.bfloat16  # no router dtype: the input's
+
+
+def test_the_router_makes_no_host_sync_on_the_device_path(results, record_property) -> None:
+    """Issue 12, item 2, through CapawareRouter.routing (Megatron's own top-k included) at
+    T=2048, E=64, k=8 with the score check and stats off: no host sync for any router, also
+    with padding and group-limited routing. Op counts are printed and recorded, not asserted."""
+    failures = []
+    for key, (syncs, ops, sites) in results["router_counts"].items():
+        print(f"router, device path: {key:45s} syncs={syncs} ops={ops}")
+        record_property(f"router:{key}:ops", ops)
+        if syncs:
+            failures.append(f"{key}: {syncs} syncs at {sites}")
+    assert not failures, failures

@@ -134,7 +134,11 @@ class CapawareRouter(TopKRouter):
             )
         num_experts = self.config.num_moe_experts
         logits = logits.reshape(-1, num_experts)
-        vanilla_top, indices, scores, allowed = self._vanilla_topk(logits)  # [T, k], [T, k], [T, E], [T, E]
+        vanilla_top, indices, scores = self._vanilla_topk(logits)  # [T, k], [T, k], [T, E]
+        # Only the routers that add experts need the group mask (drop and LASER only keep or
+        # reorder within Megatron's choice; LASER refuses group-limited routing).
+        allowed = self._selected_groups(logits, indices) if capaware.router_type in (
+            "capacity-reroute", "expanded-drop") else None  # [T, E] or None
         valid_tokens = None
         if padding_mask is not None:
             valid_tokens = ~padding_mask.reshape(-1).to(device=scores.device, dtype=torch.bool)
@@ -165,16 +169,14 @@ class CapawareRouter(TopKRouter):
         return probs.to(logits.dtype), decision.routing_map
 
     def _vanilla_topk(self, logits: torch.Tensor):
-        """Megatron's own top-k, computed once: ``(weights [T, k], experts [T, k], scores [T, E], allowed)``.
+        """Megatron's own top-k, computed once: ``(weights [T, k], experts [T, k], scores [T, E])``.
 
         For plain routing (no group-limited top-k, no expert bias, no fused
         kernel) these are the operations of Megatron's
         ``topk_routing_with_score_function``, so the selection and the kept
         weights are bit-identical to vanilla; otherwise Megatron's function
         itself is called. ``scores`` is the full float32 score distribution
-        the policies rank by. ``allowed`` is None, or with group-limited
-        routing the ``[T, E]`` bool mask of the experts of each token's
-        selected groups (:meth:`_selected_groups`).
+        the policies rank by.
         """
         config, k = self.config, self.topk
         plain = not (config.moe_router_num_groups or config.moe_router_group_topk) and (
@@ -189,7 +191,7 @@ class CapawareRouter(TopKRouter):
             )
             scores = self._scores(logits)
             indices = _map_to_indices(scores, routing_map, k)
-            return probs.gather(1, indices), indices, scores, self._selected_groups(logits, indices)
+            return probs.gather(1, indices), indices, scores
         if self.score_function == "softmax":
             scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
             if config.moe_router_pre_softmax:
@@ -204,18 +206,20 @@ class CapawareRouter(TopKRouter):
                 top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
         if config.moe_router_topk_scaling_factor:
             top = top * config.moe_router_topk_scaling_factor
-        return top, indices, scores, None
+        return top, indices, scores
 
     def _selected_groups(self, logits: torch.Tensor, indices: torch.Tensor) -> Optional[torch.Tensor]:
         """``[T, E]`` bool, the experts of the groups Megatron selected for each token (None: no groups).
 
         Megatron's group selection recomputed with its own operations on the
         tensor it ranks (``topk_routing_with_score_function``: the logits, the
-        pre-softmax probabilities, or the sigmoid scores plus expert bias).
-        A token whose top-k were not all inside the recomputed groups (a fused
-        kernel breaking a tie between groups differently) keeps the groups
-        its top-k experts lie in, so reroute and expanded-drop never add an
-        expert outside the groups the token was actually routed to.
+        pre-softmax probabilities, or the sigmoid scores plus expert bias), so
+        on the unfused path it is Megatron's selection exactly. With the fused
+        kernel (``moe_router_fusion``), which may break a tie between groups
+        differently, a token whose top-k are not all inside the recomputed
+        groups keeps the groups its top-k experts lie in: reroute and
+        expanded-drop never add an expert outside the groups the token was
+        actually routed to.
         """
         config, k = self.config, self.topk
         num_groups, group_topk = config.moe_router_num_groups, config.moe_router_group_topk
@@ -229,6 +233,8 @@ class CapawareRouter(TopKRouter):
             if self.expert_bias is not None:
                 ranked = ranked + self.expert_bias
         allowed = policies.group_limited_mask(ranked, k, num_groups, group_topk)
+        if not config.moe_router_fusion:
+            return allowed
         num_tokens, num_experts = logits.shape
         group_size = num_experts // num_groups
         touched = torch.zeros((num_tokens, num_groups), dtype=torch.bool, device=logits.device).scatter_(
