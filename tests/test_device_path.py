@@ -47,3 +47,89 @@ def test_recording_stats_costs_no_sync() -> None:
     assert torch.equal(stats.global_loads[-1], decision.global_loads) and not stats.pending
     assert stats.capacity[-1] == int(decision.capacity) and stats.dropped[-1] == int(decision.dropped)
     assert torch.equal(stats.received[-1], received)
+
+
+# ----------------------------------------------------------------------------- the policies
+
+import pytest  # noqa: E402
+
+from megatron_capaware import policies as P  # noqa: E402
+from megatron_capaware.policies.common import DEVICE_PATH_ENV  # noqa: E402
+
+T, E, K = 2048, 64, 8  # issue 12's shape
+
+
+def _router_calls(scores: torch.Tensor, masks: dict):
+    """Each router's policy call as CapawareRouter._decide makes it (scores checked before, weights by the router)."""
+    indices = torch.topk(scores, K, dim=1).indices
+    local = P.local_experts_tensor(list(range(8)), E, scores.device)  # the router builds it once
+    common = dict(normalize=True, check_values=False, topk_indices=indices, weights=False, return_decision=True)
+    valid = dict(valid_tokens=masks["valid_tokens"]) if "valid_tokens" in masks else {}
+    return {
+        "topk": lambda: P.topk(scores, K, normalize=True, check_values=False, topk_indices=indices,
+                               return_decision=True),
+        "capacity-drop": lambda: P.capacity_drop(scores, K, 1.25, **common, **valid),
+        "capacity-drop(random)": lambda: P.capacity_drop(scores, K, 1.25, policy="random", **common, **valid),
+        "capacity-reroute": lambda: P.capacity_reroute(scores, K, 1.25, rounds=1, **common, **masks),
+        "capacity-reroute(load, rho=0.3)": lambda: P.capacity_reroute(
+            scores, K, 1.25, rounds=1, policy="load", min_ratio=0.3, **common, **masks),
+        "expanded-drop": lambda: P.expanded_drop(scores, K, 1.25, local, **common, **masks),
+        "laser": lambda: P.laser(scores, K, 0.9, 0.3, 16, waves=8, rounds=1, **common, **valid),
+    }
+
+
+def _scores() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.softmax(torch.randn(T, E, generator=gen) * 2 + torch.linspace(2, 0, E), -1)
+
+
+@pytest.mark.parametrize("masks", ["none", "padding+groups"])
+def test_no_host_sync_in_any_router_on_the_device_path(monkeypatch, masks: str, record_property) -> None:
+    """Issue 12, item 2: with check_values=False the policies make no host sync on the
+    device path, for every router, at T=2048, E=64, k=8 (also with padding and a group mask,
+    as the router passes them). Op counts are printed and recorded, not asserted."""
+    monkeypatch.setenv(DEVICE_PATH_ENV, "1")
+    scores = _scores()
+    extra = {}
+    if masks != "none":
+        valid = torch.ones(T, dtype=torch.bool)
+        valid[::7] = False
+        extra = dict(valid_tokens=valid, allowed=P.group_limited_mask(scores, K, 8, 4))
+    failures = []
+    for name, call in _router_calls(scores, extra).items():
+        work = count_call(call)
+        print(f"device path, {masks}: {name:34s} syncs={work.syncs} ops={work.ops}")
+        record_property(f"{masks}:{name}:ops", work.ops)
+        if work.syncs:
+            failures.append(f"{name}: {work.syncs} syncs at {sorted(set(work.sync_sites))}")
+    assert not failures, failures
+
+
+def test_the_score_check_costs_one_host_read_per_call(monkeypatch) -> None:
+    """check_values=True (the policies' own NaN / Inf / sign check) reads one flag pair per call."""
+    monkeypatch.setenv(DEVICE_PATH_ENV, "1")
+    scores = _scores()
+    assert count_call(lambda: P.capacity_drop(scores, K, 1.25, check_values=True)).syncs == 1
+    assert count_call(lambda: P.capacity_drop(scores, K, 1.25, check_values=False)).syncs == 0
+
+
+def test_a_local_expert_list_is_read_on_the_host_a_checked_tensor_is_not(monkeypatch) -> None:
+    monkeypatch.setenv(DEVICE_PATH_ENV, "1")
+    scores = _scores()[:64]
+    listed = count_call(lambda: P.expanded_drop(scores, K, 1.25, list(range(8)), check_values=False))
+    ids = P.local_experts_tensor(list(range(8)), E, scores.device)
+    prepared = count_call(lambda: P.expanded_drop(scores, K, 1.25, ids, check_values=False))
+    assert listed.syncs > 0 and prepared.syncs == 0, (listed.sync_sites, prepared.sync_sites)
+
+
+def test_laser_waves_are_fixed_shape_on_the_device_path(monkeypatch) -> None:
+    """The CPU path compacts each wave (bincount().tolist()); the device path masks them."""
+    scores = _scores()[:256]
+    monkeypatch.setenv(DEVICE_PATH_ENV, "0")
+    cpu = count_call(lambda: P.laser(scores, K, 0.9, 0.3, 16, check_values=False))
+    cpu_result = P.laser(scores, K, 0.9, 0.3, 16, check_values=False)
+    monkeypatch.setenv(DEVICE_PATH_ENV, "1")
+    device = count_call(lambda: P.laser(scores, K, 0.9, 0.3, 16, check_values=False))
+    device_result = P.laser(scores, K, 0.9, 0.3, 16, check_values=False)
+    assert any("bincount" in site for site in cpu.sync_sites) and device.syncs == 0
+    assert torch.equal(cpu_result[1], device_result[1]) and torch.equal(cpu_result[0], device_result[0])

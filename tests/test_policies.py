@@ -304,3 +304,159 @@ def test_sync_free_path_used_on_cuda_matches_the_reference(monkeypatch) -> None:
              R.expanded_drop(case.scores, case.k, case.gamma, [list(range(0, E, 2))], [case.scores.shape[0]])),
         ):
             assert_same(fast, ref, case, "sync-free path")
+
+
+@pytest.mark.parametrize("fast_or_ref", ["fast", "reference"])
+def test_reroute_guard_with_load_policy_tries_the_eligible_experts(fast_or_ref: str) -> None:
+    """Issue 12, item 6: with policy=load and min_ratio > 0, token 2's least-loaded
+    candidates (experts 2, 3: spare 2, score 0.05) fail the guard (0.05 < 0.5 * 0.5);
+    expert 1 (spare 1, score 0.4) passes it. The slot used to try only the least-loaded
+    candidate and stay dropped; it must go to the least-loaded candidate that passes."""
+    scores = torch.tensor([
+        [0.90, 0.05, 0.03, 0.02],
+        [0.80, 0.10, 0.05, 0.05],
+        [0.50, 0.40, 0.05, 0.05],  # dropped by expert 0 (C = 2)
+        [0.10, 0.80, 0.05, 0.05],  # loads expert 1 once
+    ])
+    fn = P.capacity_reroute if fast_or_ref == "fast" else R.capacity_reroute
+    for mode in ("0", "1"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(common.DEVICE_PATH_ENV, mode)
+            _, routing_map = fn(scores, 1, 2.0, rounds=1, policy="load", min_ratio=0.5)
+        assert routing_map[2].tolist() == [False, True, False, False], (fast_or_ref, mode)
+        assert routing_map.sum(0).tolist() == [2, 2, 0, 0]
+
+
+def test_reroute_guard_leaves_a_weak_expert_to_a_later_slot() -> None:
+    """A slot whose guard an expert fails leaves that expert to the token's next
+    (lower-scoring, so more lenient) dropped slot instead of wasting it."""
+    # Token 0 loses both experts 0 and 1 to tokens 1-4; expert 2 scores 0.2:
+    # below 0.5 * 0.45 (slot 1) but above 0.5 * 0.35 (slot 2).
+    scores = torch.tensor([[0.45, 0.35, 0.20, 0.0]] + [[0.5, 0.5, 0.0, 0.0]] * 4)
+    for fn in (P.capacity_reroute, R.capacity_reroute):
+        for policy in ("score", "load"):
+            _, routing_map = fn(scores, 2, 1.0, rounds=1, policy=policy, min_ratio=0.5)
+            assert routing_map[0].tolist() == [False, False, True, False], (fn, policy)
+
+
+def _with_padding(scores: torch.Tensor, positions, gen: torch.Generator):
+    """Uniform padding rows inserted at ``positions`` (their score 1/E beats a peaked
+    real token's second choice); returns (padded scores, valid_tokens)."""
+    num_tokens, num_experts = scores.shape
+    total = num_tokens + len(positions)
+    valid = torch.ones(total, dtype=torch.bool)
+    valid[list(positions)] = False
+    padded = torch.full((total, num_experts), 1.0 / num_experts)
+    padded[valid] = scores
+    return padded, valid
+
+
+@pytest.mark.parametrize("name", ["drop", "drop_random", "reroute", "expanded", "laser"])
+def test_padding_tokens_take_no_expert_and_no_capacity(name: str) -> None:
+    """Issue 12, item 7: padding tokens route nowhere, take no capacity and are not in
+    T_glob: the real tokens are routed exactly as without the padding."""
+    gen = torch.Generator().manual_seed(21)
+    logits = torch.randn(40, 8, generator=gen) * 3
+    real = torch.softmax(logits, -1)
+    padded, valid = _with_padding(real, [0, 1, 2, 3, 17, 18, 30, 31, 32, 43], gen)
+    k = 2
+    local = [0, 1, 2]
+    calls = {
+        "drop": lambda s, **kw: P.capacity_drop(s, k, 1.0, return_decision=True, **kw),
+        "drop_random": lambda s, **kw: P.capacity_drop(s, k, 1.0, policy="random", seed=3, return_decision=True, **kw),
+        "reroute": lambda s, **kw: P.capacity_reroute(s, k, 1.0, rounds=2, return_decision=True, **kw),
+        "expanded": lambda s, **kw: P.expanded_drop(s, k, 1.0, local, return_decision=True, **kw),
+        "laser": lambda s, **kw: P.laser(s, k, 0.9, 0.3, 4, return_decision=True, **kw),
+    }
+    alone = calls[name](real)
+    for mode in ("0", "1"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(common.DEVICE_PATH_ENV, mode)
+            got = calls[name](padded, valid_tokens=valid)
+            ignored = calls[name](padded)
+        assert not torch.any(got.routing_map[~valid]) and torch.all(got.probs[~valid] == 0)
+        assert torch.equal(got.routing_map[valid], alone.routing_map), f"{name}: real tokens routed differently"
+        assert torch.equal(got.probs[valid], alone.probs)
+        assert int(got.global_tokens) == 40 and torch.equal(got.global_loads, alone.global_loads)
+        assert int(got.dropped) == int(alone.dropped) and int(got.rerouted) == int(alone.rerouted)
+        if got.capacity is not None:
+            assert int(got.capacity) == int(alone.capacity) == common.capacity_from_total(1.0, 40 * k, 8)
+        if name != "laser":  # the case is one where padding would take capacity from real tokens
+            assert not torch.equal(ignored.routing_map[valid], alone.routing_map), f"{name}: the case tests nothing"
+
+
+def test_group_limited_reroute_and_expanded_stay_in_the_selected_groups() -> None:
+    """Issue 12, item 5: 64 tokens, 16 experts in 4 groups, group_topk 1. Top-k spans one
+    group per token; capacity-reroute and expanded-drop used to move tokens to other groups."""
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.softmax(torch.randn(64, 16, generator=gen) * 2 + torch.linspace(2, 0, 16), -1)
+    k, groups = 2, 4
+    allowed = P.group_limited_mask(scores, k, groups, 1)
+    indices = torch.topk(scores.masked_fill(~allowed, float("-inf")), k, dim=1).indices  # Megatron's selection
+    local = list(range(0, 16, 3))
+
+    def spans(routing_map: torch.Tensor) -> torch.Tensor:
+        return routing_map.view(64, groups, -1).any(2).sum(1)
+
+    _, top_map = P.topk(scores, k, topk_indices=indices)
+    assert torch.all(spans(top_map) == 1)
+    for mode in ("0", "1"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(common.DEVICE_PATH_ENV, mode)
+            for policy in ("score", "load"):
+                kw = dict(rounds=2, policy=policy, topk_indices=indices)
+                free = P.capacity_reroute(scores, k, 1.0, **kw)[1]
+                fast = P.capacity_reroute(scores, k, 1.0, allowed=allowed, **kw)
+                ref = R.capacity_reroute(scores, k, 1.0, allowed=allowed, **kw)
+                assert int((spans(free) > 1).sum()) > 0, "without the mask reroute leaves the groups"
+                assert not torch.any(fast[1] & ~allowed) and torch.equal(fast[1], ref[1])
+                assert torch.allclose(fast[0], ref[0])
+                assert int(fast[1].sum()) > int(P.capacity_drop(scores, k, 1.0, topk_indices=indices)[1].sum())
+            free = P.expanded_drop(scores, k, 1.0, local, topk_indices=indices)[1]
+            fast = P.expanded_drop(scores, k, 1.0, local, topk_indices=indices, allowed=allowed)
+            ref = R.expanded_drop(scores, k, 1.0, [local], [64], topk_indices=indices, allowed=allowed)
+            assert int((spans(free) > 1).sum()) > 0
+            assert not torch.any(fast[1] & ~allowed) and torch.equal(fast[1], ref[1])
+            assert torch.allclose(fast[0], ref[0])
+
+
+def test_group_limited_mask_is_megatrons_group_selection() -> None:
+    from megatron.core.transformer.moe.moe_utils import group_limited_topk
+
+    gen = torch.Generator().manual_seed(2)
+    for num_groups, group_topk, k in ((4, 1, 2), (4, 2, 4), (8, 3, 6), (2, 2, 1)):
+        scores = torch.softmax(torch.randn(50, 16, generator=gen), -1)
+        _, megatron_idx = group_limited_topk(scores, k, 50, 16, num_groups, group_topk)
+        allowed = P.group_limited_mask(scores, k, num_groups, group_topk)
+        assert torch.all(allowed.view(50, num_groups, -1).any(2).sum(1) == group_topk)
+        assert torch.all(allowed.gather(1, megatron_idx)), "Megatron's top-k lies outside the groups"
+        ours = torch.topk(scores.masked_fill(~allowed, float("-inf")), k, dim=1).indices
+        assert torch.equal(ours, megatron_idx)
+
+
+def test_masks_are_checked() -> None:
+    scores = make_scores(6, 8, "random", torch.Generator().manual_seed(0))
+    with pytest.raises(P.RoutingInputError, match="valid_tokens"):
+        P.capacity_drop(scores, 2, 1.0, valid_tokens=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(P.RoutingInputError, match="valid_tokens"):
+        P.laser(scores, 2, 0.5, 0.5, 4, valid_tokens=torch.ones(6))
+    with pytest.raises(P.RoutingInputError, match="allowed"):
+        P.capacity_reroute(scores, 2, 1.0, allowed=torch.ones(6, 7, dtype=torch.bool))
+    with pytest.raises(P.RoutingInputError, match="num_groups"):
+        P.group_limited_mask(scores, 2, 3, 1)
+
+
+def test_local_experts_tensor_is_checked_once_and_again_after_a_change() -> None:
+    scores = make_scores(6, 8, "random", torch.Generator().manual_seed(0))
+    ids = P.local_experts_tensor([0, 3], 8, scores.device)
+    assert P.local_experts_tensor(ids, 8, scores.device) is ids
+    assert P.local_experts_tensor(ids, 9, scores.device) is not ids  # another E: checked again
+    assert torch.equal(P.expanded_drop(scores, 2, 1.0, ids)[1], P.expanded_drop(scores, 2, 1.0, [0, 3])[1])
+    ids[1] = 8  # changed in place: no longer the checked tensor
+    with pytest.raises(P.RoutingInputError, match="local_experts"):
+        P.expanded_drop(scores, 2, 1.0, ids)
+    plain = torch.tensor([0, 3])
+    P.expanded_drop(scores, 2, 1.0, plain)
+    assert not hasattr(plain, "_capaware_local_experts_checked"), "the caller's tensor must not be marked"
+    with pytest.raises(P.RoutingInputError, match="duplicates"):
+        P.expanded_drop(scores, 2, 1.0, torch.tensor([1, 1]))

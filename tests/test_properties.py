@@ -136,8 +136,10 @@ SYNC_MODES = (False, True)
 # ----------------------------------------------------------------------------- router table
 
 
-def fast_decision(name: str, scores: torch.Tensor, k: int, p: Dict[str, Any], group=None, local=None):
-    common = dict(normalize=p["normalize"], renormalize=p["renormalize"], group=group, return_decision=True)
+def fast_decision(name: str, scores: torch.Tensor, k: int, p: Dict[str, Any], group=None, local=None, **masks):
+    """``masks``: optional valid_tokens / allowed / topk_indices, passed on as given."""
+    common = dict(normalize=p["normalize"], renormalize=p["renormalize"], group=group, return_decision=True,
+                  **masks)
     if name == "drop":
         return P.capacity_drop(scores, k, p["gamma"], policy=p["policy"], seed=p["seed"], **common)
     if name == "reroute":
@@ -152,8 +154,9 @@ def fast_decision(name: str, scores: torch.Tensor, k: int, p: Dict[str, Any], gr
     raise KeyError(name)
 
 
-def reference(name: str, scores: torch.Tensor, k: int, p: Dict[str, Any], local_per_rank=None, sizes=None):
-    common = dict(normalize=p["normalize"], renormalize=p["renormalize"])
+def reference(name: str, scores: torch.Tensor, k: int, p: Dict[str, Any], local_per_rank=None, sizes=None,
+              **masks):
+    common = dict(normalize=p["normalize"], renormalize=p["renormalize"], **masks)
     if name == "drop":
         return R.capacity_drop(scores, k, p["gamma"], policy=p["policy"], seed=p["seed"], **common)
     if name == "reroute":
@@ -359,12 +362,16 @@ def split_of(draw, total: int, max_world: int = 4) -> List[int]:
 
 
 @given(data=st.data(), case=topk_case(max_tokens=20), name=st.sampled_from(("drop", "reroute", "expanded", "laser")),
-       mode=st.sampled_from(SYNC_MODES), with_copies=st.booleans())
+       mode=st.sampled_from(SYNC_MODES), with_copies=st.booleans(), padded=st.booleans())
 def test_split_over_ranks_equals_reference_on_concatenation(data, case, name: str, mode: bool,
-                                                            with_copies: bool) -> None:
+                                                            with_copies: bool, padded: bool) -> None:
     scores, k = case
     num_tokens, num_experts = scores.shape
     p = data.draw(router_params(name, k, num_experts))
+    # Optionally some tokens are padding (Megatron's padding_mask): on any rank, in any place.
+    valid = torch.tensor(data.draw(st.lists(st.booleans(), min_size=num_tokens, max_size=num_tokens)),
+                         dtype=torch.bool).reshape(num_tokens) if padded else None
+    real_tokens = num_tokens if valid is None else int(valid.sum())
     sizes = data.draw(split_of(num_tokens))
     world = len(sizes)
     offsets = [sum(sizes[:i]) for i in range(world)]
@@ -378,24 +385,109 @@ def test_split_over_ranks_equals_reference_on_concatenation(data, case, name: st
 
     def rank_fn(rank: int, group) -> Any:
         s = slice_of(rank)
-        part = scores[offsets[s]:offsets[s] + sizes[s]]
+        rows = slice(offsets[s], offsets[s] + sizes[s])
+        masks = {} if valid is None else dict(valid_tokens=valid[rows])
         with sync_free(mode):
-            return fast_decision(name, part, k, p, group=group, local=local_per_slice[s])
+            return fast_decision(name, scores[rows], k, p, group=group, local=local_per_slice[s], **masks)
 
     # sync_free is a module global: every thread sets the same value.
     results = run_ranks(rank_fn, 2 * world if with_copies else world, copies_of=copies_of)
-    ref_probs, ref_map = reference(name, scores, k, p, local_per_slice, sizes)
+    ref_probs, ref_map = reference(name, scores, k, p, local_per_slice, sizes,
+                                   **({} if valid is None else dict(valid_tokens=valid)))
     for rank, decision in enumerate(results):
         s = slice_of(rank)
         rows = slice(offsets[s], offsets[s] + sizes[s])
         assert_same(decision.as_tuple(), (ref_probs[rows], ref_map[rows]), f"{name} rank {rank} of {sizes}")
-        check_invariants(name, scores[rows], k, p, decision, num_tokens, local_per_slice[s])
+        if valid is None:
+            check_invariants(name, scores[rows], k, p, decision, num_tokens, local_per_slice[s])
+        else:
+            real = valid[rows]
+            assert not torch.any(decision.routing_map[~real]), f"{name}: a padding token was routed"
+            check_invariants(name, scores[rows][real], k, p, _rows_of(decision, real), real_tokens,
+                             local_per_slice[s])
         # Loads are global: every rank reports the loads of the whole reference map.
         assert torch.equal(decision.global_loads, ref_map.sum(0)), f"{name} rank {rank}: global loads"
     if with_copies:
         for rank in range(1, len(results), 2):  # copies decide bit-identically to their primary
             assert torch.equal(results[rank].routing_map, results[rank - 1].routing_map)
             assert torch.equal(results[rank].probs, results[rank - 1].probs)
+
+
+def _rows_of(decision, rows):
+    """The decision restricted to some of its tokens (figures unchanged)."""
+    import dataclasses
+
+    return dataclasses.replace(decision, routing_map=decision.routing_map[rows], probs=decision.probs[rows])
+
+
+@given(data=st.data(), case=topk_case(), name=st.sampled_from(("drop", "reroute", "expanded", "laser")))
+def test_padding_tokens_are_ignored(data, case, name: str) -> None:
+    """Issue 12, item 7: padding tokens take no expert and no capacity and are not in
+    T_glob: the real tokens are routed as the reference routes them alone, on both paths."""
+    scores, k = case
+    num_tokens, num_experts = scores.shape
+    p = data.draw(router_params(name, k, num_experts))
+    local = data.draw(st.lists(st.integers(0, num_experts - 1), unique=True, max_size=num_experts))
+    valid = torch.tensor(data.draw(st.lists(st.booleans(), min_size=num_tokens, max_size=num_tokens)),
+                         dtype=torch.bool).reshape(num_tokens)
+    ref = reference(name, scores, k, p, [local], valid_tokens=valid)
+    alone = reference(name, scores[valid], k, p, [local])
+    assert torch.equal(ref[1][valid], alone[1]) and not torch.any(ref[1][~valid])
+    for mode in SYNC_MODES:
+        with sync_free(mode):
+            decision = fast_decision(name, scores, k, p, local=local, valid_tokens=valid)
+        assert_same(decision.as_tuple(), ref, f"{name} sync_free={mode} params={p} valid={valid.tolist()}")
+        assert torch.all(decision.probs[~valid] == 0)
+        check_invariants(name, scores[valid], k, p, _rows_of(decision, valid), int(valid.sum()), local)
+        check_single_rank_figures(name, scores[valid], k, p, _rows_of(decision, valid))
+
+
+@st.composite
+def grouped_case(draw):
+    """Scores with a group layout (DeepSeek group-limited routing): ``(scores, k, groups, group_topk)``."""
+    groups, per_group = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    num_experts = groups * per_group
+    num_tokens = draw(st.integers(0, 24))
+    kind = draw(st.sampled_from(("uniform01", "few_values", "softmax")))
+    shape = (num_tokens, num_experts)
+    if kind == "uniform01":
+        arr = draw(hnp.arrays(np.float32, shape, elements=st.floats(0, 1, width=32)))
+    elif kind == "few_values":
+        arr = draw(hnp.arrays(np.float32, shape, elements=st.sampled_from((0.0, 0.25, 0.5))))
+    else:
+        arr = torch.softmax(torch.from_numpy(draw(hnp.arrays(
+            np.float32, shape, elements=st.floats(-20, 20, width=32)))), -1).numpy()
+    scores = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    group_topk = draw(st.integers(1, groups))
+    k = draw(st.integers(1, group_topk * per_group))
+    return scores, k, groups, group_topk
+
+
+@given(data=st.data(), case=grouped_case(), name=st.sampled_from(("drop", "reroute", "expanded")))
+def test_group_limited_routing_stays_in_the_selected_groups(data, case, name: str) -> None:
+    """Issue 12, item 5: with Megatron's group selection as ``allowed`` and its group-limited
+    top-k as the baseline, no token is given an expert outside its selected groups; fast ==
+    reference on both paths; capacity holds."""
+    scores, k, groups, group_topk = case
+    num_tokens, num_experts = scores.shape
+    p = data.draw(router_params(name, k, num_experts))
+    local = data.draw(st.lists(st.integers(0, num_experts - 1), unique=True, max_size=num_experts))
+    allowed = P.group_limited_mask(scores, k, groups, group_topk)
+    indices = torch.topk(scores.masked_fill(~allowed, float("-inf")), k, dim=1).indices
+    masks = dict(topk_indices=indices) if name == "drop" else dict(topk_indices=indices, allowed=allowed)
+    note(f"groups={groups} group_topk={group_topk} k={k} params={p}")
+    ref = reference(name, scores, k, p, [local], **masks)
+    capacity = common.capacity_from_total(p["gamma"], num_tokens * k, num_experts)
+    for mode in SYNC_MODES:
+        with sync_free(mode):
+            decision = fast_decision(name, scores, k, p, local=local, **masks)
+        assert_same(decision.as_tuple(), ref, f"{name} sync_free={mode}")
+        assert not torch.any(decision.routing_map & ~allowed), f"{name}: a token left its selected groups"
+        spans = decision.routing_map.view(num_tokens, groups, num_experts // groups).any(2).sum(1)
+        assert torch.all(spans <= group_topk)
+        if name != "expanded":
+            assert torch.all(decision.routing_map.sum(1) <= k)
+        assert int(decision.global_loads.max()) <= capacity
 
 
 @given(data=st.data(), num_experts=st.integers(1, 16), k_frac=st.floats(0, 1), world=st.integers(1, 4),

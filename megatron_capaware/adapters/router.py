@@ -83,7 +83,8 @@ class CapawareRouter(TopKRouter):
         rank must still take part in the routing collectives.
         """
         if input.numel() == 0:
-            dtype = torch.float32 if self.config.moe_router_dtype == "fp32" else input.dtype
+            # The dtype Megatron's gate would return (router_gating_linear's router_dtype).
+            dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, input.dtype)
             return input.new_zeros((*input.shape[:-1], self.config.num_moe_experts), dtype=dtype)
         return super().gating(input)
 
@@ -99,6 +100,13 @@ class CapawareRouter(TopKRouter):
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         """Route ``logits [S, B, E]``: ``(probs [S*B, E], routing_map [S*B, E] bool)``.
+
+        ``padding_mask [S, B]`` bool marks padding tokens True, as Megatron's
+        own code uses it (z-loss, aux loss and expert bias all take
+        ``~padding_mask`` as the valid tokens; some of its docstrings say the
+        opposite). ``topk`` hands it to Megatron unchanged; the other routers
+        give padding tokens no expert and no capacity and leave them out of
+        ``T_glob``.
 
         A failed routing collective (another rank crashed, hung past the
         process-group timeout, or raised) surfaces as a
@@ -127,6 +135,13 @@ class CapawareRouter(TopKRouter):
         num_experts = self.config.num_moe_experts
         logits = logits.reshape(-1, num_experts)
         vanilla_top, indices, scores = self._vanilla_topk(logits)  # [T, k], [T, k], [T, E]
+        # Only the routers that add experts need the group mask (drop and LASER only keep or
+        # reorder within Megatron's choice; LASER refuses group-limited routing).
+        allowed = self._selected_groups(logits, indices) if capaware.router_type in (
+            "capacity-reroute", "expanded-drop") else None  # [T, E] or None
+        valid_tokens = None
+        if padding_mask is not None:
+            valid_tokens = ~padding_mask.reshape(-1).to(device=scores.device, dtype=torch.bool)
         if self.capaware_score_hook is not None:
             self.capaware_score_hook(scores)
         if capaware.check_scores:
@@ -140,7 +155,7 @@ class CapawareRouter(TopKRouter):
                 from megatron_capaware.adapters.guards import check_scores_over_group
 
                 check_scores_over_group(scores, self.capaware_load_group, self.layer_number)
-        decision = self._decide(scores, indices)
+        decision = self._decide(scores, indices, valid_tokens, allowed)
         scaling = self.config.moe_router_topk_scaling_factor or 1.0
         if capaware.renormalize:
             probs = decision.probs * scaling
@@ -198,20 +213,70 @@ class CapawareRouter(TopKRouter):
             top = top * config.moe_router_topk_scaling_factor
         return top, indices, scores
 
+    def _selected_groups(self, logits: torch.Tensor, indices: torch.Tensor) -> Optional[torch.Tensor]:
+        """``[T, E]`` bool, the experts of the groups Megatron selected for each token (None: no groups).
+
+        Megatron's group selection recomputed with its own operations on the
+        tensor it ranks (``topk_routing_with_score_function``: the logits, the
+        pre-softmax probabilities, or the sigmoid scores plus expert bias), so
+        on the unfused path it is Megatron's selection exactly. With the fused
+        kernel (``moe_router_fusion``), which may break a tie between groups
+        differently, a token whose top-k are not all inside the recomputed
+        groups keeps the groups its top-k experts lie in: reroute and
+        expanded-drop never add an expert outside the groups the token was
+        actually routed to.
+        """
+        config, k = self.config, self.topk
+        num_groups, group_topk = config.moe_router_num_groups, config.moe_router_group_topk
+        if not group_topk:
+            return None
+        if self.score_function == "softmax":
+            ranked = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits) \
+                if config.moe_router_pre_softmax else logits
+        else:
+            ranked = torch.sigmoid(logits.float()).type_as(logits)
+            if self.expert_bias is not None:
+                ranked = ranked + self.expert_bias
+        allowed = policies.group_limited_mask(ranked, k, num_groups, group_topk)
+        if not config.moe_router_fusion:
+            return allowed
+        num_tokens, num_experts = logits.shape
+        group_size = num_experts // num_groups
+        touched = torch.zeros((num_tokens, num_groups), dtype=torch.bool, device=logits.device).scatter_(
+            1, indices // group_size, True)
+        own = touched.unsqueeze(-1).expand(num_tokens, num_groups, group_size).reshape(num_tokens, num_experts)
+        inside = allowed.gather(1, indices).all(dim=1, keepdim=True)
+        return torch.where(inside, allowed, own)
+
+    def _local_experts_tensor(self, device: torch.device) -> torch.Tensor:
+        """This rank's expert ids as a checked device tensor, built once per layout and device.
+
+        The policy checks a list on the host every call; a tensor it built
+        itself (:func:`policies.local_experts_tensor`) it takes as it is.
+        """
+        ids = tuple(int(e) for e in self.capaware_local_experts)
+        cached = getattr(self, "_capaware_local_cache", None)
+        if cached is None or cached[0] != (ids, self.config.num_moe_experts, torch.device(device)):
+            tensor = policies.local_experts_tensor(list(ids), self.config.num_moe_experts, device)
+            cached = ((ids, self.config.num_moe_experts, torch.device(device)), tensor)
+            self._capaware_local_cache = cached
+        return cached[1]
+
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
         """The model's full score distribution ``[T, E]`` in float32 (softmax or sigmoid)."""
         if self.score_function == "softmax":
             return torch.softmax(logits.float(), dim=-1)
         return torch.sigmoid(logits.float())
 
-    def _decide(self, scores: torch.Tensor, indices: torch.Tensor):
+    def _decide(self, scores: torch.Tensor, indices: torch.Tensor, valid_tokens: Optional[torch.Tensor] = None,
+                allowed: Optional[torch.Tensor] = None):
         capaware = self.capaware
         k = self.topk
         group = self._group()
         normalize = model_normalizes(self.config)
         common = dict(normalize=normalize, renormalize=capaware.renormalize, group=group,
                       check_values=False, topk_indices=indices,  # checked in routing()
-                      weights=capaware.renormalize, return_decision=True)
+                      weights=capaware.renormalize, return_decision=True, valid_tokens=valid_tokens)
         if capaware.router_type == "laser":
             params = capaware.laser_params(self.layer_number, k)
             return policies.laser(
@@ -226,7 +291,7 @@ class CapawareRouter(TopKRouter):
             return policies.capacity_reroute(
                 scores, k, capaware.gamma, rounds=capaware.reroute_rounds,
                 policy=capaware.reroute_policy, min_ratio=capaware.reroute_min_ratio,
-                drop_policy=capaware.drop_policy, seed=capaware.seed, **common,
+                drop_policy=capaware.drop_policy, seed=capaware.seed, allowed=allowed, **common,
             )
         if capaware.router_type == "expanded-drop":
             if self.capaware_local_experts is None:
@@ -235,7 +300,7 @@ class CapawareRouter(TopKRouter):
                     "layer (install_capaware_routers) so the EP layout is known"
                 )
             return policies.expanded_drop(
-                scores, k, capaware.gamma, self.capaware_local_experts, **common,
+                scores, k, capaware.gamma, self._local_experts_tensor(scores.device), allowed=allowed, **common,
             )
         raise CapawareConfigError(f"unknown router type {capaware.router_type!r}")
 

@@ -9,6 +9,9 @@ also carries the global loads, drops and reroutes the policy already
 computed; ``weights=False`` then skips the combine weights (``probs`` is
 None) for callers that compute them (the Megatron router). ``group`` is an
 optional ``torch.distributed`` process group over which loads are global.
+``valid_tokens [T]`` bool (False: a padding token, which takes no expert and
+no capacity) and, for the routers that add experts, ``allowed [T, E]`` bool
+(the experts a token may be given: group-limited routing) are optional.
 :mod:`megatron_capaware.policies.reference` holds loop implementations used
 as test oracles.
 """
@@ -17,10 +20,11 @@ from megatron_capaware.policies.capacity import (
     capacity_drop,
     capacity_reroute,
     expanded_drop,
+    local_experts_tensor,
     map_decision,
     topk,
 )
-from megatron_capaware.policies.common import RoutingInputError
+from megatron_capaware.policies.common import RoutingInputError, group_limited_mask
 from megatron_capaware.policies.decision import RoutingDecision
 from megatron_capaware.policies.laser import laser
 from megatron_capaware.policies.selection import select_top_per_expert
@@ -31,7 +35,9 @@ __all__ = [
     "capacity_drop",
     "capacity_reroute",
     "expanded_drop",
+    "group_limited_mask",
     "laser",
+    "local_experts_tensor",
     "map_decision",
     "select_top_per_expert",
     "topk",

@@ -1,8 +1,9 @@
 """Capacity-Aware Token Drop, Token Reroute and Expanded Drop (vectorised).
 
 Pure torch: no Megatron import, CPU and GPU alike, no per-token Python loop
-and no host synchronisation on the routing path (every shape is fixed by
-``T``, ``k``, ``E``; masks replace data-dependent indexing). Semantics are
+and, on the device path, no host synchronisation (every shape is fixed by
+``T``, ``k``, ``E``; masks replace data-dependent indexing; the optional
+score check, ``check_values=True``, reads one flag pair per call). Semantics are
 those of ``docs/routers.md``; :mod:`megatron_capaware.policies.reference`
 holds the loop implementations they are tested against.
 
@@ -65,8 +66,13 @@ def _drop_priority(
     num_experts: int,
     seed: int,
     group: Optional[ProcessGroup],
+    valid_tokens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Priority of each top-k assignment ``[T*k]`` under a drop policy."""
+    """Priority of each top-k assignment ``[T*k]`` under a drop policy.
+
+    ``random`` hashes the global index of the token among the real tokens
+    (padding tokens have none), so padding changes no real token's key.
+    """
     if policy == "score":
         return values.reshape(-1)
     if policy == "weight":
@@ -75,8 +81,12 @@ def _drop_priority(
         # Equal priorities: ties break by (rank, token order) = earliest tokens first.
         return torch.zeros(values.numel(), dtype=torch.float32, device=values.device)
     num_tokens, k = indices.shape
-    offset, _ = common.local_token_offset(num_tokens, values.device, group)
-    token = torch.arange(num_tokens, device=values.device).unsqueeze(1) + offset
+    offset, _ = common.local_token_offset(num_tokens, values.device, group, valid_tokens)
+    if valid_tokens is None:
+        local_index = torch.arange(num_tokens, device=values.device)
+    else:
+        local_index = torch.cumsum(valid_tokens.to(torch.int64), 0) - 1
+    token = local_index.unsqueeze(1) + offset
     return hash_uniform((token * num_experts + indices).reshape(-1), seed)
 
 
@@ -118,6 +128,7 @@ def capacity_drop(
     check_values: bool = True,
     weights: bool = True,
     return_decision: bool = False,
+    valid_tokens: Optional[torch.Tensor] = None,
 ) -> Union[Tuple[torch.Tensor, torch.Tensor], RoutingDecision]:
     """Capacity-Aware Token Drop.
 
@@ -138,7 +149,11 @@ def capacity_drop(
         renormalize: make each token's surviving weights sum to 1.
         topk_indices: optional ``[T, k]`` baseline choice (e.g. Megatron's own,
             group-limited or bias-adjusted); default ``torch.topk(scores, k)``.
-        check_values: reject NaN / Inf / negative scores (one host sync).
+        check_values: reject NaN / Inf / negative scores (one host read per
+            call; the only one: with ``check_values=False`` the device path
+            has no host sync).
+        valid_tokens: optional ``[T]`` bool, False for padding tokens: they
+            take no expert and no capacity and do not count in ``T_glob``.
 
     Returns:
         ``(probs [T, E] float, routing_map [T, E] bool)``; ``probs`` is zero
@@ -153,16 +168,18 @@ def capacity_drop(
     common.check_scores(scores, k, check_values=check_values)
     gamma = common.check_gamma(gamma)
     common.check_choice("policy", policy, common.DROP_POLICIES)
+    valid_tokens = common.check_valid_tokens(valid_tokens, scores)
     num_tokens, num_experts = scores.shape
     indices, values = _selected(scores, k, topk_indices)  # [T, k]
-    priority = _drop_priority(policy, values, indices, num_experts, seed, group)
+    priority = _drop_priority(policy, values, indices, num_experts, seed, group, valid_tokens)
     selection = select_top_per_expert(
         priority,
         indices.reshape(-1),
         num_experts,
         _token_capacity(gamma, k, num_experts),
         group,
-        extra_count=torch.tensor(num_tokens, device=scores.device),
+        valid=_token_items(valid_tokens, k),
+        extra_count=num_tokens if valid_tokens is None else valid_tokens.sum(),
     )
     keep = selection.keep.view(num_tokens, k)
     routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, keep)
@@ -174,13 +191,28 @@ def capacity_drop(
         routing_map=routing_map,
         global_loads=selection.global_kept,
         requested_assignments=selection.global_offered.sum(),
-        dropped=(~keep).sum(),
+        dropped=_dropped(keep, valid_tokens),
         rerouted=torch.zeros((), dtype=torch.int64, device=scores.device),
         global_tokens=selection.global_items,
         capacity=selection.capacity[0] if num_experts else None,
     )
     return decision if return_decision else decision.as_tuple()
 
+
+
+def _token_items(valid_tokens: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
+    """``[T * width]`` item mask of a token-major ``[T, width]`` item array (None: all items)."""
+    if valid_tokens is None:
+        return None
+    return valid_tokens.unsqueeze(1).expand(-1, width).reshape(-1)
+
+
+def _dropped(keep: torch.Tensor, valid_tokens: Optional[torch.Tensor]) -> torch.Tensor:
+    """Dropped assignments of ``keep [T, k]``, padding tokens' slots not counted."""
+    lost = ~keep
+    if valid_tokens is not None:
+        lost &= valid_tokens.unsqueeze(1)
+    return lost.sum()
 
 
 def _stable_rank_desc(key: torch.Tensor) -> torch.Tensor:
@@ -224,6 +256,8 @@ def capacity_reroute(
     check_values: bool = True,
     weights: bool = True,
     return_decision: bool = False,
+    valid_tokens: Optional[torch.Tensor] = None,
+    allowed: Optional[torch.Tensor] = None,
 ) -> Union[Tuple[torch.Tensor, torch.Tensor], RoutingDecision]:
     """Capacity-Aware Token Reroute.
 
@@ -231,11 +265,13 @@ def capacity_reroute(
     assignment of token ``t`` that is still unplaced is offered to one expert
     ``e'`` not already among ``t``'s experts with spare capacity
     ``R = C - L > 0``: a token's dropped assignments, highest ``s`` first,
-    take its candidates in order (by ``s[t, e']`` for ``policy="score"``,
-    least loaded first for ``"load"``). An expert accepts offers in order of
-    the dropped assignment's score (higher-scoring overflow first; ties by
-    rank then token order) up to its spare capacity; the rest try again next
-    round. Whatever is unplaced after the last round is dropped.
+    each take the best candidate not taken by an earlier one (by ``s[t, e']``
+    for ``policy="score"``, least loaded first for ``"load"``) among those
+    passing the guard ``s[t, e'] >= min_ratio * s[t, e_dropped]``. An expert
+    accepts offers in order of the dropped assignment's score (higher-scoring
+    overflow first; ties by rank then token order) up to its spare capacity;
+    the rest try again next round. Whatever is unplaced after the last round
+    is dropped.
 
     Args:
         rounds: offer rounds (0: plain drop).
@@ -243,6 +279,9 @@ def capacity_reroute(
         min_ratio: quality guard: offer only to an expert whose score is at
             least ``min_ratio`` times the dropped assignment's score.
         drop_policy: the drop step's policy (default ``score``).
+        allowed: optional ``[T, E]`` bool, the experts each token may be
+            rerouted to (group-limited routing: the experts of its selected
+            groups); None: every expert.
         Other arguments as :func:`capacity_drop`.
 
     Returns:
@@ -262,6 +301,7 @@ def capacity_reroute(
         raise common.RoutingInputError(
             f"min_ratio={min_ratio!r} must be a finite number >= 0 (0 = always reroute)"
         )
+    allowed = common.check_allowed(allowed, scores)
     drop = capacity_drop(
         scores,
         k,
@@ -274,33 +314,41 @@ def capacity_reroute(
         check_values=check_values,
         weights=False,
         return_decision=True,
+        valid_tokens=valid_tokens,
     )
+    valid_tokens = common.check_valid_tokens(valid_tokens, scores)
     num_tokens, num_experts = scores.shape
     indices, values = _selected(scores, k, topk_indices)  # [T, k]
     kept = drop.routing_map.gather(1, indices)  # [T, k]
+    lost = ~kept if valid_tokens is None else ~kept & valid_tokens.unsqueeze(1)  # padding loses nothing
     # Only tokens with a dropped slot take part; on the CPU work on those rows
-    # alone (on CUDA all rows, masked: no host sync). Row order = token order.
-    if common.use_device_path(scores):
-        rows = torch.arange(num_tokens, device=scores.device)
+    # alone (on the device all rows, masked: no host sync). Row order = token order.
+    rows = None if common.use_device_path(scores) else lost.any(dim=1).nonzero().squeeze(1)
+    if rows is None:
+        r_scores, r_idx, r_values, unplaced, r_allowed = scores, indices, values, lost, allowed
     else:
-        rows = (~kept).any(dim=1).nonzero().squeeze(1)
-    r_scores, r_idx, r_values = scores[rows], indices[rows], values[rows]
-    unplaced = ~kept[rows]  # [n, k] dropped slots still looking for an expert
+        r_scores, r_idx, r_values, unplaced = scores[rows], indices[rows], values[rows], lost[rows]
+        r_allowed = None if allowed is None else allowed[rows]
+    # unplaced [n, k]: dropped slots still looking for an expert.
     taken = torch.zeros_like(r_scores, dtype=torch.bool).scatter_(1, r_idx, True)  # [n, E]
     placed = torch.zeros_like(taken)
     loads = drop.global_loads.clone()
     spare = (drop.capacity - loads).clamp(min=0)
     rerouted = torch.zeros((), dtype=torch.int64, device=scores.device)
     for _ in range(rounds):
-        # Dropped slots, highest dropped score first: slot j proposes to candidate j.
+        # Dropped slots, highest dropped score first: each takes the best candidate left.
         slot_score = torch.where(unplaced, r_values, torch.full_like(r_values, -1.0))
         slot_order = _stable_rank_desc(slot_score)  # [n, k]
         slot_score = slot_score.gather(1, slot_order)
         available = (~taken) & (spare > 0).unsqueeze(0)
-        cand, cand_ok = candidate_order(r_scores, spare, available, policy, k)
-        cand_score = r_scores.gather(1, cand)
-        # The guard in float64 (as docs/routers.md and the reference): float32 rounds the product.
-        propose = (slot_score >= 0) & cand_ok & (cand_score.double() >= min_ratio * slot_score.double())
+        if r_allowed is not None:
+            available &= r_allowed
+        if min_ratio > 0:
+            cand, propose = _guarded_candidates(r_scores, spare, available, policy, slot_score, min_ratio, r_idx)
+        else:
+            # No guard (every score passes s >= 0): slot j takes candidate j.
+            cand, cand_ok = candidate_order(r_scores, spare, available, policy, k)
+            propose = (slot_score >= 0) & cand_ok
         selection = select_top_per_expert(
             slot_score.clamp(min=0).reshape(-1),
             cand.reshape(-1),
@@ -316,8 +364,11 @@ def capacity_reroute(
         rerouted = rerouted + accepted.sum()
         loads = loads + selection.global_kept
         spare = spare - selection.global_kept
-    routing_map = drop.routing_map.clone()
-    routing_map[rows] |= placed
+    if rows is None:
+        routing_map = drop.routing_map | placed
+    else:
+        routing_map = drop.routing_map.clone()
+        routing_map[rows] |= placed
     probs = None
     if weights:
         probs = common.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize, renormalize=renormalize)
@@ -333,6 +384,45 @@ def capacity_reroute(
     )
     return decision if return_decision else decision.as_tuple()
 
+
+def _guarded_candidates(
+    scores: torch.Tensor,
+    spare: torch.Tensor,
+    available: torch.Tensor,
+    policy: str,
+    slot_score: torch.Tensor,
+    min_ratio: float,
+    topk_idx: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reroute candidates under the guard: ``(experts [n, k], propose [n, k] bool)``.
+
+    Slot ``j`` (the token's ``j``-th highest still-unplaced dropped score;
+    ``slot_score`` is -1 where there is none) takes the best available
+    expert, in the policy's order, that no earlier slot took and that passes
+    ``s[t, e'] >= min_ratio * slot_score[t, j]`` (float64, as the reference).
+    Thresholds fall with ``j``, so an expert too weak for one slot stays
+    open to the next. One masked ``max`` per slot, no host sync.
+
+    A slot that proposes nothing names one of the token's own top-k experts
+    (``topk_idx``: never a candidate), so a row never names an expert twice
+    and the caller's scatters stay deterministic.
+    """
+    # Keys >= 1 of the available experts (finite scores: +1 cannot overflow), 0 elsewhere.
+    key = (common.expert_keys(scores, spare if policy == "load" else None) + 1) * available
+    threshold = torch.where(slot_score >= 0, min_ratio * slot_score.double(), math.inf)  # [n, k]
+    passes = scores.double().unsqueeze(1) >= threshold.unsqueeze(2)  # [n, k, E]
+    experts, proposes = [], []
+    for j in range(slot_score.shape[1]):
+        best_key, best = (key * passes[:, j]).max(dim=1, keepdim=True)  # [n, 1]
+        ok = best_key > 0
+        key = torch.where(ok, key.scatter(1, best, 0), key)  # a taken expert leaves the list
+        experts.append(best)
+        proposes.append(ok)
+    propose = torch.cat(proposes, dim=1)
+    return torch.where(propose, torch.cat(experts, dim=1), topk_idx), propose
+
+
+_VALIDATED_ATTR = "_capaware_local_experts_checked"
 
 
 def _check_local_experts(local_experts: Union[Sequence[int], torch.Tensor], num_experts: int) -> torch.Tensor:
@@ -351,6 +441,28 @@ def _check_local_experts(local_experts: Union[Sequence[int], torch.Tensor], num_
     return ids
 
 
+def local_experts_tensor(
+    local_experts: Union[Sequence[int], torch.Tensor], num_experts: int, device: torch.device
+) -> torch.Tensor:
+    """Expanded Drop's local expert ids as a checked int64 tensor on ``device``.
+
+    Checking the ids reads them on the host (range, duplicates). A tensor this
+    function returned is recognised when it comes back (same ``E``, same
+    device, not modified in place since) and returned as it is: callers that
+    route every forward (the Megatron router) build it once and pass it, so
+    the device path makes no host sync for it. Anything else is checked.
+    """
+    if isinstance(local_experts, torch.Tensor):
+        mark = getattr(local_experts, _VALIDATED_ATTR, None)
+        if mark == (num_experts, local_experts._version) and local_experts.device == torch.device(device):
+            return local_experts
+    ids = _check_local_experts(local_experts, num_experts).to(device)
+    if ids is local_experts:  # never mark the caller's own tensor as a side effect
+        ids = ids.clone()
+    setattr(ids, _VALIDATED_ATTR, (num_experts, ids._version))
+    return ids
+
+
 def expanded_drop(
     scores: torch.Tensor,
     k: int,
@@ -364,6 +476,8 @@ def expanded_drop(
     check_values: bool = True,
     weights: bool = True,
     return_decision: bool = False,
+    valid_tokens: Optional[torch.Tensor] = None,
+    allowed: Optional[torch.Tensor] = None,
 ) -> Union[Tuple[torch.Tensor, torch.Tensor], RoutingDecision]:
     """Expanded Drop: a token's candidates are its top-k plus its rank's local experts.
 
@@ -373,7 +487,11 @@ def expanded_drop(
     only lose experts. A token can end with more than ``k`` experts.
 
     Args:
-        local_experts: expert ids on this process's EP rank (``m`` of them).
+        local_experts: expert ids on this process's EP rank (``m`` of them);
+            a tensor from :func:`local_experts_tensor` is not checked again.
+        allowed: optional ``[T, E]`` bool: a local expert is a candidate of a
+            token only where allowed (group-limited routing: the experts of
+            its selected groups); None: every local expert.
         Other arguments as :func:`capacity_drop`.
 
     Returns:
@@ -385,13 +503,20 @@ def expanded_drop(
     """
     common.check_scores(scores, k, check_values=check_values)
     gamma = common.check_gamma(gamma)
+    valid_tokens = common.check_valid_tokens(valid_tokens, scores)
+    allowed = common.check_allowed(allowed, scores)
     num_tokens, num_experts = scores.shape
-    local = _check_local_experts(local_experts, num_experts).to(scores.device)
+    local = local_experts_tensor(local_experts, num_experts, scores.device)
     indices, values = _selected(scores, k, topk_indices)  # [T, k]
     taken = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)
     local_idx = local.unsqueeze(0).expand(num_tokens, -1)  # [T, m]
     cand = torch.cat([indices, local_idx], dim=1)  # [T, k+m], token-major item order
-    valid = torch.cat([torch.ones_like(indices, dtype=torch.bool), ~taken.gather(1, local_idx)], dim=1)
+    extra_ok = ~taken.gather(1, local_idx)
+    if allowed is not None:
+        extra_ok &= allowed.gather(1, local_idx)
+    valid = torch.cat([torch.ones_like(indices, dtype=torch.bool), extra_ok], dim=1)
+    if valid_tokens is not None:
+        valid &= valid_tokens.unsqueeze(1)
     priority = scores.gather(1, cand)
     selection = select_top_per_expert(
         priority.reshape(-1),
@@ -400,7 +525,7 @@ def expanded_drop(
         _token_capacity(gamma, k, num_experts),
         group,
         valid=valid.reshape(-1),
-        extra_count=torch.tensor(num_tokens, device=scores.device),
+        extra_count=num_tokens if valid_tokens is None else valid_tokens.sum(),
     )
     keep = selection.keep.view(num_tokens, cand.shape[1])
     # Invalid items (a local expert already in the top-k) repeat a column: send
@@ -418,13 +543,12 @@ def expanded_drop(
         routing_map=routing_map,
         global_loads=selection.global_kept,
         requested_assignments=selection.global_items * k,
-        dropped=(~kept_topk).sum(),
+        dropped=_dropped(kept_topk, valid_tokens),
         rerouted=(keep[:, k:] & valid[:, k:]).sum(),
         global_tokens=selection.global_items,
         capacity=selection.capacity[0] if num_experts else None,
     )
     return decision if return_decision else decision.as_tuple()
-
 
 
 def map_decision(
@@ -436,8 +560,8 @@ def map_decision(
     """
     device = routing_map.device
     counts = torch.cat(
-        [routing_map.sum(dim=0), torch.tensor([routing_map.shape[0]], device=device)]
-    ).to(torch.int64)
+        [routing_map.sum(dim=0).to(torch.int64), common.token_count(routing_map.shape[0], device).reshape(1)]
+    )
     all_reduce_sum(counts, group)
     zero = torch.zeros((), dtype=torch.int64, device=device)
     return RoutingDecision(

@@ -163,13 +163,82 @@ def weights_for(
     return probs
 
 
-def local_token_offset(num_tokens: int, device: torch.device, group) -> Tuple[torch.Tensor, torch.Tensor]:
-    """This rank's first global token index and the global token count (0-d int64)."""
+def token_count(num_tokens: int, device: torch.device, valid_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """0-d int64 on ``device``: the tokens that take part (``valid_tokens.sum()``, or ``num_tokens``).
+
+    ``torch.full`` launches a fill with the value as a kernel argument; a
+    ``torch.tensor(n, device=...)`` would be a blocking host-to-device copy.
+    """
+    if valid_tokens is not None:
+        return valid_tokens.sum()
+    return torch.full((), num_tokens, dtype=torch.int64, device=device)
+
+
+def local_token_offset(
+    num_tokens: int, device: torch.device, group, valid_tokens: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's first global token index and the global token count (0-d int64).
+
+    With ``valid_tokens`` only those count (padding tokens have no index).
+    """
     from megatron_capaware.policies.collectives import all_gather_stack, group_rank
 
-    counts = all_gather_stack(torch.tensor([num_tokens], dtype=torch.int64, device=device), group)
+    counts = all_gather_stack(token_count(num_tokens, device, valid_tokens).reshape(1), group)
     counts = counts.view(-1)
     return counts[: group_rank(group)].sum(), counts.sum()
+
+
+def check_valid_tokens(valid_tokens: Optional[torch.Tensor], scores: torch.Tensor) -> Optional[torch.Tensor]:
+    """Validate the optional ``[T]`` bool mask of real (non-padding) tokens (shape and dtype only)."""
+    if valid_tokens is None:
+        return None
+    if not isinstance(valid_tokens, torch.Tensor) or valid_tokens.dtype != torch.bool:
+        raise RoutingInputError(
+            f"valid_tokens must be a bool tensor [T] (True = a real token, False = padding), got "
+            f"{getattr(valid_tokens, 'dtype', type(valid_tokens))}"
+        )
+    if tuple(valid_tokens.shape) != (scores.shape[0],):
+        raise RoutingInputError(
+            f"valid_tokens must be [T={scores.shape[0]}], got {tuple(valid_tokens.shape)}"
+        )
+    return valid_tokens.to(scores.device)
+
+
+def check_allowed(allowed: Optional[torch.Tensor], scores: torch.Tensor) -> Optional[torch.Tensor]:
+    """Validate the optional ``[T, E]`` bool mask of experts each token may use (shape and dtype only)."""
+    if allowed is None:
+        return None
+    if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
+        raise RoutingInputError(
+            f"allowed must be a bool tensor [T, E] (the experts each token may use), got "
+            f"{getattr(allowed, 'dtype', type(allowed))}"
+        )
+    if tuple(allowed.shape) != tuple(scores.shape):
+        raise RoutingInputError(f"allowed must be [T, E]={tuple(scores.shape)}, got {tuple(allowed.shape)}")
+    return allowed.to(scores.device)
+
+
+def group_limited_mask(route_scores: torch.Tensor, k: int, num_groups: int, group_topk: int) -> torch.Tensor:
+    """``[T, E]`` bool: the experts of the ``group_topk`` groups each token selects.
+
+    Megatron's group selection (``moe_utils.group_limited_topk``, DeepSeek-V2/V3
+    device- and node-limited routing) with the same operations: experts split
+    into ``num_groups`` equal consecutive groups, a group's score the sum of
+    its ``k // group_topk`` best ``route_scores``, the ``group_topk`` best
+    groups selected. ``route_scores`` is what Megatron ranks by (logits,
+    probabilities, or sigmoid scores plus expert bias).
+    """
+    num_tokens, num_experts = route_scores.shape
+    if num_groups < 1 or num_experts % num_groups or not 1 <= group_topk <= num_groups:
+        raise RoutingInputError(
+            f"group-limited routing needs E={num_experts} divisible by num_groups={num_groups} and "
+            f"1 <= group_topk={group_topk} <= num_groups"
+        )
+    group_size = num_experts // num_groups
+    group_scores = route_scores.view(num_tokens, num_groups, group_size).topk(k // group_topk, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=group_topk, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+    return group_mask.unsqueeze(-1).expand(num_tokens, num_groups, group_size).reshape(num_tokens, num_experts)
 
 
 EXPERT_ID_BITS = 10  # composite keys hold expert ids below 2**10
@@ -216,15 +285,21 @@ def ranked_experts(
         where fewer than ``count`` experts are available.
     """
     num_experts = scores.shape[1]
+    key = torch.where(available, expert_keys(scores, spare), -1)
+    values, experts = torch.topk(key, min(count, num_experts), dim=1)
+    return experts, values >= 0
+
+
+def expert_keys(scores: torch.Tensor, spare: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[T, E]`` int64 keys, unique per row, ordering experts as :func:`ranked_experts` does (larger = better)."""
+    num_experts = scores.shape[1]
     if num_experts > (1 << EXPERT_ID_BITS):
         raise RoutingInputError(f"at most {1 << EXPERT_ID_BITS} experts are supported, got {num_experts}")
     ids = torch.arange(num_experts, device=scores.device)
     key = (score_bits(scores) << EXPERT_ID_BITS) | ((1 << EXPERT_ID_BITS) - 1 - ids)
     if spare is not None:
         key = key | (spare.clamp(0, SPARE_LIMIT).to(torch.int64) << (31 + EXPERT_ID_BITS)).unsqueeze(0)
-    key = torch.where(available, key, torch.full_like(key, -1))
-    values, experts = torch.topk(key, min(count, num_experts), dim=1)
-    return experts, values >= 0
+    return key
 
 
 DEVICE_PATH_ENV = "CAPAWARE_DEVICE_PATH"

@@ -28,9 +28,13 @@ the defaults the imbalance ``I`` stays within about 2% of the greedy's
 
 Collectives (with a group): one all-reduce of ``E + 1``, one all-gather of
 1 and one all-reduce of ``waves * (E + 1)`` int64 up front; per wave, one
-all-gather of ``E`` int64 per round and one all-reduce of ``E`` int64. One
-host read per call (the local size of each wave): each wave then works on
-its own tokens only.
+all-gather of ``E`` int64 per round and one all-reduce of ``E`` int64.
+
+On the CPU each wave works on its own tokens only (one host read per call:
+the local size of each wave). On the device path (CUDA, or
+``CAPAWARE_DEVICE_PATH=1``) the waves are fixed-shape: every wave runs over
+all ``T`` rows with the rows of other waves masked out, so nothing is read
+on the host; both give identical decisions.
 """
 
 from __future__ import annotations
@@ -180,6 +184,7 @@ def laser(
     topk_indices: Optional[torch.Tensor] = None,
     weights: bool = True,
     return_decision: bool = False,
+    valid_tokens: Optional[torch.Tensor] = None,
 ) -> Union[Tuple[torch.Tensor, torch.Tensor], RoutingDecision]:
     """LASER routing.
 
@@ -196,9 +201,12 @@ def laser(
         waves, rounds: fast-path granularity (module docstring); ``waves`` =
             number of flexible tokens with ``rounds=0`` is the exact greedy.
         topk_indices: optional ``[T, k]`` top-k already computed by the caller.
+        valid_tokens: optional ``[T]`` bool, False for padding tokens: they
+            take no expert, add no load and do not count in ``T_glob``.
 
     Returns:
-        ``(probs [T, E], routing_map [T, E] bool)``, exactly ``k`` experts per token.
+        ``(probs [T, E], routing_map [T, E] bool)``, exactly ``k`` experts per
+        (real) token.
 
     ``return_decision`` and ``weights``: see :mod:`megatron_capaware.policies`.
     """
@@ -209,15 +217,22 @@ def laser(
         raise common.RoutingInputError(f"waves must be an integer >= 1, got {waves!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise common.RoutingInputError(f"rounds must be an integer >= 0, got {rounds!r}")
+    valid_tokens = common.check_valid_tokens(valid_tokens, scores)
     device = scores.device
     rank = group_rank(group)
     cand, in_pool, topk_idx, topk_sum = laser_candidates(scores, k, t_fix, width, topk_indices)
     flexible = topk_mass(scores.gather(1, topk_idx)) < eps_high  # [T]
     top_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, topk_idx, True)
-    confident_map = top_map & ~flexible.unsqueeze(1)
+    if valid_tokens is None:
+        confident = ~flexible
+    else:  # padding: neither confident nor flexible, no expert
+        flexible &= valid_tokens
+        confident = valid_tokens & ~flexible
+    confident_map = top_map & confident.unsqueeze(1)
 
-    counts = torch.cat([confident_map.sum(dim=0), torch.tensor([num_tokens], device=device)])
-    counts = all_reduce_sum(counts.to(torch.int64), group)
+    counts = torch.cat([
+        confident_map.sum(dim=0).to(torch.int64), common.token_count(num_tokens, device, valid_tokens).reshape(1)])
+    counts = all_reduce_sum(counts, group)
     loads, global_tokens = counts[:-1].clone(), counts[-1]
 
     # Waves: consecutive slices of the global flexible-token order (rank, token).
@@ -235,23 +250,29 @@ def laser(
 
     chosen = torch.zeros_like(in_pool)  # [T, c] positions taken by flexible tokens
     slot = torch.arange(k, device=device).unsqueeze(0)
-    # This rank's tokens grouped by wave, token order kept inside a wave (one host read).
-    order = torch.argsort(wave_of, stable=True)
-    sizes = torch.bincount(wave_of, minlength=waves + 1).tolist()
-    start = 0
+    fixed_shape = common.use_device_path(scores)
+    if not fixed_shape:
+        # This rank's tokens grouped by wave, token order kept inside a wave (one host read).
+        order = torch.argsort(wave_of, stable=True)
+        sizes = torch.bincount(wave_of, minlength=waves + 1).tolist()
+        start = 0
     for wave in range(waves):
-        rows = order[start:start + sizes[wave]]
-        start += sizes[wave]
-        w_cand, w_pool = cand[rows], in_pool[rows]  # [n, c]
+        if fixed_shape:
+            # Every row; rows of other waves get an empty pool, so they propose and take nothing.
+            w_cand, w_pool = cand, in_pool & (wave_of == wave).unsqueeze(1)  # [T, c]
+        else:
+            rows = order[start:start + sizes[wave]]
+            start += sizes[wave]
+            w_cand, w_pool = cand[rows], in_pool[rows]  # [n, c]
+        need = torch.full((w_cand.shape[0],), k, dtype=torch.int64, device=device)
         w_chosen = torch.zeros_like(w_pool)
-        need = torch.full((rows.shape[0],), k, dtype=torch.int64, device=device)
         quota = capped_water_fill(loads, wave_stats[wave, :-1], wave_stats[wave, -1] * k)
         for _ in range(rounds):
             allowed = w_pool & ~w_chosen & (quota[w_cand] > 0)
             positions, ok = _least_loaded_positions(loads[w_cand], allowed, k)
             ok &= slot < need.unsqueeze(1)
             experts = w_cand.gather(1, positions)
-            offered = torch.zeros(rows.shape[0], num_experts, dtype=torch.int64, device=device)
+            offered = torch.zeros(w_cand.shape[0], num_experts, dtype=torch.int64, device=device)
             offered.scatter_(1, experts, ok.to(torch.int64))
             per_rank = all_gather_stack(offered.sum(0), group)  # [ranks, E]
             earlier = torch.cumsum(offered, 0) - offered + per_rank[:rank].sum(0)
@@ -266,7 +287,10 @@ def laser(
         ok &= slot < need.unsqueeze(1)
         w_chosen |= torch.zeros_like(w_chosen).scatter_(1, positions, ok)
         loads = loads + all_reduce_sum(_scatter_counts(w_cand.gather(1, positions), ok, num_experts), group)
-        chosen[rows] = w_chosen
+        if fixed_shape:
+            chosen |= w_chosen
+        else:
+            chosen[rows] = w_chosen
 
     target = torch.where(chosen, cand, torch.full_like(cand, num_experts))
     flexible_map = torch.zeros(

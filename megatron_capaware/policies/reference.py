@@ -8,6 +8,12 @@ Python floats (float32 values, compared exactly).
 
 Each function returns ``(probs [T, E], routing_map [T, E] bool)`` for the
 whole global batch; a rank's fast result must equal its slice.
+
+Optional inputs, as the fast policies take them: ``topk_indices [T, k]`` (the
+baseline choice, e.g. group-limited), ``allowed [T, E]`` bool (the experts a
+token may be moved to or given), ``valid_tokens [T]`` bool (False: a padding
+token). Padding is handled in the most literal way: the policy runs on the
+real tokens alone and the padding rows come back empty.
 """
 
 from __future__ import annotations
@@ -24,9 +30,29 @@ def _rows(scores: torch.Tensor) -> List[List[float]]:
     return scores.to(torch.float32).tolist()
 
 
-def _topk_lists(scores: torch.Tensor, k: int) -> List[List[int]]:
+def _topk_lists(scores: torch.Tensor, k: int, topk_indices: Optional[torch.Tensor] = None) -> List[List[int]]:
     # torch.topk is the definition of vanilla routing (Megatron uses it too).
+    if topk_indices is not None:
+        return topk_indices.to(torch.int64).tolist()
     return torch.topk(scores, k, dim=1).indices.tolist()
+
+
+def _allowed_lists(allowed: Optional[torch.Tensor], num_tokens: int, num_experts: int) -> List[List[bool]]:
+    if allowed is None:
+        return [[True] * num_experts for _ in range(num_tokens)]
+    return allowed.tolist()
+
+
+def _on_real_tokens(scores: torch.Tensor, valid_tokens: Optional[torch.Tensor], run, *rows):
+    """``run(scores, *rows)`` on the real tokens only; padding rows of the result are empty."""
+    if valid_tokens is None:
+        return run(scores, *rows)
+    real = valid_tokens.nonzero().squeeze(1)
+    probs_r, map_r = run(scores[real], *[None if x is None else x[real] for x in rows])
+    probs = torch.zeros(scores.shape, dtype=probs_r.dtype, device=scores.device)
+    routing_map = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    probs[real], routing_map[real] = probs_r, map_r
+    return probs, routing_map
 
 
 def _output(
@@ -79,15 +105,20 @@ def capacity_drop(
     normalize: bool = False,
     renormalize: bool = False,
     seed: int = 0,
+    topk_indices: Optional[torch.Tensor] = None,
+    valid_tokens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    chosen, tops, sums, _ = _drop_state(scores, k, gamma, policy, seed)
-    return _output(scores, chosen, sums, normalize, renormalize)
+    def run(scores, topk_indices):
+        chosen, tops, sums, _ = _drop_state(scores, k, gamma, policy, seed, topk_indices)
+        return _output(scores, chosen, sums, normalize, renormalize)
+
+    return _on_real_tokens(scores, valid_tokens, run, topk_indices)
 
 
-def _drop_state(scores, k, gamma, policy, seed):
+def _drop_state(scores, k, gamma, policy, seed, topk_indices=None):
     num_tokens, num_experts = scores.shape
     rows = _rows(scores)
-    tops = _topk_lists(scores, k)
+    tops = _topk_lists(scores, k, topk_indices)
     capacity = common.capacity_from_total(gamma, num_tokens * k, num_experts)
     per_expert: Dict[int, List[Tuple[float, int, int]]] = {e: [] for e in range(num_experts)}
     for t in range(num_tokens):
@@ -113,42 +144,52 @@ def capacity_reroute(
     normalize: bool = False,
     renormalize: bool = False,
     seed: int = 0,
+    topk_indices: Optional[torch.Tensor] = None,
+    valid_tokens: Optional[torch.Tensor] = None,
+    allowed: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    num_tokens, num_experts = scores.shape
-    rows = _rows(scores)
-    chosen, tops, sums, capacity = _drop_state(scores, k, gamma, drop_policy, seed)
-    load = [0] * num_experts
-    for experts in chosen:
-        for e in experts:
-            load[e] += 1
-    # The dropped assignments (token, original expert) still to place.
-    unplaced: List[List[int]] = [[e for e in tops[t] if e not in chosen[t]] for t in range(num_tokens)]
-    taken: List[Set[int]] = [set(tops[t]) for t in range(num_tokens)]
-    for _ in range(rounds):
-        spare = [capacity - load[e] for e in range(num_experts)]
-        offers: Dict[int, List[Tuple[float, int, Tuple[int, int]]]] = {e: [] for e in range(num_experts)}
-        for t in range(num_tokens):
-            # This token's dropped assignments, highest score first (ties: top-k order).
-            slots = sorted(unplaced[t], key=lambda e: (-rows[t][e], tops[t].index(e)))
-            candidates = [e for e in range(num_experts) if e not in taken[t] and spare[e] > 0]
-            if policy == "score":
-                candidates.sort(key=lambda e: (-rows[t][e], e))
-            else:
-                candidates.sort(key=lambda e: (-spare[e], -rows[t][e], e))
-            for j, dropped_expert in enumerate(slots):
-                if j >= len(candidates):
-                    break
-                target = candidates[j]
-                dropped_score = rows[t][dropped_expert]
-                if rows[t][target] >= min_ratio * dropped_score:
-                    offers[target].append((dropped_score, t, (t, dropped_expert)))
-        for e, items in offers.items():
-            for _, _, (t, dropped_expert) in _keep_top(items, spare[e]):
-                chosen[t].add(e)
-                taken[t].add(e)
-                unplaced[t].remove(dropped_expert)
+    def run(scores, topk_indices, allowed):
+        num_tokens, num_experts = scores.shape
+        rows = _rows(scores)
+        may_use = _allowed_lists(allowed, num_tokens, num_experts)
+        chosen, tops, sums, capacity = _drop_state(scores, k, gamma, drop_policy, seed, topk_indices)
+        load = [0] * num_experts
+        for experts in chosen:
+            for e in experts:
                 load[e] += 1
-    return _output(scores, chosen, sums, normalize, renormalize)
+        # The dropped assignments (token, original expert) still to place.
+        unplaced = [[e for e in tops[t] if e not in chosen[t]] for t in range(num_tokens)]
+        taken: List[Set[int]] = [set(tops[t]) for t in range(num_tokens)]
+        for _ in range(rounds):
+            spare = [capacity - load[e] for e in range(num_experts)]
+            offers: Dict[int, List[Tuple[float, int, Tuple[int, int]]]] = {e: [] for e in range(num_experts)}
+            for t in range(num_tokens):
+                # This token's dropped assignments, highest score first (ties: top-k order).
+                slots = sorted(unplaced[t], key=lambda e: (-rows[t][e], tops[t].index(e)))
+                candidates = [e for e in range(num_experts)
+                              if e not in taken[t] and spare[e] > 0 and may_use[t][e]]
+                if policy == "score":
+                    candidates.sort(key=lambda e: (-rows[t][e], e))
+                else:
+                    candidates.sort(key=lambda e: (-spare[e], -rows[t][e], e))
+                offered_to: Set[int] = set()
+                for dropped_expert in slots:
+                    # The best candidate no earlier slot took that passes this slot's guard.
+                    dropped_score = rows[t][dropped_expert]
+                    for target in candidates:
+                        if target not in offered_to and rows[t][target] >= min_ratio * dropped_score:
+                            offered_to.add(target)
+                            offers[target].append((dropped_score, t, (t, dropped_expert)))
+                            break
+            for e, items in offers.items():
+                for _, _, (t, dropped_expert) in _keep_top(items, spare[e]):
+                    chosen[t].add(e)
+                    taken[t].add(e)
+                    unplaced[t].remove(dropped_expert)
+                    load[e] += 1
+        return _output(scores, chosen, sums, normalize, renormalize)
+
+    return _on_real_tokens(scores, valid_tokens, run, topk_indices, allowed)
 
 
 def expanded_drop(
@@ -160,29 +201,37 @@ def expanded_drop(
     *,
     normalize: bool = False,
     renormalize: bool = False,
+    topk_indices: Optional[torch.Tensor] = None,
+    valid_tokens: Optional[torch.Tensor] = None,
+    allowed: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    num_tokens, num_experts = scores.shape
-    if sum(tokens_per_rank) != num_tokens:
+    if sum(tokens_per_rank) != scores.shape[0]:
         raise ValueError("tokens_per_rank must sum to the number of tokens")
-    rows = _rows(scores)
-    tops = _topk_lists(scores, k)
-    capacity = common.capacity_from_total(gamma, num_tokens * k, num_experts)
     rank_of: List[int] = []
     for r, n in enumerate(tokens_per_rank):
         rank_of += [r] * n
-    per_expert: Dict[int, List[Tuple[float, int, int]]] = {e: [] for e in range(num_experts)}
-    order = 0
-    for t in range(num_tokens):
-        candidates = list(tops[t]) + [e for e in local_experts_per_rank[rank_of[t]] if e not in tops[t]]
-        for e in candidates:
-            per_expert[e].append((rows[t][e], t, t))
-            order += 1
-    chosen: List[Set[int]] = [set() for _ in range(num_tokens)]
-    for e, items in per_expert.items():
-        for _, _, t in _keep_top(items, capacity):
-            chosen[t].add(e)
-    sums = [sum(rows[t][e] for e in tops[t]) for t in range(num_tokens)]
-    return _output(scores, chosen, sums, normalize, renormalize)
+    ranks = torch.tensor(rank_of, dtype=torch.int64)
+
+    def run(scores, topk_indices, allowed, ranks):
+        num_tokens, num_experts = scores.shape
+        rows = _rows(scores)
+        tops = _topk_lists(scores, k, topk_indices)
+        may_use = _allowed_lists(allowed, num_tokens, num_experts)
+        capacity = common.capacity_from_total(gamma, num_tokens * k, num_experts)
+        per_expert: Dict[int, List[Tuple[float, int, int]]] = {e: [] for e in range(num_experts)}
+        for t in range(num_tokens):
+            local = local_experts_per_rank[int(ranks[t])]
+            candidates = list(tops[t]) + [e for e in local if e not in tops[t] and may_use[t][e]]
+            for e in candidates:
+                per_expert[e].append((rows[t][e], t, t))
+        chosen: List[Set[int]] = [set() for _ in range(num_tokens)]
+        for e, items in per_expert.items():
+            for _, _, t in _keep_top(items, capacity):
+                chosen[t].add(e)
+        sums = [sum(rows[t][e] for e in tops[t]) for t in range(num_tokens)]
+        return _output(scores, chosen, sums, normalize, renormalize)
+
+    return _on_real_tokens(scores, valid_tokens, run, topk_indices, allowed, ranks)
 
 
 def _laser_pool(row: List[float], top: List[int], t_fix: float, pool: int) -> List[int]:
@@ -207,8 +256,12 @@ def laser_greedy(
     *,
     normalize: bool = False,
     renormalize: bool = False,
+    valid_tokens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """LASER exactly as docs/routers.md states it: flexible tokens one at a time."""
+    if valid_tokens is not None:
+        return _on_real_tokens(scores, valid_tokens, lambda s: laser_greedy(
+            s, k, eps_high, t_fix, pool, normalize=normalize, renormalize=renormalize))
     num_tokens, num_experts = scores.shape
     rows = _rows(scores)
     tops = _topk_lists(scores, k)
@@ -250,8 +303,13 @@ def laser_waves(
     rounds: int,
     normalize: bool = False,
     renormalize: bool = False,
+    valid_tokens: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The fast path's wave-and-quota scheme (see policies/laser.py), as loops: its oracle."""
+    if valid_tokens is not None:
+        return _on_real_tokens(scores, valid_tokens, lambda s: laser_waves(
+            s, k, eps_high, t_fix, pool, waves=waves, rounds=rounds, normalize=normalize,
+            renormalize=renormalize))
     num_tokens, num_experts = scores.shape
     rows = _rows(scores)
     tops = _topk_lists(scores, k)

@@ -77,7 +77,7 @@ def select_top_per_expert(
     group: Optional[ProcessGroup] = None,
     *,
     valid: Optional[torch.Tensor] = None,
-    extra_count: Optional[torch.Tensor] = None,
+    extra_count: Union[int, torch.Tensor, None] = None,
     sync_free: Optional[bool] = None,
 ) -> Selection:
     """Keep, per expert, the ``capacity[e]`` highest-priority items over the group.
@@ -95,9 +95,9 @@ def select_top_per_expert(
             process alone.
         valid: optional ``[N]`` bool; items marked False are ignored (never
             counted, never kept). Lets callers use fixed-size item arrays.
-        extra_count: optional 0-d int64 summed over the group in the first
-            round at no extra cost (e.g. the local token count); returned as
-            ``global_items``.
+        extra_count: optional int or 0-d integer tensor summed over the group
+            in the first round at no extra cost (e.g. the local token count);
+            returned as ``global_items``.
         sync_free: ``True``: fixed work and collectives, no host sync (the
             CUDA default); ``False``: after the first round only the still
             undecided items are processed, rounds stop once every expert is
@@ -115,17 +115,11 @@ def select_top_per_expert(
     num_items = priority.shape[0]
     keys = score_bits(priority)
     expert = expert.to(torch.int64)
-    extra = (
-        torch.zeros((), dtype=torch.int64, device=device)
-        if extra_count is None
-        else extra_count.to(device=device, dtype=torch.int64).reshape(())
-    )
     active = torch.ones(num_items, dtype=torch.bool, device=device) if valid is None else valid.clone()
     kept_above = torch.zeros(num_items, dtype=torch.bool, device=device)
     # Compacted mode works on the positions of the still-undecided items only.
     position = None if sync_free else active.nonzero().squeeze(1)
-    need = offered = cap = None
-    global_items = extra
+    need = offered = cap = global_items = None
     last_hist = boundary = None
     for round_index, shift in enumerate(RADIX_SHIFTS):
         if position is None:
@@ -137,8 +131,8 @@ def select_top_per_expert(
         # int32 on the wire (counts stay below 2**31: T_glob * k items at most).
         hist = torch.zeros(num_experts * RADIX_BINS + 1, dtype=torch.int32, device=device)
         hist.scatter_add_(0, item_expert * RADIX_BINS + digit, weight.to(torch.int32))
-        if round_index == 0:
-            hist[-1] = extra.to(torch.int32)
+        if round_index == 0 and extra_count is not None:
+            hist[-1] = extra_count  # an int is a fill, a tensor a device copy: no host sync either way
         hist = all_reduce_sum(hist, group).to(torch.int64)
         hist2d = hist[:-1].view(num_experts, RADIX_BINS)
         if round_index == 0:
