@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
-from megatron_capaware.policies.common import DROP_POLICIES, REROUTE_POLICIES
+from megatron_capaware.policies.common import CAPACITY_UNITS, DROP_POLICIES, REROUTE_POLICIES
 
 ROUTER_TYPES = ("topk", "capacity-drop", "capacity-reroute", "expanded-drop", "laser")
 SCOPES = ("global", "local")
@@ -78,6 +78,9 @@ class CapawareConfig:
         laser_waves, laser_rounds: LASER fast-path granularity.
         laser_calibration: path of a calibration file (``capaware-calibrate``).
         seed: seed of the ``random`` drop policy.
+        capacity_unit: ``expert`` (the papers': each expert keeps at most C)
+            or ``rank`` (capacity-drop: each EP rank keeps at most
+            ``C_rank = ceil(gamma * T_glob * k / EP)`` over its experts).
         record_stats: record per-layer load statistics on every forward.
         check_scores: reject NaN / Inf router scores (one host sync per layer).
         layer_params: per-layer LASER knobs (from the calibration file).
@@ -98,6 +101,7 @@ class CapawareConfig:
     laser_rounds: int = 1
     laser_calibration: Optional[str] = None
     seed: int = 0
+    capacity_unit: str = "expert"
     record_stats: bool = True
     check_scores: bool = True
     layer_params: Dict[int, LaserParams] = field(default_factory=dict)
@@ -133,6 +137,15 @@ class CapawareConfig:
         if self.drop_policy not in DROP_POLICIES:
             raise CapawareConfigError(
                 f"drop policy {self.drop_policy!r} must be one of {', '.join(DROP_POLICIES)}"
+            )
+        if self.capacity_unit not in CAPACITY_UNITS:
+            raise CapawareConfigError(
+                f"capacity unit {self.capacity_unit!r} must be one of {', '.join(CAPACITY_UNITS)}"
+            )
+        if self.capacity_unit == "rank" and self.router_type != "capacity-drop":
+            raise CapawareConfigError(
+                f"capacity unit 'rank' is built for capacity-drop only, not {self.router_type}; use "
+                "--moe-router-type capacity-drop, or --capaware-capacity-unit expert"
             )
         if self.reroute_policy not in REROUTE_POLICIES:
             raise CapawareConfigError(
@@ -192,6 +205,8 @@ class CapawareConfig:
             extra += f",rounds={self.reroute_rounds}"
             if self.reroute_min_ratio:
                 extra += f",rho={self.reroute_min_ratio:g}"
+        if self.capacity_unit == "rank":
+            extra += ",unit=rank"
         if self.scope == "local":
             extra += ",local"
         return f"{self.router_type}(gamma={self.gamma:g}{extra})"

@@ -33,6 +33,7 @@ ROUTERS: Dict[str, Dict[str, Any]] = {
     "drop_position": dict(router_type="capacity-drop", gamma=GAMMA, drop_policy="position"),
     "drop_random": dict(router_type="capacity-drop", gamma=GAMMA, drop_policy="random", seed=5),
     "drop_local": dict(router_type="capacity-drop", gamma=GAMMA, scope="local"),
+    "drop_rank": dict(router_type="capacity-drop", gamma=GAMMA, capacity_unit="rank"),
     "reroute": dict(router_type="capacity-reroute", gamma=GAMMA, reroute_rounds=2),
     "reroute_load": dict(router_type="capacity-reroute", gamma=GAMMA, reroute_policy="load", reroute_min_ratio=0.3),
     "expanded": dict(router_type="expanded-drop", gamma=1.25),
@@ -41,8 +42,12 @@ ROUTERS: Dict[str, Dict[str, Any]] = {
 CAPACITY_ROUTERS = {"drop", "drop_position", "drop_random", "drop_local", "reroute", "reroute_load", "expanded"}
 
 
-def expected_decision(name: str, scores: torch.Tensor, local_experts: List[List[int]], sizes: List[int]):
+def expected_decision(name: str, scores: torch.Tensor, local_experts: List[List[int]], sizes: List[int],
+                      ep: int = 1):
     kw = ROUTERS[name]
+    if name == "drop_rank":
+        return P.capacity_drop(scores, K, kw["gamma"], unit="rank", expert_ranks=P.expert_rank_map(E, ep),
+                               num_ranks=ep, normalize=True)
     if name == "topk":
         return P.topk(scores, K, normalize=True)
     if name in ("drop", "drop_position", "drop_random", "drop_local"):
@@ -110,7 +115,7 @@ def test_megatron_layer_matches_policies(tp: int, ep: int, etp: int, dispatcher:
             if name == "drop_local":
                 exp_probs, exp_map = P.capacity_drop(res["scores"], K, GAMMA, normalize=True)
             else:
-                exp_probs, exp_map = expected_decision(name, scores, local, dom_sizes)
+                exp_probs, exp_map = expected_decision(name, scores, local, dom_sizes, ep)
                 exp_probs, exp_map = exp_probs[rows], exp_map[rows]
             where = f"{name} on rank {res['rank']}"
             assert torch.equal(got["map"], exp_map), f"{where}: routing map differs from the policy"
@@ -123,6 +128,9 @@ def test_megatron_layer_matches_policies(tp: int, ep: int, etp: int, dispatcher:
             assert torch.equal(received, got["global_loads"][res["local_experts"]]), \
                 f"{where}: experts received {received.tolist()} but the policy decided " \
                 f"{got['global_loads'][res['local_experts']].tolist()}"
+            if name == "drop_rank":  # the rank's experts together stay within C_rank
+                assert got["capacity"] == math.ceil(GAMMA * sum(dom_sizes) * K / ep)
+                assert int(received.sum()) <= got["capacity"], f"{where}: rank load above C_rank"
             if name in CAPACITY_ROUTERS and name != "drop_local":
                 cap = got["capacity"]
                 assert cap == math.ceil(GAMMA * sum(dom_sizes) * K / E) or name == "expanded"

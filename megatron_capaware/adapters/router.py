@@ -284,6 +284,9 @@ class CapawareRouter(TopKRouter):
                 waves=capaware.laser_waves, rounds=capaware.laser_rounds, **common,
             )
         if capaware.router_type == "capacity-drop":
+            if capaware.capacity_unit == "rank":
+                common.update(unit="rank", expert_ranks=self._expert_ranks(scores.device),
+                              num_ranks=self.config.expert_model_parallel_size)
             return policies.capacity_drop(
                 scores, k, capaware.gamma, policy=capaware.drop_policy, seed=capaware.seed, **common,
             )
@@ -303,6 +306,15 @@ class CapawareRouter(TopKRouter):
                 scores, k, capaware.gamma, self._local_experts_tensor(scores.device), allowed=allowed, **common,
             )
         raise CapawareConfigError(f"unknown router type {capaware.router_type!r}")
+
+    def _expert_ranks(self, device: torch.device) -> torch.Tensor:
+        """``[E]``: the EP rank of each expert (Megatron's contiguous layout), built once per device."""
+        cached = getattr(self, "_capaware_expert_ranks", None)
+        if cached is None or cached.device != device:
+            cached = policies.expert_rank_map(self.config.num_moe_experts, self.config.expert_model_parallel_size,
+                                              device)
+            self._capaware_expert_ranks = cached
+        return cached
 
     def _record(self, decision) -> None:
         if self.capaware.scope == "local" and self.capaware_load_group is not None:

@@ -39,6 +39,7 @@ import os
 from typing import Any, Callable, Dict, List, Optional
 
 from megatron_capaware.refusals import raise_if_refused
+from megatron_capaware.policies.common import CAPACITY_UNITS
 from megatron_capaware.config import (
     DROP_POLICIES,
     REROUTE_POLICIES,
@@ -69,6 +70,7 @@ DEFAULTS: Dict[str, Any] = {
     "capaware_laser_waves": 8,
     "capaware_laser_rounds": 1,
     "capaware_seed": 0,
+    "capaware_capacity_unit": "expert",
 }
 
 #: Which router types read each knob (a knob given with another router type is an error).
@@ -87,6 +89,7 @@ KNOB_ROUTERS: Dict[str, tuple] = {
     "capaware_laser_waves": ("laser",),
     "capaware_laser_rounds": ("laser",),
     "capaware_seed": ("capacity-drop", "capacity-reroute"),
+    "capaware_capacity_unit": ("capacity-drop",),
 }
 
 #: Megatron's --moe-token-drop-policy values and the capaware policy each means.
@@ -202,6 +205,12 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "first choices before second choices), position (earliest tokens), random (seeded by "
         "--capaware-seed). Default: follows Megatron's --moe-token-drop-policy (probs -> "
         "score, position -> position), i.e. score.",
+    )
+    group.add_argument(
+        "--capaware-capacity-unit", choices=CAPACITY_UNITS, default=None,
+        help="What the capacity caps (capacity-drop): expert (each expert keeps at most C, the "
+        "papers') or rank (each EP rank keeps at most ceil(gamma * T * k / EP) assignments over "
+        "its experts: the cap on what sets the layer's latency). Default: expert.",
     )
     group.add_argument(
         "--capaware-renormalize", action="store_true", default=None,
@@ -423,6 +432,7 @@ def config_from_args(args: Any) -> CapawareConfig:
         laser_rounds=int(get("capaware_laser_rounds")),
         laser_calibration=get("capaware_laser_calibration"),
         seed=int(get("capaware_seed")),
+        capacity_unit=get("capaware_capacity_unit"),
     )
 
 

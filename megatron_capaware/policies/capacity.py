@@ -105,6 +105,13 @@ def normalized_weights(values: torch.Tensor) -> torch.Tensor:
     return share.to(torch.float32)
 
 
+def expert_rank_map(num_experts: int, num_ranks: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """``[E]`` int64: Megatron's contiguous layout, expert ``e`` on rank ``e // (E / W)``."""
+    if num_ranks < 1 or num_experts % num_ranks:
+        raise common.RoutingInputError(f"{num_ranks} EP ranks do not divide {num_experts} experts")
+    return torch.arange(num_experts, device=device) // (num_experts // num_ranks)
+
+
 def _token_capacity(gamma: float, k: int, num_experts: int):
     """The selection's capacity rule: ``C = ceil(gamma * T_glob * k / E)`` from the global token count."""
 
@@ -129,11 +136,17 @@ def capacity_drop(
     weights: bool = True,
     return_decision: bool = False,
     valid_tokens: Optional[torch.Tensor] = None,
+    unit: str = "expert",
+    expert_ranks: Optional[torch.Tensor] = None,
+    num_ranks: Optional[int] = None,
 ) -> Union[Tuple[torch.Tensor, torch.Tensor], RoutingDecision]:
     """Capacity-Aware Token Drop.
 
     Route top-k; every expert keeps at most ``C = ceil(gamma * T_glob * k / E)``
-    assignments, those of highest priority; the rest are dropped.
+    assignments, those of highest priority; the rest are dropped. With
+    ``unit="rank"`` the cap is on what sets the layer's latency, each EP rank:
+    a rank keeps at most ``C_rank = ceil(gamma * T_glob * k / W)`` assignments
+    over all of its experts, its highest-priority ones.
 
     Args:
         scores: ``[T, E]`` router probabilities (>= 0, finite).
@@ -154,10 +167,15 @@ def capacity_drop(
             has no host sync).
         valid_tokens: optional ``[T]`` bool, False for padding tokens: they
             take no expert and no capacity and do not count in ``T_glob``.
+        unit: ``expert`` (the papers') or ``rank``.
+        expert_ranks: with ``unit="rank"``: ``[E]`` int64, the EP rank of each
+            expert (:func:`expert_rank_map` builds Megatron's contiguous one).
+        num_ranks: with ``unit="rank"``: ``W``.
 
     Returns:
         ``(probs [T, E] float, routing_map [T, E] bool)``; ``probs`` is zero
-        off the map. After this, every expert's load over the group is <= C.
+        off the map. After this, every expert's load over the group is <= C
+        (``unit="rank"``: every rank's load is <= C_rank).
 
     Collectives (with a group): those of
     :func:`~megatron_capaware.policies.selection.select_top_per_expert`, plus
@@ -169,14 +187,22 @@ def capacity_drop(
     gamma = common.check_gamma(gamma)
     common.check_choice("policy", policy, common.DROP_POLICIES)
     valid_tokens = common.check_valid_tokens(valid_tokens, scores)
+    common.check_choice("unit", unit, common.CAPACITY_UNITS)
     num_tokens, num_experts = scores.shape
     indices, values = _selected(scores, k, topk_indices)  # [T, k]
     priority = _drop_priority(policy, values, indices, num_experts, seed, group, valid_tokens)
+    buckets, num_buckets = indices.reshape(-1), num_experts  # unit=expert: one bucket per expert
+    if unit == "rank":
+        if expert_ranks is None or not num_ranks:
+            raise common.RoutingInputError(
+                "unit='rank' needs expert_ranks [E] and num_ranks (expert_rank_map builds Megatron's layout)"
+            )
+        buckets, num_buckets = expert_ranks.to(indices.device)[indices].reshape(-1), int(num_ranks)
     selection = select_top_per_expert(
         priority,
-        indices.reshape(-1),
-        num_experts,
-        _token_capacity(gamma, k, num_experts),
+        buckets,
+        num_buckets,
+        _token_capacity(gamma, k, num_buckets),
         group,
         valid=_token_items(valid_tokens, k),
         extra_count=num_tokens if valid_tokens is None else valid_tokens.sum(),
@@ -186,10 +212,13 @@ def capacity_drop(
     probs = None
     if weights:
         probs = common.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize, renormalize=renormalize)
+    # unit=rank: the selection counted ranks; the per-expert loads take one all-reduce of E.
+    global_loads = selection.global_kept if unit == "expert" else all_reduce_sum(
+        routing_map.sum(dim=0).to(torch.int64), group)
     decision = RoutingDecision(
         probs=probs,
         routing_map=routing_map,
-        global_loads=selection.global_kept,
+        global_loads=global_loads,
         requested_assignments=selection.global_offered.sum(),
         dropped=_dropped(keep, valid_tokens),
         rerouted=torch.zeros((), dtype=torch.int64, device=scores.device),

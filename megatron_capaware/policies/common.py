@@ -11,6 +11,7 @@ import torch
 
 DROP_POLICIES = ("score", "weight", "position", "random")
 REROUTE_POLICIES = ("score", "load")
+CAPACITY_UNITS = ("expert", "rank")
 
 
 class RoutingInputError(ValueError):

@@ -107,12 +107,38 @@ def capacity_drop(
     seed: int = 0,
     topk_indices: Optional[torch.Tensor] = None,
     valid_tokens: Optional[torch.Tensor] = None,
+    unit: str = "expert",
+    expert_ranks: Optional[Sequence[int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``unit="rank"``: each rank (``expert_ranks[e]`` = the rank of expert ``e``)
+    keeps its ``ceil(gamma * T * k / W)`` highest-priority assignments, ties in
+    (token, top-k position) order."""
     def run(scores, topk_indices):
-        chosen, tops, sums, _ = _drop_state(scores, k, gamma, policy, seed, topk_indices)
+        if unit == "rank":
+            chosen, sums = _rank_drop_state(scores, k, gamma, policy, seed, topk_indices, list(expert_ranks))
+        else:
+            chosen, tops, sums, _ = _drop_state(scores, k, gamma, policy, seed, topk_indices)
         return _output(scores, chosen, sums, normalize, renormalize)
 
     return _on_real_tokens(scores, valid_tokens, run, topk_indices)
+
+
+def _rank_drop_state(scores, k, gamma, policy, seed, topk_indices, expert_ranks):
+    num_tokens, num_experts = scores.shape
+    rows = _rows(scores)
+    tops = _topk_lists(scores, k, topk_indices)
+    num_ranks = max(expert_ranks) + 1
+    capacity = common.capacity_from_total(gamma, num_tokens * k, num_ranks)
+    per_rank: Dict[int, List[Tuple[float, int, Tuple[int, int]]]] = {r: [] for r in range(num_ranks)}
+    for t in range(num_tokens):
+        for j, e in enumerate(tops[t]):
+            per_rank[expert_ranks[e]].append((_priority(policy, rows, tops, t, e, num_experts, seed), t * k + j, (t, e)))
+    chosen: List[Set[int]] = [set() for _ in range(num_tokens)]
+    for items in per_rank.values():
+        for _, _, (t, e) in _keep_top(items, capacity):
+            chosen[t].add(e)
+    sums = [sum(rows[t][e] for e in tops[t]) for t in range(num_tokens)]
+    return chosen, sums
 
 
 def _drop_state(scores, k, gamma, policy, seed, topk_indices=None):

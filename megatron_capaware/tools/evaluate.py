@@ -43,6 +43,8 @@ DEFAULT_ROUTER_SPECS = [
     # Beyond the paper: drop by share of the token's top-k mass.
     "capacity-drop:gamma=1.0|1.25|1.5|2.0,drop_policy=weight",
     "capacity-reroute:gamma=1.0|1.25,drop_policy=weight",
+    "capacity-drop:gamma=1.0|1.05|1.1,unit=rank",
+    "capacity-drop:gamma=0.9|1.0|1.05|1.1,unit=rank,drop_policy=weight",
 ]
 CALIBRATION_FILE = "laser_calibration.json"
 

@@ -31,6 +31,7 @@ _KEYS: Dict[str, str] = {
     "waves": "laser_waves",
     "laser_rounds": "laser_rounds",
     "seed": "seed",
+    "unit": "capacity_unit",
 }
 _INTS = {"reroute_rounds", "laser_pool", "laser_waves", "laser_rounds", "seed"}
 _FLOATS = {"gamma", "reroute_min_ratio", "laser_eps_high", "laser_t_fix"}
