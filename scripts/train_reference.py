@@ -101,6 +101,41 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         max_sequence_length=256,
         family="gpt-moe-deepseek-style",
     ),
+    # Model 2 as trained: DeepSeek-V2 / DeepSeekMoE-style fine-grained experts.
+    # 64 routed experts (FFN 64) top-8 + one shared expert (FFN 128), first
+    # layer dense; softmax over all 64 experts, the chosen top-8 weights NOT
+    # renormalised (DeepSeek-V2's norm_topk_prob=False), no expert bias, so
+    # every capaware router (LASER included) applies. EP 1/2/4/8 all divide 64.
+    "shakespeare-moe-fine-64x8": dict(
+        num_layers=5,
+        hidden_size=192,
+        num_attention_heads=4,
+        num_moe_experts=64,
+        moe_router_topk=8,
+        moe_ffn_hidden_size=64,
+        moe_shared_expert_intermediate_size=128,
+        moe_layer_freq=[0, 1, 1, 1, 1],
+        ffn_hidden_size=512,
+        moe_router_pre_softmax=True,
+        max_sequence_length=256,
+        family="gpt-moe-deepseek-v2-style",
+    ),
+    # Tiny shapes for the resume test (tests/test_train_resume.py): same
+    # features (dense first layer, shared expert, many experts), seconds a step.
+    "tiny-fine-test": dict(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_moe_experts=16,
+        moe_router_topk=4,
+        moe_ffn_hidden_size=16,
+        moe_shared_expert_intermediate_size=32,
+        moe_layer_freq=[0, 1],
+        ffn_hidden_size=64,
+        moe_router_pre_softmax=True,
+        max_sequence_length=64,
+        family="test",
+    ),
 }
 
 DEFAULTS: Dict[str, Any] = dict(
@@ -313,6 +348,13 @@ class Batches:
         self.rng = np.random.default_rng(seed)
         self.high = len(ids) - seq_len - 1
 
+    def state(self) -> Dict[str, Any]:
+        """The sampler's position (numpy bit-generator state), JSON-serialisable."""
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: Dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state
+
     def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
         starts = self.rng.integers(0, self.high + 1, size=self.gb)
         idx = starts[:, None] + np.arange(self.seq + 1)[None, :]
@@ -492,6 +534,79 @@ def read_lr_trace(path: str) -> List[float]:
     return [float(v) for v in trace]
 
 
+RESUME_DIR = "resume"  # under --work-dir: the last periodic training checkpoint
+RESUME_KEYS = ("preset", "hyperparameters", "world_size", "expert_parallel", "wall_budget_s", "lr_trace_replayed_from")
+
+
+def save_resume(work: Path, model, opt, batches: "Batches", meta: Dict[str, Any]) -> None:
+    """Write a complete training checkpoint to ``work/resume`` atomically (every rank calls it).
+
+    Each rank saves its own model and optimizer state (fp32) and its RNG states
+    (torch's default generator and Megatron's model-parallel tracker); rank 0
+    adds ``state.json``: step, the data sampler's position, schedule, loss
+    history and the learning rates so far. The new checkpoint is written to a
+    temporary directory and renamed over the old one only when complete, so a
+    run stopped while saving still has the previous checkpoint.
+    """
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    r = rank()
+    tmp = work / f"{RESUME_DIR}.tmp"
+    if r == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "tracker_rng": get_cuda_rng_tracker().get_states(),
+            "step": meta["step"],
+        },
+        tmp / f"rank{r}.pt",
+    )
+    if dist.is_initialized():
+        dist.barrier()
+    if r == 0:
+        meta = dict(meta, batches_state=batches.state(), saved_at_unix=time.time())
+        (tmp / "state.json").write_text(json.dumps(meta) + "\n")
+        final, old = work / RESUME_DIR, work / f"{RESUME_DIR}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_resume(work: Path, model, opt, batches: "Batches", expect: Dict[str, Any]) -> Dict[str, Any]:
+    """Restore what :func:`save_resume` wrote; refuses a checkpoint of another configuration."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    d = work / RESUME_DIR
+    if not (d / "state.json").is_file():
+        raise SystemExit(f"--resume: no training checkpoint in {d}")
+    meta = json.loads((d / "state.json").read_text())
+    diff = {k: (meta.get(k), expect[k]) for k in RESUME_KEYS if meta.get(k) != expect[k]}
+    if diff:
+        raise SystemExit(f"--resume: {d} was written by another configuration (saved, now): {diff}")
+    blob = torch.load(d / f"rank{rank()}.pt", map_location="cpu", weights_only=False)
+    if blob["step"] != meta["step"]:
+        raise SystemExit(f"--resume: rank {rank()} file is from step {blob['step']}, state.json from {meta['step']}")
+    model.load_state_dict(blob["model"], strict=True)
+    opt.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["torch_rng"])
+    get_cuda_rng_tracker().set_states(blob["tracker_rng"])
+    batches.set_state(meta["batches_state"])
+    return meta
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     cfg = {k: getattr(a, k) for k in DEFAULTS}
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -524,23 +639,71 @@ def cmd_train(a: argparse.Namespace) -> None:
     trace = read_lr_trace(a.lr_trace) if a.lr_trace else None
     schedule = Schedule(cfg, budget, trace)
     lr_trace: List[float] = []
+    loss_trace: List[float] = []  # every step's mean training loss, full precision
     steps_done = 0
     stopped_by_time = False
     max_steps = len(trace) if trace is not None else cfg["steps"]
-    for step in range(max_steps):
+    identity = {"preset": a.preset, "hyperparameters": cfg, "world_size": dist.get_world_size(),
+                "expert_parallel": a.ep, "wall_budget_s": budget, "lr_trace_replayed_from": a.lr_trace or None}
+    # Segments of this run (one per start; a resume adds one). Wall time that a
+    # stopped segment spent after its last checkpoint is lost and recorded as such.
+    segments: List[Dict[str, Any]] = []
+    elapsed0 = 0.0  # training wall time already behind the checkpoint resumed from
+    heartbeat = work / "heartbeat.json"
+    if a.resume:
+        meta = load_resume(work, model, opt, batches, identity)
+        steps_done = meta["step"]
+        history, lr_trace, loss_trace, ema = meta["history"], meta["lr_trace"], meta["loss_trace"], meta["ema"]
+        schedule.t_warm = meta["schedule_t_warm"]
+        elapsed0 = meta["elapsed_s"]
+        segments = meta["segments"]
+        if segments and heartbeat.is_file():
+            hb = json.loads(heartbeat.read_text())
+            if hb.get("segment") == len(segments) - 1:
+                segments[-1]["lost_after_checkpoint_s"] = round(max(0.0, hb["time"] - meta["saved_at_unix"]), 1)
+                segments[-1]["last_heartbeat_step"] = hb["step"]
+        log(f"resumed from {work / RESUME_DIR} at step {steps_done} (training time so far {elapsed0 / 60:.1f} min)")
+    t_start = time.time() - elapsed0
+    segments.append({"start_step": steps_done, "started_unix": round(time.time(), 1), "resumed": bool(a.resume),
+                     "command": " ".join(shlex.quote(x) for x in sys.argv)})
+    last_save_elapsed = elapsed0
+    last_save_step = steps_done
+
+    def resume_meta(elapsed: float) -> Dict[str, Any]:
+        seg = dict(segments[-1], end_step=steps_done, wall_s=round(elapsed - elapsed0, 1))
+        return dict(identity, step=steps_done, history=history, lr_trace=lr_trace, loss_trace=loss_trace, ema=ema,
+                    schedule_t_warm=schedule.t_warm, elapsed_s=elapsed, segments=segments[:-1] + [seg])
+
+    for step in range(steps_done, max_steps):
         elapsed = time.time() - t_start
         if dist.is_initialized() and dist.get_world_size() > 1:
             # every rank must follow rank 0's clock
             t = torch.tensor([elapsed], dtype=torch.float64)
             dist.broadcast(t, src=0)
             elapsed = float(t)
+        if (not a.bench and steps_done > last_save_step
+                and ((a.save_every_s and elapsed - last_save_elapsed >= a.save_every_s)
+                     or (a.save_every_steps and steps_done - last_save_step >= a.save_every_steps))):
+            save_resume(work, model, opt, batches, resume_meta(elapsed))
+            log(f"  checkpoint: step {steps_done} -> {work / RESUME_DIR} ({time.time() - t_start - elapsed:.1f} s)")
+            last_save_elapsed, last_save_step = elapsed, steps_done
+        if a.halt_at_step and steps_done >= a.halt_at_step:
+            # Testing: stop as a killed run would, without saving.
+            log(f"halted at step {steps_done} (--halt-at-step); last checkpoint at step {last_save_step}")
+            stats.remove()
+            destroy()
+            return
         lr = schedule.lr(step, elapsed)
         lr_trace.append(lr)
         loss, gnorm, lr = train_step(model, opt, batches, cfg, lr)
         steps_done = step + 1
+        loss_trace.append(loss)
         ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         if steps_done % cfg["log_every"] == 0 or steps_done == 1:
             el = time.time() - t_start
+            if rank() == 0 and not a.bench:
+                heartbeat.write_text(json.dumps({"step": steps_done, "time": time.time(),
+                                                 "segment": len(segments) - 1}) + "\n")
             imb = stats.imbalance()
             log(
                 f"step {steps_done}/{cfg['steps']} loss {loss:.4f} ema {ema:.4f} gnorm {gnorm:.3f} lr {lr:.2e} "
@@ -596,8 +759,12 @@ def cmd_train(a: argparse.Namespace) -> None:
             "ended_by_wall_budget": stopped_by_time,
             "lr_trace_replayed_from": a.lr_trace or None,
             "lr_trace": lr_trace,
+            "loss_trace": loss_trace,
             "tokens_seen": steps_done * tokens_per_step,
             "wall_time_s": round(wall, 1),
+            "segments": resume_meta(wall)["segments"],
+            "resumes": len(segments) - 1,
+            "wall_time_lost_s": round(sum(sg.get("lost_after_checkpoint_s", 0.0) for sg in segments), 1),
             "s_per_step": round(wall / steps_done, 4),
             "final_train_loss_ema": round(ema, 4),
             "history": history,
@@ -899,6 +1066,9 @@ def cmd_all(a: argparse.Namespace) -> None:
         train = [script, "train", *common, "--ep", str(a.ep), "--threads", str(a.threads), *hp]
         if a.max_wall_s:
             train += ["--max-wall-s", str(a.max_wall_s)]
+        train += ["--save-every-s", str(a.save_every_s), "--save-every-steps", str(a.save_every_steps)]
+        if a.resume:
+            train += ["--resume"]
         if a.lr_trace:
             train += ["--lr-trace", a.lr_trace]
         steps.append((torchrun + [f"--nproc_per_node={a.nproc}"] + train) if a.nproc > 1 else [py] + train)
@@ -938,6 +1108,13 @@ def parse() -> argparse.Namespace:
                         help="wall-time budget: the cosine decay follows max(step, time) progress and ends by then")
         sp.add_argument("--lr-trace", default=None,
                         help="train_state.json of an earlier run: replay its per-step learning rates exactly")
+        sp.add_argument("--save-every-s", type=float, default=480.0,
+                        help="write a resumable training checkpoint (work-dir/resume) at least this often (0: never)")
+        sp.add_argument("--save-every-steps", type=int, default=0, help="also every N steps (0: off)")
+        sp.add_argument("--resume", action="store_true",
+                        help="continue from work-dir/resume: same weights, optimizer, RNG and data order")
+        sp.add_argument("--halt-at-step", type=int, default=0,
+                        help="testing: stop at this step without saving, as a killed run would")
 
     sp = sub.add_parser("all", help="train, export, verify, provenance")
     common(sp)
