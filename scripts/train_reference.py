@@ -22,7 +22,7 @@ which runs, in order (each step can also be run alone, see ``--help``):
               model on the held-out text: loss, perplexity, per-layer expert load
               under top-k, and the router's top-k probability mass.
 ``verify``    ``torchrun --nproc_per_node N train_reference.py verify`` for
-              N = 1, 2, 4: loads the bf16 bundle at EP=N and recomputes the
+              N = 1, 2, 4, 8 (those dividing the expert count): loads the bf16 bundle at EP=N and recomputes the
               held-out loss, which must agree.
 ``provenance`` writes ``provenance.json`` and ``PROVENANCE.md`` into the bundle.
 
@@ -71,6 +71,8 @@ from megatron_capaware.parallel import ParallelSizes, destroy, init_model_parall
 BUNDLE_ROOT = REPO / "megatron_capaware" / "reference_models"
 MK_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 MK_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
+VERIFY_EP = (1, 2, 4, 8)  # expert-parallel sizes of the verify step (those dividing the expert count)
+RANK_EP = (2, 4, 8)  # EP sizes whose per-rank load (Megatron's contiguous placement) is reported
 
 # Architectures. vocab_size is filled in from the tokenizer.
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -241,6 +243,9 @@ class RouterStats:
         self.keep_mk = keep_mk
         self.loads = {ln: torch.zeros(num_experts, dtype=torch.float64) for ln, _ in self.routers}
         self.call_imbalance: Dict[int, List[float]] = {ln: [] for ln, _ in self.routers}
+        self.rank_eps = [ep for ep in RANK_EP if num_experts % ep == 0]
+        self.call_rank_imbalance: Dict[int, Dict[int, List[float]]] = {
+            ln: {ep: [] for ep in self.rank_eps} for ln, _ in self.routers}
         self.mk: Dict[int, List[torch.Tensor]] = {ln: [] for ln, _ in self.routers}
         self.handles = [r.register_forward_hook(self._hook(ln)) for ln, r in self.routers]
 
@@ -252,6 +257,9 @@ class RouterStats:
             mean = counts.sum() / self.num_experts
             if mean > 0:
                 self.call_imbalance[layer].append(float(counts.max() / mean))
+                for ep in self.rank_eps:
+                    ranks = counts.view(ep, -1).sum(dim=1)  # experts e on rank e // (E / ep)
+                    self.call_rank_imbalance[layer][ep].append(float(ranks.max() / (counts.sum() / ep)))
             if self.keep_mk:
                 with torch.no_grad():
                     logits = module.gating(inputs[0]).float().view(-1, self.num_experts)
@@ -265,6 +273,8 @@ class RouterStats:
             self.loads[ln].zero_()
             self.call_imbalance[ln].clear()
             self.mk[ln].clear()
+            for lst in self.call_rank_imbalance[ln].values():
+                lst.clear()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -287,6 +297,11 @@ class RouterStats:
                 "load_fraction": [round(float(x) / total, 5) for x in v],
                 "per_call_max_over_mean_mean": round(float(np.mean(self.call_imbalance[ln])), 4),
                 "per_call_max_over_mean_max": round(float(np.max(self.call_imbalance[ln])), 4),
+                # Busiest EP rank over the mean rank load, experts placed contiguously.
+                "rank_max_over_mean": {str(ep): round(float(v.view(ep, -1).sum(1).max()) / (total / ep), 4)
+                                       for ep in self.rank_eps},
+                "per_call_rank_max_over_mean_mean": {
+                    str(ep): round(float(np.mean(self.call_rank_imbalance[ln][ep])), 4) for ep in self.rank_eps},
             }
             if self.keep_mk and self.mk[ln]:
                 mk = torch.cat(self.mk[ln]).double()
@@ -936,6 +951,8 @@ def cmd_provenance(a: argparse.Namespace) -> None:
                                             "ended_by_wall_budget", "lr_trace_replayed_from", "tokens_seen",
                                             "wall_time_s", "s_per_step", "final_train_loss_ema", "host",
                                             "lr_trace")},
+        "training_segments": {k: state.get(k) for k in ("segments", "resumes", "wall_time_lost_s")},
+        "loss_trace": state.get("loss_trace"),
         "training_history": state["history"],
         "results": {
             "heldout_bf16": export["bf16"]["heldout"],
@@ -1041,9 +1058,32 @@ def provenance_markdown(p: Dict[str, Any]) -> str:
             + " | ".join(f"{below[str(t)]:.3f}" for t in MK_THRESHOLDS)
             + f" | {e[f'top{k}_mass_quantiles']['0.5']:.3f} |"
         )
-    lines += ["", f"I_agg (mean over layers of max/mean) = {rt['I_agg']:.3f}.", "", "## Commands", ""]
+    lines += ["", f"I_agg (mean over layers of max/mean) = {rt['I_agg']:.3f}."]
+    eps = [ep for ep in RANK_EP if str(ep) in next(iter(rt["layers"].values())).get("rank_max_over_mean", {})]
+    if eps:
+        lines += ["", "Busiest EP rank over the mean rank load under top-k (Megatron's contiguous placement), "
+                  "over the whole text and (in brackets) the mean over forward calls:", "",
+                  "| layer | expert max/mean | " + " | ".join(f"rank max/mean EP={ep}" for ep in eps) + " |",
+                  "|---|---|" + "---|" * len(eps)]
+        for ln, e in rt["layers"].items():
+            lines.append(f"| {ln} | {e['max_over_mean']:.3f} | " + " | ".join(
+                f"{e['rank_max_over_mean'][str(ep)]:.3f} ({e['per_call_rank_max_over_mean_mean'][str(ep)]:.3f})"
+                for ep in eps) + " |")
+    seg = p.get("training_segments") or {}
+    if seg.get("segments"):
+        lines += ["", "## Training segments", "",
+                  f"Resumes: {seg['resumes']}; wall time lost after the last checkpoint of stopped segments: "
+                  f"{seg['wall_time_lost_s']} s.", "", "| segment | steps | wall s | resumed | lost s |", "|---|---|---|---|---|"]
+        for i, g in enumerate(seg["segments"]):
+            lines.append(f"| {i} | {g['start_step']}-{g.get('end_step')} | {g.get('wall_s')} | {g['resumed']} | "
+                         f"{g.get('lost_after_checkpoint_s', 0)} |")
+    lines += ["", "## Commands", ""]
     cmds = p["commands"]
-    lines += ["Training (as run):", "", "```", cmds["train"], "```", "", "Export, verification, provenance:", "", "```"]
+    world = t["layout"]["world_size"]
+    launcher = f"python -m torch.distributed.run --standalone --nproc_per_node={world} " if world > 1 else "python "
+    train_cmds = [g["command"] for g in seg.get("segments") or []] or [cmds["train"]]
+    lines += ["Training (as run; one line per segment):", "", "```", *[launcher + c for c in train_cmds], "```", "",
+              "Export, verification, provenance:", "", "```"]
     lines += [c for c in cmds["pipeline"][1:] if " train " not in c] or [cmds["export"]]
     lines += ["```", ""]
     return "\n".join(lines)
@@ -1053,7 +1093,7 @@ def provenance_markdown(p: Dict[str, Any]) -> str:
 
 
 def cmd_all(a: argparse.Namespace) -> None:
-    """Run train -> export -> verify (EP=1,2,4) -> provenance as subprocesses."""
+    """Run train -> export -> verify (EP=1,2,4,8 where they divide the experts) -> provenance as subprocesses."""
     script = str(Path(__file__).resolve())
     py = sys.executable
     common = ["--preset", a.preset, "--corpus-dir", a.corpus_dir, "--work-dir", a.work_dir, "--bundle-dir", a.bundle_dir]
@@ -1073,7 +1113,8 @@ def cmd_all(a: argparse.Namespace) -> None:
             train += ["--lr-trace", a.lr_trace]
         steps.append((torchrun + [f"--nproc_per_node={a.nproc}"] + train) if a.nproc > 1 else [py] + train)
     steps.append([py, script, "export", *common, "--threads", str(a.nproc * a.threads)])
-    for n in (1, 2, 4):
+    num_experts = PRESETS[a.preset]["num_moe_experts"]
+    for n in (n for n in VERIFY_EP if num_experts % n == 0):
         out = str(Path(a.work_dir) / f"verify_ep{n}.json")
         steps.append(torchrun + [f"--nproc_per_node={n}", script, "verify", *common, "--threads", "1", "--out", out])
     steps.append([py, script, "provenance", *common])

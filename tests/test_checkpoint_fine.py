@@ -78,3 +78,20 @@ def test_bundled_fine_model_smoke(tmp_path):
     assert math.isfinite(got["loss"])
     assert got["loss"] < 2 * recorded, (got, recorded)
     assert got["loss"] < 0.8 * math.log(got["vocab"]), got
+
+
+def test_reference_models_resolve_by_name(tmp_path):
+    from megatron_capaware import reference_models as rm
+
+    default_ckpt, text = rm.checkpoint_and_text(None, None, rm.HELDOUT_TEXT)
+    assert default_ckpt == rm.reference_model_dir() == rm.REFERENCE_MODELS_ROOT / rm.DEFAULT_MODEL
+    assert text == rm.HELDOUT_TEXT
+    for name in rm.available_models():
+        ckpt, _ = rm.checkpoint_and_text(None, None, rm.HELDOUT_TEXT, model=name)
+        assert ckpt == rm.reference_model_dir(name) and ckpt.name == name
+        assert rm.tokenizer_path(name).is_file()
+    assert rm.checkpoint_and_text(tmp_path, None, rm.HELDOUT_TEXT)[0] == tmp_path
+    with pytest.raises(ValueError, match="not both"):
+        rm.checkpoint_and_text(tmp_path, None, rm.HELDOUT_TEXT, model=rm.DEFAULT_MODEL)
+    with pytest.raises(FileNotFoundError, match="available"):
+        rm.reference_model_dir("no-such-model")
