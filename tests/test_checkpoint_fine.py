@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 
-from megatron_capaware import checkpoint
+from megatron_capaware.models import checkpoint
 from tests.test_checkpoint import run_worker
 
 FINE_MODEL = "shakespeare-moe-fine-64x8"
@@ -59,7 +59,7 @@ def test_fine_load_at_expert_parallel_sizes(fine_ckpt, tmp_path, ep):
 
 def test_bundled_fine_model_smoke(tmp_path):
     """The bundled fine-grained model loads at EP=1 and its held-out loss on a slice is sane."""
-    from megatron_capaware import reference_models
+    from megatron_capaware.models import reference_models
 
     try:
         bundle = reference_models.reference_model_dir(FINE_MODEL)
@@ -81,7 +81,7 @@ def test_bundled_fine_model_smoke(tmp_path):
 
 
 def test_reference_models_resolve_by_name(tmp_path):
-    from megatron_capaware import reference_models as rm
+    from megatron_capaware.models import reference_models as rm
 
     default_ckpt, text = rm.checkpoint_and_text(None, None, rm.HELDOUT_TEXT)
     assert default_ckpt == rm.reference_model_dir() == rm.REFERENCE_MODELS_ROOT / rm.DEFAULT_MODEL

@@ -36,7 +36,7 @@ HPARAMS = [
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from megatron_capaware import reference_models
+    from megatron_capaware.models import reference_models
 
     try:
         tok = reference_models.load_tokenizer()

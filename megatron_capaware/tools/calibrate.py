@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint root (default: bundled model)")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="a bundled reference model by name instead of --checkpoint "
+                             "(shakespeare-moe-8x2, the default; shakespeare-moe-fine-64x8)")
     parser.add_argument("--text", type=Path, default=None, help="calibration text (default: the bundled one)")
     parser.add_argument("--tokenizer", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None,
@@ -247,9 +250,7 @@ def _main(argv: List[str]) -> int:
 
     from megatron_capaware.models import reference_models
 
-    checkpoint, text = reference_models.checkpoint_and_text(
-        args.checkpoint, args.text, reference_models.CALIBRATION_TEXT
-    )
+    checkpoint, text = reference_models.checkpoint_and_text(args.checkpoint, args.text, reference_models.CALIBRATION_TEXT, model=args.model)
     if not 0 < args.target_reduction:
         raise UserInputError(f"--target-reduction {args.target_reduction} is invalid: it must be > 0")
     preflight.check_run(checkpoint, text, args.tokenizer, [], ep=args.ep, tp=1, etp=1,

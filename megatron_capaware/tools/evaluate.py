@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="Megatron checkpoint root (default: the bundled reference model)")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="a bundled reference model by name instead of --checkpoint "
+                             "(shakespeare-moe-8x2, the default; shakespeare-moe-fine-64x8)")
     parser.add_argument("--text", type=Path, default=None,
                         help="held-out text file (default: the bundled held-out works)")
     parser.add_argument("--tokenizer", type=Path, default=None,
@@ -263,7 +266,7 @@ def _main(argv: List[str]) -> int:
     from megatron_capaware.tools import report
     from megatron_capaware.tools.router_specs import parse_router_specs
 
-    checkpoint, text = reference_models.checkpoint_and_text(args.checkpoint, args.text, reference_models.HELDOUT_TEXT)
+    checkpoint, text = reference_models.checkpoint_and_text(args.checkpoint, args.text, reference_models.HELDOUT_TEXT, model=args.model)
     routers = parse_router_specs(args.routers) if args.routers else default_routers(checkpoint)
     placement = None
     if args.placement is not None:

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint root (default: the bundled model)")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="a bundled reference model by name instead of --checkpoint "
+                             "(shakespeare-moe-8x2, the default; shakespeare-moe-fine-64x8)")
     parser.add_argument("--text", type=Path, default=None, help="calibration text (default: the bundled one)")
     parser.add_argument("--tokenizer", type=Path, default=None)
     parser.add_argument("--ep", type=int, required=True, help="expert-parallel size the plan is for")
@@ -72,7 +75,7 @@ def _main(argv: List[str]) -> int:
     from megatron_capaware.tools.evaluate import EvalOptions, run_evaluation
 
     checkpoint, text = reference_models.checkpoint_and_text(args.checkpoint, args.text,
-                                                            reference_models.CALIBRATION_TEXT)
+                                                            reference_models.CALIBRATION_TEXT, model=args.model)
     topk = CapawareConfig("topk")
     preflight.check_run(checkpoint, text, args.tokenizer, [topk], ep=1, tp=1, etp=1, seq_len=args.seq_len,
                         sequences_per_rank=args.sequences_per_rank)

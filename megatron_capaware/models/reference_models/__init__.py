@@ -92,7 +92,9 @@ def checkpoint_and_text(
     :data:`DEFAULT_MODEL`) and ``default_text`` where None. Every bundled model
     shares the held-out and calibration texts."""
     if checkpoint is not None and model is not None:
-        raise ValueError("give a checkpoint path or a bundled model name, not both")
+        from megatron_capaware._compat.cli import UserInputError
+
+        raise UserInputError("give --checkpoint (a path) or --model (a bundled model's name), not both")
     return (checkpoint or reference_model_dir(model), text or default_text)
 
 
