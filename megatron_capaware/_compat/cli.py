@@ -143,6 +143,10 @@ def run_cli(
     args = list(sys.argv[1:] if argv is None else argv)
     seen = args if own_flags else []
     quiet_megatron(verbose=_flag(seen, "--verbose", VERBOSE_ENV))
+    import torch
+
+    if not torch.cuda.is_available():  # Megatron's jit_fuser (torch.compile) costs ~17 s a process on a CPU
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     debug = _flag(seen, "--debug", DEBUG_ENV)
     try:
         return main(args)

@@ -243,8 +243,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
-    if not torch.cuda.is_available():  # Megatron's jit_fuser compiles for ~17 s on a CPU
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     from megatron_capaware._compat.launcher import run_distributed
     from megatron_capaware.tools import preflight
 

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -259,8 +259,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
     world = args.tp * args.ep if args.etp == 1 else max(args.tp, args.etp) * args.ep
-    if not torch.cuda.is_available():  # Megatron's jit_fuser compiles for ~17 s on a CPU
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
     from megatron_capaware.models import reference_models
     from megatron_capaware.tools import report

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -63,8 +62,6 @@ def _sha256(path: Path) -> str:
 
 def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     from megatron_capaware.config import CapawareConfig
     from megatron_capaware.models import reference_models
     from megatron_capaware.models.checkpoint import load_model_args

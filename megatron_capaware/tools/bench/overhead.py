@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -177,9 +176,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
-    if not torch.cuda.is_available():  # Megatron's jit_fuser compiles for ~17 s on a CPU
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    warnings.filterwarnings("ignore")
     from megatron_capaware._compat.launcher import run_distributed
 
     threads = args.threads_per_rank or max(1, (os.cpu_count() or 1) // args.ep)
