@@ -252,11 +252,19 @@ def plot_quality_vs_balance(records: Sequence[Dict[str, Any]], path: Path) -> Li
             elif family == "laser":
                 ax.annotate("cal" if "calibrated" in r["label"] else "default", (r["i_agg"], r["ppl"]),
                             fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("I_agg = mean over layers of max/mean expert load (lower is better)")
-    ax.set_ylabel("held-out perplexity (lower is better)")
-    ax.set_title("Quality against balance (labels: capacity factor gamma)")
+    return _finish(fig, ax, path, "I_agg = mean over layers of max/mean expert load (lower is better)",
+                   "held-out perplexity (lower is better)", "Quality against balance (labels: capacity factor gamma)", 8)
+
+
+def _finish(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str, legend_size: int) -> List[Path]:
+    """Labels, grid and legend of a results plot; saves it and returns ``[path]``."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return [path]
@@ -294,14 +302,9 @@ def plot_frontier(records: Sequence[Dict[str, Any]], path: Path) -> List[Path]:
         ax.set_ylim(top=top)
         ax.text(0.02, 0.97, "off the chart: " + ", ".join(f"{r['label']} {r['delta_ppl_pct']:+.1f}%" for r in off),
                 transform=ax.transAxes, fontsize=6, va="top")
-    ax.set_xlabel("predicted speedup = peak_rank(topk) / peak_rank(setting)  (higher is faster)")
-    ax.set_ylabel("held-out perplexity change vs topk, % (lower is better)")
-    ax.set_title("Speed against quality (settings off the dashed line are dominated)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
+    return _finish(fig, ax, path, "predicted speedup = peak_rank(topk) / peak_rank(setting)  (higher is faster)",
+                   "held-out perplexity change vs topk, % (lower is better)",
+                   "Speed against quality (settings off the dashed line are dominated)", 7)
 
 
 def add_placement(records: Sequence[Dict[str, Any]], plan: Any, *, in_sample: bool) -> None:
