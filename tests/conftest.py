@@ -29,3 +29,11 @@ def tiny_checkpoint(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny-moe")
     return run_distributed(make_tiny_checkpoint, 1, str(root), timeout_s=300)[0]
+
+
+@pytest.fixture(autouse=True)
+def _device_path_setting_does_not_leak():
+    """CAPAWARE_DEVICE_PATH is process-wide and spawned ranks inherit it: no test may leave it changed."""
+    before = os.environ.get("CAPAWARE_DEVICE_PATH")
+    yield
+    assert os.environ.get("CAPAWARE_DEVICE_PATH") == before, "a test left CAPAWARE_DEVICE_PATH changed"

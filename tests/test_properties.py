@@ -387,11 +387,12 @@ def test_split_over_ranks_equals_reference_on_concatenation(data, case, name: st
         s = slice_of(rank)
         rows = slice(offsets[s], offsets[s] + sizes[s])
         masks = {} if valid is None else dict(valid_tokens=valid[rows])
-        with sync_free(mode):
-            return fast_decision(name, scores[rows], k, p, group=group, local=local_per_slice[s], **masks)
+        return fast_decision(name, scores[rows], k, p, group=group, local=local_per_slice[s], **masks)
 
-    # sync_free is a module global: every thread sets the same value.
-    results = run_ranks(rank_fn, 2 * world if with_copies else world, copies_of=copies_of)
+    # The code path is process-wide (an environment variable): set it once around the
+    # threads, not in each (their save / restore would race and leak the setting).
+    with sync_free(mode):
+        results = run_ranks(rank_fn, 2 * world if with_copies else world, copies_of=copies_of)
     ref_probs, ref_map = reference(name, scores, k, p, local_per_slice, sizes,
                                    **({} if valid is None else dict(valid_tokens=valid)))
     for rank, decision in enumerate(results):
@@ -513,10 +514,10 @@ def test_decode_sized_batches_keep_their_experts(data, num_experts: int, k_frac:
 
     def rank_fn(rank: int, group) -> Any:
         part = scores[offsets[rank]:offsets[rank] + sizes[rank]]
-        with sync_free(mode):
-            return fast_decision(name, part, k, p, group=group, local=local[rank])
+        return fast_decision(name, part, k, p, group=group, local=local[rank])
 
-    results = run_ranks(rank_fn, world)
+    with sync_free(mode):  # once, around the threads (see above)
+        results = run_ranks(rank_fn, world)
     full = torch.cat([r.routing_map for r in results]) if results else torch.zeros(0, num_experts, dtype=torch.bool)
     assert full.shape == (num_tokens, num_experts)
     if num_tokens:
