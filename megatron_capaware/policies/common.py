@@ -189,34 +189,28 @@ def local_token_offset(
     return counts[: group_rank(group)].sum(), counts.sum()
 
 
+def _bool_mask(mask: Optional[torch.Tensor], name: str, kind: str, shape: tuple, shape_text: str,
+               scores: torch.Tensor) -> Optional[torch.Tensor]:
+    """An optional bool mask checked for dtype and shape (no value read), on the scores' device."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise RoutingInputError(f"{name} must be a bool tensor {kind}, got {getattr(mask, 'dtype', type(mask))}")
+    if tuple(mask.shape) != shape:
+        raise RoutingInputError(f"{name} must be {shape_text}, got {tuple(mask.shape)}")
+    return mask.to(scores.device)
+
+
 def check_valid_tokens(valid_tokens: Optional[torch.Tensor], scores: torch.Tensor) -> Optional[torch.Tensor]:
     """Validate the optional ``[T]`` bool mask of real (non-padding) tokens (shape and dtype only)."""
-    if valid_tokens is None:
-        return None
-    if not isinstance(valid_tokens, torch.Tensor) or valid_tokens.dtype != torch.bool:
-        raise RoutingInputError(
-            f"valid_tokens must be a bool tensor [T] (True = a real token, False = padding), got "
-            f"{getattr(valid_tokens, 'dtype', type(valid_tokens))}"
-        )
-    if tuple(valid_tokens.shape) != (scores.shape[0],):
-        raise RoutingInputError(
-            f"valid_tokens must be [T={scores.shape[0]}], got {tuple(valid_tokens.shape)}"
-        )
-    return valid_tokens.to(scores.device)
+    return _bool_mask(valid_tokens, "valid_tokens", "[T] (True = a real token, False = padding)",
+                      (scores.shape[0],), f"[T={scores.shape[0]}]", scores)
 
 
 def check_allowed(allowed: Optional[torch.Tensor], scores: torch.Tensor) -> Optional[torch.Tensor]:
     """Validate the optional ``[T, E]`` bool mask of experts each token may use (shape and dtype only)."""
-    if allowed is None:
-        return None
-    if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool:
-        raise RoutingInputError(
-            f"allowed must be a bool tensor [T, E] (the experts each token may use), got "
-            f"{getattr(allowed, 'dtype', type(allowed))}"
-        )
-    if tuple(allowed.shape) != tuple(scores.shape):
-        raise RoutingInputError(f"allowed must be [T, E]={tuple(scores.shape)}, got {tuple(allowed.shape)}")
-    return allowed.to(scores.device)
+    return _bool_mask(allowed, "allowed", "[T, E] (the experts each token may use)", tuple(scores.shape),
+                      f"[T, E]={tuple(scores.shape)}", scores)
 
 
 def group_limited_mask(route_scores: torch.Tensor, k: int, num_groups: int, group_topk: int) -> torch.Tensor:
