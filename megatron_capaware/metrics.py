@@ -29,8 +29,13 @@ def rank_loads(loads: torch.Tensor, ep_size: int) -> torch.Tensor:
     return loads.reshape(*loads.shape[:-1], ep_size, num_experts // ep_size).sum(-1)
 
 
-def load_metrics(loads: torch.Tensor, ep_size: int = 1, requested: Optional[float] = None) -> Dict[str, float]:
+def load_metrics(loads: torch.Tensor, ep_size: int = 1, requested: Optional[float] = None,
+                 slot_loads: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """Metrics of one layer's per-expert loads ``[E]`` in one forward call.
+
+    ``slot_loads [S]``: under a placement, the loads of the physical slots
+    (rank ``r`` owns a contiguous block of ``S / W``); the rank figures then
+    come from them, the expert figures (``I``, ...) from ``loads``.
 
     With ``requested`` (the assignments top-k asked for, ``T_glob * k``) also
     ``peak_load`` and ``rank_peak_load``: the busiest expert's (EP rank's) load
@@ -40,28 +45,29 @@ def load_metrics(loads: torch.Tensor, ep_size: int = 1, requested: Optional[floa
     follows, relative to a perfectly balanced top-k.
     """
     loads = loads.to(torch.float64)
+    per_slot = loads if slot_loads is None else slot_loads.to(torch.float64)
     mean = float(loads.mean())
     i_expert = imbalance(loads)
     std = float(loads.std(unbiased=False)) if loads.numel() > 1 else 0.0
     return {
         "imbalance": i_expert,
         "max_vio": i_expert - 1.0,
-        "rank_imbalance": imbalance(rank_loads(loads, ep_size)),
+        "rank_imbalance": imbalance(rank_loads(per_slot, ep_size)),
         "cv": std / mean if mean > 0 else 0.0,
         "zero_load_frac": float((loads == 0).double().mean()),
         "max_load": float(loads.max()),
         "mean_load": mean,
-        **_peaks(loads, ep_size, requested),
+        **_peaks(loads, per_slot, ep_size, requested),
     }
 
 
-def _peaks(loads: torch.Tensor, ep_size: int, requested: Optional[float]) -> Dict[str, float]:
+def _peaks(loads: torch.Tensor, per_slot: torch.Tensor, ep_size: int, requested: Optional[float]) -> Dict[str, float]:
     if requested is None or requested <= 0 or not loads.numel():
         return {}
     requested = float(requested)
     return {
         "peak_load": float(loads.max()) * loads.numel() / requested,
-        "rank_peak_load": float(rank_loads(loads, ep_size).max()) * ep_size / requested,
+        "rank_peak_load": float(rank_loads(per_slot, ep_size).max()) * ep_size / requested,
     }
 
 
@@ -71,10 +77,14 @@ def summarize_calls(
     dropped: Iterable[int],
     rerouted: Iterable[int],
     ep_size: int = 1,
+    slot_loads_per_call: Optional[Iterable[Optional[torch.Tensor]]] = None,
 ) -> Dict[str, float]:
     """One layer over several forward calls: per-call metrics averaged, fractions pooled."""
     requested = list(requested)
-    per_call: List[Dict[str, float]] = [load_metrics(l, ep_size, r) for l, r in zip(loads_per_call, requested)]
+    loads_per_call = list(loads_per_call)
+    slots = list(slot_loads_per_call) if slot_loads_per_call is not None else [None] * len(loads_per_call)
+    per_call: List[Dict[str, float]] = [load_metrics(l, ep_size, r, s)
+                                        for l, r, s in zip(loads_per_call, requested, slots)]
     out: Dict[str, float] = {}
     if per_call:
         for key in per_call[0]:

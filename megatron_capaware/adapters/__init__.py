@@ -12,6 +12,7 @@ from megatron_capaware.adapters.dispatcher import (  # noqa: E402
     CapawareAllGatherTokenDispatcher,
     CapawareAlltoAllTokenDispatcher,
 )
+from megatron_capaware.adapters.placement import apply_placement, layer_layouts, remove_placement  # noqa: E402
 from megatron_capaware.adapters.router import CapawareRouter, check_supported  # noqa: E402
 from megatron_capaware.adapters.spec import CapawareMoELayer, capaware_spec  # noqa: E402
 from megatron_capaware.adapters.stats import LayerRoutingStats, reduce_summaries  # noqa: E402
@@ -28,11 +29,14 @@ __all__ = [
     "CapawareMoELayer",
     "CapawareRouter",
     "LayerRoutingStats",
+    "apply_placement",
     "capaware_spec",
     "check_supported",
     "collect_stats",
     "install_capaware_routers",
+    "layer_layouts",
     "moe_layers",
     "reduce_summaries",
+    "remove_placement",
     "reset_stats",
 ]

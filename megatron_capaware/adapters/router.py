@@ -72,6 +72,8 @@ class CapawareRouter(TopKRouter):
         self.capaware_load_group = getattr(self, "capaware_load_group", None)
         self.capaware_local_experts: Optional[List[int]] = getattr(self, "capaware_local_experts", None)
         self.capaware_stats = getattr(self, "capaware_stats", None)
+        # The placement's LayerLayout (adapters/placement.py), or None: Megatron's contiguous layout.
+        self.capaware_layout = getattr(self, "capaware_layout", None)
         # Optional callable receiving each call's scores [T, E] (calibration, traces).
         self.capaware_score_hook = getattr(self, "capaware_score_hook", None)
 
@@ -116,7 +118,32 @@ class CapawareRouter(TopKRouter):
         from megatron_capaware.adapters.guards import routing_collectives
 
         with routing_collectives(self.layer_number, self.capaware_load_group):
-            return self._capaware_routing(logits, padding_mask)
+            probs, routing_map = self._capaware_routing(logits, padding_mask)
+            layout = self.capaware_layout
+            if layout is not None and layout.placed:
+                probs, routing_map = self._to_slots(probs, routing_map, layout)
+            return probs, routing_map
+
+    def _to_slots(self, probs: torch.Tensor, routing_map: torch.Tensor, layout):
+        """Logical ``[T, E]`` decision -> the placement's physical slots ``[T, S]`` (adapters/placement.py).
+
+        Replica choice over the load group whatever the scope (a placement
+        changes where experts run, not the routing semantics).
+        """
+        from megatron_capaware.placement.replicas import replica_choice, to_physical
+        from megatron_capaware.policies.collectives import all_reduce_sum
+
+        group = self.capaware_load_group
+        table = layout.table
+        if table.replica_slots.device != routing_map.device:
+            table = layout.table = table.to(routing_map.device)
+        replica = replica_choice(routing_map, table, layout.replica_policy, group)
+        probs, routing_map = to_physical(probs, routing_map, table, replica)
+        stats = self.capaware_stats
+        if stats is not None and self.capaware.record_stats and layout.replica_policy == "round-robin":
+            # round-robin splits are data-dependent: count them (least-loaded's follow from the expert loads).
+            stats.record_slot_loads(all_reduce_sum(routing_map.sum(dim=0).to(torch.int64), group))
+        return probs, routing_map
 
     def _capaware_routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         capaware = self.capaware
@@ -308,13 +335,20 @@ class CapawareRouter(TopKRouter):
         raise CapawareConfigError(f"unknown router type {capaware.router_type!r}")
 
     def _expert_ranks(self, device: torch.device) -> torch.Tensor:
-        """``[E]``: the EP rank of each expert (Megatron's contiguous layout), built once per device."""
+        """``[E]``: the EP rank of each expert (contiguous, or the placement's), built once per layout and device."""
+        layout = self.capaware_layout
+        key = (tuple(layout.slots) if layout is not None else None, device)
         cached = getattr(self, "_capaware_expert_ranks", None)
-        if cached is None or cached.device != device:
-            cached = policies.expert_rank_map(self.config.num_moe_experts, self.config.expert_model_parallel_size,
-                                              device)
+        if cached is None or cached[0] != key:
+            ranks = policies.expert_rank_map(self.config.num_moe_experts, self.config.expert_model_parallel_size,
+                                             device)
+            if layout is not None and layout.placed:  # one slot per expert (replicas are refused with unit=rank)
+                per = len(layout.slots) // layout.num_ranks
+                ranks = torch.tensor([layout.slots.index(e) // per for e in range(self.config.num_moe_experts)],
+                                     dtype=torch.int64, device=device)
+            cached = (key, ranks)
             self._capaware_expert_ranks = cached
-        return cached
+        return cached[1]
 
     def _record(self, decision) -> None:
         if self.capaware.scope == "local" and self.capaware_load_group is not None:

@@ -64,6 +64,12 @@ class LayerRoutingStats:
     folded_metrics: Dict[str, float] = field(default_factory=dict)
     folded_loads: Optional[torch.Tensor] = None
     folded_counts: Dict[str, int] = field(default_factory=dict)
+    # Under a placement (adapters/placement.py): the layer's LayerLayout, and
+    # with round-robin replicas the measured per-slot loads [S] of each call.
+    layout: Any = None
+    pending_slot_loads: List[torch.Tensor] = field(default_factory=list)
+    _slot_loads: List[torch.Tensor] = field(default_factory=list)
+    _cpu_table: Any = None
 
     def record_decision(self, decision) -> None:
         """Keep a :class:`~megatron_capaware.policies.RoutingDecision`'s figures (device-side, no sync)."""
@@ -80,6 +86,30 @@ class LayerRoutingStats:
         if len(self.pending) >= self.max_records:
             self.flush()
 
+    def set_layout(self, layout: Any) -> None:
+        """Count rank loads by ``layout``'s physical slots from now on (the recorded calls are dropped)."""
+        self.reset()
+        self.layout = layout if layout is not None and layout.placed else None
+        self._cpu_table = self.layout.table.to(torch.device("cpu")) if self.layout is not None else None
+
+    def record_slot_loads(self, loads: torch.Tensor) -> None:
+        """Keep one call's global per-slot loads ``[S]`` (round-robin replicas; device-side, no sync)."""
+        self.pending_slot_loads.append(loads.detach().to(torch.int64).clone())
+
+    def slot_loads(self) -> Optional[List[torch.Tensor]]:
+        """Per-call physical slot loads ``[S]`` (None without a placement), aligned with :attr:`global_loads`."""
+        if self.layout is None:
+            return None
+        self.flush()
+        if self.layout.replica_policy == "least-loaded":  # exact from the expert loads (placement.replicas)
+            return [self._even_slot_loads(loads) for loads in self._global_loads]
+        return list(self._slot_loads)
+
+    def _even_slot_loads(self, loads: torch.Tensor) -> torch.Tensor:
+        from megatron_capaware.placement.replicas import even_slot_loads
+
+        return even_slot_loads(loads, self._cpu_table)
+
     def record_received(self, tokens_per_local_expert) -> None:
         """Keep the number of tokens each local expert received in this call (device-side, no sync)."""
         counts = torch.as_tensor(tokens_per_local_expert).detach().to(torch.int64).reshape(-1).clone()
@@ -89,6 +119,9 @@ class LayerRoutingStats:
 
     def flush(self) -> None:
         """Copy the pending device records to the host (one copy per kind) and fold old calls."""
+        if self.pending_slot_loads:  # first: folding below pops them with their calls
+            self._slot_loads.extend(torch.stack(self.pending_slot_loads).to("cpu").unbind(0))
+            self.pending_slot_loads.clear()
         if self.pending:
             loads = torch.stack([p[0] for p in self.pending]).to("cpu")  # [n, E]
             counts = torch.stack([p[1] for p in self.pending]).to("cpu").tolist()  # [n, 6]
@@ -146,8 +179,14 @@ class LayerRoutingStats:
         return self._counts["flexible"]
 
     def _fold_oldest(self) -> None:
+        slot_loads = None
+        if self.layout is not None and self.layout.replica_policy == "least-loaded":
+            slot_loads = self._even_slot_loads(self._global_loads[0])
+        elif self.layout is not None and self._slot_loads:
+            slot_loads = self._slot_loads.pop(0)
         loads = self._global_loads.pop(0)
-        for key, value in metrics.load_metrics(loads, self.ep_size, self._counts["requested"][0]).items():
+        for key, value in metrics.load_metrics(loads, self.ep_size, self._counts["requested"][0],
+                                               slot_loads).items():
             self.folded_metrics[key] = self.folded_metrics.get(key, 0.0) + value
         self.folded_loads = loads.clone() if self.folded_loads is None else self.folded_loads + loads
         for name in _COUNTS:
@@ -176,7 +215,9 @@ class LayerRoutingStats:
     def reset(self) -> None:
         self.pending.clear()
         self.pending_received.clear()
-        for values in (self._global_loads, self._capacity, self._received, *self._counts.values()):
+        self.pending_slot_loads.clear()
+        for values in (self._global_loads, self._capacity, self._received, self._slot_loads,
+                       *self._counts.values()):
             values.clear()
         self.folded_calls = 0
         self.folded_metrics = {}
@@ -186,7 +227,8 @@ class LayerRoutingStats:
     def summary(self) -> Dict[str, float]:
         """Load figures over all recorded calls (drop and reroute fractions from
         this rank's own counts; :func:`reduce_summaries` gives the global ones)."""
-        out = metrics.summarize_calls(self.global_loads, self.requested, self.dropped, self.rerouted, self.ep_size)
+        out = metrics.summarize_calls(self.global_loads, self.requested, self.dropped, self.rerouted, self.ep_size,
+                                      self.slot_loads())
         if not self.folded_calls:
             return out
         live = len(self.global_loads)

@@ -80,6 +80,11 @@ def preflight_layer(layer: Any, capaware: CapawareConfig) -> None:
     check_supported(layer.config, capaware)
     for dispatcher in _dispatchers(layer):
         capaware_dispatcher_class(dispatcher)
+    layout = getattr(router, "capaware_layout", None)
+    if layout is not None:
+        from megatron_capaware.adapters.placement import check_router_for_slots
+
+        check_router_for_slots(capaware, len(layout.slots), layer.config.num_moe_experts)
     if capaware.router_type == "expanded-drop" and build_load_group(layer)[1] > 1:
         raise CapawareConfigError(
             "expanded-drop with tensor parallelism needs --sequence-parallel: without it the TP "
@@ -102,26 +107,40 @@ def install_in_layer(layer: Any, capaware: CapawareConfig) -> LayerRoutingStats:
         dispatcher.__class__ = capaware_dispatcher_class(dispatcher)
         dispatcher.capaware_variable_counts = capaware.router_type != "topk"
     load_group, copies = build_load_group(layer)
-    ep_size = layer.config.num_moe_experts // layer.num_local_experts
+    ep_size = layer.config.expert_model_parallel_size
+    # Logical experts this rank computes (under a placement: those of its slots).
+    layout = getattr(router, "capaware_layout", None)
+    local_experts = list(layer.local_expert_indices) if layout is None else \
+        [layout.slots[s] for s in layer.local_expert_indices]
     stats = LayerRoutingStats(
         layer_number=int(router.layer_number or layer.layer_number or 0),
         num_experts=layer.config.num_moe_experts,
         ep_size=ep_size,
-        local_experts=list(layer.local_expert_indices),
+        local_experts=local_experts,
         duplication=copies,
         load_group=load_group,
     )
+    stats.set_layout(layout)
     router.capaware_installed = True
     router.capaware_load_group = load_group
-    router.capaware_local_experts = list(layer.local_expert_indices)
+    router.capaware_local_experts = local_experts
     router.capaware_stats = stats if capaware.record_stats else None
     for dispatcher in dispatchers:
         dispatcher.capaware_stats = router.capaware_stats
     return stats
 
 
-def install_capaware_routers(model: torch.nn.Module, capaware: CapawareConfig) -> Dict[int, LayerRoutingStats]:
+def install_capaware_routers(model: torch.nn.Module, capaware: CapawareConfig, *,
+                             placement: Any = None, replica_policy: str = "least-loaded",
+                             ) -> Dict[int, LayerRoutingStats]:
     """Make every MoE layer of ``model`` route with ``capaware`` (idempotent).
+
+    ``placement``: a :class:`~megatron_capaware.placement.PlacementPlan` or
+    the path of a plan file: the experts then move into the plan's layout
+    (:func:`~megatron_capaware.adapters.placement.apply_placement`, with
+    ``replica_policy``). Without it a placed model stays placed (reinstalling
+    routers keeps the layout; :func:`~megatron_capaware.adapters.placement.remove_placement`
+    undoes it).
 
     Returns:
         ``{layer_number: LayerRoutingStats}`` of the model's MoE layers.
@@ -167,9 +186,24 @@ def install_capaware_routers(model: torch.nn.Module, capaware: CapawareConfig) -
         check_rank_agreement(layers, capaware, load_group, error)
     if error is not None:
         raise error
+    if placement is not None:
+        from megatron_capaware.adapters.placement import check_router_for_slots
+        from megatron_capaware.placement.plan_file import PlacementPlan, load_plan
+
+        plan = placement if isinstance(placement, PlacementPlan) else load_plan(placement)
+        config = layers[0].config
+        plan.check_model([int(l.layer_number) for l in layers], config.num_moe_experts,
+                         config.expert_model_parallel_size)
+        for layer in layers:
+            check_router_for_slots(capaware, len(plan.layers[int(layer.layer_number)].slots), config.num_moe_experts)
     installed = {stats.layer_number: stats for stats in (install_in_layer(l, capaware) for l in layers)}
     if len(groups) == 1:  # one load group (every Megatron model): one score read per forward
         install_deferred_score_check(model, layers, layers[0].router.capaware_load_group)
+    if placement is not None:
+        from megatron_capaware.adapters.placement import apply_placement
+
+        apply_placement(model, plan, replica_policy)
+        installed = collect_stats(model)
     return installed
 
 

@@ -14,7 +14,8 @@ code path serves local and global routing. Every call is made by every rank
 of the group in the same order with the same shapes (the shapes depend only
 on ``E`` and the group size, never on the data), so no data-dependent branch
 can leave a rank waiting in a collective. The tools use :func:`all_reduce`,
-:func:`all_gather_objects` and :func:`barrier`.
+:func:`all_gather_objects` and :func:`barrier`; placing expert weights
+(:mod:`megatron_capaware.adapters.placement`) uses :func:`all_to_all_rows`.
 """
 
 from __future__ import annotations
@@ -251,3 +252,29 @@ def exclusive_rank_prefix(counts: torch.Tensor, group: Optional[ProcessGroup]) -
     gathered = all_gather_stack(counts, group)  # [W, *]
     rank = group_rank(group)
     return gathered[:rank].sum(dim=0)
+
+
+def all_to_all_rows(rows: torch.Tensor, send_counts: List[int], recv_counts: List[int],
+                    group: Optional[ProcessGroup]) -> torch.Tensor:
+    """Exchange rows: ``rows [sum(send_counts), *]`` -> ``[sum(recv_counts), *]``, by source rank.
+
+    Rank ``r`` sends its next ``send_counts[d]`` rows to rank ``d`` and
+    receives ``recv_counts[s]`` rows from rank ``s``, concatenated in source
+    order (expert-weight moves of a placement; never on the routing path).
+    Every rank calls it with counts that agree (``send_counts[d]`` here is
+    ``recv_counts[r]`` on ``d``).
+    """
+    size = group_size(group)
+    if size == 1:
+        return rows.clone()
+    if len(send_counts) != size or len(recv_counts) != size or sum(send_counts) != rows.shape[0]:
+        raise ValueError(f"all_to_all_rows: {rows.shape[0]} rows, send {send_counts}, receive {recv_counts} over "
+                         f"{size} ranks")
+    row = int(torch.Size(rows.shape[1:]).numel())
+    _note("all_to_all", rows, group)
+    device = group_device(group)
+    work = _on(rows, device).contiguous().reshape(-1)
+    out = torch.empty(sum(recv_counts) * row, dtype=rows.dtype, device=device)
+    dist.all_to_all_single(out, work, [n * row for n in recv_counts], [n * row for n in send_counts],
+                           group=_process_group(group))
+    return _on(out.reshape(sum(recv_counts), *rows.shape[1:]), rows.device)

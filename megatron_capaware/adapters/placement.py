@@ -1,0 +1,336 @@
+"""Put a Megatron MoE model's experts into a placement plan's layout, and back.
+
+A model is built and loaded as usual (Megatron's contiguous, *logical*
+layout: expert ``e`` on EP rank ``e // (E / W)``). :func:`apply_placement`
+then, per MoE layer:
+
+1. moves expert weights over the EP group into the plan's *physical* layout
+   (one all-to-all of the experts' rows per dtype; no disk round trip), so
+   rank ``r`` holds the ``S / W`` slots ``r*S/W ..`` of the plan (with ``R``
+   redundant slots, ``S = E + R``; a replica is a copy of its expert);
+2. points the token dispatcher at the ``S`` slots (``S / W`` local ones);
+3. gives the router the layer's :class:`~megatron_capaware.placement.replicas.SlotTable`:
+   the gate keeps its ``E`` outputs and its state-dict keys, the routing
+   decision is made on logical experts as before, then each chosen expert is
+   sent to one replica (:mod:`megatron_capaware.placement.replicas`).
+
+:func:`remove_placement` moves the weights back into the logical layout
+(the first replica of each expert), e.g. before saving a checkpoint, so a
+checkpoint saved from a placed model is an ordinary Megatron checkpoint.
+
+Expert modules: ``SequentialMLP`` (any ``R``), ``GroupedMLP`` (any ``R``),
+``TEGroupedMLP`` (``R = 0``: the weights are permuted in place; replicas
+would change its GEMM count, refused). Expert tensor parallelism needs
+nothing more: each expert-TP rank moves its own shards over its EP group.
+
+Atomic: every check runs before any collective, every layer's new weights
+are exchanged before any layer is changed, and the ranks agree on the plan
+first (one all-gather): a refused or failed placement leaves the model as it
+was on every rank, or raises on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_capaware.placement.plan_file import PlacementPlan
+from megatron_capaware.placement.planner import PlacementError, contiguous_slots
+from megatron_capaware.placement.replicas import REPLICA_POLICIES, SlotTable, slot_table
+from megatron_capaware.policies.collectives import all_gather_objects, all_to_all_rows, group_rank, group_size
+
+
+@dataclass
+class LayerLayout:
+    """Where one MoE layer's experts are now.
+
+    Attributes:
+        slots: ``[S]`` logical expert of each physical slot (contiguous layout: ``0..E-1``).
+        num_ranks: EP size ``W``.
+        table: the slots as index tensors (routing), on the router's device.
+        replica_policy: ``least-loaded`` or ``round-robin``.
+    """
+
+    slots: List[int]
+    num_ranks: int
+    table: SlotTable
+    replica_policy: str
+
+    @property
+    def placed(self) -> bool:
+        return self.slots != contiguous_slots(self.table.num_experts)
+
+    def rank_slots(self, rank: int) -> List[int]:
+        per = len(self.slots) // self.num_ranks
+        return self.slots[rank * per:(rank + 1) * per]
+
+
+# --- expert modules: per-slot tensors out, per-slot tensors in -------------------------------------------------
+
+
+def _kind(experts: Any) -> str:
+    name = type(experts).__name__
+    if name in ("SequentialMLP", "GroupedMLP") or name.endswith("TEGroupedMLP"):
+        return "TEGroupedMLP" if name.endswith("TEGroupedMLP") else name
+    raise PlacementError(
+        f"placement supports SequentialMLP, GroupedMLP and TEGroupedMLP experts, not {name}"
+    )
+
+
+def _te_tensors(linear: Any, index: int) -> List[torch.Tensor]:
+    out = [getattr(linear, f"weight{index}")]
+    bias = getattr(linear, f"bias{index}", None)
+    if isinstance(bias, torch.Tensor) and bias.numel():
+        out.append(bias)
+    return out
+
+
+def expert_tensors(experts: Any) -> List[List[torch.Tensor]]:
+    """The tensors of each local expert ``[num_local][n]``, views of the module's parameters.
+
+    The same ``n`` tensors in the same order for every expert of a module.
+    """
+    kind, n = _kind(experts), experts.num_local_experts
+    if kind == "SequentialMLP":
+        return [[p for _, p in sorted(expert.named_parameters())] for expert in experts.local_experts]
+    if kind == "GroupedMLP":
+        hidden = experts.config.hidden_size
+        w1 = experts.weight1.view(n, hidden, -1)
+        w2 = experts.weight2.view(n, -1, hidden)
+        return [[w1[i], w2[i]] for i in range(n)]
+    return [_te_tensors(experts.linear_fc1, i) + _te_tensors(experts.linear_fc2, i) for i in range(n)]
+
+
+def _check_resizable(experts: Any, count: int, layer_number: int) -> None:
+    if _kind(experts) == "TEGroupedMLP" and count != experts.num_local_experts:
+        raise PlacementError(
+            f"MoE layer {layer_number}: a plan with redundant experts changes the number of local experts "
+            f"({experts.num_local_experts} -> {count}), which Transformer Engine's grouped GEMM fixes at build "
+            "time: use a plan with --redundant-experts 0, or SequentialMLP experts (--no-moe-grouped-gemm)"
+        )
+
+
+def _clone_expert(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of one expert module with its own parameters, sharing everything else.
+
+    Process groups, the config and other plain objects are shared (process
+    groups cannot be copied); parameters, buffers and submodules are new.
+    """
+    memo: Dict[int, Any] = {}
+    for sub in module.modules():
+        for key, value in vars(sub).items():
+            if key in ("_parameters", "_buffers", "_modules") or torch.is_tensor(value):
+                continue
+            if not isinstance(value, (dict, list, tuple, set, torch.nn.Module)):
+                memo[id(value)] = value
+    return copy.deepcopy(module, memo)
+
+
+def _set_expert_tensors(experts: Any, new: List[List[torch.Tensor]]) -> None:
+    """Make the module hold exactly the experts ``new`` (values copied; count may change)."""
+    kind, count = _kind(experts), len(new)
+    if count == experts.num_local_experts:
+        with torch.no_grad():
+            for old, values in zip(expert_tensors(experts), new):
+                for dst, src in zip(old, values):
+                    dst.copy_(src)
+        return
+    if kind == "SequentialMLP":
+        modules = list(experts.local_experts)
+        while len(modules) < count:
+            modules.append(_clone_expert(modules[0]))
+        experts.local_experts = torch.nn.ModuleList(modules[:count])
+        experts.num_local_experts = count
+        with torch.no_grad():
+            for old, values in zip(expert_tensors(experts), new):
+                for dst, src in zip(old, values):
+                    dst.copy_(src)
+        return
+    # GroupedMLP: rebuild the two stacked parameters, keeping their attributes (allreduce, sharding).
+    hidden = experts.config.hidden_size
+    for name, stacked in (("weight1", torch.stack([v[0] for v in new]).reshape(count * hidden, -1)),
+                          ("weight2", torch.stack([v[1] for v in new]).reshape(-1, hidden))):
+        old = getattr(experts, name)
+        if name == "weight1":  # [n, H, F] viewed as [H, n*F] by Megatron: same memory order as its view
+            stacked = stacked.reshape(hidden, -1)
+        param = torch.nn.Parameter(stacked.to(old.dtype).contiguous(), requires_grad=old.requires_grad)
+        param.__dict__.update({k: v for k, v in old.__dict__.items() if not k.startswith("_")})
+        setattr(experts, name, param)
+    experts.num_local_experts = count
+
+
+# --- the exchange ----------------------------------------------------------------------------------------------
+
+
+def _exchange(tensors: List[List[torch.Tensor]], holders: List[List[int]], wants: List[List[int]],
+              group: Any) -> List[List[torch.Tensor]]:
+    """Move expert tensors so rank ``r`` ends with the experts ``wants[r]`` (in that order).
+
+    ``holders[r]``: the experts rank ``r`` holds now, in local order (the
+    first holder of an expert sends it). ``tensors``: this rank's, ``[len(holders[me])][n]``.
+    Returns ``[len(wants[me])][n]`` new tensors. One all-to-all per dtype.
+    """
+    me, size = group_rank(group), group_size(group)
+    source: Dict[int, Tuple[int, int]] = {}
+    for rank, held in enumerate(holders):
+        for local, expert in enumerate(held):
+            source.setdefault(expert, (rank, local))
+    send = [[source[e][1] for e in wants[d] if source[e][0] == me] for d in range(size)]
+    recv_from = [source[e][0] for e in wants[me]]
+    recv_counts = [recv_from.count(s) for s in range(size)]
+    # Received rows come grouped by source, each group in this rank's wanted order.
+    order = sorted(range(len(wants[me])), key=lambda i: (recv_from[i], i))
+    position = {slot: row for row, slot in enumerate(order)}
+    num = len(tensors[0]) if tensors else 0
+    out: List[List[Optional[torch.Tensor]]] = [[None] * num for _ in wants[me]]
+    by_dtype: Dict[torch.dtype, List[int]] = {}
+    for j in range(num):
+        by_dtype.setdefault(tensors[0][j].dtype, []).append(j)
+    for dtype, members in by_dtype.items():
+        sizes = [tensors[0][j].numel() for j in members]
+        rows = torch.stack([torch.cat([tensors[i][j].reshape(-1) for j in members])
+                            for d in range(size) for i in send[d]]) if any(send) else \
+            tensors[0][members[0]].new_zeros((0, sum(sizes)))
+        got = all_to_all_rows(rows, [len(s) for s in send], recv_counts, group)
+        for slot in range(len(wants[me])):
+            parts = got[position[slot]].split(sizes)
+            for j, part in zip(members, parts):
+                out[slot][j] = part.reshape(tensors[0][j].shape).clone()
+    return out  # type: ignore[return-value]
+
+
+def check_router_for_slots(capaware: Any, num_slots: int, num_experts: int) -> None:
+    """Refuse router settings that a layout with ``num_slots`` slots for ``num_experts`` experts cannot serve.
+
+    With replicas (``S > E``) only ``topk`` is supported so far: the capacity
+    routers' per-slot capacity and LASER's replica-aware loads are not built.
+    """
+    if num_slots > num_experts and capaware.router_type != "topk":
+        raise PlacementError(
+            f"--moe-router-type {capaware.router_type} with a placement that has {num_slots - num_experts} "
+            "redundant experts is not supported yet (capacity per replica slot): use a plan made with "
+            "--redundant-experts 0, or --moe-router-type topk with this plan"
+        )
+
+
+def _plan_digest(plan: Optional[PlacementPlan], policy: str) -> str:
+    body = json.dumps({"layers": {n: p.slots for n, p in sorted(plan.layers.items())} if plan else None,
+                       "policy": policy}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _ep_group(layer: Any) -> Any:
+    group = getattr(layer.experts, "ep_group", None)
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_expert_model_parallel_group() if layer.config.expert_model_parallel_size > 1 \
+            else None
+    return group if group is not None and group_size(group) > 1 else None
+
+
+def _retarget_dispatcher(dispatcher: Any, num_slots: int, local_slots: List[int]) -> None:
+    """Point a token dispatcher at ``num_slots`` experts, ``local_slots`` of them here (as Megatron's init does)."""
+    dispatcher.num_local_experts = len(local_slots)
+    dispatcher.local_expert_indices = list(local_slots)
+    if hasattr(dispatcher, "num_experts"):
+        dispatcher.num_experts = num_slots
+    if hasattr(dispatcher, "sort_input_by_local_experts"):
+        chunks = torch.arange(num_slots * dispatcher.tp_size, device=dispatcher.sort_input_by_local_experts.device)
+        dispatcher.sort_input_by_local_experts = chunks.reshape(-1, len(local_slots)).T.ravel()
+        dispatcher.restore_output_by_local_experts = chunks.reshape(len(local_slots), -1).T.ravel()
+
+
+def layer_layouts(model: torch.nn.Module) -> Dict[int, LayerLayout]:
+    """The current layout of every installed MoE layer, by layer number."""
+    from megatron_capaware.adapters.swap import moe_layers
+
+    return {int(l.layer_number): l.router.capaware_layout for l in moe_layers(model)
+            if getattr(l.router, "capaware_layout", None) is not None}
+
+
+def _set_layouts(model: torch.nn.Module, plan: Optional[PlacementPlan], policy: str) -> None:
+    """Move every MoE layer's experts to ``plan``'s layout (None: the logical one). Collective."""
+    from megatron_capaware.adapters.swap import _dispatchers, moe_layers
+
+    if policy not in REPLICA_POLICIES:
+        raise PlacementError(f"--capaware-replica-policy {policy!r}: use one of {', '.join(REPLICA_POLICIES)}")
+    layers = moe_layers(model)
+    if not layers:
+        raise PlacementError("the model has no MoE layer to place")
+    config = layers[0].config
+    ep = config.expert_model_parallel_size
+    if plan is not None:
+        plan.check_model([int(l.layer_number) for l in layers], config.num_moe_experts, ep)
+    for layer in layers:
+        if not getattr(layer.router, "capaware_installed", False):
+            raise PlacementError("install the capaware routers before placing experts: "
+                                 "install_capaware_routers(model, config, placement=plan)")
+        check_router_for_slots(layer.router.capaware, len(plan.layers[int(layer.layer_number)].slots)
+                               if plan is not None else config.num_moe_experts, config.num_moe_experts)
+    targets = []
+    for layer in layers:
+        number = int(layer.layer_number)
+        current = getattr(layer.router, "capaware_layout", None)
+        now = current.slots if current is not None else contiguous_slots(config.num_moe_experts)
+        new = plan.layers[number].slots if plan is not None else contiguous_slots(config.num_moe_experts)
+        per_now, per_new = len(now) // ep, len(new) // ep
+        _check_resizable(layer.experts, per_new, number)
+        targets.append((layer, now, new, per_now, per_new))
+    # Every rank of each EP group must place the same plan (else the exchange would mismatch).
+    group = _ep_group(layers[0])
+    digest = _plan_digest(plan, policy)
+    seen = all_gather_objects(digest, group) if group is not None else [digest]
+    if len(set(seen)) != 1:
+        raise PlacementError(f"EP ranks were given different placement plans or replica policies ({seen}): "
+                             "pass the same --capaware-placement file and policy to every rank")
+    me = group_rank(group) if group is not None else 0
+    moved = []
+    for layer, now, new, per_now, per_new in targets:
+        holders = [now[r * per_now:(r + 1) * per_now] for r in range(ep)]
+        wants = [new[r * per_new:(r + 1) * per_new] for r in range(ep)]
+        tensors = expert_tensors(layer.experts)
+        fresh = tensors if now == new else _exchange(tensors, holders, wants, group)
+        moved.append(fresh)
+    # Commit: nothing above changed the model.
+    for (layer, now, new, per_now, per_new), fresh in zip(targets, moved):
+        if now != new:
+            _set_expert_tensors(layer.experts, fresh)
+        local = list(range(me * per_new, (me + 1) * per_new))
+        layer.num_local_experts = per_new
+        layer.local_expert_indices = local
+        for dispatcher in _dispatchers(layer):
+            _retarget_dispatcher(dispatcher, len(new), local)
+        router = layer.router
+        router.capaware_layout = LayerLayout(list(new), ep, slot_table(new, ep, router.weight.device), policy)
+        router.capaware_local_experts = [new[s] for s in local]  # logical experts of this rank's slots
+        stats = getattr(router, "capaware_stats", None)
+        if stats is not None:
+            stats.set_layout(router.capaware_layout)
+            stats.local_experts = list(router.capaware_local_experts)
+
+
+def apply_placement(model: torch.nn.Module, plan: PlacementPlan, replica_policy: str = "least-loaded") -> None:
+    """Move the experts of every MoE layer of ``model`` into ``plan``'s layout (every EP rank calls this).
+
+    The routers must be installed first (:func:`~megatron_capaware.adapters.swap.install_capaware_routers`
+    does both when given ``placement=``). Applying another plan to a placed
+    model moves from the current layout.
+
+    Raises:
+        PlacementError: a plan for another model, layer count, expert count
+            or EP size; replicas with TEGroupedMLP experts; ranks with
+            different plans. Nothing is changed then.
+    """
+    _set_layouts(model, plan, replica_policy)
+
+
+def remove_placement(model: torch.nn.Module) -> None:
+    """Move every MoE layer back to Megatron's logical layout (e.g. before saving a checkpoint)."""
+    layouts = list(layer_layouts(model).values())
+    _set_layouts(model, None, layouts[0].replica_policy if layouts else "least-loaded")

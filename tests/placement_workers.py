@@ -1,0 +1,98 @@
+"""Spawned-rank workers of the placement runtime tests (module level: picklable)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List
+
+import torch
+
+from megatron_capaware import parallel
+from tests.mp_workers import TINY_GPT
+
+
+def make_plan(layer_numbers: List[int], num_experts: int, ep: int, redundant: int, seed: int, k: int = 2):
+    """A valid plan from random loads (the runtime must be right for any plan, not only good ones)."""
+    from megatron_capaware.placement import plan_layer
+    from megatron_capaware.placement.plan_file import plan_from_placements
+
+    g = torch.Generator().manual_seed(seed)
+    placements = [plan_layer(torch.rand(num_experts, generator=g) ** 2 * 100, ep, redundant) for _ in layer_numbers]
+    if ep == 1:  # the planner keeps one rank's experts in order; permute them so the slots move
+        placements = [dataclasses.replace(p, slots=torch.randperm(num_experts, generator=g).tolist())
+                      for p in placements]
+    model = {"moe_layer_numbers": list(layer_numbers), "num_moe_experts": num_experts, "moe_router_topk": k}
+    return plan_from_placements(placements, layer_numbers, model, ep, redundant, None, {"test": True})
+
+
+def placed_gpt_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Tiny GPT at TP x EP: logits of topk contiguous vs under plans, then the layout restored."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_capaware.adapters import collect_stats, install_capaware_routers, layer_layouts, remove_placement
+    from megatron_capaware.config import CapawareConfig
+    from megatron_capaware.models.builder import MoEModelArgs, build_gpt_model, build_transformer_config
+    from megatron_capaware.placement import PlacementError
+
+    tp, ep = spec["tp"], spec["ep"]
+    parallel.init_model_parallel(parallel.ParallelSizes(tensor_parallel=tp, expert_parallel=ep))
+    parallel.set_seed(7)
+    args = MoEModelArgs(**TINY_GPT)
+    config = build_transformer_config(args, tensor_parallel=tp, expert_parallel=ep, dispatcher=spec["dispatcher"])
+    model = build_gpt_model(args, config)
+    dp_rank = ps.get_data_parallel_rank()
+    g = torch.Generator().manual_seed(100 + dp_rank)
+    ids = torch.randint(0, args.vocab_size, (2, 32), generator=g)
+    pos = torch.arange(32).unsqueeze(0).expand(2, 32)
+    experts_before = {k: v.clone() for k, v in model.state_dict().items() if ".experts." in k and torch.is_tensor(v)}
+    layers = [1, 2]
+    out: Dict[str, Any] = {"rank": torch.distributed.get_rank(), "ep_rank": ps.get_expert_model_parallel_rank(),
+                           "runs": {}}
+    with torch.no_grad():
+        for name, run in spec["runs"].items():
+            router = CapawareConfig(**run.get("router", {"router_type": "topk"}))
+            plan = make_plan(layers, args.num_moe_experts, ep, run["redundant"], run["seed"]) \
+                if run["redundant"] is not None else None
+            install_capaware_routers(model, router, placement=plan, replica_policy=run.get("policy", "least-loaded"))
+            logits = model(ids, pos, attention_mask=None)
+            stats = collect_stats(model)
+            out["runs"][name] = {
+                "logits": logits.clone(),
+                "slots": {n: l.slots for n, l in layer_layouts(model).items()},
+                "received": {n: s.received[-1].clone() for n, s in stats.items()},
+                "duplication": {n: s.duplication for n, s in stats.items()},
+                "slot_loads": {n: (s.slot_loads() or [None])[-1] for n, s in stats.items()},
+                "global_loads": {n: s.global_loads[-1].clone() for n, s in stats.items()},
+                "summary": {n: s.summary() for n, s in stats.items()},
+                "num_local_experts": [layer.experts.num_local_experts for layer in _moe_layers(model)],
+            }
+            if plan is not None:
+                remove_placement(model)
+        after = {k: v for k, v in model.state_dict().items() if ".experts." in k and torch.is_tensor(v)}
+        out["restored"] = sorted(experts_before) == sorted(after) and all(
+            torch.equal(experts_before[k], after[k]) for k in experts_before)
+        # A plan for another EP size is refused on every rank, changing nothing.
+        try:
+            install_capaware_routers(model, CapawareConfig("topk"),
+                                     placement=make_plan(layers, args.num_moe_experts, ep * 2, 0, 1))
+            out["wrong_ep"] = "accepted"
+        except PlacementError as err:
+            out["wrong_ep"] = str(err)
+        # A replicated plan with a capacity router is refused before anything moves.
+        if ep > 1:
+            try:
+                install_capaware_routers(model, CapawareConfig("capacity-drop"),
+                                         placement=make_plan(layers, args.num_moe_experts, ep, ep, 2))
+                out["replicas_with_drop"] = "accepted"
+            except PlacementError as err:
+                out["replicas_with_drop"] = str(err)
+        out["still_contiguous"] = not layer_layouts(model) or all(
+            not layout.placed for layout in layer_layouts(model).values())
+    parallel.destroy()
+    return out
+
+
+def _moe_layers(model):
+    from megatron_capaware.adapters import moe_layers
+
+    return moe_layers(model)

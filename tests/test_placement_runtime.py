@@ -1,0 +1,84 @@
+"""The placement runtime in Megatron-Core: experts moved into a plan's layout give top-k's logits."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import pytest
+import torch
+
+from megatron_capaware._compat.launcher import run_distributed
+from tests.placement_workers import placed_gpt_worker
+
+pytestmark = pytest.mark.multirank
+
+LAYOUTS = [
+    # (tp, ep, dispatcher, redundant slots of the replicated plan)
+    (1, 1, "alltoall", None),
+    (1, 2, "alltoall", 2),
+    (1, 2, "allgather", 2),
+    (1, 4, "alltoall", 4),
+    (2, 2, "alltoall", 2),
+]
+
+
+def runs_for(ep: int, redundant) -> Dict[str, dict]:
+    runs = {
+        "contiguous": {"redundant": None},
+        "placed": {"redundant": 0, "seed": 11},
+        "placed-drop-rank": {"redundant": 0, "seed": 11,
+                             "router": {"router_type": "capacity-drop", "gamma": 1.0, "capacity_unit": "rank"}},
+        "contiguous-drop-rank": {"redundant": None,
+                                 "router": {"router_type": "capacity-drop", "gamma": 1.0, "capacity_unit": "rank"}},
+        "placed-drop": {"redundant": 0, "seed": 12, "router": {"router_type": "capacity-drop", "gamma": 1.0}},
+        "contiguous-drop": {"redundant": None, "router": {"router_type": "capacity-drop", "gamma": 1.0}},
+    }
+    if redundant:
+        runs["replicated"] = {"redundant": redundant, "seed": 13}
+        runs["replicated-rr"] = {"redundant": redundant, "seed": 13, "policy": "round-robin"}
+    return runs
+
+
+@pytest.mark.parametrize("tp,ep,dispatcher,redundant", LAYOUTS,
+                         ids=[f"tp{t}-ep{e}-{d}-r{r}" for t, e, d, r in LAYOUTS])
+def test_placement_keeps_topk_logits_and_restores_the_logical_layout(tp, ep, dispatcher, redundant) -> None:
+    spec = dict(tp=tp, ep=ep, dispatcher=dispatcher, runs=runs_for(ep, redundant))
+    results = run_distributed(placed_gpt_worker, tp * ep, spec, timeout_s=420)
+    for res in results:
+        runs = res["runs"]
+        where = f"rank {res['rank']} (tp{tp} ep{ep} {dispatcher})"
+        base = runs["contiguous"]["logits"]
+        placed_names = [n for n in runs if n.startswith(("placed", "replicated"))]
+        for name in placed_names:
+            assert runs[name]["slots"], f"{where}: {name} has no layout"
+        for name in ("placed", "replicated", "replicated-rr"):
+            if name in runs:
+                # Same model function: only the order of floating-point sums may differ.
+                assert torch.allclose(runs[name]["logits"], base, rtol=1e-5, atol=1e-5), \
+                    f"{where}: {name} logits differ by {float((runs[name]['logits'] - base).abs().max())}"
+        # A capacity router decides on logical experts: placed or not, the same decision.
+        # (unit=rank is not: the placement changes which experts share a rank.)
+        assert torch.allclose(runs["placed-drop"]["logits"], runs["contiguous-drop"]["logits"], rtol=1e-5,
+                              atol=1e-5), where
+        for name in placed_names:
+            run = runs[name]
+            for layer, slots in run["slots"].items():
+                per = len(slots) // ep
+                assert run["num_local_experts"][layer - 1] == per
+                received = run["received"][layer] // run["duplication"][layer]
+                loads = run["slot_loads"][layer]
+                mine = loads[res["ep_rank"] * per:(res["ep_rank"] + 1) * per]
+                assert torch.equal(received, mine), \
+                    f"{where}: {name} layer {layer}: slots received {received.tolist()}, stats say {mine.tolist()}"
+                # Every logical assignment landed on one of its expert's slots.
+                by_expert = torch.zeros_like(run["global_loads"][layer]).index_add_(
+                    0, torch.tensor(slots), loads)
+                assert torch.equal(by_expert, run["global_loads"][layer]), f"{where}: {name} layer {layer}"
+        if ep > 1:  # unit=rank caps the busiest rank of the placed layout (C_rank = ceil(T*k/W))
+            for layer, summary in runs["placed-drop-rank"]["summary"].items():
+                assert summary["rank_peak_load"] <= 1.0 + ep / 64 + 1e-9, f"{where}: layer {layer}: {summary}"
+        assert res["restored"], f"{where}: expert weights differ after remove_placement"
+        assert "EP" in res["wrong_ep"], res["wrong_ep"]
+        if ep > 1:
+            assert "redundant experts is not supported yet" in res["replicas_with_drop"], res["replicas_with_drop"]
+        assert res["still_contiguous"], where
