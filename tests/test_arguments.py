@@ -368,3 +368,34 @@ class TestMegatronParser:
         args = megatron_parse(["--moe-expert-capacity-factor", "1.0", "--moe-token-drop-policy", "position",
                                "--moe-pad-expert-input-to-capacity"], monkeypatch)
         assert args.moe_expert_capacity_factor == 1.0 and config_from_args(args).router_type == "topk"
+
+
+BUNDLED_PLAN = Path(__file__).resolve().parents[1] / "docs/results/placement"
+
+
+def test_placement_flags_reach_the_namespace_and_default_the_replica_policy() -> None:
+    plan = str(BUNDLED_PLAN / "plan-ep2-r2.json")
+    args = parse(["--capaware-placement", plan, "--capaware-replica-policy", "round-robin"])
+    assert args.capaware_placement == plan and args.capaware_replica_policy == "round-robin"
+    args = parse(["--capaware-placement", plan])
+    assert args.capaware_replica_policy == "least-loaded"
+    assert parse([]).capaware_placement is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--capaware-replica-policy", "round-robin"], "needs --capaware-placement"),
+    (["--capaware-placement", "/nonexistent/plan.json"], "--capaware-placement /nonexistent/plan.json"),
+    (["--capaware-placement", str(BUNDLED_PLAN / "plan-ep2-r2.json"), "--moe-router-type", "capacity-drop"],
+     "redundant experts is not supported yet"),
+])
+def test_bad_placement_flags_fail_at_parse_time(argv, message, capsys) -> None:
+    assert message in parse_error(argv, capsys)
+
+
+def test_a_plan_for_another_ep_size_fails_at_parse_time(capsys) -> None:
+    p = parser()
+    p.add_argument("--expert-model-parallel-size", type=int, default=1)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--capaware-placement", str(BUNDLED_PLAN / "plan-ep2-r0.json"),
+                      "--expert-model-parallel-size", "4"])
+    assert "run capaware-plan --ep 4" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import pytest
 from megatron_capaware.megatron_lm.arguments import add_capaware_args, config_from_args
 from megatron_capaware._compat.launcher import run_distributed
 from tests.cli_workers import make_tiny_checkpoint, reference_greedy
-from tests.megatron_training_support import ROOT, needs_megatron_training, run_cli
+from tests.megatron_training_support import ROOT, needs_megatron_training, run_cli, torchrun
 
 pytestmark = needs_megatron_training
 
@@ -244,3 +244,27 @@ def test_example_script_and_launcher_leave_a_scripts_own_routers_alone(tiny_ckpt
     assert re.search(r"^'To be' -> '.+'$", out, re.M), out[-3000:]
     assert out.count("megatron-capaware load stats: router capacity-drop(gamma=1), EP=1") == 1
     assert "megatron-capaware: routing with" not in out and "warning" not in out
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("entry", ["generate", "launch"])
+def test_placement_flag_moves_experts_and_keeps_the_text(entry, tiny_ckpt, reference, tmp_path) -> None:
+    """--capaware-placement at EP 2 (replicated plan): the greedy text of the unplaced model at EP 1."""
+    from tests.placement_workers import make_plan
+
+    plan = make_plan([1, 2], 8, 2, redundant=2, seed=3)
+    plan.save(tmp_path / "plan.json")
+    prompts = [r["prompt"] for r in reference]
+    head = ["-m", "megatron_capaware.generate"] if entry == "generate" else \
+        ["-m", "megatron_capaware.launch", STANDIN]
+    stats_path = tmp_path / "stats.json"
+    result = run_cli([*torchrun(), "--standalone", "--nproc-per-node", "2", *head, "--load", str(tiny_ckpt),
+                      "--expert-model-parallel-size", "2", "--capaware-placement", str(tmp_path / "plan.json"),
+                      "--capaware-stats-output", str(stats_path), "--prompts", *prompts,
+                      "--num-tokens-to-generate", "6"], timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert check_generation_output(result.stdout, prompts) == {i: r["generated_text"] for i, r in enumerate(reference)}
+    if entry == "generate":
+        assert "experts placed by" in result.stdout
+    stats = json.loads(stats_path.read_text())
+    assert all(layer["calls"] >= 6 for layer in stats["layers"].values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -33,9 +34,15 @@ def test_plan_then_evaluate_with_it(tiny_checkpoint, tmp_path) -> None:
     assert "predicted speedup" in made.stdout
     evaluated = run([script("capaware-eval"), "--checkpoint", ckpt, "--text", text, "--ep", "2", "--routers", "topk",
                      "--placement", str(plan_path), "--no-plots", "--no-progress", "--out", str(tmp_path / "eval"),
-                     *small])
+                     "--json", str(tmp_path / "eval.json"), *small])
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
-    assert "placement (EP 2, R=2" in evaluated.stdout and "predicted speedup" in evaluated.stdout
+    assert "topk @placed:plan.json: EP 2, R=2 (least-loaded)" in evaluated.stdout
+    records = {r["label"]: r for r in json.loads((tmp_path / "eval.json").read_text())}
+    placed = records["topk @placed:plan.json"]
+    # The experts really moved (measured on the physical slots), and the model's function did not change.
+    assert placed["placement"]["redundant"] == 2
+    assert abs(placed["ppl"] / records["topk"]["ppl"] - 1) <= 1e-5
+    assert placed["rank_peak_load"] != records["topk"]["rank_peak_load"]
 
 
 def test_a_plan_for_another_model_is_one_line(tiny_checkpoint) -> None:

@@ -256,39 +256,53 @@ def layer_layouts(model: torch.nn.Module) -> Dict[int, LayerLayout]:
 
 def _set_layouts(model: torch.nn.Module, plan: Optional[PlacementPlan], policy: str) -> None:
     """Move every MoE layer's experts to ``plan``'s layout (None: the logical one). Collective."""
-    from megatron_capaware.adapters.swap import _dispatchers, moe_layers
+    from megatron_capaware.adapters.swap import moe_layers
 
-    if policy not in REPLICA_POLICIES:
-        raise PlacementError(f"--capaware-replica-policy {policy!r}: use one of {', '.join(REPLICA_POLICIES)}")
     layers = moe_layers(model)
     if not layers:
         raise PlacementError("the model has no MoE layer to place")
+    place_layers(layers, plan, policy, whole_model=True)
+
+
+def place_layers(layers: Sequence[Any], plan: Optional[PlacementPlan], policy: str = "least-loaded", *,
+                 whole_model: bool = False) -> None:
+    """Move these MoE layers' experts to ``plan``'s layout (None: the logical one); every EP rank calls it.
+
+    For callers that place layer by layer (the launcher places each layer at
+    its first forward); :func:`apply_placement` places a whole model
+    (``whole_model``: the plan must cover exactly these layers).
+    """
+    # In whatever mode the caller is (the launcher places from a forward pre-hook, possibly under
+    # inference_mode, on parameters that may be inference tensors); nothing here needs autograd.
+    with torch.no_grad():
+        _place_layers(layers, plan, policy, whole_model)
+
+
+def _place_layers(layers: Sequence[Any], plan: Optional[PlacementPlan], policy: str, whole_model: bool) -> None:
+    from megatron_capaware.adapters.swap import _dispatchers
+
+    if policy not in REPLICA_POLICIES:
+        raise PlacementError(f"--capaware-replica-policy {policy!r}: use one of {', '.join(REPLICA_POLICIES)}")
     config = layers[0].config
     ep = config.expert_model_parallel_size
-    if plan is not None:
-        plan.check_model([int(l.layer_number) for l in layers], config.num_moe_experts, ep)
-    for layer in layers:
-        if not getattr(layer.router, "capaware_installed", False):
-            raise PlacementError("install the capaware routers before placing experts: "
-                                 "install_capaware_routers(model, config, placement=plan)")
-        check_router_for_slots(layer.router.capaware, len(plan.layers[int(layer.layer_number)].slots)
-                               if plan is not None else config.num_moe_experts, config.num_moe_experts)
     targets = []
-    for layer in layers:
-        number = int(layer.layer_number)
-        current = getattr(layer.router, "capaware_layout", None)
-        now = current.slots if current is not None else contiguous_slots(config.num_moe_experts)
-        new = plan.layers[number].slots if plan is not None else contiguous_slots(config.num_moe_experts)
-        per_now, per_new = len(now) // ep, len(new) // ep
-        _check_resizable(layer.experts, per_new, number)
-        targets.append((layer, now, new, per_now, per_new))
-    # Every rank of each EP group must place the same plan (else the exchange would mismatch).
+    error: Optional[str] = None
+    try:
+        targets = _targets(layers, plan, ep, whole_model)
+    except PlacementError as err:
+        error = str(err)
+    # Every rank of the EP group learns every rank's verdict and plan before anything moves:
+    # all raise together, and ranks given different plans never meet in a mismatched exchange.
     group = _ep_group(layers[0])
-    digest = _plan_digest(plan, policy)
-    seen = all_gather_objects(digest, group) if group is not None else [digest]
-    if len(set(seen)) != 1:
-        raise PlacementError(f"EP ranks were given different placement plans or replica policies ({seen}): "
-                             "pass the same --capaware-placement file and policy to every rank")
+    mine = (_plan_digest(plan, policy), error)
+    seen = all_gather_objects(mine, group) if group is not None else [mine]
+    failed = next((e for _, e in seen if e is not None), None)
+    if failed is not None:
+        raise PlacementError(failed)
+    if len({d for d, _ in seen}) != 1:
+        raise PlacementError(f"EP ranks were given different placement plans or replica policies "
+                             f"({[d for d, _ in seen]}): pass the same --capaware-placement file and policy to "
+                             "every rank")
     me = group_rank(group) if group is not None else 0
     moved = []
     for layer, now, new, per_now, per_new in targets:
@@ -313,6 +327,34 @@ def _set_layouts(model: torch.nn.Module, plan: Optional[PlacementPlan], policy: 
         if stats is not None:
             stats.set_layout(router.capaware_layout)
             stats.local_experts = list(router.capaware_local_experts)
+
+
+def _targets(layers: Sequence[Any], plan: Optional[PlacementPlan], ep: int, whole_model: bool
+             ) -> List[Tuple[Any, List[int], List[int], int, int]]:
+    """Per layer ``(layer, current slots, new slots, slots per rank now, after)``, every check made (no collective)."""
+    config = layers[0].config
+    if plan is not None and whole_model:
+        plan.check_model([int(l.layer_number) for l in layers], config.num_moe_experts, ep)
+    if plan is not None:
+        missing = sorted(int(l.layer_number) for l in layers if int(l.layer_number) not in plan.layers)
+        if missing:
+            raise PlacementError(f"the placement plan has no MoE layer {missing} (it covers {sorted(plan.layers)}): "
+                                 "it was made for another model; run capaware-plan on this checkpoint")
+        plan.check_model(sorted(plan.layers), config.num_moe_experts, ep)
+    targets = []
+    for layer in layers:
+        number = int(layer.layer_number)
+        if not getattr(layer.router, "capaware_installed", False):
+            raise PlacementError("install the capaware routers before placing experts: "
+                                 "install_capaware_routers(model, config, placement=plan)")
+        current = getattr(layer.router, "capaware_layout", None)
+        now = current.slots if current is not None else contiguous_slots(config.num_moe_experts)
+        new = plan.layers[number].slots if plan is not None else contiguous_slots(config.num_moe_experts)
+        check_router_for_slots(layer.router.capaware, len(new), config.num_moe_experts)
+        per_now, per_new = len(now) // ep, len(new) // ep
+        _check_resizable(layer.experts, per_new, number)
+        targets.append((layer, now, new, per_now, per_new))
+    return targets
 
 
 def apply_placement(model: torch.nn.Module, plan: PlacementPlan, replica_policy: str = "least-loaded") -> None:

@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from megatron_capaware.refusals import raise_if_refused
 from megatron_capaware.policies.common import CAPACITY_UNITS
+from megatron_capaware.placement.replicas import REPLICA_POLICIES
 from megatron_capaware.config import (
     DROP_POLICIES,
     REROUTE_POLICIES,
@@ -72,6 +73,9 @@ DEFAULTS: Dict[str, Any] = {
     "capaware_seed": 0,
     "capaware_capacity_unit": "expert",
 }
+
+#: Flags of the placement runtime (any router type).
+PLACEMENT_FLAGS = ["--capaware-placement", "--capaware-replica-policy"]
 
 #: Which router types read each knob (a knob given with another router type is an error).
 KNOB_ROUTERS: Dict[str, tuple] = {
@@ -166,7 +170,7 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     if getattr(parser, _MARK, False):
         return parser
     existing = {opt for action in parser._actions for opt in action.option_strings}
-    mine = ["--moe-router-type"] + [flag(d) for d in DEFAULTS] + ["--capaware-stats-output"]
+    mine = ["--moe-router-type"] + [flag(d) for d in DEFAULTS] + ["--capaware-stats-output"] + PLACEMENT_FLAGS
     clash = sorted(set(mine) & existing)
     if clash:
         raise argparse.ArgumentError(
@@ -283,6 +287,21 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "PATH at the end of the run (rank 0 writes). Works with every router type, topk "
         "included. Default: not written.",
     )
+    group.add_argument(
+        "--capaware-placement", type=str, default=None, metavar="PLAN",
+        help="Expert placement plan (capaware-plan's JSON, made for this model and EP size): "
+        "after loading, expert weights move over the EP group so each rank holds the plan's "
+        "slots, hot experts possibly replicated; the model's function is unchanged (docs/"
+        "placement.md). Works with every router type (with replicas: topk only, for now). "
+        "Default: Megatron's contiguous layout.",
+    )
+    group.add_argument(
+        "--capaware-replica-policy", choices=REPLICA_POLICIES, default=None,
+        help="Which replica computes a chosen expert under a --capaware-placement with "
+        "redundant experts: least-loaded (equal shares, exact over the EP group: one small "
+        "all-gather per layer) or round-robin (by token index, no collective). Default: "
+        "least-loaded.",
+    )
     _install_validation(parser)
     setattr(parser, _MARK, True)
     return parser
@@ -349,8 +368,45 @@ def resolve_args(args: Any) -> Any:
     args.capaware_renormalize = bool(args.capaware_renormalize)
     if not hasattr(args, "capaware_stats_output"):
         args.capaware_stats_output = None
+    _resolve_placement(args, cfg)
     setattr(args, _RESOLVED, True)
     return args
+
+
+def _resolve_placement(args: Any, cfg: CapawareConfig) -> None:
+    """Check ``--capaware-placement`` (file, model sizes, router) and default the replica policy."""
+    plan_path = getattr(args, "capaware_placement", None)
+    policy = getattr(args, "capaware_replica_policy", None)
+    if policy is not None and not plan_path:
+        raise CapawareConfigError("--capaware-replica-policy needs --capaware-placement PLAN (capaware-plan)")
+    args.capaware_placement = plan_path or None
+    args.capaware_replica_policy = policy or "least-loaded"
+    if not plan_path:
+        return
+    from megatron_capaware.placement import PlacementError, load_plan
+
+    try:
+        plan = load_plan(plan_path)
+        num_experts = getattr(args, "num_experts", None)
+        if num_experts and int(plan.model.get("num_moe_experts", num_experts)) != int(num_experts):
+            raise PlacementError(f"the placement plan is for {plan.model['num_moe_experts']} experts, --num-experts "
+                                 f"is {num_experts}: run capaware-plan on this checkpoint")
+        ep = getattr(args, "expert_model_parallel_size", None)
+        if ep and int(ep) != plan.ep:
+            raise PlacementError(f"the placement plan is for EP {plan.ep}, --expert-model-parallel-size is {ep}: "
+                                 f"run capaware-plan --ep {ep}")
+        if plan.redundant and cfg.router_type != "topk":
+            raise PlacementError(
+                f"--moe-router-type {cfg.router_type} with a placement that has {plan.redundant} redundant "
+                "experts is not supported yet: use a plan made with --redundant-experts 0, or topk"
+            )
+    except PlacementError as err:
+        raise CapawareConfigError(f"--capaware-placement {plan_path}: {err}") from None
+
+
+def placement_from_args(args: Any) -> Optional[str]:
+    """The ``--capaware-placement`` plan path, or None."""
+    return getattr(args, "capaware_placement", None) or None
 
 
 def _effective_drop_policy(args: Any) -> str:

@@ -155,7 +155,7 @@ def _main(argv: List[str]) -> int:
     from megatron.training.checkpointing import load_checkpoint
 
     from megatron_capaware.adapters import install_capaware_routers
-    from megatron_capaware.megatron_lm.arguments import config_from_args
+    from megatron_capaware.megatron_lm.arguments import config_from_args, placement_from_args
 
     defaults = {"no_load_rng": True, "no_load_optim": True, "micro_batch_size": 1,
                 "exit_on_missing_checkpoint": True}
@@ -177,11 +177,13 @@ def _main(argv: List[str]) -> int:
     if len(model_chunks) != 1:
         raise SystemExit(f"{PROG}: pipeline / virtual pipeline parallelism is not supported")
     model = model_chunks[0].eval()
-    stats = install_capaware_routers(model, capaware)
+    placement = placement_from_args(args)
+    stats = install_capaware_routers(model, capaware, placement=placement,
+                                     replica_policy=args.capaware_replica_policy)
     megatron_lm.print_rank0(
         f"megatron-capaware: router {capaware.describe()} in {len(stats)} MoE layers "
         f"(EP={args.expert_model_parallel_size}, TP={args.tensor_model_parallel_size}, "
-        f"world={args.world_size})"
+        f"world={args.world_size})" + (f", experts placed by {placement}" if placement else "")
     )
 
     from megatron.core.inference.sampling_params import SamplingParams

@@ -57,6 +57,7 @@ class LaunchSession:
         self._calibration: Any = None
         self.announced = False
         self.installed_elsewhere = False
+        self._plan: Any = None
 
     # -- configuration -----------------------------------------------------
 
@@ -85,7 +86,20 @@ class LaunchSession:
         cfg = self.config()
         if cfg is None:
             return False
-        return cfg.router_type != "topk" or stats_requested(self.megatron_args())
+        return cfg.router_type != "topk" or stats_requested(self.megatron_args()) or self.plan() is not None
+
+    def plan(self) -> Any:
+        """The ``--capaware-placement`` plan (loaded once), or None."""
+        if self._plan is None:
+            from megatron_capaware.megatron_lm.arguments import placement_from_args
+
+            args = self.megatron_args()
+            path = placement_from_args(args) if args is not None else None
+            if path:
+                from megatron_capaware.placement import load_plan
+
+                self._plan = load_plan(path)
+        return self._plan
 
     # -- hooks ---------------------------------------------------------------
 
@@ -109,6 +123,12 @@ class LaunchSession:
         cfg = self.config()
         self._check_calibration(layer, cfg)
         stats = install_in_layer(layer, cfg)
+        plan = self.plan()
+        if plan is not None:  # every EP rank runs this layer's first forward: move its experts now
+            from megatron_capaware.adapters.placement import place_layers
+
+            place_layers([layer], plan, self.megatron_args().capaware_replica_policy)
+            stats = layer.router.capaware_stats or stats
         self.layers.append((weakref.ref(layer), stats))
         if not self.announced:
             self.announced = True

@@ -25,20 +25,23 @@ def install_from_args(model: Any, args: Any = None) -> Optional[Dict[int, Any]]:
         ``{layer_number: LayerRoutingStats}``, or None when nothing was installed.
     """
     from megatron_capaware.adapters import install_capaware_routers
-    from megatron_capaware.megatron_lm.arguments import config_from_args, stats_requested
+    from megatron_capaware.megatron_lm.arguments import config_from_args, placement_from_args, stats_requested
 
     if args is None:
         from megatron.training import get_args
 
         args = get_args()
     capaware = config_from_args(args)
-    if capaware.router_type == "topk" and not stats_requested(args):
+    placement = placement_from_args(args)
+    if capaware.router_type == "topk" and not stats_requested(args) and not placement:
         return None
     chunks = model if isinstance(model, (list, tuple)) else [model]
     stats: Dict[int, Any] = {}
     for chunk in chunks:
-        stats.update(install_capaware_routers(chunk, capaware))
-    print_rank0(f"megatron-capaware: routing with {capaware.describe()} in {len(stats)} MoE layers")
+        stats.update(install_capaware_routers(chunk, capaware, placement=placement,
+                                              replica_policy=args.capaware_replica_policy))
+    where = f", experts placed by {placement}" if placement else ""
+    print_rank0(f"megatron-capaware: routing with {capaware.describe()} in {len(stats)} MoE layers{where}")
     return stats
 
 

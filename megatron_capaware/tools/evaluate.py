@@ -47,6 +47,24 @@ DEFAULT_ROUTER_SPECS = [
     "capacity-drop:gamma=0.9|1.0|1.05|1.1,unit=rank,drop_policy=weight",
 ]
 CALIBRATION_FILE = "laser_calibration.json"
+# Plans shipped beside a checkpoint (capaware-plan on its calibration text): placement-ep{EP}-r{R}.json.
+PLACEMENT_GLOB = "placement-ep{ep}-r*.json"
+# What runs on a placed model by default: top-k (placement alone), and with R = 0 the rank-unit drop.
+DEFAULT_PLACED_ROUTER_SPECS = ["topk", "capacity-drop:gamma=1.0,unit=rank,drop_policy=weight"]
+
+
+@dataclass
+class EvalPlacement:
+    """A placement plan the evaluation moves the experts into."""
+
+    label: str  # the plan file's name
+    path: Path
+    plan: "object"  # PlacementPlan
+    replica_policy: str = "least-loaded"
+    in_sample: bool = False
+
+    def describe(self) -> str:
+        return f"placed:{self.label}" + ("" if self.replica_policy == "least-loaded" else f",{self.replica_policy}")
 
 
 @dataclass
@@ -83,6 +101,7 @@ class RouterResult:
     per_layer: Dict[int, Dict[str, float]]
     expert_loads: Dict[int, List[float]]
     seconds: float
+    placement: Optional[EvalPlacement] = None
 
     @property
     def ppl(self) -> float:
@@ -113,20 +132,30 @@ def _loss_and_correct(logits: torch.Tensor, labels: torch.Tensor) -> "tuple[floa
     return float(nll), int(correct)
 
 
+def placed_settings(placements: List[EvalPlacement], routers: List[CapawareConfig]
+                    ) -> List["tuple[CapawareConfig, EvalPlacement]"]:
+    """Every router on every placement it can run on (with replicas: topk only, for now)."""
+    return [(cfg, p) for p in placements for cfg in routers
+            if cfg.router_type == "topk" or not p.plan.redundant]
+
+
 def run_evaluation(
     options: EvalOptions,
     routers: List[CapawareConfig],
     *,
     on_result: Optional[Callable[[RouterResult], None]] = None,
+    placed: Optional[List["tuple[CapawareConfig, EvalPlacement]"]] = None,
 ) -> List[RouterResult]:
     """Evaluate every router setting on every rank (call under torch.distributed).
 
+    ``placed``: ``(router, placement)`` settings run after ``routers``, with
+    the experts moved into each placement's layout (once per placement).
     Returns the same results on every rank.
     """
     import torch.distributed as dist
 
     from megatron_capaware import parallel
-    from megatron_capaware.adapters import collect_stats, install_capaware_routers, reduce_summaries
+    from megatron_capaware.adapters import collect_stats, install_capaware_routers, reduce_summaries, remove_placement
     from megatron_capaware.models.checkpoint import load_model
     from megatron_capaware.tools.text_data import check_tokenizer, load_tokenizer, rank_batches, token_windows
 
@@ -165,10 +194,20 @@ def run_evaluation(
     if options.progress and rank0:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(routers) * len(batches), desc="capaware-eval", unit="batch", file=sys.stderr)
+        bar = tqdm(total=(len(routers) + len(placed or [])) * len(batches), desc="capaware-eval", unit="batch",
+                   file=sys.stderr)
     results: List[RouterResult] = []
-    for config in routers:
-        install_capaware_routers(model, config)
+    settings = [(cfg, None) for cfg in routers] + list(placed or [])
+    current: Optional[EvalPlacement] = None
+    for config, placement in settings:
+        if placement is not current:  # move the experts (every rank, same order)
+            if current is not None:
+                remove_placement(model)
+            install_capaware_routers(model, config, placement=placement.plan if placement else None,
+                                     replica_policy=placement.replica_policy if placement else "least-loaded")
+            current = placement
+        else:
+            install_capaware_routers(model, config)
         for stats in collect_stats(model).values():
             stats.reset()
         nll, correct, start = 0.0, 0, time.perf_counter()
@@ -182,7 +221,7 @@ def run_evaluation(
                 nll += batch_nll
                 correct += batch_correct
                 if bar is not None:
-                    bar.set_postfix_str(config.describe())
+                    bar.set_postfix_str(config.describe() + (f" {placement.describe()}" if placement else ""))
                     bar.update(1)
         totals = torch.tensor(
             [nll * counts_once, correct * counts_once, labels.numel() * len(batches) * counts_once],
@@ -197,7 +236,7 @@ def run_evaluation(
         }
         result = RouterResult(
             config=config, nll=float(totals[0]), correct=int(totals[1]), tokens=int(totals[2]),
-            per_layer=per_layer, expert_loads=loads, seconds=time.perf_counter() - start,
+            per_layer=per_layer, expert_loads=loads, seconds=time.perf_counter() - start, placement=placement,
         )
         results.append(result)
         if on_result is not None and rank0:
@@ -244,9 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=Path, default=None, help="also write the records here")
     parser.add_argument("--csv", type=Path, default=None, help="also write the table here")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--placement", type=Path, default=None,
-                        help="a capaware-plan file: report top-k's busiest-rank load under that placement "
-                             "(predicted from the measured loads; the weights are not moved yet)")
+    parser.add_argument("--placement", type=Path, nargs="+", default=None, metavar="PLAN",
+                        help="capaware-plan files: after the router sweep, move the experts into each plan's "
+                             "layout and evaluate --placed-routers there (default: the plans shipped beside "
+                             "the checkpoint for this EP size, placement-ep{EP}-r*.json)")
+    parser.add_argument("--no-placement", action="store_true",
+                        help="skip the placed settings (also the shipped plans)")
+    parser.add_argument("--placed-routers", nargs="+", default=None, metavar="SPEC",
+                        help="router settings to run on each placement (default: "
+                             + " ".join(DEFAULT_PLACED_ROUTER_SPECS) + "; with replicas only topk runs)")
+    parser.add_argument("--replica-policy", choices=("least-loaded", "round-robin"), default="least-loaded",
+                        help="which replica computes a chosen expert under a plan with redundant experts")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (it draws only on a terminal anyway)")
     return add_cli_flags(parser)
@@ -266,14 +313,8 @@ def _main(argv: List[str]) -> int:
 
     checkpoint, text = reference_models.checkpoint_and_text(args.checkpoint, args.text, reference_models.HELDOUT_TEXT, model=args.model)
     routers = parse_router_specs(args.routers) if args.routers else default_routers(checkpoint)
-    placement = None
-    if args.placement is not None:
-        from megatron_capaware.models.checkpoint import load_model_args
-        from megatron_capaware.placement import load_plan
-
-        placement = load_plan(args.placement)
-        model_args = load_model_args(checkpoint)
-        placement.check_model(model_args.moe_layer_numbers, model_args.num_moe_experts, args.ep)
+    placements = eval_placements(args, checkpoint, text)
+    placed = placed_settings(placements, parse_router_specs(args.placed_routers or DEFAULT_PLACED_ROUTER_SPECS))
     launching = "RANK" not in os.environ
     if launching:  # every mistake that can be seen before a rank starts
         preflight.check_run(checkpoint, text, args.tokenizer, routers, ep=args.ep, tp=args.tp, etp=args.etp,
@@ -289,21 +330,51 @@ def _main(argv: List[str]) -> int:
         tensor_parallel=args.tp, expert_parallel=args.ep, expert_tensor_parallel=args.etp,
         dispatcher=args.dispatcher, dtype=args.dtype, progress=progress_enabled(not args.no_progress),
     )
-    results = run_evaluation(options, routers)
+    results = run_evaluation(options, routers, placed=placed)
     # run_evaluation has destroyed the process group by now: the launcher's RANK decides.
     if int(os.environ.get("RANK", "0")) == 0:
         records = report.make_records(results, options)
-        if placement is not None:
-            report.add_placement(records, placement, in_sample=Path(text).resolve() == Path(
-                placement.provenance.get("text", "")).resolve())
         print(report.format_table(records))
-        if placement is not None:
+        if placed:
             print(report.format_placement(records))
         paths = report.write_outputs(records, args.out, json_path=args.json, csv_path=args.csv,
                                      plots=not args.no_plots)
         for path in paths:
             print(f"wrote {path}")
     return 0
+
+
+def eval_placements(args: argparse.Namespace, checkpoint: Path, text: Path) -> List[EvalPlacement]:
+    """The plans to evaluate: ``--placement``, else those shipped beside the checkpoint for ``--ep``.
+
+    Raises:
+        PlacementError: a plan for another model, expert count, layer count or EP size.
+    """
+    from megatron_capaware.models.checkpoint import load_model_args
+    from megatron_capaware.placement import load_plan
+
+    if args.no_placement:
+        return []
+    paths = list(args.placement or [])
+    if not paths and args.ep > 1:
+        paths = sorted(Path(checkpoint).glob(PLACEMENT_GLOB.format(ep=args.ep)),
+                       key=lambda p: int(p.stem.rsplit("-r", 1)[1]) if p.stem.rsplit("-r", 1)[1].isdigit() else 0)
+    model_args = load_model_args(checkpoint)
+    out = []
+    for path in paths:
+        plan = load_plan(path)
+        plan.check_model(model_args.moe_layer_numbers, model_args.num_moe_experts, args.ep)
+        planned_on = plan.provenance.get("text_sha256")
+        in_sample = bool(plan.provenance.get("in_sample")) or (
+            planned_on is not None and planned_on == _sha256(Path(text)))
+        out.append(EvalPlacement(Path(path).name, Path(path), plan, args.replica_policy, in_sample))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 if __name__ == "__main__":

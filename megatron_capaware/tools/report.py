@@ -48,8 +48,9 @@ def make_records(results: Sequence[Any], options: Any) -> List[Dict[str, Any]]:
         cfg = result.config
         agg = metrics.aggregate_layers(result.per_layer)
         flexible = [l.get("flexible_frac", 0.0) for l in result.per_layer.values()]
+        placement = getattr(result, "placement", None)
         records.append({
-            "label": cfg.describe(),
+            "label": cfg.describe() + (f" @{placement.describe()}" if placement else ""),
             "router": cfg.router_type,
             "gamma": cfg.gamma if cfg.uses_capacity else None,
             "ppl": result.ppl,
@@ -72,8 +73,15 @@ def make_records(results: Sequence[Any], options: Any) -> List[Dict[str, Any]]:
             "config": cfg.to_dict(),
             "per_layer": {str(k): v for k, v in sorted(result.per_layer.items())},
             "expert_loads": {str(k): v for k, v in sorted(result.expert_loads.items())},
+            "placement": None if placement is None else {
+                "plan": placement.label, "redundant": placement.plan.redundant, "ep": placement.plan.ep,
+                "replica_policy": placement.replica_policy, "in_sample": placement.in_sample,
+                "plan_text": placement.plan.provenance.get("text"),
+                "replica_bytes_bf16": placement.plan.provenance.get("replica_bytes_bf16"),
+            },
         })
-    baseline = next((r for r in records if r["router"] == "topk"), None)
+    # The baseline: top-k on Megatron's contiguous layout.
+    baseline = next((r for r in records if r["router"] == "topk" and not r.get("placement")), None)
     for record in records:
         ranks = [1.0 / l["rank_imbalance"] for l in record["per_layer"].values() if l.get("rank_imbalance")]
         record["balancedness"] = sum(ranks) / len(ranks) if ranks else None
@@ -307,42 +315,20 @@ def plot_frontier(records: Sequence[Dict[str, Any]], path: Path) -> List[Path]:
                    "Speed against quality (settings off the dashed line are dominated)", 7)
 
 
-def add_placement(records: Sequence[Dict[str, Any]], plan: Any, *, in_sample: bool) -> None:
-    """On the top-k records: the busiest rank's load over the mean under ``plan`` (per layer, averaged),
-    next to Megatron's contiguous placement, from the loads measured on the evaluation text."""
-    import torch
-
-    from megatron_capaware.placement import contiguous_slots, rank_peak
-
-    for record in records:
-        if record["router"] != "topk" or not record.get("expert_loads"):
-            continue
-        planned, contiguous = [], []
-        for layer, loads in record["expert_loads"].items():
-            values = torch.tensor(loads, dtype=torch.float64)
-            placement = plan.layers[int(layer)]
-            planned.append(rank_peak(values, placement.slots, plan.ep))
-            contiguous.append(rank_peak(values, contiguous_slots(len(loads)), plan.ep))
-        record["placement"] = {
-            "redundant": plan.redundant, "ep": plan.ep, "in_sample": in_sample,
-            "plan_text": plan.provenance.get("text"),
-            "contiguous_rank_peak": sum(contiguous) / len(contiguous),
-            "placed_rank_peak": sum(planned) / len(planned),
-        }
-        record["placement"]["predicted_speedup"] = (
-            record["placement"]["contiguous_rank_peak"] / record["placement"]["placed_rank_peak"])
-
-
 def format_placement(records: Sequence[Dict[str, Any]]) -> str:
+    """The placed settings against top-k on the contiguous layout: measured perplexity and busiest rank."""
+    base = next((r for r in records if r["router"] == "topk" and not r.get("placement")), None)
     lines = []
     for record in records:
         p = record.get("placement")
-        if not p:
+        if not p or base is None:
             continue
+        extra = f", replicas {p['replica_bytes_bf16'] / 1e6:.2f} MB bf16" if p.get("replica_bytes_bf16") else ""
         lines.append(
-            f"placement (EP {p['ep']}, R={p['redundant']}, planned on {Path(p['plan_text'] or '?').name}"
-            f"{', in-sample' if p['in_sample'] else ''}): top-k busiest rank {p['contiguous_rank_peak']:.3f} "
-            f"(contiguous) -> {p['placed_rank_peak']:.3f} (placed), predicted speedup {p['predicted_speedup']:.3f}x "
-            "at zero quality cost (the model's function does not depend on placement)"
+            f"{record['label']}: EP {p['ep']}, R={p['redundant']} ({p['replica_policy']}), planned on "
+            f"{Path(p['plan_text'] or '?').name}{' (in-sample)' if p['in_sample'] else ''}{extra}: busiest rank "
+            f"{base['rank_peak_load']:.3f} -> {record['rank_peak_load']:.3f} (measured), speedup "
+            f"{record['predicted_speedup']:.3f}x, perplexity {record['ppl']:.4f} vs {base['ppl']:.4f} "
+            f"({record['delta_ppl_pct']:+.5f}%)"
         )
     return "\n".join(lines)
