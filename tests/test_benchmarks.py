@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from megatron_capaware.tools.bench import overhead, straggler
 
@@ -39,3 +40,31 @@ def test_overhead_benchmark_runs_on_tiny_shapes(tmp_path) -> None:
         for key in ("router", "tokens", "experts", "topk", "ratio_vs_topk_router", "share_of_layer"):
             assert key in r
         assert r["router_ms"] > 0 and 0 < r["share_of_layer"] < 1
+
+
+def test_straggler_benchmark_times_placed_layouts_and_the_forced_balance(tmp_path) -> None:
+    from megatron_capaware.tools.bench.common import skewed_scores
+    from tests.placement_workers import make_plan
+
+    trace = tmp_path / "trace.pt"
+    torch.save({"layers": {3: [skewed_scores(256, 8, 1.5, seed=3)]}, "model": {}, "source": "test"}, trace)
+    plans = []
+    for redundant in (0, 2):
+        plan = make_plan([3], 8, 2, redundant, seed=4)
+        plan.save(tmp_path / f"plan-r{redundant}.json")
+        plans.append(str(tmp_path / f"plan-r{redundant}.json"))
+    out = tmp_path / "straggler.json"
+    assert straggler.main(["--ep", "2", "--tokens-per-rank", "128", "--hidden", "32", "--ffn", "64",
+                           "--trace", str(trace), "--skews", "--placement", *plans, "--routers", "topk",
+                           "--placed-routers", "topk", "capacity-drop:gamma=1.0,unit=rank",
+                           "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
+    rows = {r["label"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"topk", "topk @placed:plan-r0.json", "capacity-drop(gamma=1,unit=rank) @placed:plan-r0.json",
+                         "topk @placed:plan-r2.json", "topk (force_load_balancing)"}
+    assert len(rows["topk @placed:plan-r2.json"]["placement"]) == 10
+    forced = rows["topk (force_load_balancing)"]
+    assert forced["router"] == "megatron-force-balance" and forced["i_rank"] < rows["topk"]["i_rank"]
+    for label, row in rows.items():
+        assert row["layer_ms"] > 0
+        if label.startswith("topk"):  # placement and forced balance drop nothing
+            assert row["dropped_frac"] == 0.0, label

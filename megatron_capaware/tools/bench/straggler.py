@@ -58,7 +58,7 @@ def _cases(options: Dict[str, Any], tokens_per_rank: int, ep: int, rank: int) ->
             need = tokens_per_rank * ep
             if allscores.shape[0] < need:
                 raise ValueError(f"trace layer {layer} has {allscores.shape[0]} tokens, need {need}")
-            cases.append({"name": f"trace-layer{layer}",
+            cases.append({"name": f"trace-layer{layer}", "layer": int(layer),
                           "scores": allscores[rank * tokens_per_rank:(rank + 1) * tokens_per_rank]})
     for skew in options["skews"]:
         glob = skewed_scores(tokens_per_rank * ep, options["experts"], skew, seed=17)
@@ -67,11 +67,36 @@ def _cases(options: Dict[str, Any], tokens_per_rank: int, ep: int, rank: int) ->
     return cases
 
 
+class _Layout:
+    """The benchmark layer's expert layout: Megatron's contiguous one, or a plan's slots for one layer."""
+
+    def __init__(self, layer: Any, ep: int) -> None:
+        self.layer, self.ep, self.slots = layer, ep, None
+
+    def set(self, slots: Optional[List[int]]) -> None:
+        if slots == self.slots:
+            return
+        from megatron_capaware.adapters.placement import place_layers
+        from megatron_capaware.placement.plan_file import PlacementPlan
+        from megatron_capaware.placement.planner import LayerPlacement
+
+        config = self.layer.config
+        plan = None
+        if slots is not None:
+            number = int(self.layer.layer_number)
+            plan = PlacementPlan(model={"num_moe_experts": config.num_moe_experts}, ep=self.ep,
+                                 redundant=len(slots) - config.num_moe_experts,
+                                 layers={number: LayerPlacement(list(slots), self.ep, 0.0, 0.0)})
+        place_layers([self.layer], plan)
+        self.slots = slots
+
+
 def straggler_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Run on every EP rank; returns the records (identical on every rank)."""
     from megatron_capaware import metrics, parallel
     from megatron_capaware.adapters import collect_stats, install_capaware_routers, reduce_summaries
     from megatron_capaware.models.builder import MoEModelArgs, build_moe_layer, build_transformer_config
+    from megatron_capaware.placement import load_plan
     from megatron_capaware.tools.router_specs import parse_router_specs
 
     ep = options["ep"]
@@ -94,37 +119,57 @@ def straggler_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     g = torch.Generator().manual_seed(rank)
     hidden = torch.randn(tokens, 1, options["hidden"], generator=g).to(device, config.params_dtype)
     routers = parse_router_specs(options["routers"], record_stats=False)
-    labels = [r.describe() for r in routers]
+    plans = [(Path(p).name, load_plan(p)) for p in options.get("placements") or []]
     records: List[Dict[str, Any]] = []
     for case in _cases(options, tokens, ep, rank):
+        # Settings: (label, router, placement slots or None, Megatron's forced balance).
+        settings = [(r.describe(), r, None, False) for r in routers]
+        trace_layer = case.get("layer")
+        for name, plan in plans:
+            if trace_layer is not None and trace_layer in plan.layers:
+                for r in parse_router_specs(options.get("placed_routers") or ["topk"], record_stats=False):
+                    if r.router_type == "topk" or not plan.redundant:
+                        settings.append((f"{r.describe()} @placed:{name}", r, plan.layers[trace_layer].slots, False))
+        if options.get("force_balance"):
+            settings.append(("topk (force_load_balancing)", routers[0].replace(router_type="topk"), None, True))
+        labels = [s[0] for s in settings]
         set_scores(case["scores"].to(device))
         loads: Dict[str, Dict[str, float]] = {}
-        for cfg, label in zip(routers, labels):
+        layout = _Layout(layer, ep)
+        for label, cfg, slots, force in settings:
             install_capaware_routers(layer, cfg.replace(record_stats=True))
+            layout.set(slots)
+            layer.config.moe_router_force_load_balancing = force
             with torch.no_grad():
                 layer(hidden)
             stats = collect_stats(layer)[1]
             summary = reduce_summaries({1: stats})[1]
-            glob = stats.global_loads[-1]
-            rank_loads = metrics.rank_loads(glob.double(), ep)
+            slot_loads = stats.slot_loads()
+            per_slot = slot_loads[-1] if slot_loads else stats.global_loads[-1]
+            rank_loads = metrics.rank_loads(per_slot.double(), ep)
             loads[label] = dict(summary, max_rank_load=float(rank_loads.max()))
         samples: Dict[str, List[float]] = {label: [] for label in labels}
         for repeat in range(options["warmup"] + options["repeats"]):
-            for cfg, label in zip(routers, labels):
+            for label, cfg, slots, force in settings:
                 install_capaware_routers(layer, cfg)
+                layout.set(slots)  # moves weights only when the layout changes (untimed)
+                layer.config.moe_router_force_load_balancing = force
                 with torch.no_grad():
                     seconds = timed(lambda: layer(hidden))
                 if repeat >= options["warmup"]:
                     samples[label].append(seconds)
+        layout.set(None)
+        layer.config.moe_router_force_load_balancing = False
         base = labels[0]
         base_time = summarize_times(samples[base])["median_s"]
-        for cfg, label in zip(routers, labels):
+        for label, cfg, slots, force in settings:
             t = summarize_times(samples[label])
             ideal = loads[base]["rank_imbalance"] / loads[label]["rank_imbalance"]
             ideal_max = loads[base]["max_rank_load"] / loads[label]["max_rank_load"]
             speedup = base_time / t["median_s"]
             records.append({
-                "router": cfg.router_type, "label": label, "gamma": cfg.gamma if cfg.uses_capacity else None,
+                "router": "megatron-force-balance" if force else cfg.router_type, "label": label, "gamma": cfg.gamma if cfg.uses_capacity else None,
+                "placement": slots, "force_load_balancing": force,
                 "case": case["name"], "ep": ep, "oversubscribed": ep > (os.cpu_count() or 1),
                 "tokens_per_rank": tokens, "hidden": options["hidden"], "ffn": options["ffn"],
                 "experts": options["experts"], "topk": options["topk"],
@@ -160,11 +205,11 @@ def summarize(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def format_table(records: List[Dict[str, Any]]) -> str:
-    head = f"{'case':22} {'router':38} {'ms':>8} {'speedup':>8} {'I_rank':>7} {'ideal':>6} {'eff':>5} {'ideal*':>6} {'eff*':>5} {'drop%':>6}"
+    head = f"{'case':22} {'router':48} {'ms':>8} {'speedup':>8} {'I_rank':>7} {'ideal':>6} {'eff':>5} {'ideal*':>6} {'eff*':>5} {'drop%':>6}"
     lines = [head, "-" * len(head)]
     for r in records:
         lines.append(
-            f"{r['case']:22} {r['label']:38} {r['layer_ms']:8.1f} {r['speedup']:8.3f} {r['i_rank']:7.3f} "
+            f"{r['case']:22} {r['label']:48} {r['layer_ms']:8.1f} {r['speedup']:8.3f} {r['i_rank']:7.3f} "
             f"{r['ideal_speedup']:6.3f} {r['efficiency']:5.2f} {r['ideal_speedup_maxload']:6.3f} "
             f"{r['efficiency_maxload']:5.2f} {100 * r['dropped_frac']:6.2f}"
         )
@@ -187,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "record one from the bundled model on its held-out text")
     p.add_argument("--skews", type=float, nargs="*", default=[0.0, 0.5, 1.0, 1.5],
                    help="synthetic Zipf skews (0 = balanced)")
+    p.add_argument("--placement", type=Path, nargs="*", default=None, metavar="PLAN",
+                   help="capaware-plan files of the bundled model: each trace case (one MoE layer) also runs "
+                        "with its layer's placement; default: the plans shipped beside the bundled model for "
+                        "--ep (placement-ep{EP}-r*.json); none given: no placed rows")
+    p.add_argument("--placed-routers", nargs="+", default=["topk"], metavar="SPEC",
+                   help="router settings run on each placement (with replicas only topk runs)")
+    p.add_argument("--no-force-balance", action="store_true",
+                   help="skip the row of Megatron's moe_router_force_load_balancing (random, balanced "
+                        "routing: the balanced ideal, not a usable setting)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads-per-rank", type=int, default=None)
@@ -211,6 +265,17 @@ def default_trace(path: Path) -> Path:
     return path
 
 
+def default_placements(args: argparse.Namespace) -> List[Path]:
+    """``--placement``, else the bundled model's plans for this EP size (trace cases only)."""
+    if args.placement is not None:
+        return list(args.placement)
+    if str(args.trace) == "none" or args.trace is not None:
+        return []
+    from megatron_capaware.models import reference_models
+
+    return sorted(reference_models.reference_model_dir().glob(f"placement-ep{args.ep}-r*.json"))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     return run_cli(PROG, _main, argv)
 
@@ -228,12 +293,13 @@ def _main(argv: List[str]) -> int:
     options = dict(ep=args.ep, tokens_per_rank=args.tokens_per_rank, hidden=args.hidden, ffn=args.ffn,
                    experts=args.experts, topk=args.topk, dispatcher=args.dispatcher, routers=args.routers,
                    trace=str(trace) if trace else None, skews=args.skews, repeats=args.repeats,
-                   warmup=args.warmup)
+                   warmup=args.warmup, placements=[str(p) for p in default_placements(args)],
+                   placed_routers=args.placed_routers, force_balance=not args.no_force_balance)
     records = run_distributed(straggler_worker, args.ep, options, timeout_s=7200, threads_per_rank=threads)[0]
     print(format_table(records))
     print("\nsummary over cases with an imbalanced top-k (geometric means):")
     for s in summarize(records):
-        print(f"  {s['label']:38} speedup {s['speedup']:.3f}  ideal {s['ideal_speedup']:.3f}  "
+        print(f"  {s['label']:48} speedup {s['speedup']:.3f}  ideal {s['ideal_speedup']:.3f}  "
               f"efficiency {s['efficiency']:.2f} (vs max-load ideal {s['efficiency_maxload']:.2f})  "
               f"dropped {100 * s['dropped_frac']:.2f}%")
     if args.json:
