@@ -61,6 +61,7 @@ def placed_gpt_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
                 "slots": {n: l.slots for n, l in layer_layouts(model).items()},
                 "received": {n: s.received[-1].clone() for n, s in stats.items()},
                 "duplication": {n: s.duplication for n, s in stats.items()},
+                "capacity": {n: s.capacity[-1] for n, s in stats.items()},
                 "slot_loads": {n: (s.slot_loads() or [None])[-1] for n, s in stats.items()},
                 "global_loads": {n: s.global_loads[-1].clone() for n, s in stats.items()},
                 "summary": {n: s.summary() for n, s in stats.items()},
@@ -81,7 +82,7 @@ def placed_gpt_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         # A replicated plan with a capacity router is refused before anything moves.
         if ep > 1:
             try:
-                install_capaware_routers(model, CapawareConfig("capacity-drop"),
+                install_capaware_routers(model, CapawareConfig("capacity-reroute"),
                                          placement=make_plan(layers, args.num_moe_experts, ep, ep, 2))
                 out["replicas_with_drop"] = "accepted"
             except PlacementError as err:

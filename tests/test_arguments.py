@@ -385,7 +385,7 @@ def test_placement_flags_reach_the_namespace_and_default_the_replica_policy() ->
 @pytest.mark.parametrize("argv,message", [
     (["--capaware-replica-policy", "round-robin"], "needs --capaware-placement"),
     (["--capaware-placement", "/nonexistent/plan.json"], "--capaware-placement /nonexistent/plan.json"),
-    (["--capaware-placement", str(BUNDLED_PLAN / "plan-ep2-r2.json"), "--moe-router-type", "capacity-drop"],
+    (["--capaware-placement", str(BUNDLED_PLAN / "plan-ep2-r2.json"), "--moe-router-type", "laser"],
      "redundant experts is not supported yet"),
 ])
 def test_bad_placement_flags_fail_at_parse_time(argv, message, capsys) -> None:

@@ -36,6 +36,10 @@ def runs_for(ep: int, redundant) -> Dict[str, dict]:
     if redundant:
         runs["replicated"] = {"redundant": redundant, "seed": 13}
         runs["replicated-rr"] = {"redundant": redundant, "seed": 13, "policy": "round-robin"}
+        runs["replicated-drop"] = {"redundant": redundant, "seed": 13,
+                                   "router": {"router_type": "capacity-drop", "gamma": 1.0}}
+        runs["replicated-drop-rank"] = {"redundant": redundant, "seed": 13, "router": {
+            "router_type": "capacity-drop", "gamma": 1.0, "capacity_unit": "rank", "drop_policy": "weight"}}
     return runs
 
 
@@ -75,8 +79,14 @@ def test_placement_keeps_topk_logits_and_restores_the_logical_layout(tp, ep, dis
                     0, torch.tensor(slots), loads)
                 assert torch.equal(by_expert, run["global_loads"][layer]), f"{where}: {name} layer {layer}"
         if ep > 1:  # unit=rank caps the busiest rank of the placed layout (C_rank = ceil(T*k/W))
-            for layer, summary in runs["placed-drop-rank"]["summary"].items():
-                assert summary["rank_peak_load"] <= 1.0 + ep / 64 + 1e-9, f"{where}: layer {layer}: {summary}"
+            for name in ("placed-drop-rank", "replicated-drop-rank"):
+                for layer, summary in runs.get(name, {}).get("summary", {}).items():
+                    assert summary["rank_peak_load"] <= 1.0 + ep / 64 + 1e-9, f"{where}: {name} {layer}: {summary}"
+        if "replicated-drop" in runs:  # capacity per physical slot: C = ceil(T*k/S) each
+            run = runs["replicated-drop"]
+            for layer, loads in run["slot_loads"].items():
+                assert int(loads.max()) <= run["capacity"][layer], f"{where}: layer {layer}: {loads.tolist()}"
+                assert run["capacity"][layer] < runs["contiguous-drop"]["capacity"][layer]  # S > E slots
         assert res["restored"], f"{where}: expert weights differ after remove_placement"
         assert "EP" in res["wrong_ep"], res["wrong_ep"]
         if ep > 1:

@@ -45,6 +45,10 @@ from megatron_capaware.placement.replicas import REPLICA_POLICIES, SlotTable, sl
 from megatron_capaware.policies.collectives import all_gather_objects, all_to_all_rows, group_rank, group_size
 
 
+#: Router types that run under a plan with replicas.
+SLOT_ROUTERS = ("topk", "capacity-drop")
+
+
 @dataclass
 class LayerLayout:
     """Where one MoE layer's experts are now.
@@ -207,14 +211,15 @@ def _exchange(tensors: List[List[torch.Tensor]], holders: List[List[int]], wants
 def check_router_for_slots(capaware: Any, num_slots: int, num_experts: int) -> None:
     """Refuse router settings that a layout with ``num_slots`` slots for ``num_experts`` experts cannot serve.
 
-    With replicas (``S > E``) only ``topk`` is supported so far: the capacity
-    routers' per-slot capacity and LASER's replica-aware loads are not built.
+    With replicas (``S > E``): ``topk`` and ``capacity-drop`` (capacity per
+    slot, or per rank); reroute, expanded-drop and LASER would need
+    replica-aware candidates, not built yet.
     """
-    if num_slots > num_experts and capaware.router_type != "topk":
+    if num_slots > num_experts and capaware.router_type not in SLOT_ROUTERS:
         raise PlacementError(
             f"--moe-router-type {capaware.router_type} with a placement that has {num_slots - num_experts} "
-            "redundant experts is not supported yet (capacity per replica slot): use a plan made with "
-            "--redundant-experts 0, or --moe-router-type topk with this plan"
+            "redundant experts is not supported yet (replica-aware candidates): use a plan made with "
+            "--redundant-experts 0, or --moe-router-type topk / capacity-drop with this plan"
         )
 
 

@@ -120,9 +120,35 @@ class CapawareRouter(TopKRouter):
         with routing_collectives(self.layer_number, self.capaware_load_group):
             probs, routing_map = self._capaware_routing(logits, padding_mask)
             layout = self.capaware_layout
-            if layout is not None and layout.placed:
+            if layout is not None and layout.placed and not self._decides_on_slots():
                 probs, routing_map = self._to_slots(probs, routing_map, layout)
             return probs, routing_map
+
+    def _decides_on_slots(self) -> bool:
+        """Capacity per physical slot: capacity-drop under a plan with replicas decides on the ``S`` slots.
+
+        Each chosen expert is first given its replica (as for top-k), then the
+        capacity rule runs over slots (``C = ceil(gamma * T * k / S)`` each;
+        ``unit=rank``: the plan's ranks), so a replicated expert holds
+        ``m_e * C`` and the decision comes out physical.
+        """
+        layout = self.capaware_layout
+        return (layout is not None and layout.table.num_slots > layout.table.num_experts
+                and self.capaware.router_type == "capacity-drop")
+
+    def _slot_choice(self, scores: torch.Tensor, indices: torch.Tensor):
+        """Logical top-k ``indices [T, k]`` -> their replicas' slots ``[T, k]``, and scores per slot ``[T, S]``."""
+        from megatron_capaware.placement.replicas import replica_choice
+
+        layout = self.capaware_layout
+        table = layout.table
+        if table.replica_slots.device != scores.device:
+            table = layout.table = table.to(scores.device)
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)  # [T, E]
+        replica = replica_choice(chosen, table, layout.replica_policy, self.capaware_load_group)  # [T, E]
+        width = table.replica_slots.shape[1]
+        slots = table.replica_slots.reshape(-1)[indices * width + replica.gather(1, indices)]  # [T, k]
+        return slots, scores[:, table.slot_expert]
 
     def _to_slots(self, probs: torch.Tensor, routing_map: torch.Tensor, layout):
         """Logical ``[T, E]`` decision -> the placement's physical slots ``[T, S]`` (adapters/placement.py).
@@ -182,6 +208,8 @@ class CapawareRouter(TopKRouter):
                 from megatron_capaware.adapters.guards import check_scores_over_group
 
                 check_scores_over_group(scores, self.capaware_load_group, self.layer_number)
+        if self._decides_on_slots():
+            indices, scores = self._slot_choice(scores, indices)  # [T, k] slots, [T, S]
         decision = self._decide(scores, indices, valid_tokens, allowed)
         scaling = self.config.moe_router_topk_scaling_factor or 1.0
         if capaware.renormalize:
@@ -337,13 +365,15 @@ class CapawareRouter(TopKRouter):
     def _expert_ranks(self, device: torch.device) -> torch.Tensor:
         """``[E]``: the EP rank of each expert (contiguous, or the placement's), built once per layout and device."""
         layout = self.capaware_layout
-        key = (tuple(layout.slots) if layout is not None else None, device)
+        key = (tuple(layout.slots) if layout is not None else None, self.capaware.router_type, device)
         cached = getattr(self, "_capaware_expert_ranks", None)
         if cached is None or cached[0] != key:
             ranks = policies.expert_rank_map(self.config.num_moe_experts, self.config.expert_model_parallel_size,
                                              device)
-            if layout is not None and layout.placed:  # one slot per expert (replicas are refused with unit=rank)
-                per = len(layout.slots) // layout.num_ranks
+            per = len(layout.slots) // layout.num_ranks if layout is not None else 1
+            if layout is not None and self._decides_on_slots():  # [S]: the rank of each slot
+                ranks = torch.arange(len(layout.slots), device=device) // per
+            elif layout is not None and layout.placed:  # [E]: one slot per expert
                 ranks = torch.tensor([layout.slots.index(e) // per for e in range(self.config.num_moe_experts)],
                                      dtype=torch.int64, device=device)
             cached = (key, ranks)
@@ -351,6 +381,14 @@ class CapawareRouter(TopKRouter):
         return cached[1]
 
     def _record(self, decision) -> None:
+        if self._decides_on_slots():
+            # Slot loads [S] as decided; the stats' expert figures stay per logical expert.
+            table = self.capaware_layout.table
+            slot_loads = decision.global_loads.to(torch.int64)
+            self.capaware_stats.record_slot_loads(slot_loads)
+            logical = torch.zeros(table.num_experts, dtype=torch.int64, device=slot_loads.device).index_add_(
+                0, table.slot_expert, slot_loads)
+            decision = dataclasses.replace(decision, global_loads=logical)
         if self.capaware.scope == "local" and self.capaware_load_group is not None:
             # The decision only saw this rank's tokens; the stats report what the
             # experts process, so sum the loads over the ranks that feed them.

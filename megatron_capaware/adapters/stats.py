@@ -101,9 +101,9 @@ class LayerRoutingStats:
         if self.layout is None:
             return None
         self.flush()
-        if self.layout.replica_policy == "least-loaded":  # exact from the expert loads (placement.replicas)
-            return [self._even_slot_loads(loads) for loads in self._global_loads]
-        return list(self._slot_loads)
+        if self._slot_loads or self.layout.replica_policy != "least-loaded":  # recorded by the router
+            return list(self._slot_loads)
+        return [self._even_slot_loads(loads) for loads in self._global_loads]  # exact (placement.replicas)
 
     def _even_slot_loads(self, loads: torch.Tensor) -> torch.Tensor:
         from megatron_capaware.placement.replicas import even_slot_loads
@@ -180,10 +180,10 @@ class LayerRoutingStats:
 
     def _fold_oldest(self) -> None:
         slot_loads = None
-        if self.layout is not None and self.layout.replica_policy == "least-loaded":
-            slot_loads = self._even_slot_loads(self._global_loads[0])
-        elif self.layout is not None and self._slot_loads:
+        if self.layout is not None and self._slot_loads:
             slot_loads = self._slot_loads.pop(0)
+        elif self.layout is not None and self.layout.replica_policy == "least-loaded":
+            slot_loads = self._even_slot_loads(self._global_loads[0])
         loads = self._global_loads.pop(0)
         for key, value in metrics.load_metrics(loads, self.ep_size, self._counts["requested"][0],
                                                slot_loads).items():

@@ -395,10 +395,10 @@ def _resolve_placement(args: Any, cfg: CapawareConfig) -> None:
         if ep and int(ep) != plan.ep:
             raise PlacementError(f"the placement plan is for EP {plan.ep}, --expert-model-parallel-size is {ep}: "
                                  f"run capaware-plan --ep {ep}")
-        if plan.redundant and cfg.router_type != "topk":
+        if plan.redundant and cfg.router_type not in ("topk", "capacity-drop"):
             raise PlacementError(
                 f"--moe-router-type {cfg.router_type} with a placement that has {plan.redundant} redundant "
-                "experts is not supported yet: use a plan made with --redundant-experts 0, or topk"
+                "experts is not supported yet: use a plan made with --redundant-experts 0, or topk / capacity-drop"
             )
     except PlacementError as err:
         raise CapawareConfigError(f"--capaware-placement {plan_path}: {err}") from None

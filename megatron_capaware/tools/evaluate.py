@@ -134,9 +134,11 @@ def _loss_and_correct(logits: torch.Tensor, labels: torch.Tensor) -> "tuple[floa
 
 def placed_settings(placements: List[EvalPlacement], routers: List[CapawareConfig]
                     ) -> List["tuple[CapawareConfig, EvalPlacement]"]:
-    """Every router on every placement it can run on (with replicas: topk only, for now)."""
+    """Every router on every placement it can run on (with replicas: topk and capacity-drop, for now)."""
+    from megatron_capaware.adapters.placement import SLOT_ROUTERS
+
     return [(cfg, p) for p in placements for cfg in routers
-            if cfg.router_type == "topk" or not p.plan.redundant]
+            if cfg.router_type in SLOT_ROUTERS or not p.plan.redundant]
 
 
 def run_evaluation(
@@ -291,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip the placed settings (also the shipped plans)")
     parser.add_argument("--placed-routers", nargs="+", default=None, metavar="SPEC",
                         help="router settings to run on each placement (default: "
-                             + " ".join(DEFAULT_PLACED_ROUTER_SPECS) + "; with replicas only topk runs)")
+                             + " ".join(DEFAULT_PLACED_ROUTER_SPECS) + "; with replicas only topk and "
+                             "capacity-drop run)")
     parser.add_argument("--replica-policy", choices=("least-loaded", "round-robin"), default="least-loaded",
                         help="which replica computes a chosen expert under a plan with redundant experts")
     parser.add_argument("--no-progress", action="store_true",
