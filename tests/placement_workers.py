@@ -97,3 +97,34 @@ def _moe_layers(model):
     from megatron_capaware.adapters import moe_layers
 
     return moe_layers(model)
+
+
+def replan_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Online re-planning on a tiny GPT at EP = spec['ep']: logits unchanged while the experts move."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_capaware.adapters import collect_stats, install_capaware_routers, layer_layouts
+    from megatron_capaware.adapters.replan import OnlineReplanner
+    from megatron_capaware.config import CapawareConfig
+    from megatron_capaware.models.builder import MoEModelArgs, build_gpt_model, build_transformer_config
+
+    ep = spec["ep"]
+    parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=ep))
+    parallel.set_seed(7)
+    args = MoEModelArgs(**TINY_GPT)
+    model = build_gpt_model(args, build_transformer_config(args, expert_parallel=ep))
+    g = torch.Generator().manual_seed(100 + ps.get_data_parallel_rank())
+    ids = torch.randint(0, args.vocab_size, (2, 32), generator=g)
+    pos = torch.arange(32).unsqueeze(0).expand(2, 32)
+    install_capaware_routers(model, CapawareConfig("topk"))
+    out: Dict[str, Any] = {"logits": []}
+    replanner = OnlineReplanner(every=2, window=2, redundant=spec["redundant"]).attach(model)
+    with torch.no_grad():
+        for _ in range(5):
+            out["logits"].append(model(ids, pos, attention_mask=None).clone())
+    replanner.detach()
+    out["events"] = [(e.call, e.seconds, e.rank_peak_before, e.rank_peak_after) for e in replanner.events]
+    out["slots"] = {n: l.slots for n, l in layer_layouts(model).items()}
+    out["calls"] = {n: s.calls for n, s in collect_stats(model).items()}
+    parallel.destroy()
+    return out

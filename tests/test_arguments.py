@@ -370,11 +370,11 @@ class TestMegatronParser:
         assert args.moe_expert_capacity_factor == 1.0 and config_from_args(args).router_type == "topk"
 
 
-BUNDLED_PLAN = Path(__file__).resolve().parents[1] / "docs/results/placement"
+BUNDLED_PLAN = Path(__file__).resolve().parents[1] / "megatron_capaware/models/reference_models/shakespeare-moe-8x2"
 
 
 def test_placement_flags_reach_the_namespace_and_default_the_replica_policy() -> None:
-    plan = str(BUNDLED_PLAN / "plan-ep2-r2.json")
+    plan = str(BUNDLED_PLAN / "placement-ep2-r2.json")
     args = parse(["--capaware-placement", plan, "--capaware-replica-policy", "round-robin"])
     assert args.capaware_placement == plan and args.capaware_replica_policy == "round-robin"
     args = parse(["--capaware-placement", plan])
@@ -385,7 +385,7 @@ def test_placement_flags_reach_the_namespace_and_default_the_replica_policy() ->
 @pytest.mark.parametrize("argv,message", [
     (["--capaware-replica-policy", "round-robin"], "needs --capaware-placement"),
     (["--capaware-placement", "/nonexistent/plan.json"], "--capaware-placement /nonexistent/plan.json"),
-    (["--capaware-placement", str(BUNDLED_PLAN / "plan-ep2-r2.json"), "--moe-router-type", "laser"],
+    (["--capaware-placement", str(BUNDLED_PLAN / "placement-ep2-r2.json"), "--moe-router-type", "laser"],
      "redundant experts is not supported yet"),
 ])
 def test_bad_placement_flags_fail_at_parse_time(argv, message, capsys) -> None:
@@ -396,6 +396,6 @@ def test_a_plan_for_another_ep_size_fails_at_parse_time(capsys) -> None:
     p = parser()
     p.add_argument("--expert-model-parallel-size", type=int, default=1)
     with pytest.raises(SystemExit):
-        p.parse_args(["--capaware-placement", str(BUNDLED_PLAN / "plan-ep2-r0.json"),
+        p.parse_args(["--capaware-placement", str(BUNDLED_PLAN / "placement-ep2-r0.json"),
                       "--expert-model-parallel-size", "4"])
     assert "run capaware-plan --ep 4" in capsys.readouterr().err

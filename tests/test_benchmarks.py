@@ -60,7 +60,8 @@ def test_straggler_benchmark_times_placed_layouts_and_the_forced_balance(tmp_pat
                            "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 0
     rows = {r["label"]: r for r in json.loads(out.read_text())}
     assert set(rows) == {"topk", "topk @placed:plan-r0.json", "capacity-drop(gamma=1,unit=rank) @placed:plan-r0.json",
-                         "topk @placed:plan-r2.json", "topk (force_load_balancing)"}
+                         "topk @placed:plan-r2.json", "capacity-drop(gamma=1,unit=rank) @placed:plan-r2.json",
+                         "topk (force_load_balancing)"}
     assert len(rows["topk @placed:plan-r2.json"]["placement"]) == 10
     forced = rows["topk (force_load_balancing)"]
     assert forced["router"] == "megatron-force-balance" and forced["i_rank"] < rows["topk"]["i_rank"]

@@ -46,7 +46,7 @@ def test_plan_then_evaluate_with_it(tiny_checkpoint, tmp_path) -> None:
 
 
 def test_a_plan_for_another_model_is_one_line(tiny_checkpoint) -> None:
-    bundled_plan = ROOT / "docs/results/placement/plan-ep2-r0.json"  # the bundled model has 4 MoE layers
+    bundled_plan = ROOT / "megatron_capaware/models/reference_models/shakespeare-moe-8x2/placement-ep2-r0.json"  # the bundled model has 4 MoE layers
     result = run([script("capaware-eval"), "--checkpoint", tiny_checkpoint["checkpoint"], "--text",
                   tiny_checkpoint["heldout"], "--ep", "2", "--placement", str(bundled_plan), "--seq-len", "32",
                   "--sequences-per-rank", "2"])

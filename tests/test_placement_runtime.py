@@ -92,3 +92,18 @@ def test_placement_keeps_topk_logits_and_restores_the_logical_layout(tp, ep, dis
         if ep > 1:
             assert "redundant experts is not supported yet" in res["replicas_with_drop"], res["replicas_with_drop"]
         assert res["still_contiguous"], where
+
+
+@pytest.mark.parametrize("redundant", [0, 2])
+def test_online_replanning_moves_experts_between_forwards_without_changing_logits(redundant) -> None:
+    from tests.placement_workers import replan_worker
+
+    results = run_distributed(replan_worker, 2, {"ep": 2, "redundant": redundant}, timeout_s=420)
+    for res in results:
+        assert [e[0] for e in res["events"]] == [2, 4]  # every 2 forwards
+        assert all(e[1] > 0 and e[3] <= e[2] + 1e-9 for e in res["events"])  # planned peak never worse
+        for logits in res["logits"][1:]:
+            assert torch.allclose(logits, res["logits"][0], rtol=1e-5, atol=1e-5)
+        assert all(len(slots) == 8 + redundant for slots in res["slots"].values())
+        assert all(calls == 5 for calls in res["calls"].values())  # moving experts keeps the records
+    assert results[0]["slots"] == results[1]["slots"]  # every rank made the same plan

@@ -118,11 +118,39 @@ class CapawareRouter(TopKRouter):
         from megatron_capaware.adapters.guards import routing_collectives
 
         with routing_collectives(self.layer_number, self.capaware_load_group):
-            probs, routing_map = self._capaware_routing(logits, padding_mask)
+            probs, routing_map, decision = self._capaware_routing(logits, padding_mask)
             layout = self.capaware_layout
-            if layout is not None and layout.placed and not self._decides_on_slots():
-                probs, routing_map = self._to_slots(probs, routing_map, layout)
+            slot_loads = None
+            if layout is not None and layout.placed:
+                if self._decides_on_slots():
+                    slot_loads, decision = self._logical_decision(decision)
+                else:
+                    probs, routing_map = self._to_slots(probs, routing_map, layout)
+                    if decision is not None:
+                        slot_loads = self._slot_loads(decision, routing_map, layout)
+            if decision is not None:
+                self._record(decision, slot_loads)
             return probs, routing_map
+
+    def _slot_loads(self, decision, physical_map: torch.Tensor, layout) -> torch.Tensor:
+        """This call's global per-slot loads ``[S]`` (device-side; for the stats)."""
+        from megatron_capaware.placement.replicas import even_slot_loads
+        from megatron_capaware.policies.collectives import all_reduce_sum
+
+        if layout.replica_policy == "least-loaded":  # exact from the expert loads, no collective
+            return even_slot_loads(decision.global_loads, layout.table)
+        # round-robin splits are data-dependent: count them (one all-reduce of [S], with stats on only).
+        return all_reduce_sum(physical_map.sum(dim=0).to(torch.int64), self.capaware_load_group)
+
+    def _logical_decision(self, decision):
+        """A slot-space decision -> ``(slot loads [S], the decision with logical loads [E])``."""
+        if decision is None:
+            return None, None
+        table = self.capaware_layout.table
+        slot_loads = decision.global_loads.to(torch.int64)
+        logical = torch.zeros(table.num_experts, dtype=torch.int64, device=slot_loads.device).index_add_(
+            0, table.slot_expert, slot_loads)
+        return slot_loads, dataclasses.replace(decision, global_loads=logical)
 
     def _decides_on_slots(self) -> bool:
         """Capacity per physical slot: capacity-drop under a plan with replicas decides on the ``S`` slots.
@@ -157,19 +185,13 @@ class CapawareRouter(TopKRouter):
         changes where experts run, not the routing semantics).
         """
         from megatron_capaware.placement.replicas import replica_choice, to_physical
-        from megatron_capaware.policies.collectives import all_reduce_sum
 
         group = self.capaware_load_group
         table = layout.table
         if table.replica_slots.device != routing_map.device:
             table = layout.table = table.to(routing_map.device)
         replica = replica_choice(routing_map, table, layout.replica_policy, group)
-        probs, routing_map = to_physical(probs, routing_map, table, replica)
-        stats = self.capaware_stats
-        if stats is not None and self.capaware.record_stats and layout.replica_policy == "round-robin":
-            # round-robin splits are data-dependent: count them (least-loaded's follow from the expert loads).
-            stats.record_slot_loads(all_reduce_sum(routing_map.sum(dim=0).to(torch.int64), group))
-        return probs, routing_map
+        return to_physical(probs, routing_map, table, replica)
 
     def _capaware_routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         capaware = self.capaware
@@ -177,9 +199,10 @@ class CapawareRouter(TopKRouter):
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
             if self.capaware_score_hook is not None:
                 self.capaware_score_hook(self._scores(logits.reshape(-1, self.config.num_moe_experts)))
+            decision = None
             if self.capaware_stats is not None and capaware.record_stats:
-                self._record(policies.map_decision(probs, routing_map, self._group()))
-            return probs, routing_map
+                decision = policies.map_decision(probs, routing_map, self._group())
+            return probs, routing_map, decision
         if self.training and torch.is_grad_enabled():
             raise RuntimeError(
                 f"--moe-router-type {capaware.router_type} is an inference router: call model.eval() "
@@ -224,9 +247,8 @@ class CapawareRouter(TopKRouter):
             vanilla = torch.zeros_like(scores).scatter_(1, indices, vanilla_top.float())
             vanilla_map = torch.zeros_like(decision.routing_map).scatter_(1, indices, True)
             probs = torch.where(vanilla_map, vanilla, scores * factor) * decision.routing_map
-        if self.capaware_stats is not None and capaware.record_stats:
-            self._record(decision)
-        return probs.to(logits.dtype), decision.routing_map
+        recorded = decision if self.capaware_stats is not None and capaware.record_stats else None
+        return probs.to(logits.dtype), decision.routing_map, recorded
 
     def _vanilla_topk(self, logits: torch.Tensor):
         """Megatron's own top-k, computed once: ``(weights [T, k], experts [T, k], scores [T, E])``.
@@ -380,15 +402,8 @@ class CapawareRouter(TopKRouter):
             self._capaware_expert_ranks = cached
         return cached[1]
 
-    def _record(self, decision) -> None:
-        if self._decides_on_slots():
-            # Slot loads [S] as decided; the stats' expert figures stay per logical expert.
-            table = self.capaware_layout.table
-            slot_loads = decision.global_loads.to(torch.int64)
-            self.capaware_stats.record_slot_loads(slot_loads)
-            logical = torch.zeros(table.num_experts, dtype=torch.int64, device=slot_loads.device).index_add_(
-                0, table.slot_expert, slot_loads)
-            decision = dataclasses.replace(decision, global_loads=logical)
+    def _record(self, decision, slot_loads: Optional[torch.Tensor] = None) -> None:
+        """Keep one call's figures; ``slot_loads [S]``: under a placement, the physical slots' loads."""
         if self.capaware.scope == "local" and self.capaware_load_group is not None:
             # The decision only saw this rank's tokens; the stats report what the
             # experts process, so sum the loads over the ranks that feed them.
@@ -403,7 +418,14 @@ class CapawareRouter(TopKRouter):
                 decision, global_loads=counts[:-2], requested_assignments=counts[-2],
                 global_tokens=counts[-1], capacity=None,
             )
-        self.capaware_stats.record_decision(decision)
+            layout = self.capaware_layout
+            if slot_loads is not None and self._decides_on_slots():
+                slot_loads = all_reduce_sum(slot_loads.clone(), self.capaware_load_group)
+            elif slot_loads is not None and layout.replica_policy == "least-loaded":
+                from megatron_capaware.placement.replicas import even_slot_loads
+
+                slot_loads = even_slot_loads(decision.global_loads, layout.table)
+        self.capaware_stats.record_decision(decision, slot_loads)
 
 
 def _map_to_indices(scores: torch.Tensor, routing_map: torch.Tensor, k: int) -> torch.Tensor:

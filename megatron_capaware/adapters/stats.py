@@ -64,15 +64,17 @@ class LayerRoutingStats:
     folded_metrics: Dict[str, float] = field(default_factory=dict)
     folded_loads: Optional[torch.Tensor] = None
     folded_counts: Dict[str, int] = field(default_factory=dict)
-    # Under a placement (adapters/placement.py): the layer's LayerLayout, and
-    # with round-robin replicas the measured per-slot loads [S] of each call.
+    # Under a placement (adapters/placement.py): the layer's LayerLayout; each
+    # call's global per-slot loads [S] are kept beside its expert loads.
     layout: Any = None
-    pending_slot_loads: List[torch.Tensor] = field(default_factory=list)
     _slot_loads: List[torch.Tensor] = field(default_factory=list)
-    _cpu_table: Any = None
 
-    def record_decision(self, decision) -> None:
-        """Keep a :class:`~megatron_capaware.policies.RoutingDecision`'s figures (device-side, no sync)."""
+    def record_decision(self, decision, slot_loads: Optional[torch.Tensor] = None) -> None:
+        """Keep a :class:`~megatron_capaware.policies.RoutingDecision`'s figures (device-side, no sync).
+
+        ``slot_loads [S]``: under a placement, this call's global per-slot loads
+        (rank figures come from them); None: Megatron's layout, the expert loads.
+        """
         loads = decision.global_loads.detach().to(torch.int64)
         none = torch.full((), -1, dtype=torch.int64, device=loads.device)
 
@@ -82,33 +84,20 @@ class LayerRoutingStats:
         counts = torch.stack([count(decision.requested_assignments), count(decision.dropped),
                               count(decision.rerouted), count(decision.global_tokens),
                               count(decision.flexible), count(decision.capacity)])
-        self.pending.append((loads.clone(), counts))
+        slots = loads if slot_loads is None else slot_loads.detach().to(device=loads.device, dtype=torch.int64)
+        self.pending.append((loads.clone(), counts, slots.clone()))
         if len(self.pending) >= self.max_records:
             self.flush()
 
     def set_layout(self, layout: Any) -> None:
-        """Count rank loads by ``layout``'s physical slots from now on (the recorded calls are dropped)."""
-        self.reset()
+        """Note the layer's current layout (each call's slot loads are recorded with it)."""
         self.layout = layout if layout is not None and layout.placed else None
-        self._cpu_table = self.layout.table.to(torch.device("cpu")) if self.layout is not None else None
 
-    def record_slot_loads(self, loads: torch.Tensor) -> None:
-        """Keep one call's global per-slot loads ``[S]`` (round-robin replicas; device-side, no sync)."""
-        self.pending_slot_loads.append(loads.detach().to(torch.int64).clone())
-
-    def slot_loads(self) -> Optional[List[torch.Tensor]]:
-        """Per-call physical slot loads ``[S]`` (None without a placement), aligned with :attr:`global_loads`."""
-        if self.layout is None:
-            return None
+    def slot_loads(self) -> List[torch.Tensor]:
+        """Per-call physical slot loads ``[S]``, aligned with :attr:`global_loads` (the expert loads where
+        no placement was in effect: Megatron's layout is slots = experts)."""
         self.flush()
-        if self._slot_loads or self.layout.replica_policy != "least-loaded":  # recorded by the router
-            return list(self._slot_loads)
-        return [self._even_slot_loads(loads) for loads in self._global_loads]  # exact (placement.replicas)
-
-    def _even_slot_loads(self, loads: torch.Tensor) -> torch.Tensor:
-        from megatron_capaware.placement.replicas import even_slot_loads
-
-        return even_slot_loads(loads, self._cpu_table)
+        return list(self._slot_loads)
 
     def record_received(self, tokens_per_local_expert) -> None:
         """Keep the number of tokens each local expert received in this call (device-side, no sync)."""
@@ -119,13 +108,17 @@ class LayerRoutingStats:
 
     def flush(self) -> None:
         """Copy the pending device records to the host (one copy per kind) and fold old calls."""
-        if self.pending_slot_loads:  # first: folding below pops them with their calls
-            self._slot_loads.extend(torch.stack(self.pending_slot_loads).to("cpu").unbind(0))
-            self.pending_slot_loads.clear()
         if self.pending:
             loads = torch.stack([p[0] for p in self.pending]).to("cpu")  # [n, E]
             counts = torch.stack([p[1] for p in self.pending]).to("cpu").tolist()  # [n, 6]
+            # Per-slot loads [n, S]; S may change between calls (re-placement), so one copy per width.
+            slots = [p[2] for p in self.pending]
+            if len({t.numel() for t in slots}) == 1:
+                slots = list(torch.stack(slots).to("cpu").unbind(0))
+            else:
+                slots = [t.to("cpu") for t in slots]
             self.pending.clear()
+            self._slot_loads.extend(slots)
             for row_loads, row in zip(loads, counts):
                 self._global_loads.append(row_loads)
                 for name, value in zip(_COUNTS, row):
@@ -179,11 +172,7 @@ class LayerRoutingStats:
         return self._counts["flexible"]
 
     def _fold_oldest(self) -> None:
-        slot_loads = None
-        if self.layout is not None and self._slot_loads:
-            slot_loads = self._slot_loads.pop(0)
-        elif self.layout is not None and self.layout.replica_policy == "least-loaded":
-            slot_loads = self._even_slot_loads(self._global_loads[0])
+        slot_loads = self._slot_loads.pop(0)
         loads = self._global_loads.pop(0)
         for key, value in metrics.load_metrics(loads, self.ep_size, self._counts["requested"][0],
                                                slot_loads).items():
@@ -215,7 +204,6 @@ class LayerRoutingStats:
     def reset(self) -> None:
         self.pending.clear()
         self.pending_received.clear()
-        self.pending_slot_loads.clear()
         for values in (self._global_loads, self._capacity, self._received, self._slot_loads,
                        *self._counts.values()):
             values.clear()

@@ -62,6 +62,7 @@ class EvalPlacement:
     plan: "object"  # PlacementPlan
     replica_policy: str = "least-loaded"
     in_sample: bool = False
+    move_seconds: Optional[float] = None  # measured: moving the experts into this layout
 
     def describe(self) -> str:
         return f"placed:{self.label}" + ("" if self.replica_policy == "least-loaded" else f",{self.replica_policy}")
@@ -205,8 +206,12 @@ def run_evaluation(
         if placement is not current:  # move the experts (every rank, same order)
             if current is not None:
                 remove_placement(model)
+            moving = time.perf_counter()
             install_capaware_routers(model, config, placement=placement.plan if placement else None,
                                      replica_policy=placement.replica_policy if placement else "least-loaded")
+            if placement is not None:  # the cost of one rearrangement (all layers), slowest rank
+                placement.move_seconds = float(all_reduce(
+                    torch.tensor([time.perf_counter() - moving], dtype=torch.float64), op="max")[0])
             current = placement
         else:
             install_capaware_routers(model, config)

@@ -78,6 +78,7 @@ def make_records(results: Sequence[Any], options: Any) -> List[Dict[str, Any]]:
                 "replica_policy": placement.replica_policy, "in_sample": placement.in_sample,
                 "plan_text": placement.plan.provenance.get("text"),
                 "replica_bytes_bf16": placement.plan.provenance.get("replica_bytes_bf16"),
+                "move_seconds": placement.move_seconds,
             },
         })
     # The baseline: top-k on Megatron's contiguous layout.
@@ -324,6 +325,8 @@ def format_placement(records: Sequence[Dict[str, Any]]) -> str:
         if not p or base is None:
             continue
         extra = f", replicas {p['replica_bytes_bf16'] / 1e6:.2f} MB bf16" if p.get("replica_bytes_bf16") else ""
+        if p.get("move_seconds") is not None:
+            extra += f", experts moved in {p['move_seconds']:.3f} s"
         lines.append(
             f"{record['label']}: EP {p['ep']}, R={p['redundant']} ({p['replica_policy']}), planned on "
             f"{Path(p['plan_text'] or '?').name}{' (in-sample)' if p['in_sample'] else ''}{extra}: busiest rank "

@@ -42,7 +42,10 @@ DEFAULT_ROUTERS = [
     "capacity-reroute:gamma=1.25",
     "expanded-drop:gamma=1.25",
     "laser",
+    # The best rank-unit setting of the main job (frontier at EP 2 and 4).
+    "capacity-drop:gamma=1.0,unit=rank,drop_policy=weight",
 ]
+PLACED_ROUTERS = ["topk", "capacity-drop:gamma=1.0,unit=rank,drop_policy=weight"]
 
 
 def _cases(options: Dict[str, Any], tokens_per_rank: int, ep: int, rank: int) -> List[Dict[str, Any]]:
@@ -96,6 +99,7 @@ def straggler_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     from megatron_capaware import metrics, parallel
     from megatron_capaware.adapters import collect_stats, install_capaware_routers, reduce_summaries
     from megatron_capaware.models.builder import MoEModelArgs, build_moe_layer, build_transformer_config
+    from megatron_capaware.adapters.placement import SLOT_ROUTERS
     from megatron_capaware.placement import load_plan
     from megatron_capaware.tools.router_specs import parse_router_specs
 
@@ -128,7 +132,7 @@ def straggler_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
         for name, plan in plans:
             if trace_layer is not None and trace_layer in plan.layers:
                 for r in parse_router_specs(options.get("placed_routers") or ["topk"], record_stats=False):
-                    if r.router_type == "topk" or not plan.redundant:
+                    if r.router_type in SLOT_ROUTERS or not plan.redundant:
                         settings.append((f"{r.describe()} @placed:{name}", r, plan.layers[trace_layer].slots, False))
         if options.get("force_balance"):
             settings.append(("topk (force_load_balancing)", routers[0].replace(router_type="topk"), None, True))
@@ -236,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="capaware-plan files of the bundled model: each trace case (one MoE layer) also runs "
                         "with its layer's placement; default: the plans shipped beside the bundled model for "
                         "--ep (placement-ep{EP}-r*.json); none given: no placed rows")
-    p.add_argument("--placed-routers", nargs="+", default=["topk"], metavar="SPEC",
-                   help="router settings run on each placement (with replicas only topk runs)")
+    p.add_argument("--placed-routers", nargs="+", default=PLACED_ROUTERS, metavar="SPEC",
+                   help="router settings run on each placement (with replicas: topk and capacity-drop)")
     p.add_argument("--no-force-balance", action="store_true",
                    help="skip the row of Megatron's moe_router_force_load_balancing (random, balanced "
                         "routing: the balanced ideal, not a usable setting)")
