@@ -20,7 +20,7 @@ def test_dry_run_writes_the_plan(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = record["plan"]["steps"]
-    assert set(steps) == {"nccl", "routers", "experts", "router_time", "main_job"}
+    assert set(steps) == {"nccl", "routers", "experts", "placement", "router_time", "main_job"}
     assert len(steps["router_time"]["shapes_T_E_k"]) == 12 and record["steps"] == {}
 
 
@@ -36,6 +36,8 @@ def test_cpu_stand_in_runs_every_step(tmp_path) -> None:
     assert len(routers) == 6 and all(row["ok"] for row in routers.values()), routers
     assert routers["topk"]["equals_vanilla"] is True
     assert record["steps"]["experts"]["class"] == "SequentialMLP"
+    placement = record["steps"]["placement"]
+    assert placement["ok"] and placement["restored_equal"] and placement["max_abs_diff"] <= 1e-5, placement
     assert len(record["steps"]["router_time"]["rows"]) == 2
 
 

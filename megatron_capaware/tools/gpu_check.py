@@ -55,6 +55,8 @@ def plan(args: argparse.Namespace) -> Dict[str, Any]:
             "routers": {"routers": ROUTERS, "layer": "MoELayer E=8 k=2 H=1024, bf16, alltoall dispatcher",
                         "sync_debug_mode": "error around the router forward (check_scores off); counted with it on"},
             "experts": "TEGroupedMLP when transformer_engine imports (moe_grouped_gemm), else SequentialMLP",
+            "placement": "the same layer with its experts permuted by a plan (R = 0, EP 1): output equals "
+                         "the contiguous layer's, the placed router sync-free; then the layout restored",
             "router_time": {"shapes_T_E_k": TIME_SHAPES if args.device == "cuda" else [(256, 8, 2), (256, 16, 4)],
                             "routers": ROUTERS[1:], "baseline": "Megatron TopKRouter", "timer": "CUDA events"},
             "main_job": {"skipped": args.skip_main_job or args.device != "cuda", "ep": 1, "dtype": "bf16",
@@ -178,6 +180,46 @@ def step_routers(device: str, tokens: int) -> Dict[str, Any]:
         out["routers"][cfg.describe()] = row
     out["ok"] = all(r["ok"] for r in out["routers"].values())
     return out
+
+
+def step_placement(device: str, tokens: int) -> Dict[str, Any]:
+    """A permuted layout on one rank: the experts' weights move (SequentialMLP / TEGroupedMLP in place)."""
+    import torch
+
+    from megatron_capaware.adapters import install_capaware_routers, remove_placement
+    from megatron_capaware.config import CapawareConfig
+    from megatron_capaware.models.builder import use_transformer_engine
+    from megatron_capaware.placement.plan_file import PlacementPlan
+    from megatron_capaware.placement.planner import LayerPlacement
+
+    layer, dtype = _layer(device, 8, 2, 1024 if device == "cuda" else 64, 512 if device == "cuda" else 32,
+                          use_transformer_engine())
+    g = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(tokens, 1, layer.config.hidden_size, generator=g) * 0.5).to(layer.router.weight.device, dtype)
+    slots = [3, 1, 7, 0, 5, 2, 6, 4]
+    number = int(layer.layer_number)
+    plan = PlacementPlan(model={"num_moe_experts": 8, "moe_layer_numbers": [number]}, ep=1, redundant=0,
+                         layers={number: LayerPlacement(slots, 1, 0.0, 0.0)})
+    install_capaware_routers(layer, CapawareConfig("topk", check_scores=False))
+    with torch.no_grad():
+        contiguous, _ = layer(hidden)
+        install_capaware_routers(layer, CapawareConfig("topk", check_scores=False), placement=plan)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            layer.router(hidden)
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        placed, _ = layer(hidden)
+        remove_placement(layer)
+        restored, _ = layer(hidden)
+    diff = float((placed.float() - contiguous.float()).abs().max())
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    return {"experts_class": type(layer.experts).__name__, "max_abs_diff": diff, "tolerance": tol,
+            "restored_equal": bool(torch.equal(restored, contiguous)), "sync_free_router": device == "cuda",
+            "ok": diff <= tol and bool(torch.equal(restored, contiguous))}
 
 
 def _event_time(fn: Callable[[], Any], device: str, repeats: int) -> float:
@@ -334,6 +376,7 @@ def _main(argv: List[str]) -> int:
     steps: Dict[str, Callable[[], Dict[str, Any]]] = {
         "nccl": lambda: step_nccl(args.device),
         "routers": lambda: step_routers(args.device, args.tokens if args.device == "cuda" else 256),
+        "placement": lambda: step_placement(args.device, args.tokens if args.device == "cuda" else 256),
         "router_time": lambda: step_router_time(args.device, shapes, args.repeats if args.device == "cuda" else 3),
     }
     for name, fn in steps.items():
