@@ -51,3 +51,16 @@ def decode_worker(paths: Dict[str, str], ep: int, specs: List[str], batch: int) 
     close_session(session)
     return {"records": report.make_records(results, options),
             "full_forward_ppl": math.exp(float(totals[0]) / float(totals[1]))}
+
+
+def tune_worker(paths: Dict[str, str], ep: int, budgets: List[float], out_dir: str) -> Dict[str, Any]:
+    """capaware-tune's search on the tiny model's calibration text (small grid settings)."""
+    from megatron_capaware.tools import tune
+    from megatron_capaware.tools.evaluate import EvalOptions
+
+    options = EvalOptions(checkpoint=Path(paths["checkpoint"]), text=Path(paths["calibration"]), seq_len=32,
+                          sequences_per_rank=8, expert_parallel=ep, progress=False)
+    found = tune.run_tune(options, budgets, refine=1, laser_steps=2, laser_probe_batches=1, log=lambda line: None)
+    summary = tune.summarize(found["records"], found["configs"], budgets, Path(out_dir) / f"rank{ep}",
+                             found["model"])
+    return {"records": found["records"], "summary": summary}
