@@ -118,3 +118,9 @@ def test_tune_search_on_the_tiny_model_writes_usable_choices(tiny_checkpoint, tm
         assert choice["megatron_flags"].startswith("--moe-router-type ")
     assert summary["frontier"] and all(math.isfinite(r["ppl"]) for r in summary["records"])
     assert "LASER" in summary["laser_note"]
+
+
+def test_laser_hull_keeps_the_rungs_worth_their_cost() -> None:
+    points = [(0.0, 0.0, -1), (0.01, 0.05, 0), (0.02, 0.06, 1), (0.03, 0.15, 2), (0.04, 0.14, 3), (0.1, 0.2, 4)]
+    # rung 0 lies below the chord to rung 2; rung 1 too; rung 3 gains less than rung 2 for more cost
+    assert [r for _, _, r in tune._upper_hull(points)] == [-1, 2, 4]

@@ -11,13 +11,14 @@ default the bundled model's ``calibration.txt``, never the held-out text):
    policy, rounds, rho) with the fastest setting within the budget get their
    gamma bisected between that setting and the next faster one that is over
    the budget (or stepped down by 0.1 when none is), ``--refine`` rounds;
-3. LASER per layer, greedy: starting from top-k everywhere, each step tries
-   one rung more aggressive on each layer's ladder of ``(eps_high, t_fix)``
-   (:data:`LASER_LADDER`) on a probe of the calibration batches and keeps
-   the layer change with the most predicted speedup gained per unit of
-   calibration NLL; every state of that path is then evaluated on the whole
-   calibration text like the other settings. (This replaces
-   ``capaware-calibrate``'s fixed "imbalance / 1.6" target.)
+3. LASER per layer, greedy (:func:`laser_greedy`): every rung of a ladder of
+   ``(eps_high, t_fix)`` (:data:`LASER_LADDER`) is measured alone on each
+   layer on a probe of the calibration batches (balance gained: that layer's
+   busiest-rank load; cost: calibration NLL); from top-k everywhere, each step
+   moves the layer with the most balance gained per unit of NLL, and states
+   along that path are evaluated on the whole calibration text like the
+   other settings. (This replaces ``capaware-calibrate``'s fixed
+   "imbalance / 1.6" target.)
 
 Speed is ``capaware-eval``'s predicted speedup ``peak_rank(topk) /
 peak_rank(setting)``; quality is the calibration perplexity change against
@@ -60,7 +61,10 @@ COARSE_SPECS = [
     "capacity-reroute:gamma=1.25,drop_policy=weight,rho=0.5",
 ]
 #: LASER rungs per layer, least to most aggressive: (eps_high, t_fix). Rung -1 is top-k (eps_high 0).
-LASER_LADDER: Tuple[Tuple[float, float], ...] = ((0.5, 0.7), (0.6, 0.5), (0.7, 0.5), (0.8, 0.4), (0.9, 0.3))
+LASER_LADDER: Tuple[Tuple[float, float], ...] = (
+    (0.5, 0.7), (0.6, 0.5), (0.7, 0.5), (0.8, 0.4), (0.9, 0.3), (1.0, 0.2))
+#: NLL per token (nats) below which a cost counts as this much (noise on a calibration probe).
+NLL_FLOOR = 1e-4
 MIN_GAMMA_STEP = 0.02
 
 
@@ -166,53 +170,83 @@ def laser_config(state: Dict[int, int], pool: int) -> CapawareConfig:
 
 
 def laser_greedy(sweep: Sweep, probe: List[torch.Tensor], *, steps: int, max_dppl: float) -> List[CapawareConfig]:
-    """The greedy path of per-layer LASER settings (see the module docstring), measured on ``probe``."""
-    from megatron_capaware.adapters import collect_stats
-    from megatron_capaware.tools import report
+    """Per-layer LASER settings, chosen greedily by balance gained per unit of calibration NLL.
+
+    Each rung of :data:`LASER_LADDER` is measured alone on each layer (the other layers top-k) on the
+    ``probe`` batches: its gain is the drop of that layer's busiest-rank load (``rank_peak_load``), its cost
+    the rise of the NLL per token (floored at :data:`NLL_FLOOR`, so noise cannot look free). Per layer the
+    rungs off the lower convex hull of (cost, gain) are skipped; then, from top-k everywhere, each step
+    moves the layer whose next hull rung has the most gain per unit of cost (the classic marginal greedy),
+    until no move gains or the summed cost passes ``max_dppl``. ``steps`` states of that path, evenly spread
+    and always the last, are returned for evaluation on the whole calibration text.
+    """
     from megatron_capaware.tools.evaluate import evaluate_config
 
     session = sweep.session
-    layers = sorted(collect_stats(session.model)) or sorted(
-        int(n) for n in session.model_args.moe_layer_numbers)
+    layers = sorted(int(n) for n in session.model_args.moe_layer_numbers)
     pool = 2 * int(session.model_args.moe_router_topk)
-
-    def measure(cfg: CapawareConfig) -> Dict[str, Any]:
-        return evaluate_config(session, cfg, batches=probe)
-
-    base = measure(CapawareConfig("topk"))
-
-    def figures(result: Any) -> Tuple[float, float]:
-        rec = report.make_records([base, result], session.options)[1]
-        return rec["predicted_speedup"] or 0.0, rec["delta_ppl_pct"]
-
-    state = {layer: -1 for layer in layers}
-    path: List[CapawareConfig] = []
-    current_speed, current_nll = 1.0, base.nll / base.tokens
-    for step in range(steps):
-        best = None
+    base = evaluate_config(session, CapawareConfig("topk"), batches=probe)
+    base_nll = base.nll / base.tokens
+    # profile[layer] = [(cost, gain, rung)] with rung -1 = top-k
+    profile: Dict[int, List[Tuple[float, float, int]]] = {}
+    for layer in layers:
+        points = [(0.0, 0.0, -1)]
+        for rung in range(len(LASER_LADDER)):
+            state = {l: (rung if l == layer else -1) for l in layers}
+            result = evaluate_config(session, laser_config(state, pool), batches=probe)
+            gain = base.per_layer[layer]["rank_peak_load"] - result.per_layer[layer]["rank_peak_load"]
+            cost = max(result.nll / result.tokens - base_nll, NLL_FLOOR)
+            points.append((cost, gain, rung))
+        profile[layer] = _upper_hull(points)
+        sweep.log(f"  laser layer {layer}: " + ", ".join(
+            f"{'-' if r < 0 else '%g/%g' % LASER_LADDER[r]} gain {g:+.3f} cost {c:.4f}" for c, g, r in points[1:]))
+    state = {layer: 0 for layer in layers}  # index into the layer's hull
+    path: List[Dict[int, int]] = []
+    spent = 0.0
+    budget_nll = math.log1p(max_dppl / 100.0)
+    while True:
+        moves = []
         for layer in layers:
-            if state[layer] + 1 >= len(LASER_LADDER):
-                continue
-            trial = dict(state)
-            trial[layer] += 1
-            result = measure(laser_config(trial, pool))
-            speed, dppl = figures(result)
-            gain, cost = speed - current_speed, result.nll / result.tokens - current_nll
-            ratio = gain / max(cost, 1e-6) if gain > 0 else -math.inf
-            if best is None or ratio > best[0]:
-                best = (ratio, trial, speed, dppl, result)
-        if best is None or best[0] == -math.inf:
-            sweep.log(f"  laser greedy: step {step + 1}: no layer change gains speed; stop")
+            hull, i = profile[layer], state[layer]
+            if i + 1 < len(hull):
+                (c0, g0, _), (c1, g1, _) = hull[i], hull[i + 1]
+                if g1 > g0:
+                    moves.append(((g1 - g0) / max(c1 - c0, NLL_FLOOR), layer, c1 - c0))
+        if not moves:
             break
-        _, state, current_speed, dppl, result = best
-        current_nll = result.nll / result.tokens
-        cfg = laser_config(state, pool)
-        path.append(cfg)
-        sweep.log(f"  laser greedy step {step + 1}: {laser_label(cfg)}  probe dppl {dppl:+.2f}%  "
-                  f"speedup {current_speed:.3f}x")
-        if dppl > max_dppl:
+        _, layer, cost = max(moves)
+        if spent + cost > budget_nll:
             break
-    return path
+        spent += cost
+        state[layer] += 1
+        path.append({l: profile[l][state[l]][2] for l in layers})
+    if not path:
+        sweep.log("  laser greedy: no layer setting gains balance; LASER not searched further")
+        return []
+    picks = sorted({round(i * (len(path) - 1) / max(steps - 1, 1)) for i in range(steps)}) if steps > 1 else [
+        len(path) - 1]
+    chosen = [laser_config(path[i], pool) for i in picks]
+    sweep.log(f"  laser greedy: a path of {len(path)} steps; evaluating {len(chosen)} of them")
+    return chosen
+
+
+def _upper_hull(points: List[Tuple[float, float, int]]) -> List[Tuple[float, float, int]]:
+    """The (cost, gain) points on the upper-left concave hull from (0, 0): more gain for more cost, at a
+    falling rate (so the marginal greedy is optimal over them)."""
+    pts = sorted(points, key=lambda p: (p[0], -p[1]))
+    hull: List[Tuple[float, float, int]] = []
+    for p in pts:
+        if hull and p[1] <= hull[-1][1]:
+            continue  # costs more, gains no more
+        while len(hull) >= 2:
+            (c1, g1, _), (c2, g2, _) = hull[-2], hull[-1]
+            # drop the middle point if it lies on or below the chord
+            if (g2 - g1) * (p[0] - c1) <= (p[1] - g1) * (c2 - c1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
 
 
 def brief(record: Dict[str, Any]) -> Dict[str, Any]:
@@ -281,16 +315,20 @@ def summarize(records: List[Dict[str, Any]], configs: Dict[str, CapawareConfig],
     frontier = sorted((r for r in records if r["frontier"] == "yes"), key=lambda r: r["predicted_speedup"])
     lasers = [r for r in records if r["router"] == "laser"]
     laser_on = [r for r in lasers if r["frontier"] == "yes"]
+    chosen_laser = [c["budget_pct"] for c in choices if c["config"]["router_type"] == "laser"]
     if not lasers:
-        note = "LASER was not searched (--laser-steps 0)"
-    elif laser_on:
-        note = "LASER (greedy per layer) is on the calibration frontier at " + ", ".join(
-            f"{r['predicted_speedup']:.3f}x / {r['delta_ppl_pct']:+.2f}%" for r in laser_on)
+        note = "LASER was not searched (--laser-steps 0, or no layer setting gained balance)"
     else:
-        best = max(lasers, key=lambda r: r["predicted_speedup"])
-        note = (f"LASER (greedy per layer) cannot beat the capacity routers here: every LASER setting is dominated "
-                f"on the calibration frontier (its fastest: {best['predicted_speedup']:.3f}x at "
-                f"{best['delta_ppl_pct']:+.2f}%)")
+        fastest = max(lasers, key=lambda r: r["predicted_speedup"])
+        note = (f"LASER (greedy per layer): its fastest setting reaches {fastest['predicted_speedup']:.3f}x at "
+                f"{fastest['delta_ppl_pct']:+.2f}%; ")
+        if laser_on:
+            note += "on the frontier at " + ", ".join(
+                f"{r['predicted_speedup']:.3f}x / {r['delta_ppl_pct']:+.2f}%" for r in laser_on) + "; "
+        else:
+            note += "every LASER setting is dominated; "
+        note += (f"chosen at budget(s) {', '.join(f'{b:g}%' for b in chosen_laser)}" if chosen_laser
+                 else "it does not beat the capacity routers at any budget given")
     return {"choices": choices, "frontier": [brief(r) for r in frontier], "laser_note": note,
             "records": [brief(r) for r in records]}
 
@@ -325,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("capaware-tune-results"),
                         help="folder for tune.json, the calibration records and frontier.png")
     parser.add_argument("--refine", type=int, default=2, help="gamma bisection rounds after the coarse grid")
-    parser.add_argument("--laser-steps", type=int, default=6, help="greedy LASER steps (0: no LASER search)")
+    parser.add_argument("--laser-steps", type=int, default=6,
+                        help="states of the greedy LASER path evaluated on the whole text (0: no LASER search)")
     parser.add_argument("--laser-probe-batches", type=int, default=1,
                         help="calibration batches the greedy LASER steps are measured on")
     parser.add_argument("--seq-len", type=int, default=256)
