@@ -189,6 +189,7 @@ def write_outputs(
     json_path: Optional[Path] = None,
     csv_path: Optional[Path] = None,
     plots: bool = True,
+    text_kind: str = "held-out",
 ) -> List[Path]:
     """Write results.json, results.csv, results.md (and plots) to ``out_dir``; returns the paths written."""
     out_dir = Path(out_dir)
@@ -216,7 +217,7 @@ def write_outputs(
     if plots:
         written += plot_load_heatmaps(records, out_dir / "expert_load_heatmaps.png")
         written += plot_quality_vs_balance(records, out_dir / "quality_vs_balance.png")
-        written += plot_frontier(records, out_dir / "frontier.png")
+        written += plot_frontier(records, out_dir / "frontier.png", text_kind=text_kind)
     return written
 
 
@@ -311,7 +312,7 @@ def _finish(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str,
     return [path]
 
 
-def plot_frontier(records: Sequence[Dict[str, Any]], path: Path) -> List[Path]:
+def plot_frontier(records: Sequence[Dict[str, Any]], path: Path, text_kind: str = "held-out") -> List[Path]:
     """Perplexity change against predicted speedup, the Pareto frontier drawn through."""
     import matplotlib
 
@@ -344,7 +345,7 @@ def plot_frontier(records: Sequence[Dict[str, Any]], path: Path) -> List[Path]:
         ax.text(0.02, 0.97, "off the chart: " + ", ".join(f"{r['label']} {r['delta_ppl_pct']:+.1f}%" for r in off),
                 transform=ax.transAxes, fontsize=6, va="top")
     return _finish(fig, ax, path, "predicted speedup = peak_rank(topk) / peak_rank(setting)  (higher is faster)",
-                   "held-out perplexity change vs topk, % (lower is better)",
+                   f"{text_kind} perplexity change vs topk, % (lower is better)",
                    "Speed against quality (settings off the dashed line are dominated)", 7)
 
 

@@ -448,7 +448,8 @@ def _main(argv: List[str]) -> int:
     for c in summary["choices"]:
         print(f"  {c['budget_pct']:g}%: --routers {c['spec']}\n        {c['megatron_flags']}")
     (args.out / "tune.json").write_text(json.dumps(summary, indent=2) + "\n")
-    report.write_outputs(records, args.out, json_path=args.out / "calibration_results.json", plots=not args.no_plots)
+    report.write_outputs(records, args.out, json_path=args.out / "calibration_results.json", plots=not args.no_plots,
+                         text_kind="calibration")
     print(f"wrote {args.out / 'tune.json'}")
     return 0
 
