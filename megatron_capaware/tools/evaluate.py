@@ -12,6 +12,12 @@ it launches itself through torchrun with the right number of processes::
     capaware-eval --ep 2                       # bundled model, full router sweep
     capaware-eval --checkpoint CKPT --text held_out.txt --ep 2 \\
         --routers topk capacity-drop:gamma=1.25 laser:calibration=cal.json --json out.json
+    capaware-eval --ep 2 --routers topk capacity-drop:gamma=1,unit=rank --decode 16
+
+``--decode BATCH`` adds single-token decode steps of BATCH sequences through
+Megatron's KV cache (:func:`decode_config`): activated experts per EP rank,
+token loads and teacher-forced quality per router (``decode_*`` columns,
+docs/decode.md).
 """
 
 from __future__ import annotations
