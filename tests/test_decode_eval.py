@@ -37,3 +37,17 @@ def test_decode_reports_active_experts_loads_and_quality(tiny_checkpoint) -> Non
     assert rank["decode_active_max"] <= topk["decode_active_max"]
     table = report.format_decode_table(records)
     assert "active_max" in table and "capacity-drop(gamma=0.5,unit=rank)" in table
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--ep", "2", "--decode", "3"], "--decode 3 is invalid: the decode batch is split over the 2 data-parallel"),
+    (["--decode", "4", "--decode-prompt-len", "5000"], "exceeds the model's"),
+    (["--decode", "4", "--decode-steps", "0"], "--decode-steps 0 is invalid"),
+])
+def test_decode_input_errors_are_one_line(argv, fragment) -> None:
+    import sys
+
+    from tests.test_cli_errors import assert_one_line, run
+
+    assert_one_line(run([sys.executable, "-m", "megatron_capaware.tools.evaluate", "--routers", "topk", *argv]),
+                    "capaware-eval", fragment)
