@@ -80,6 +80,7 @@ def make_records(results: Sequence[Any], options: Any) -> List[Dict[str, Any]]:
                 "replica_bytes_bf16": placement.plan.provenance.get("replica_bytes_bf16"),
                 "move_seconds": placement.move_seconds,
             },
+            **(getattr(result, "decode", None) or {}),
         })
     # The baseline: top-k on Megatron's contiguous layout.
     baseline = next((r for r in records if r["router"] == "topk" and not r.get("placement")), None)
@@ -93,8 +94,42 @@ def make_records(results: Sequence[Any], options: Any) -> List[Dict[str, Any]]:
         record["delta_accuracy"] = record["accuracy"] - baseline["accuracy"]
         record["i_agg_reduction"] = baseline["i_agg"] / record["i_agg"] if record["i_agg"] else None
         record["predicted_speedup"] = predicted_speedup(baseline, record)
+        if record.get("decode_ppl") is not None and baseline.get("decode_ppl"):
+            record["decode_delta_ppl_pct"] = 100.0 * (record["decode_ppl"] / baseline["decode_ppl"] - 1.0)
+            record["decode_active_speedup"] = (
+                baseline["decode_active_max"] / record["decode_active_max"] if record["decode_active_max"] else None)
     mark_frontier(records)
     return records
+
+
+DECODE_COLUMNS = (
+    ("label", "router", "{}"),
+    ("decode_ppl", "ppl", "{:.3f}"),
+    ("decode_delta_ppl_pct", "dppl%", "{:+.2f}"),
+    ("decode_accuracy", "acc", "{:.4f}"),
+    ("decode_active_max", "active_max", "{:.3f}"),
+    ("decode_active_mean", "active_mean", "{:.3f}"),
+    ("decode_active_speedup", "active_topk/active", "{:.3f}x"),
+    ("decode_rank_peak_load", "peak_rank", "{:.3f}"),
+    ("decode_i_agg", "I_agg", "{:.3f}"),
+    ("decode_dropped_frac", "dropped%", "{:.2%}"),
+    ("decode_rerouted_frac", "rerouted%", "{:.2%}"),
+)
+DECODE_CSV_FIELDS = tuple(key for key, _, _ in DECODE_COLUMNS[1:]) + (
+    "decode_active_total", "decode_batch", "decode_prompt_len", "decode_steps", "decode_rounds", "decode_tokens")
+
+
+def format_decode_table(records: Sequence[Dict[str, Any]]) -> str:
+    """The ``--decode`` figures: per router, activated experts per EP rank per decode step (max and mean
+    over ranks, averaged over steps and layers) beside the token loads and the decoded positions' quality."""
+    rows = [r for r in records if r.get("decode_ppl") is not None]
+    if not rows:
+        return ""
+    first = rows[0]
+    head = (f"decode: {first['decode_batch']} sequences x {first['decode_steps']} single-token steps x "
+            f"{first['decode_rounds']} rounds after a {first['decode_prompt_len']}-token top-k prefill "
+            f"(KV cache; {first['decode_tokens']} decoded positions, teacher-forced)")
+    return head + "\n" + format_table(rows, DECODE_COLUMNS)
 
 
 def predicted_speedup(baseline: Dict[str, Any], record: Dict[str, Any]) -> Optional[float]:
@@ -132,12 +167,12 @@ def _cell(value: Any, fmt: str) -> str:
     return fmt.format(value)
 
 
-def format_table(records: Sequence[Dict[str, Any]]) -> str:
+def format_table(records: Sequence[Dict[str, Any]], columns: Sequence[tuple] = TABLE_COLUMNS) -> str:
     """A fixed-width text table of the records."""
-    rows = [[header for _, header, _ in TABLE_COLUMNS]]
+    rows = [[header for _, header, _ in columns]]
     for record in records:
-        rows.append([_cell(record.get(key), fmt) for key, _, fmt in TABLE_COLUMNS])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+        rows.append([_cell(record.get(key), fmt) for key, _, fmt in columns])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = []
     for n, row in enumerate(rows):
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
@@ -146,12 +181,12 @@ def format_table(records: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(records: Sequence[Dict[str, Any]]) -> str:
+def markdown_table(records: Sequence[Dict[str, Any]], columns: Sequence[tuple] = TABLE_COLUMNS) -> str:
     """The same table in Markdown (for the README)."""
-    header = "| " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
+    header = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
     body = [
-        "| " + " | ".join(_cell(r.get(k), f) for k, _, f in TABLE_COLUMNS) + " |" for r in records
+        "| " + " | ".join(_cell(r.get(k), f) for k, _, f in columns) + " |" for r in records
     ]
     return "\n".join([header, sep, *body])
 
@@ -163,6 +198,7 @@ def write_outputs(
     json_path: Optional[Path] = None,
     csv_path: Optional[Path] = None,
     plots: bool = True,
+    text_kind: str = "held-out",
 ) -> List[Path]:
     """Write results.json, results.csv, results.md (and plots) to ``out_dir``; returns the paths written."""
     out_dir = Path(out_dir)
@@ -174,17 +210,23 @@ def write_outputs(
         written.append(Path(path))
     for path in filter(None, (out_dir / "results.csv", csv_path)):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        decode = any(r.get("decode_ppl") is not None for r in records)
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS + (DECODE_CSV_FIELDS if decode else ()),
+                                    extrasaction="ignore")
             writer.writeheader()
             writer.writerows(records)
         written.append(Path(path))
-    (out_dir / "results.md").write_text(markdown_table(records) + "\n")
+    md = markdown_table(records) + "\n"
+    if any(r.get("decode_ppl") is not None for r in records):
+        md += "\nDecode (single-token steps):\n\n" + markdown_table(
+            [r for r in records if r.get("decode_ppl") is not None], DECODE_COLUMNS) + "\n"
+    (out_dir / "results.md").write_text(md)
     written.append(out_dir / "results.md")
     if plots:
         written += plot_load_heatmaps(records, out_dir / "expert_load_heatmaps.png")
         written += plot_quality_vs_balance(records, out_dir / "quality_vs_balance.png")
-        written += plot_frontier(records, out_dir / "frontier.png")
+        written += plot_frontier(records, out_dir / "frontier.png", text_kind=text_kind)
     return written
 
 
@@ -279,7 +321,7 @@ def _finish(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str,
     return [path]
 
 
-def plot_frontier(records: Sequence[Dict[str, Any]], path: Path) -> List[Path]:
+def plot_frontier(records: Sequence[Dict[str, Any]], path: Path, text_kind: str = "held-out") -> List[Path]:
     """Perplexity change against predicted speedup, the Pareto frontier drawn through."""
     import matplotlib
 
@@ -312,7 +354,7 @@ def plot_frontier(records: Sequence[Dict[str, Any]], path: Path) -> List[Path]:
         ax.text(0.02, 0.97, "off the chart: " + ", ".join(f"{r['label']} {r['delta_ppl_pct']:+.1f}%" for r in off),
                 transform=ax.transAxes, fontsize=6, va="top")
     return _finish(fig, ax, path, "predicted speedup = peak_rank(topk) / peak_rank(setting)  (higher is faster)",
-                   "held-out perplexity change vs topk, % (lower is better)",
+                   f"{text_kind} perplexity change vs topk, % (lower is better)",
                    "Speed against quality (settings off the dashed line are dominated)", 7)
 
 

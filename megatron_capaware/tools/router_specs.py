@@ -96,3 +96,71 @@ def parse_router_specs(specs: List[str], **defaults: Any) -> List[CapawareConfig
     for spec in specs:
         out.extend(parse_router_spec(spec, **defaults))
     return out
+
+
+def format_router_spec(cfg: CapawareConfig, calibration: Any = None) -> str:
+    """The spec string of one configuration (the inverse of :func:`parse_router_spec`, defaults left out).
+
+    ``calibration``: the file a LASER configuration's per-layer parameters were saved to (written as
+    ``calibration=PATH``); per-layer parameters without a file cannot be written as a spec.
+    """
+    parts: List[str] = []
+    if cfg.router_type == "laser":
+        if calibration is not None or cfg.laser_calibration:
+            parts.append(f"calibration={calibration or cfg.laser_calibration}")
+        elif cfg.layer_params:
+            raise CapawareConfigError("per-layer LASER parameters need a calibration file to be written as a spec")
+        else:
+            parts.append(f"eps_high={cfg.laser_eps_high:g}")
+            parts.append(f"t_fix={cfg.laser_t_fix:g}")
+            if cfg.laser_pool is not None:
+                parts.append(f"pool={cfg.laser_pool}")
+    if cfg.uses_capacity:
+        parts.append(f"gamma={cfg.gamma:g}")
+    if cfg.router_type in ("capacity-drop", "capacity-reroute") and cfg.drop_policy != "score":
+        parts.append(f"drop_policy={cfg.drop_policy}")
+    if cfg.capacity_unit != "expert":
+        parts.append(f"unit={cfg.capacity_unit}")
+    if cfg.router_type == "capacity-reroute":
+        parts.append(f"rounds={cfg.reroute_rounds}")
+        if cfg.reroute_min_ratio:
+            parts.append(f"rho={cfg.reroute_min_ratio:g}")
+        if cfg.reroute_policy != "score":
+            parts.append(f"policy={cfg.reroute_policy}")
+    if cfg.router_type != "topk" and cfg.scope != "global":
+        parts.append(f"scope={cfg.scope}")
+    if cfg.router_type != "topk" and cfg.renormalize:
+        parts.append("renormalize=true")
+    return cfg.router_type + (":" + ",".join(parts) if parts else "")
+
+
+def megatron_flags(cfg: CapawareConfig, calibration: Any = None) -> List[str]:
+    """The Megatron command-line flags (``megatron_capaware.megatron_lm.arguments``) of one configuration."""
+    flags = ["--moe-router-type", cfg.router_type]
+    if cfg.router_type == "laser":
+        if calibration is not None or cfg.laser_calibration:
+            flags += ["--capaware-laser-calibration", str(calibration or cfg.laser_calibration)]
+        elif cfg.layer_params:
+            raise CapawareConfigError("per-layer LASER parameters need a calibration file to be written as flags")
+        else:
+            flags += ["--capaware-laser-eps-high", f"{cfg.laser_eps_high:g}", "--capaware-laser-t-fix",
+                      f"{cfg.laser_t_fix:g}"]
+            if cfg.laser_pool is not None:
+                flags += ["--capaware-laser-pool", str(cfg.laser_pool)]
+    if cfg.uses_capacity:
+        flags += ["--capaware-gamma", f"{cfg.gamma:g}"]
+    if cfg.router_type in ("capacity-drop", "capacity-reroute") and cfg.drop_policy != "score":
+        flags += ["--capaware-drop-policy", cfg.drop_policy]
+    if cfg.capacity_unit != "expert":
+        flags += ["--capaware-capacity-unit", cfg.capacity_unit]
+    if cfg.router_type == "capacity-reroute":
+        flags += ["--capaware-reroute-rounds", str(cfg.reroute_rounds)]
+        if cfg.reroute_min_ratio:
+            flags += ["--capaware-reroute-min-ratio", f"{cfg.reroute_min_ratio:g}"]
+        if cfg.reroute_policy != "score":
+            flags += ["--capaware-reroute-policy", cfg.reroute_policy]
+    if cfg.router_type != "topk" and cfg.scope != "global":
+        flags += ["--capaware-scope", cfg.scope]
+    if cfg.router_type != "topk" and cfg.renormalize:
+        flags.append("--capaware-renormalize")
+    return flags
