@@ -125,6 +125,15 @@ def replan_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     replanner.detach()
     out["events"] = [(e.call, e.seconds, e.rank_peak_before, e.rank_peak_after) for e in replanner.events]
     out["slots"] = {n: l.slots for n, l in layer_layouts(model).items()}
+    # A checkpoint saved from the placed model is an ordinary one (logical layout), and the model stays placed.
+    from megatron_capaware.models.checkpoint import load_weights, save_checkpoint
+
+    save_checkpoint(model, spec["ckpt"], args)
+    out["still_placed"] = {n: l.slots for n, l in layer_layouts(model).items()} == out["slots"]
+    fresh = build_gpt_model(args, build_transformer_config(args, expert_parallel=ep))
+    load_weights(fresh, spec["ckpt"], args)
+    with torch.no_grad():
+        out["reloaded_logits"] = fresh(ids, pos, attention_mask=None)
     out["calls"] = {n: s.calls for n, s in collect_stats(model).items()}
     parallel.destroy()
     return out

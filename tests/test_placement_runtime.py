@@ -95,10 +95,11 @@ def test_placement_keeps_topk_logits_and_restores_the_logical_layout(tp, ep, dis
 
 
 @pytest.mark.parametrize("redundant", [0, 2])
-def test_online_replanning_moves_experts_between_forwards_without_changing_logits(redundant) -> None:
+def test_online_replanning_moves_experts_between_forwards_without_changing_logits(redundant, tmp_path) -> None:
     from tests.placement_workers import replan_worker
 
-    results = run_distributed(replan_worker, 2, {"ep": 2, "redundant": redundant}, timeout_s=420)
+    spec = {"ep": 2, "redundant": redundant, "ckpt": str(tmp_path / "ckpt")}
+    results = run_distributed(replan_worker, 2, spec, timeout_s=420)
     for res in results:
         assert [e[0] for e in res["events"]] == [2, 4]  # every 2 forwards
         assert all(e[1] > 0 and e[3] <= e[2] + 1e-9 for e in res["events"])  # planned peak never worse
@@ -106,4 +107,7 @@ def test_online_replanning_moves_experts_between_forwards_without_changing_logit
             assert torch.allclose(logits, res["logits"][0], rtol=1e-5, atol=1e-5)
         assert all(len(slots) == 8 + redundant for slots in res["slots"].values())
         assert all(calls == 5 for calls in res["calls"].values())  # moving experts keeps the records
+        # Saved while placed, loaded into a contiguous model: the same function.
+        assert res["still_placed"]
+        assert torch.allclose(res["reloaded_logits"], res["logits"][0], rtol=1e-5, atol=1e-5)
     assert results[0]["slots"] == results[1]["slots"]  # every rank made the same plan

@@ -31,11 +31,12 @@ was on every rank, or raises on every rank.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -381,3 +382,37 @@ def remove_placement(model: torch.nn.Module) -> None:
     """Move every MoE layer back to Megatron's logical layout (e.g. before saving a checkpoint)."""
     layouts = list(layer_layouts(model).values())
     _set_layouts(model, None, layouts[0].replica_policy if layouts else "least-loaded")
+
+
+def current_plan(model: torch.nn.Module) -> Optional[PlacementPlan]:
+    """The placement in effect as a plan (None: Megatron's contiguous layout everywhere)."""
+    from megatron_capaware.placement.planner import LayerPlacement
+
+    layouts = layer_layouts(model)
+    if not any(layout.placed for layout in layouts.values()):
+        return None
+    first = next(iter(layouts.values()))
+    return PlacementPlan(
+        model={"moe_layer_numbers": sorted(layouts), "num_moe_experts": first.table.num_experts},
+        ep=first.num_ranks, redundant=len(first.slots) - first.table.num_experts,
+        layers={n: LayerPlacement(list(l.slots), l.num_ranks, 0.0, 0.0) for n, l in layouts.items()},
+        provenance={"current": True})
+
+
+@contextlib.contextmanager
+def logical_layout(model: torch.nn.Module) -> Iterator[None]:
+    """Megatron's logical layout inside the block, the placement restored after (every EP rank).
+
+    For saving a checkpoint from a placed model: ``with logical_layout(model): save(...)``
+    writes an ordinary checkpoint (``models.checkpoint.save_checkpoint`` does this itself).
+    """
+    plan = current_plan(model)
+    if plan is None:
+        yield
+        return
+    policy = next(iter(layer_layouts(model).values())).replica_policy
+    remove_placement(model)
+    try:
+        yield
+    finally:
+        apply_placement(model, plan, policy)

@@ -108,6 +108,9 @@ def save_checkpoint(
 ) -> Path:
     """Save ``model`` (all ranks call this) in Megatron-LM's release layout.
 
+    A model whose experts are placed (``--capaware-placement``) is saved in
+    Megatron's logical layout: the checkpoint loads into any model.
+
     Returns:
         The checkpoint root.
     """
@@ -119,12 +122,15 @@ def save_checkpoint(
     if rank == 0:
         weights.mkdir(parents=True, exist_ok=True)
     barrier()
-    state = {
-        "model": _unwrap(model).sharded_state_dict(),
-        "checkpoint_version": 3.0,
-        "iteration": iteration,
-    }
-    dist_checkpointing.save(state, str(weights))
+    from megatron_capaware.adapters.placement import logical_layout
+
+    with logical_layout(_unwrap(model)):  # a placed model saves Megatron's logical layout
+        state = {
+            "model": _unwrap(model).sharded_state_dict(),
+            "checkpoint_version": 3.0,
+            "iteration": iteration,
+        }
+        dist_checkpointing.save(state, str(weights))
     if rank == 0:
         (root / TRACKER_FILE).write_text("release\n")
         args.save(root / MODEL_ARGS_FILE)
