@@ -133,3 +133,92 @@ def test_laser_waves_are_fixed_shape_on_the_device_path(monkeypatch) -> None:
     device_result = P.laser(scores, K, 0.9, 0.3, 16, check_values=False)
     assert any("bincount" in site for site in cpu.sync_sites) and device.syncs == 0
     assert torch.equal(cpu_result[1], device_result[1]) and torch.equal(cpu_result[0], device_result[0])
+
+
+# ----------------------------------------------------------------------------- the sorted selection
+
+from megatron_capaware.policies import collectives  # noqa: E402
+from megatron_capaware.policies.selection import select_top_per_expert, select_top_per_expert_radix  # noqa: E402
+from tests.sim_dist import run_ranks  # noqa: E402
+
+_SPECIAL = torch.tensor([0.0, -0.0, 1e-45, 1e-38, 0.25, 0.5, 1.0, 3.0e38, float("inf")])
+
+
+def _selection_case(seed: int):
+    """Random items spread over 1-4 simulated ranks: heavy ties, signed zeros, subnormals, inf,
+    padding, capacities from a rule or a tensor (zeros included), TP copies on some seeds."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(high: int) -> int:
+        return int(torch.randint(0, high, (1,), generator=gen))
+
+    world, num_experts = 1 + seed % 4, 1 + draw(9)
+    ranks = []
+    for _ in range(world):
+        n = draw(60)
+        kind = draw(3)
+        if kind == 0:  # few distinct values: ties everywhere
+            priority = torch.randint(0, 3, (n,), generator=gen).float() / 4
+        elif kind == 1:
+            priority = _SPECIAL[torch.randint(0, len(_SPECIAL), (n,), generator=gen)]
+        else:
+            priority = torch.rand(n, generator=gen)
+        valid = torch.rand(n, generator=gen) > 0.3 if draw(2) else None
+        ranks.append(dict(priority=priority, expert=torch.randint(0, num_experts, (n,), generator=gen),
+                          valid=valid, extra=draw(50) if draw(2) else torch.tensor(draw(50))))
+    if draw(2):
+        gamma = [0.3, 1.0, 1.7, float("inf")][draw(4)]
+        capacity = lambda offered, items: P.capacity._token_capacity(gamma, 2, num_experts)(offered, items)  # noqa: E731
+    else:
+        capacity = torch.randint(0, 6, (num_experts,), generator=gen)
+    copies = world > 1 and seed % 5 == 0
+    return world, num_experts, ranks, capacity, copies
+
+
+@pytest.mark.parametrize("seed", range(48))
+def test_the_sorted_device_selection_equals_the_radix_select(seed: int) -> None:
+    """The device path's sort + searchsorted selection decides bit for bit as the radix select
+    it replaced (same keep, loads, capacity, item count), on every simulated rank, with the
+    same collectives (kind and group, payload the same or 4 bytes less)."""
+    world, num_experts, ranks, capacity, copies = _selection_case(seed)
+    slice_of = (lambda r: r // 2) if copies else (lambda r: r)
+    results = {}
+    for name, fn in (("sorted", lambda **kw: select_top_per_expert(**kw, sync_free=True)),
+                     ("radix", lambda **kw: select_top_per_expert_radix(**kw, sync_free=True)),
+                     ("cpu", lambda **kw: select_top_per_expert(**kw, sync_free=False))):
+        def rank_fn(rank: int, group, fn=fn):
+            r = ranks[slice_of(rank)]
+            return fn(priority=r["priority"], expert=r["expert"], num_experts=num_experts, capacity=capacity,
+                      group=group if world > 1 else None, valid=r["valid"], extra_count=r["extra"])
+        size = 2 * world if copies else world
+        with collectives.record_collectives() as log:
+            results[name] = run_ranks(rank_fn, size, copies_of=[r // 2 * 2 for r in range(size)] if copies else None)
+        results[name + ":log"] = sorted(log.calls)
+    new_log, old_log = results["sorted:log"], results["radix:log"]
+    # Same collectives; the rounds after the first no longer carry the unused extra slot (4 bytes).
+    assert [(op, w) for op, _, w in new_log] == [(op, w) for op, _, w in old_log], "the collectives changed"
+    assert all(0 <= b_old - b_new <= 4 for (_, b_new, _), (_, b_old, _) in zip(new_log, old_log))
+    for rank, (new, old, cpu) in enumerate(zip(results["sorted"], results["radix"], results["cpu"])):
+        for field in ("keep", "global_offered", "global_kept", "capacity", "global_items"):
+            a, b, c = getattr(new, field), getattr(old, field), getattr(cpu, field)
+            assert a.dtype == b.dtype and torch.equal(a, b) and torch.equal(a, c), (seed, rank, field, a, b)
+
+
+def test_the_selection_cases_drop_and_split_ties() -> None:
+    """The cases above are not vacuous: most drop something, and some split a run of equal
+    priorities of one expert (the tie step)."""
+    dropping = splitting = 0
+    for seed in range(48):
+        world, num_experts, ranks, capacity, _ = _selection_case(seed)
+        r = ranks[0]
+        sel = select_top_per_expert(r["priority"], r["expert"], num_experts, capacity, None, valid=r["valid"],
+                                    extra_count=r["extra"], sync_free=True)
+        usable = sel.keep if r["valid"] is None else r["valid"]
+        dropping += bool((usable & ~sel.keep).any()) if r["valid"] is not None else bool((~sel.keep).any())
+        bits = r["priority"].view(torch.int32).tolist()
+        groups = {}
+        for i, (b, e) in enumerate(zip(bits, r["expert"].tolist())):
+            if r["valid"] is None or bool(r["valid"][i]):
+                groups.setdefault((b, e), set()).add(bool(sel.keep[i]))
+        splitting += any(len(v) == 2 for v in groups.values())
+    assert dropping >= 20 and splitting >= 5, (dropping, splitting)
