@@ -290,8 +290,10 @@ def expert_keys(scores: torch.Tensor, spare: Optional[torch.Tensor] = None) -> t
     num_experts = scores.shape[1]
     if num_experts > (1 << EXPERT_ID_BITS):
         raise RoutingInputError(f"at most {1 << EXPERT_ID_BITS} experts are supported, got {num_experts}")
-    ids = torch.arange(num_experts, device=scores.device)
-    key = (score_bits(scores) << EXPERT_ID_BITS) | ((1 << EXPERT_ID_BITS) - 1 - ids)
+    # bits << 10 | (1023 - id), as one add: the low 10 bits of bits * 1024 are zero.
+    inverted_ids = torch.arange((1 << EXPERT_ID_BITS) - 1, (1 << EXPERT_ID_BITS) - 1 - num_experts, -1,
+                                device=scores.device)
+    key = torch.add(inverted_ids, score_bits(scores), alpha=1 << EXPERT_ID_BITS)
     if spare is not None:
         key = key | (spare.clamp(0, SPARE_LIMIT).to(torch.int64) << (31 + EXPERT_ID_BITS)).unsqueeze(0)
     return key
