@@ -25,6 +25,13 @@ def test_the_counter_sees_host_reads_and_data_dependent_shapes() -> None:
     assert any("nonzero" in site for site in work.sync_sites)
 
 
+def test_the_counter_sees_a_read_made_from_cpp() -> None:
+    """Indexing with a 0-d tensor reads it on the host without a Python-level call."""
+    x, at = torch.arange(6.0), torch.tensor(2)
+    assert count_call(lambda: x[at]).syncs == 1
+    assert count_call(lambda: x.gather(0, at.reshape(1))).syncs == 0
+
+
 def test_pure_device_work_counts_no_sync() -> None:
     x = torch.randn(64, 8)
     work = count_call(lambda: torch.topk(torch.softmax(x, -1), 2, dim=1))

@@ -143,7 +143,7 @@ def capped_water_fill(loads: torch.Tensor, demand: torch.Tensor, units: torch.Te
     base, at = points.masked_fill(f_at > total, -_BIG).max(0)
     slope = ((loads <= base) & (base < high)).sum()
     # slope == 0 only where f is flat from base on, i.e. f(base) == total: the step is 0 either way.
-    level = base + (total - f_at[at]) // slope.clamp(min=1)
+    level = base + (total - f_at.gather(0, at.reshape(1)).squeeze(0)) // slope.clamp(min=1)  # f_at[at] reads at
     filled = level.clamp(min=loads, max=high)  # loads + quota
     quota = filled - loads
     # The units left over go one each to the experts at the level with demand left, lowest id first.
