@@ -360,8 +360,10 @@ def capacity_reroute(
     else:
         r_scores, r_idx, r_values, r_settled = scores[rows], indices[rows], values[rows], settled[rows]
         r_allowed = None if allowed is None else allowed[rows]
-    not_allowed = None if r_allowed is None else ~r_allowed
-    taken = torch.zeros_like(r_scores, dtype=torch.bool).scatter_(1, r_idx, True)  # [n, E]
+    # taken: the experts a slot may not move to (the token's own top-k, the experts it has
+    # been given, and with group-limited routing those outside its groups).
+    taken = torch.zeros_like(r_scores, dtype=torch.bool) if r_allowed is None else ~r_allowed
+    taken = taken.scatter_(1, r_idx, True)  # [n, E]
     placed = None
     loads = drop.global_kept
     capacity = drop.capacity[0]
@@ -371,12 +373,10 @@ def capacity_reroute(
     # first, ties in slot order: a stable sort of a stably sorted row keeps that order).
     slot_score = r_values.masked_fill(r_settled, -1.0)
     score_keys = common.expert_keys(r_scores) if policy == "score" and min_ratio <= 0 and rounds else None
-    for _ in range(rounds):
+    for round_index in range(rounds):
         # Dropped slots, highest dropped score first: each takes the best candidate left.
         slot_score = torch.sort(slot_score, dim=1, descending=True, stable=True).values
         unavailable = taken | (spare <= 0).unsqueeze(0)
-        if not_allowed is not None:
-            unavailable = unavailable | not_allowed
         if min_ratio > 0:
             cand, propose = _guarded_candidates(r_scores, spare, ~unavailable, policy, slot_score, min_ratio, r_idx)
         else:
@@ -401,7 +401,8 @@ def capacity_reroute(
         count = accepted.sum()
         rerouted = count if rerouted is None else rerouted + count
         loads = loads + selection.global_kept
-        spare = spare - selection.global_kept
+        if round_index + 1 < rounds:
+            spare = spare - selection.global_kept
     if placed is None:
         routing_map = drop_map
     elif rows is None:
