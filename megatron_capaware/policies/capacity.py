@@ -256,11 +256,6 @@ def _dropped(keep: torch.Tensor, valid_tokens: Optional[torch.Tensor]) -> torch.
     return lost.sum()
 
 
-def _stable_rank_desc(key: torch.Tensor) -> torch.Tensor:
-    """Column indices sorted by ``key`` descending, ties in column order."""
-    return torch.sort(key, dim=1, descending=True, stable=True).indices
-
-
 def candidate_order(
     scores: torch.Tensor, spare: torch.Tensor, available: torch.Tensor, policy: str, count: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
