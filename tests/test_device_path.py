@@ -175,8 +175,9 @@ def _selection_case(seed: int):
         ranks.append(dict(priority=priority, expert=torch.randint(0, num_experts, (n,), generator=gen),
                           valid=valid, extra=draw(50) if draw(2) else torch.tensor(draw(50))))
     if draw(2):
-        gamma = [0.3, 1.0, 1.7, float("inf")][draw(4)]
-        capacity = lambda offered, items: P.capacity._token_capacity(gamma, 2, num_experts)(offered, items)  # noqa: E731
+        gamma = [1e-30, 0.3, 1.0, 1.7, 1e300, float("inf")][draw(6)]
+        # The rule itself (alone, with an int count, the sorted path takes its host form).
+        capacity = P.capacity._token_capacity(gamma, 2, num_experts)
     else:
         capacity = torch.randint(0, 6, (num_experts,), generator=gen)
     copies = world > 1 and seed % 5 == 0
@@ -308,3 +309,13 @@ def test_ops_per_layer_on_the_device_path(monkeypatch, masks: str, record_proper
 def test_laser_meets_its_ops_budget(monkeypatch) -> None:
     monkeypatch.setenv(DEVICE_PATH_ENV, "1")
     assert _count_policy_ops(1)["laser"][0] <= OPS_BUDGET["laser"]
+
+
+def test_the_host_form_of_the_capacity_rule_equals_the_tensor_form() -> None:
+    """Alone with an int token count, the sorted selection takes C from the rule's host form."""
+    for gamma in (1e-300, 1e-30, 0.1, 0.3, 1.0, 1.25, 1.7, 2.0, 3.3, 1e18, 1e300, float("inf")):
+        for k, num_experts in ((1, 1), (2, 8), (8, 64), (6, 160)):
+            rule = P.capacity._token_capacity(gamma, k, num_experts)
+            for tokens in (0, 1, 3, 7, 1000, 2048, 65537, 10**12):
+                tensor = rule(torch.zeros(num_experts, dtype=torch.int64), torch.tensor(tokens))
+                assert int(tensor) == rule.from_count(tokens), (gamma, k, num_experts, tokens)

@@ -118,6 +118,8 @@ def _token_capacity(gamma: float, k: int, num_experts: int):
     def capacity(offered: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
         return common.capacity_tensor(gamma, global_tokens * k, num_experts)
 
+    # Where the token count is a host int (one process, no padding) the same float64 rule on the host.
+    capacity.from_count = lambda tokens: common.capacity_from_total(gamma, tokens * k, num_experts)
     return capacity
 
 
