@@ -26,8 +26,8 @@ ROUTERS = ("capacity-drop", "capacity-reroute", "expanded-drop", "laser")
 
 def predicted(router: str, num_experts: int, world: int, rounds: int = 1, waves: int = 8, laser_rounds: int = 1) -> Dict[str, int]:
     """Fixed-round (CUDA path) collective count and bytes sent per rank."""
-    hist = 4 * (256 * num_experts + 1)  # int32 histogram + the token count
-    select_calls, select_bytes = 5, 4 * hist + 4 * num_experts
+    hist = 4 * 256 * num_experts  # int32 counts; the first round adds the token count (4 bytes)
+    select_calls, select_bytes = 5, 4 * hist + 4 + 4 * num_experts
     if router in ("capacity-drop", "expanded-drop"):
         return {"calls": select_calls, "bytes_sent": select_bytes}
     if router == "capacity-reroute":

@@ -25,6 +25,13 @@ def test_the_counter_sees_host_reads_and_data_dependent_shapes() -> None:
     assert any("nonzero" in site for site in work.sync_sites)
 
 
+def test_the_counter_sees_a_read_made_from_cpp() -> None:
+    """Indexing with a 0-d tensor reads it on the host without a Python-level call."""
+    x, at = torch.arange(6.0), torch.tensor(2)
+    assert count_call(lambda: x[at]).syncs == 1
+    assert count_call(lambda: x.gather(0, at.reshape(1))).syncs == 0
+
+
 def test_pure_device_work_counts_no_sync() -> None:
     x = torch.randn(64, 8)
     work = count_call(lambda: torch.topk(torch.softmax(x, -1), 2, dim=1))
@@ -59,15 +66,16 @@ from megatron_capaware.policies.common import DEVICE_PATH_ENV  # noqa: E402
 T, E, K = 2048, 64, 8  # issue 12's shape
 
 
-def _router_calls(scores: torch.Tensor, masks: dict):
+def _router_calls(scores: torch.Tensor, masks: dict, group=None):
     """Each router's policy call as CapawareRouter._decide makes it (scores checked before, weights by the router)."""
     indices = torch.topk(scores, K, dim=1).indices
     local = P.local_experts_tensor(list(range(8)), E, scores.device)  # the router builds it once
-    common = dict(normalize=True, check_values=False, topk_indices=indices, weights=False, return_decision=True)
+    common = dict(normalize=True, check_values=False, topk_indices=indices, weights=False, return_decision=True,
+                  group=group)
     valid = dict(valid_tokens=masks["valid_tokens"]) if "valid_tokens" in masks else {}
     return {
         "topk": lambda: P.topk(scores, K, normalize=True, check_values=False, topk_indices=indices,
-                               return_decision=True),
+                               return_decision=True, group=group),
         "capacity-drop": lambda: P.capacity_drop(scores, K, 1.25, **common, **valid),
         "capacity-drop(random)": lambda: P.capacity_drop(scores, K, 1.25, policy="random", **common, **valid),
         "capacity-reroute": lambda: P.capacity_reroute(scores, K, 1.25, rounds=1, **common, **masks),
@@ -78,8 +86,8 @@ def _router_calls(scores: torch.Tensor, masks: dict):
     }
 
 
-def _scores() -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
+def _scores(seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
     return torch.softmax(torch.randn(T, E, generator=gen) * 2 + torch.linspace(2, 0, E), -1)
 
 
@@ -133,3 +141,181 @@ def test_laser_waves_are_fixed_shape_on_the_device_path(monkeypatch) -> None:
     device_result = P.laser(scores, K, 0.9, 0.3, 16, check_values=False)
     assert any("bincount" in site for site in cpu.sync_sites) and device.syncs == 0
     assert torch.equal(cpu_result[1], device_result[1]) and torch.equal(cpu_result[0], device_result[0])
+
+
+# ----------------------------------------------------------------------------- the sorted selection
+
+from megatron_capaware.policies import collectives  # noqa: E402
+from megatron_capaware.policies.selection import select_top_per_expert, select_top_per_expert_radix  # noqa: E402
+from tests.sim_dist import run_ranks  # noqa: E402
+
+_SPECIAL = torch.tensor([0.0, -0.0, 1e-45, 1e-38, 0.25, 0.5, 1.0, 3.0e38, float("inf")])
+
+
+def _selection_case(seed: int):
+    """Random items spread over 1-4 simulated ranks: heavy ties, signed zeros, subnormals, inf,
+    padding, capacities from a rule or a tensor (zeros included), TP copies on some seeds."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(high: int) -> int:
+        return int(torch.randint(0, high, (1,), generator=gen))
+
+    world, num_experts = 1 + seed % 4, 1 + draw(9)
+    ranks = []
+    for _ in range(world):
+        n = draw(60)
+        kind = draw(3)
+        if kind == 0:  # few distinct values: ties everywhere
+            priority = torch.randint(0, 3, (n,), generator=gen).float() / 4
+        elif kind == 1:
+            priority = _SPECIAL[torch.randint(0, len(_SPECIAL), (n,), generator=gen)]
+        else:
+            priority = torch.rand(n, generator=gen)
+        valid = torch.rand(n, generator=gen) > 0.3 if draw(2) else None
+        ranks.append(dict(priority=priority, expert=torch.randint(0, num_experts, (n,), generator=gen),
+                          valid=valid, extra=draw(50) if draw(2) else torch.tensor(draw(50))))
+    if draw(2):
+        gamma = [1e-30, 0.3, 1.0, 1.7, 1e300, float("inf")][draw(6)]
+        # The rule itself (alone, with an int count, the sorted path takes its host form).
+        capacity = P.capacity._token_capacity(gamma, 2, num_experts)
+    else:
+        capacity = torch.randint(0, 6, (num_experts,), generator=gen)
+    copies = world > 1 and seed % 5 == 0
+    return world, num_experts, ranks, capacity, copies
+
+
+@pytest.mark.parametrize("seed", range(48))
+def test_the_sorted_device_selection_equals_the_radix_select(seed: int) -> None:
+    """The device path's sort + searchsorted selection decides bit for bit as the radix select
+    it replaced (same keep, loads, capacity, item count), on every simulated rank, with the
+    same collectives (kind and group, payload the same or 4 bytes less)."""
+    world, num_experts, ranks, capacity, copies = _selection_case(seed)
+    slice_of = (lambda r: r // 2) if copies else (lambda r: r)
+    results = {}
+    for name, fn in (("sorted", lambda **kw: select_top_per_expert(**kw, sync_free=True)),
+                     ("radix", lambda **kw: select_top_per_expert_radix(**kw, sync_free=True)),
+                     ("cpu", lambda **kw: select_top_per_expert(**kw, sync_free=False))):
+        def rank_fn(rank: int, group, fn=fn):
+            r = ranks[slice_of(rank)]
+            return fn(priority=r["priority"], expert=r["expert"], num_experts=num_experts, capacity=capacity,
+                      group=group if world > 1 else None, valid=r["valid"], extra_count=r["extra"])
+        size = 2 * world if copies else world
+        with collectives.record_collectives() as log:
+            results[name] = run_ranks(rank_fn, size, copies_of=[r // 2 * 2 for r in range(size)] if copies else None)
+        results[name + ":log"] = sorted(log.calls)
+    new_log, old_log = results["sorted:log"], results["radix:log"]
+    # Same collectives; the rounds after the first no longer carry the unused extra slot (4 bytes).
+    assert [(op, w) for op, _, w in new_log] == [(op, w) for op, _, w in old_log], "the collectives changed"
+    assert all(0 <= b_old - b_new <= 4 for (_, b_new, _), (_, b_old, _) in zip(new_log, old_log))
+    for rank, (new, old, cpu) in enumerate(zip(results["sorted"], results["radix"], results["cpu"])):
+        for field in ("keep", "global_offered", "global_kept", "capacity", "global_items"):
+            a, b, c = getattr(new, field), getattr(old, field), getattr(cpu, field)
+            assert a.dtype == b.dtype and torch.equal(a, b) and torch.equal(a, c), (seed, rank, field, a, b)
+
+
+def test_the_selection_cases_drop_and_split_ties() -> None:
+    """The cases above are not vacuous: most drop something, and some split a run of equal
+    priorities of one expert (the tie step)."""
+    dropping = splitting = 0
+    for seed in range(48):
+        world, num_experts, ranks, capacity, _ = _selection_case(seed)
+        r = ranks[0]
+        sel = select_top_per_expert(r["priority"], r["expert"], num_experts, capacity, None, valid=r["valid"],
+                                    extra_count=r["extra"], sync_free=True)
+        usable = sel.keep if r["valid"] is None else r["valid"]
+        dropping += bool((usable & ~sel.keep).any()) if r["valid"] is not None else bool((~sel.keep).any())
+        bits = r["priority"].view(torch.int32).tolist()
+        groups = {}
+        for i, (b, e) in enumerate(zip(bits, r["expert"].tolist())):
+            if r["valid"] is None or bool(r["valid"][i]):
+                groups.setdefault((b, e), set()).add(bool(sel.keep[i]))
+        splitting += any(len(v) == 2 for v in groups.values())
+    assert dropping >= 20 and splitting >= 5, (dropping, splitting)
+
+
+# ----------------------------------------------------------------------------- ops per layer
+
+# Issue 12, item 3: ATen ops per MoE layer on the device path at T=2048, E=64, k=8 (the
+# policy call as the router makes it); expanded-drop "in proportion" to capacity-drop.
+OPS_BUDGET = {"capacity-drop": 40, "capacity-reroute": 80, "expanded-drop": 50, "laser": 150}
+
+
+def _count_policy_ops(world: int, masks: str = "none") -> dict:
+    """Ops of each router's policy call on every rank (``world`` simulated ranks, ``T`` tokens each).
+
+    A collective counts as one op (one NCCL launch): the simulation's own tensor work is not counted.
+    """
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from tests import sim_dist
+
+    def calls_for(rank: int, group):
+        scores = _scores(rank)
+        extra = {}
+        if masks != "none":
+            valid = torch.ones(T, dtype=torch.bool)
+            valid[rank::7] = False
+            extra = dict(valid_tokens=valid, allowed=P.group_limited_mask(scores, K, 8, 4))
+        return _router_calls(scores, extra, group=group)
+
+    if world == 1:
+        return {name: [count_call(call).ops] for name, call in calls_for(0, None).items()}
+    works = {}
+    real = {name: getattr(sim_dist._SimDist, name) for name in ("all_reduce", "all_gather")}
+
+    def counted(name):
+        def collective(*args, **kwargs):
+            with _disable_current_modes():
+                real[name](*args, **kwargs)
+            works[sim_dist._local.rank].ops += 1
+        return staticmethod(collective)
+
+    def rank_fn(rank: int, group):
+        out = {}
+        for name, call in calls_for(rank, group).items():
+            with count_device_work() as work:
+                works[rank] = work
+                call()
+            out[name] = work.ops
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in real:
+            mp.setattr(sim_dist._SimDist, name, counted(name))
+        per_rank = run_ranks(rank_fn, world)
+    return {name: [r[name] for r in per_rank] for name in per_rank[0]}
+
+
+@pytest.mark.parametrize("masks", ["none", "padding+groups"])
+def test_ops_per_layer_on_the_device_path(monkeypatch, masks: str, record_property) -> None:
+    """The budgets hold alone (EP = 1, --capaware-scope local); at EP = 2 (simulated, a
+    collective counted once) the counts are printed and held to the budget plus what the
+    exact group-wide selection needs (4 radix rounds and a tie split per selection)."""
+    monkeypatch.setenv(DEVICE_PATH_ENV, "1")
+    alone, ep2 = _count_policy_ops(1, masks), _count_policy_ops(2, masks)
+    print(f"\nATen ops per layer, device path, T={T} E={E} k={K}, {masks}:")
+    for name in alone:
+        print(f"  {name:34s} EP=1 {alone[name][0]:4d}   EP=2 {max(ep2[name]):4d}   budget {OPS_BUDGET.get(name, '-')}")
+        record_property(f"{masks}:{name}:ops", alone[name][0])
+    over = {n: alone[n][0] for n, b in OPS_BUDGET.items() if n != "laser" and alone[n][0] > b}
+    assert not over, f"over budget at EP=1: {over}"
+    selections = {"capacity-drop": 1, "capacity-reroute": 2, "expanded-drop": 1}
+    over_ep = {n: max(ep2[n]) for n, s in selections.items() if max(ep2[n]) > OPS_BUDGET[n] + 45 * s}
+    assert not over_ep, f"over budget at EP=2: {over_ep}"
+    assert max(ep2["laser"]) <= 800 and alone["laser"][0] <= 650, "LASER regressed (its budget is not met yet)"
+
+
+@pytest.mark.xfail(strict=True, reason="LASER's budget (150 ops) is not met in eager: 8 sequential waves of ~65 ops")
+def test_laser_meets_its_ops_budget(monkeypatch) -> None:
+    monkeypatch.setenv(DEVICE_PATH_ENV, "1")
+    assert _count_policy_ops(1)["laser"][0] <= OPS_BUDGET["laser"]
+
+
+def test_the_host_form_of_the_capacity_rule_equals_the_tensor_form() -> None:
+    """Alone with an int token count, the sorted selection takes C from the rule's host form."""
+    for gamma in (1e-300, 1e-30, 0.1, 0.3, 1.0, 1.25, 1.7, 2.0, 3.3, 1e18, 1e300, float("inf")):
+        for k, num_experts in ((1, 1), (2, 8), (8, 64), (6, 160)):
+            rule = P.capacity._token_capacity(gamma, k, num_experts)
+            for tokens in (0, 1, 3, 7, 1000, 2048, 65537, 10**12):
+                tensor = rule(torch.zeros(num_experts, dtype=torch.int64), torch.tensor(tokens))
+                assert int(tensor) == rule.from_count(tokens), (gamma, k, num_experts, tokens)

@@ -118,6 +118,8 @@ def _token_capacity(gamma: float, k: int, num_experts: int):
     def capacity(offered: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
         return common.capacity_tensor(gamma, global_tokens * k, num_experts)
 
+    # Where the token count is a host int (one process, no padding) the same float64 rule on the host.
+    capacity.from_count = lambda tokens: common.capacity_from_total(gamma, tokens * k, num_experts)
     return capacity
 
 
@@ -188,6 +190,35 @@ def capacity_drop(
     common.check_choice("policy", policy, common.DROP_POLICIES)
     valid_tokens = common.check_valid_tokens(valid_tokens, scores)
     common.check_choice("unit", unit, common.CAPACITY_UNITS)
+    indices, values, selection, keep, routing_map = _drop_assignments(
+        scores, k, gamma, policy, group, seed, topk_indices, valid_tokens, unit, expert_ranks, num_ranks)
+    probs = None
+    if weights:
+        probs = common.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize, renormalize=renormalize)
+    # unit=rank: the selection counted ranks; the per-expert loads take one all-reduce of E.
+    global_loads = selection.global_kept if unit == "expert" else all_reduce_sum(
+        routing_map.sum(dim=0).to(torch.int64), group)
+    decision = RoutingDecision(
+        probs=probs,
+        routing_map=routing_map,
+        global_loads=global_loads,
+        requested_assignments=selection.global_offered.sum(),
+        dropped=_dropped(keep, valid_tokens),
+        rerouted=torch.zeros((), dtype=torch.int64, device=scores.device),
+        global_tokens=selection.global_items,
+        capacity=selection.capacity[0] if scores.shape[1] else None,
+    )
+    return decision if return_decision else decision.as_tuple()
+
+
+
+def _drop_assignments(scores, k, gamma, policy, group, seed, topk_indices, valid_tokens, unit="expert",
+                      expert_ranks=None, num_ranks=None):
+    """The drop step on checked inputs: ``(indices [T, k], values [T, k], selection, keep [T, k], routing_map)``.
+
+    Shared by :func:`capacity_drop` and :func:`capacity_reroute` (which needs
+    the pieces, not the decision).
+    """
     num_tokens, num_experts = scores.shape
     indices, values = _selected(scores, k, topk_indices)  # [T, k]
     priority = _drop_priority(policy, values, indices, num_experts, seed, group, valid_tokens)
@@ -209,24 +240,7 @@ def capacity_drop(
     )
     keep = selection.keep.view(num_tokens, k)
     routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, keep)
-    probs = None
-    if weights:
-        probs = common.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize, renormalize=renormalize)
-    # unit=rank: the selection counted ranks; the per-expert loads take one all-reduce of E.
-    global_loads = selection.global_kept if unit == "expert" else all_reduce_sum(
-        routing_map.sum(dim=0).to(torch.int64), group)
-    decision = RoutingDecision(
-        probs=probs,
-        routing_map=routing_map,
-        global_loads=global_loads,
-        requested_assignments=selection.global_offered.sum(),
-        dropped=_dropped(keep, valid_tokens),
-        rerouted=torch.zeros((), dtype=torch.int64, device=scores.device),
-        global_tokens=selection.global_items,
-        capacity=selection.capacity[0] if num_experts else None,
-    )
-    return decision if return_decision else decision.as_tuple()
-
+    return indices, values, selection, keep, routing_map
 
 
 def _token_items(valid_tokens: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
@@ -242,11 +256,6 @@ def _dropped(keep: torch.Tensor, valid_tokens: Optional[torch.Tensor]) -> torch.
     if valid_tokens is not None:
         lost &= valid_tokens.unsqueeze(1)
     return lost.sum()
-
-
-def _stable_rank_desc(key: torch.Tensor) -> torch.Tensor:
-    """Column indices sorted by ``key`` descending, ties in column order."""
-    return torch.sort(key, dim=1, descending=True, stable=True).indices
 
 
 def candidate_order(
@@ -331,55 +340,50 @@ def capacity_reroute(
             f"min_ratio={min_ratio!r} must be a finite number >= 0 (0 = always reroute)"
         )
     allowed = common.check_allowed(allowed, scores)
-    drop = capacity_drop(
-        scores,
-        k,
-        gamma,
-        policy=drop_policy,
-        normalize=normalize,
-        group=group,
-        seed=seed,
-        topk_indices=topk_indices,
-        check_values=check_values,
-        weights=False,
-        return_decision=True,
-        valid_tokens=valid_tokens,
-    )
+    # The checks of the drop step, in capacity_drop's order.
+    common.check_scores(scores, k, check_values=check_values)
+    gamma = common.check_gamma(gamma)
+    common.check_choice("policy", drop_policy, common.DROP_POLICIES)
     valid_tokens = common.check_valid_tokens(valid_tokens, scores)
     num_tokens, num_experts = scores.shape
-    indices, values = _selected(scores, k, topk_indices)  # [T, k]
-    kept = drop.routing_map.gather(1, indices)  # [T, k]
-    lost = ~kept if valid_tokens is None else ~kept & valid_tokens.unsqueeze(1)  # padding loses nothing
+    indices, values, drop, kept, drop_map = _drop_assignments(
+        scores, k, gamma, drop_policy, group, seed, topk_indices, valid_tokens)
+    settled = kept if valid_tokens is None else kept | ~valid_tokens.unsqueeze(1)  # padding loses nothing
     # Only tokens with a dropped slot take part; on the CPU work on those rows
     # alone (on the device all rows, masked: no host sync). Row order = token order.
-    rows = None if common.use_device_path(scores) else lost.any(dim=1).nonzero().squeeze(1)
+    rows = None if common.use_device_path(scores) else (~settled).any(dim=1).nonzero().squeeze(1)
     if rows is None:
-        r_scores, r_idx, r_values, unplaced, r_allowed = scores, indices, values, lost, allowed
+        r_scores, r_idx, r_values, r_settled, r_allowed = scores, indices, values, settled, allowed
     else:
-        r_scores, r_idx, r_values, unplaced = scores[rows], indices[rows], values[rows], lost[rows]
+        r_scores, r_idx, r_values, r_settled = scores[rows], indices[rows], values[rows], settled[rows]
         r_allowed = None if allowed is None else allowed[rows]
-    # unplaced [n, k]: dropped slots still looking for an expert.
-    taken = torch.zeros_like(r_scores, dtype=torch.bool).scatter_(1, r_idx, True)  # [n, E]
-    placed = torch.zeros_like(taken)
-    loads = drop.global_loads.clone()
-    spare = (drop.capacity - loads).clamp(min=0)
-    rerouted = torch.zeros((), dtype=torch.int64, device=scores.device)
-    for _ in range(rounds):
+    # taken: the experts a slot may not move to (the token's own top-k, the experts it has
+    # been given, and with group-limited routing those outside its groups).
+    taken = torch.zeros_like(r_scores, dtype=torch.bool) if r_allowed is None else ~r_allowed
+    taken = taken.scatter_(1, r_idx, True)  # [n, E]
+    placed = None
+    loads = drop.global_kept
+    capacity = drop.capacity[0]
+    spare = (capacity - loads).clamp(min=0)
+    rerouted = None
+    # The dropped slots' scores, -1 where a slot has nothing to place. Kept sorted (highest
+    # first, ties in slot order: a stable sort of a stably sorted row keeps that order).
+    slot_score = r_values.masked_fill(r_settled, -1.0)
+    score_keys = common.expert_keys(r_scores) if policy == "score" and min_ratio <= 0 and rounds else None
+    for round_index in range(rounds):
         # Dropped slots, highest dropped score first: each takes the best candidate left.
-        slot_score = torch.where(unplaced, r_values, torch.full_like(r_values, -1.0))
-        slot_order = _stable_rank_desc(slot_score)  # [n, k]
-        slot_score = slot_score.gather(1, slot_order)
-        available = (~taken) & (spare > 0).unsqueeze(0)
-        if r_allowed is not None:
-            available &= r_allowed
+        slot_score = torch.sort(slot_score, dim=1, descending=True, stable=True).values
+        unavailable = taken | (spare <= 0).unsqueeze(0)
         if min_ratio > 0:
-            cand, propose = _guarded_candidates(r_scores, spare, available, policy, slot_score, min_ratio, r_idx)
+            cand, propose = _guarded_candidates(r_scores, spare, ~unavailable, policy, slot_score, min_ratio, r_idx)
         else:
             # No guard (every score passes s >= 0): slot j takes candidate j.
-            cand, cand_ok = candidate_order(r_scores, spare, available, policy, k)
-            propose = (slot_score >= 0) & cand_ok
+            keys = score_keys if score_keys is not None else common.expert_keys(r_scores, spare)
+            best, cand = torch.topk(keys.masked_fill(unavailable, -1), k, dim=1)
+            propose = (slot_score >= 0) & (best >= 0)
+        # Slots that propose nothing (score -1) are not items, so their priority is never read.
         selection = select_top_per_expert(
-            slot_score.clamp(min=0).reshape(-1),
+            slot_score.reshape(-1),
             cand.reshape(-1),
             num_experts,
             spare,
@@ -387,16 +391,21 @@ def capacity_reroute(
             valid=propose.reshape(-1),
         )
         accepted = selection.keep.view(-1, k)
-        placed |= torch.zeros_like(placed).scatter_(1, cand, accepted)
-        taken |= placed
-        unplaced &= ~torch.zeros_like(accepted).scatter_(1, slot_order, accepted)
-        rerouted = rerouted + accepted.sum()
+        newly = torch.zeros_like(taken).scatter_(1, cand, accepted)
+        placed = newly if placed is None else placed | newly
+        taken = taken | newly
+        slot_score = slot_score.masked_fill(accepted, -1.0)
+        count = accepted.sum()
+        rerouted = count if rerouted is None else rerouted + count
         loads = loads + selection.global_kept
-        spare = spare - selection.global_kept
-    if rows is None:
-        routing_map = drop.routing_map | placed
+        if round_index + 1 < rounds:
+            spare = spare - selection.global_kept
+    if placed is None:
+        routing_map = drop_map
+    elif rows is None:
+        routing_map = drop_map | placed
     else:
-        routing_map = drop.routing_map.clone()
+        routing_map = drop_map.clone()
         routing_map[rows] |= placed
     probs = None
     if weights:
@@ -405,11 +414,11 @@ def capacity_reroute(
         probs=probs,
         routing_map=routing_map,
         global_loads=loads,
-        requested_assignments=drop.requested_assignments,
-        dropped=unplaced.sum(),
-        rerouted=rerouted,
-        global_tokens=drop.global_tokens,
-        capacity=drop.capacity,
+        requested_assignments=drop.global_offered.sum(),
+        dropped=(slot_score >= 0).sum(),
+        rerouted=torch.zeros((), dtype=torch.int64, device=scores.device) if rerouted is None else rerouted,
+        global_tokens=drop.global_items,
+        capacity=capacity,
     )
     return decision if return_decision else decision.as_tuple()
 

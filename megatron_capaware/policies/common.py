@@ -250,9 +250,12 @@ def topk_mass(values: torch.Tensor) -> torch.Tensor:
     independent of how many tokens share its call (its EP split) and equal to
     the reference's ``sum()``.
     """
-    mass = values[:, 0].double() if values.shape[1] else values.new_zeros(values.shape[0], dtype=torch.float64)
+    if not values.shape[1]:
+        return values.new_zeros(values.shape[0], dtype=torch.float64)
+    wide = values.double()  # one conversion, then the same column-by-column adds
+    mass = wide[:, 0]
     for j in range(1, values.shape[1]):
-        mass = mass + values[:, j].double()
+        mass = mass + wide[:, j]
     return mass
 
 
@@ -280,7 +283,7 @@ def ranked_experts(
         where fewer than ``count`` experts are available.
     """
     num_experts = scores.shape[1]
-    key = torch.where(available, expert_keys(scores, spare), -1)
+    key = expert_keys(scores, spare).masked_fill(~available, -1)
     values, experts = torch.topk(key, min(count, num_experts), dim=1)
     return experts, values >= 0
 
@@ -290,8 +293,10 @@ def expert_keys(scores: torch.Tensor, spare: Optional[torch.Tensor] = None) -> t
     num_experts = scores.shape[1]
     if num_experts > (1 << EXPERT_ID_BITS):
         raise RoutingInputError(f"at most {1 << EXPERT_ID_BITS} experts are supported, got {num_experts}")
-    ids = torch.arange(num_experts, device=scores.device)
-    key = (score_bits(scores) << EXPERT_ID_BITS) | ((1 << EXPERT_ID_BITS) - 1 - ids)
+    # bits << 10 | (1023 - id), as one add: the low 10 bits of bits * 1024 are zero.
+    inverted_ids = torch.arange((1 << EXPERT_ID_BITS) - 1, (1 << EXPERT_ID_BITS) - 1 - num_experts, -1,
+                                device=scores.device)
+    key = torch.add(inverted_ids, score_bits(scores), alpha=1 << EXPERT_ID_BITS)
     if spare is not None:
         key = key | (spare.clamp(0, SPARE_LIMIT).to(torch.int64) << (31 + EXPERT_ID_BITS)).unsqueeze(0)
     return key

@@ -51,6 +51,7 @@ from megatron_capaware.policies.collectives import (
     all_gather_stack,
     all_reduce_sum,
     group_rank,
+    group_size,
 )
 from megatron_capaware.policies.decision import RoutingDecision
 
@@ -134,33 +135,44 @@ def capped_water_fill(loads: torch.Tensor, demand: torch.Tensor, units: torch.Te
     Returns:
         ``[E]`` int64 quotas summing to ``min(units, sum demand)``.
     """
+    # min(d_e, max(0, x - l_e)) = clamp(x, l_e, l_e + d_e) - l_e: one clamp per breakpoint row.
+    high = loads + demand
     total = torch.minimum(units, demand.sum())
-    points = torch.cat([loads, loads + demand])  # [2E]
-    f_at = torch.minimum(demand, (points.unsqueeze(1) - loads).clamp(min=0)).sum(1)  # [2E]
-    base = torch.where(f_at <= total, points, torch.full_like(points, -_BIG)).amax()
-    f_base = torch.minimum(demand, (base - loads).clamp(min=0)).sum()
-    slope = ((loads <= base) & (base < loads + demand)).sum()
-    level = base + torch.where(slope > 0, (total - f_base) // slope.clamp(min=1), torch.zeros_like(slope))
-    quota = torch.minimum(demand, (level - loads).clamp(min=0))
-    remaining = total - quota.sum()
-    room = (quota < demand) & (loads + quota == level)
-    order_in_room = torch.cumsum(room.to(torch.int64), 0) - 1
-    return quota + (room & (order_in_room < remaining)).to(torch.int64)
+    points = torch.cat([loads, high])  # [2E]
+    f_at = points.unsqueeze(1).clamp(min=loads, max=high).sum(1) - loads.sum()  # [2E]
+    base, at = points.masked_fill(f_at > total, -_BIG).max(0)
+    slope = ((loads <= base) & (base < high)).sum()
+    # slope == 0 only where f is flat from base on, i.e. f(base) == total: the step is 0 either way.
+    level = base + (total - f_at.gather(0, at.reshape(1)).squeeze(0)) // slope.clamp(min=1)  # f_at[at] reads at
+    filled = level.clamp(min=loads, max=high)  # loads + quota
+    quota = filled - loads
+    # The units left over go one each to the experts at the level with demand left, lowest id first.
+    room = (filled < high) & (filled == level)
+    return quota + (room & (torch.cumsum(room, 0) <= total - quota.sum()))
 
 
 def _least_loaded_positions(
-    load_of_cand: torch.Tensor, allowed: torch.Tensor, count: int
+    load_of_cand: torch.Tensor, closed: torch.Tensor, chosen: Optional[torch.Tensor], count: int,
+    position: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The ``count`` least-loaded allowed candidates (ties: earlier = higher score).
+    """Fill each row up to ``count`` experts: what it has chosen, then the least-loaded open candidates.
+
+    Open: neither ``closed`` nor ``chosen``; least loaded first, ties the
+    earlier position (= higher score). One ``topk`` of the ``count`` smallest
+    keys, where the chosen positions sort first: a row that has ``m``
+    experts takes its ``count - m`` least-loaded open candidates, which is
+    "the ``count`` least-loaded open ones, the first ``count - m`` of them".
 
     Returns:
-        ``(positions [T, count], allowed_there [T, count])``.
+        ``(positions [T, count], fresh [T, count])``: ``fresh`` marks the open
+        candidates taken now (not the chosen ones, not closed padding).
     """
-    width = allowed.shape[1]
-    position = torch.arange(width, device=allowed.device)
-    key = torch.where(allowed, load_of_cand * width + position, torch.full_like(load_of_cand, _BIG))
-    positions = torch.topk(key, count, dim=1, largest=False).indices
-    return positions, allowed.gather(1, positions)
+    key = torch.add(position, load_of_cand, alpha=closed.shape[1]).masked_fill(closed, _BIG)
+    if chosen is None:
+        values, positions = torch.topk(key, count, dim=1, largest=False)
+        return positions, values < _BIG
+    values, positions = torch.topk(key.masked_fill(chosen, -1), count, dim=1, largest=False)
+    return positions, (values >= 0) & (values < _BIG)
 
 
 def _scatter_counts(experts: torch.Tensor, mask: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -248,49 +260,59 @@ def laser(
     wave_stats = torch.zeros(waves + 1, num_experts + 1, dtype=torch.int64, device=device)
     wave_stats = all_reduce_sum(wave_stats.index_add_(0, wave_of, in_pool_onehot)[:waves], group)
 
-    chosen = torch.zeros_like(in_pool)  # [T, c] positions taken by flexible tokens
-    slot = torch.arange(k, device=device).unsqueeze(0)
+    chosen = None  # [T, c] positions taken by flexible tokens
+    wave_units = wave_stats[:, -1] * k
+    position = torch.arange(cand.shape[1], device=device)
+    single = group_size(group) == 1
     fixed_shape = common.use_device_path(scores)
-    if not fixed_shape:
+    if fixed_shape:
+        # Every wave runs over every row; rows of other waves are closed, so they propose and take nothing.
+        not_in_pool = ~in_pool
+        other_wave = wave_of.unsqueeze(0) != torch.arange(waves, device=device).unsqueeze(1)  # [waves, T]
+    else:
         # This rank's tokens grouped by wave, token order kept inside a wave (one host read).
         order = torch.argsort(wave_of, stable=True)
         sizes = torch.bincount(wave_of, minlength=waves + 1).tolist()
         start = 0
     for wave in range(waves):
         if fixed_shape:
-            # Every row; rows of other waves get an empty pool, so they propose and take nothing.
-            w_cand, w_pool = cand, in_pool & (wave_of == wave).unsqueeze(1)  # [T, c]
+            w_cand, closed = cand, not_in_pool | other_wave[wave].unsqueeze(1)  # [T, c]
         else:
             rows = order[start:start + sizes[wave]]
             start += sizes[wave]
-            w_cand, w_pool = cand[rows], in_pool[rows]  # [n, c]
-        need = torch.full((w_cand.shape[0],), k, dtype=torch.int64, device=device)
-        w_chosen = torch.zeros_like(w_pool)
-        quota = capped_water_fill(loads, wave_stats[wave, :-1], wave_stats[wave, -1] * k)
+            w_cand, closed = cand[rows], ~in_pool[rows]  # [n, c]
+        # closed: not in the pool, or already taken in this wave; w_chosen: taken in this wave.
+        w_chosen = None
+        quota = capped_water_fill(loads, wave_stats[wave, :-1], wave_units[wave])
         for _ in range(rounds):
-            allowed = w_pool & ~w_chosen & (quota[w_cand] > 0)
-            positions, ok = _least_loaded_positions(loads[w_cand], allowed, k)
-            ok &= slot < need.unsqueeze(1)
+            positions, fresh = _least_loaded_positions(
+                loads[w_cand], closed | (quota[w_cand] <= 0), w_chosen, k, position)
             experts = w_cand.gather(1, positions)
-            offered = torch.zeros(w_cand.shape[0], num_experts, dtype=torch.int64, device=device)
-            offered.scatter_(1, experts, ok.to(torch.int64))
-            per_rank = all_gather_stack(offered.sum(0), group)  # [ranks, E]
-            earlier = torch.cumsum(offered, 0) - offered + per_rank[:rank].sum(0)
-            accepted = ok & (earlier.gather(1, experts) < quota[experts])
-            w_chosen |= torch.zeros_like(w_chosen).scatter_(1, positions, accepted)
-            need = need - accepted.sum(1)
-            taken = torch.minimum(per_rank.sum(0), quota)
+            # An expert accepts proposals in (rank, token) order up to its quota.
+            proposed = torch.zeros(w_cand.shape[0], num_experts, dtype=torch.bool, device=device)
+            running = torch.cumsum(proposed.scatter_(1, experts, fresh), 0)  # proposals up to this token
+            per_rank = all_gather_stack(running[-1] if running.shape[0] else running.sum(0), group)  # [ranks, E]
+            limit = quota - per_rank[:rank].sum(0) if rank else quota  # what earlier ranks left
+            accepted = fresh & (running <= limit).gather(1, experts)
+            newly = torch.zeros_like(closed).scatter_(1, positions, accepted)
+            w_chosen = newly if w_chosen is None else w_chosen | newly
+            closed = closed | newly
+            taken = torch.minimum(per_rank[0] if single else per_rank.sum(0), quota)
             loads = loads + taken
             quota = quota - taken
-        allowed = w_pool & ~w_chosen
-        positions, ok = _least_loaded_positions(loads[w_cand], allowed, k)
-        ok &= slot < need.unsqueeze(1)
-        w_chosen |= torch.zeros_like(w_chosen).scatter_(1, positions, ok)
-        loads = loads + all_reduce_sum(_scatter_counts(w_cand.gather(1, positions), ok, num_experts), group)
+        # Slots still open take the least-loaded remaining pool members (no quota).
+        positions, fresh = _least_loaded_positions(loads[w_cand], closed, w_chosen, k, position)
+        newly = torch.zeros_like(closed).scatter_(1, positions, fresh)
+        w_chosen = newly if w_chosen is None else w_chosen | newly
+        loads = loads + all_reduce_sum(_scatter_counts(w_cand, newly, num_experts), group)
         if fixed_shape:
-            chosen |= w_chosen
+            chosen = w_chosen if chosen is None else chosen | w_chosen
         else:
+            if chosen is None:
+                chosen = torch.zeros_like(in_pool)
             chosen[rows] = w_chosen
+    if chosen is None:  # waves >= 1 always; kept for clarity
+        chosen = torch.zeros_like(in_pool)
 
     target = torch.where(chosen, cand, torch.full_like(cand, num_experts))
     flexible_map = torch.zeros(

@@ -64,6 +64,8 @@ class CountedWork:
     syncs: int = 0
     sync_sites: List[str] = field(default_factory=list)
     op_names: List[str] = field(default_factory=list)
+    # Host reads the function counter saw, whose aten._local_scalar_dense is still to come.
+    pending_reads: int = 0
 
 
 def _site(what: str) -> str:
@@ -85,6 +87,7 @@ class _FunctionCounter(TorchFunctionMode):
         if name in _SYNC_FUNCTIONS and args and isinstance(args[0], torch.Tensor):
             self.work.syncs += 1
             self.work.sync_sites.append(_site(f"Tensor.{name}"))
+            self.work.pending_reads += 1
         elif name in _HOST_TO_DEVICE and func in (torch.tensor, torch.as_tensor, torch.scalar_tensor):
             data = args[0] if args else None
             if not isinstance(data, torch.Tensor):
@@ -110,8 +113,11 @@ class _DispatchCounter(TorchDispatchMode):
             self.work.ops += 1
             self.work.op_names.append(name)
         if name in _SYNC_ATEN and not (name == "aten.bincount" and kwargs and kwargs.get("minlength")):
-            # _local_scalar_dense follows an item()/int() the function counter already saw.
-            if name != "aten._local_scalar_dense":
+            # _local_scalar_dense usually follows an item()/int() the function counter already saw;
+            # alone it is a read from C++ (indexing with a 0-d tensor, a tensor as a size).
+            if name == "aten._local_scalar_dense" and self.work.pending_reads:
+                self.work.pending_reads -= 1
+            else:
                 self.work.syncs += 1
                 self.work.sync_sites.append(_site(name))
         return func(*args, **(kwargs or {}))
