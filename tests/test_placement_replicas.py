@@ -185,3 +185,22 @@ def test_te_grouped_experts_permute_in_place_and_refuse_replicas() -> None:
                                                                                    tensors[0][1])
     with pytest.raises(PlacementError, match="redundant-experts 0"):
         _check_resizable(experts, 4, layer_number=3)
+
+
+@pytest.mark.parametrize("policy", ["least-loaded", "round-robin"])
+def test_slot_mapping_is_host_sync_free_and_launch_light_on_the_device_path(policy, monkeypatch) -> None:
+    """What the router adds under a placement: replica choice, the scatter to slots, the stats' slot loads."""
+    from megatron_capaware.tools.bench.launch_count import count_call
+
+    monkeypatch.setenv("CAPAWARE_DEVICE_PATH", "1")
+    table = slot_table(placement_for(64, 8, 8, seed=2), 8)
+    probs, routing_map = random_decision(2048, 64, 8, seed=2)
+
+    def placed() -> None:
+        replica = replica_choice(routing_map, table, policy)
+        to_physical(probs, routing_map, table, replica)
+        even_slot_loads(routing_map.sum(0), table)
+
+    work = count_call(placed)
+    print(f"placement, {policy}: syncs={work.syncs} ops={work.ops}")
+    assert work.syncs == 0 and work.ops <= 30
