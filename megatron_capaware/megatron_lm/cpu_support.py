@@ -3,7 +3,9 @@
 The package's CPU shims, ``.cuda()`` and ``device="cuda"`` kept on the CPU (a
 process-lifetime ``TorchFunctionMode``), ``initialize_megatron`` allowed without
 CUDA, Megatron's model-parallel groups and RNG tracker set up (Megatron skips
-both when it sees no GPU), and CPU-safe defaults for Megatron flags.
+both when it sees no GPU), CUDA memory statistics that read zero (Megatron-LM's
+inference scripts print ``torch.cuda.memory_stats()["allocated_bytes.all.peak"]``
+at the end), and CPU-safe defaults for Megatron flags.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def enable_cpu_support() -> bool:
     apply_cpu_shims()
     redirect_cuda_tensors_to_cpu()
     _redirect_cuda_device_arguments()
+    _zero_cuda_memory_statistics()
     import megatron.training.initialize as initialize
 
     original_init = initialize.initialize_megatron
@@ -89,6 +92,34 @@ def enable_cpu_support() -> bool:
     initialize._set_random_seed = _set_random_seed
     _CPU_SUPPORT = True
     return True
+
+
+class ZeroCudaMemoryStats(dict):
+    """``torch.cuda.memory_stats()`` on a machine without CUDA: every statistic is 0.
+
+    A CPU build of torch returns an empty dict, so Megatron-LM's scripts die
+    at the end on ``stats["allocated_bytes.all.peak"]`` (after generating,
+    before the capaware load report). No CUDA memory is allocated on a CPU
+    run, so 0 is the true value of every ``*_bytes.*`` / ``num_*`` counter
+    torch defines; a key that is not a string is still a ``KeyError``.
+    """
+
+    def __missing__(self, key: Any) -> int:
+        if not isinstance(key, str):
+            raise KeyError(key)
+        return 0
+
+
+def _zero_cuda_memory_statistics() -> None:
+    """CUDA memory statistics that read zero (CPU only; see :class:`ZeroCudaMemoryStats`)."""
+    if cuda_available():
+        return
+    torch.cuda.memory_stats = lambda *a, **k: ZeroCudaMemoryStats()  # type: ignore[assignment]
+    torch.cuda.reset_peak_memory_stats = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
+    torch.cuda.max_memory_reserved = lambda *a, **k: 0  # type: ignore[assignment]
+    torch.cuda.memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
+    torch.cuda.memory_reserved = lambda *a, **k: 0  # type: ignore[assignment]
 
 
 def _is_cuda_device(device: Any) -> bool:
