@@ -15,7 +15,8 @@ need it (checked against 0.16.1 and 0.19.2).
    ``synchronize`` -> no-op stand-ins. The alltoall dispatcher keeps a
    device-to-host side stream; checkpointing synchronises (0.16.1, 0.19.2).
 3. ``torch.cuda.nvtx`` range functions -> no-ops; CPU builds raise on them
-   (0.16.1, 0.19.2).
+   (0.16.1, 0.19.2), also in the ``torch.cuda.nvtx`` module itself, which the
+   dynamic inference engine imports from.
 4. Megatron's ``CudaRNGStatesTracker`` keeps CUDA generator states; on CPU it
    must keep CPU generator states (``add`` and ``fork``) (0.16.1, 0.19.2).
 5. ``moe_utils.maybe_move_tensor_to_cpu`` only converts CUDA tensors, so on CPU
@@ -133,6 +134,12 @@ def _shim_torch_cuda() -> None:
         range=lambda *a, **k: contextlib.nullcontext(),
         mark=lambda *a, **k: None,
     )
+    # ``from torch.cuda.nvtx import range_push`` (Megatron's inference controller and
+    # dynamic engine) reads the module, not the attribute: stub the module's functions too.
+    real_nvtx = importlib.import_module("torch.cuda.nvtx")
+    for name in ("range_push", "range_pop", "range", "mark", "range_start", "range_end"):
+        if hasattr(real_nvtx, name):
+            setattr(real_nvtx, name, getattr(nvtx, name, lambda *a, **k: None))
     torch.cuda.nvtx = nvtx  # type: ignore[assignment]
 
 
