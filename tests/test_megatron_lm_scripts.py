@@ -8,6 +8,7 @@ runs, on the tests' tiny checkpoint:
 * ``python -m megatron_capaware.launch examples/inference/advanced/gpt_static_inference.py``:
   generation, the script's own last line (``torch.cuda.memory_stats()``), the
   load report and ``--capaware-stats-output``;
+* the same at EP = 2 (``torchrun --nproc-per-node 2``): the same greedy text;
 * the same script with ``patches/`` applied (``python SCRIPT``): the same
   generation and the same stats JSON as the launcher;
 * ``tools/run_text_generation_server.py`` through the launcher on localhost:
@@ -155,6 +156,23 @@ def test_launcher_runs_gpt_static_inference_to_the_end(ref, trees, ckpt, tmp_pat
     assert "megatron-capaware load stats: router capacity-drop(gamma=1), EP=1, 2 MoE layers" in result.stdout
     stats = _check_stats(out)
     # One call per generated token (prefill, then TOKENS - 1 decode steps) in each layer.
+    assert {layer["calls"] for layer in stats["layers"].values()} == {TOKENS}
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ref", sorted(REFS))
+def test_launcher_runs_gpt_static_inference_at_ep2(ref, trees, ckpt, tmp_path) -> None:
+    _need_modules("pybind11", "simpy")
+    tree = trees(ref)
+    out = tmp_path / "ep2.json"
+    result = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "megatron_capaware.launch", *_static_args(ckpt, out), "--expert-model-parallel-size", "2"],
+                  tree, timeout=400)
+    launched, _ = _launched_static(ref, trees, ckpt, tmp_path)
+    assert _generated(result.stdout) == _generated(launched.stdout)  # greedy: EP does not change the text
+    assert "megatron-capaware load stats: router capacity-drop(gamma=1), EP=2, 2 MoE layers" in result.stdout
+    stats = _check_stats(out)
+    assert stats["expert_parallel"] == 2 and stats["world_size"] == 2
     assert {layer["calls"] for layer in stats["layers"].values()} == {TOKENS}
 
 
