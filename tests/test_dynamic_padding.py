@@ -6,7 +6,8 @@ without a ``padding_mask``; the context's ``gpu_view.real_token_count`` says how
 many rows are real (0 on a dummy step). The engine itself does not run on CPU
 (see docs/megatron_lm.md), so these tests drive the MoE-facing pieces directly:
 
-- ``install_dynamic_padding_hook`` makes ``TransformerLayer._forward_mlp`` publish a
+- ``install_dynamic_padding_hook`` makes ``TransformerLayer._forward_mlp`` (and
+  ``MoETransformerLayer``'s, which drops the context when calling its base) publish a
   dynamic context's padding to the routers, and nothing for static batching;
 - in a dynamic step the routers' decision on the real rows equals their decision
   on the real rows alone (padding takes no expert and no capacity) and equals
@@ -152,9 +153,21 @@ def test_padding_hook_publishes_only_dynamic_steps(monkeypatch) -> None:
         return hidden_states
 
     monkeypatch.setattr(TransformerLayer, "_forward_mlp", probe)
+    from megatron.core.transformer import transformer_layer
+
+    moe_layer_cls = getattr(transformer_layer, "MoETransformerLayer", None)
+    if moe_layer_cls is not None and "_forward_mlp" in moe_layer_cls.__dict__:
+        # It calls super()._forward_mlp without the context: it must publish the step itself.
+        def moe_probe(self, hidden_states, inference_context=None, padding_mask=None, packed_seq_params=None):
+            return TransformerLayer._forward_mlp(self, hidden_states, padding_mask=padding_mask)
+
+        monkeypatch.setattr(moe_layer_cls, "_forward_mlp", moe_probe)
     assert ip.install_dynamic_padding_hook() and ip.install_dynamic_padding_hook()  # idempotent
     wrapped = TransformerLayer._forward_mlp
     assert wrapped.__wrapped__ is probe
+    if moe_layer_cls is not None and "_forward_mlp" in moe_layer_cls.__dict__:
+        moe_layer_cls._forward_mlp(None, "h", FakeDynamicContext(3, 4))
+        assert seen.pop().padded_count == 4
     wrapped(None, "h", FakeDynamicContext(5, 8))
     wrapped(None, "h", inference_context=FakeDynamicContext(0, 4))
     wrapped(None, "h", FakeStaticContext())

@@ -14,7 +14,8 @@ Megatron-LM core_v0.19.0 and main d98e8a64dd).
 
 A capacity router must not let those rows take capacity or an expert, so
 :func:`install_dynamic_padding_hook` wraps ``TransformerLayer._forward_mlp``
-(which receives the step's ``inference_context``): during a dynamic step's MLP,
+and ``MoETransformerLayer._forward_mlp`` (which receive the step's
+``inference_context``): during a dynamic step's MLP,
 :func:`step_padding_mask` tells the router which of its rows are padding
 (rows at or past ``real_token_count``, compared on the device, so a captured
 CUDA graph reads the count of each replay). Under sequence parallelism a rank
@@ -115,26 +116,14 @@ def step_padding_mask(rows: int, device: torch.device, config: Any = None,
 _HOOKED = "capaware_dynamic_padding"
 
 
-def install_dynamic_padding_hook() -> bool:
-    """Wrap ``TransformerLayer._forward_mlp`` so routers see the dynamic step's padding (idempotent).
-
-    Returns:
-        True when the hook is in place; False when this Megatron-Core has no
-        ``TransformerLayer._forward_mlp`` (then nothing is changed).
-    """
-    try:
-        from megatron.core.transformer.transformer_layer import TransformerLayer
-    except ImportError:
-        return False
-    original = getattr(TransformerLayer, "_forward_mlp", None)
-    if original is None:
-        return False
-    if getattr(original, _HOOKED, False):
-        return True
+def _wrap_forward_mlp(cls: Any) -> None:
+    original = cls.__dict__.get("_forward_mlp")
+    if original is None or getattr(original, _HOOKED, False):
+        return
 
     def _forward_mlp(self: Any, hidden_states: Any, inference_context: Any = None, *args: Any, **kwargs: Any) -> Any:
         padding = step_padding(inference_context)
-        if padding is None:
+        if padding is None:  # no dynamic step here (or an outer wrapper already published it)
             return original(self, hidden_states, inference_context, *args, **kwargs)
         with dynamic_step(padding):
             return original(self, hidden_states, inference_context, *args, **kwargs)
@@ -142,5 +131,30 @@ def install_dynamic_padding_hook() -> bool:
     setattr(_forward_mlp, _HOOKED, True)
     _forward_mlp.__wrapped__ = original  # type: ignore[attr-defined]
     _forward_mlp.__doc__ = original.__doc__
-    TransformerLayer._forward_mlp = _forward_mlp
+    setattr(cls, "_forward_mlp", _forward_mlp)
+
+
+def install_dynamic_padding_hook() -> bool:
+    """Wrap ``_forward_mlp`` of ``TransformerLayer`` (and ``MoETransformerLayer``) so routers
+    see the dynamic step's padding (idempotent).
+
+    ``MoETransformerLayer._forward_mlp`` (hybrid models' MoE layers) calls
+    ``super()._forward_mlp`` without the ``inference_context``, so it is wrapped
+    itself.
+
+    Returns:
+        True when the hook is in place; False when this Megatron-Core has no
+        ``TransformerLayer._forward_mlp`` (then nothing is changed).
+    """
+    try:
+        from megatron.core.transformer import transformer_layer
+    except ImportError:
+        return False
+    base = getattr(transformer_layer, "TransformerLayer", None)
+    if base is None or "_forward_mlp" not in base.__dict__:
+        return False
+    for name in ("TransformerLayer", "MoETransformerLayer"):
+        cls = getattr(transformer_layer, name, None)
+        if isinstance(cls, type):
+            _wrap_forward_mlp(cls)
     return True
