@@ -17,8 +17,9 @@ A capacity router must not let those rows take capacity or an expert, so
 and ``MoETransformerLayer._forward_mlp`` (which receive the step's
 ``inference_context``): during a dynamic step's MLP,
 :func:`step_padding_mask` tells the router which of its rows are padding
-(rows at or past ``real_token_count``, compared on the device, so a captured
-CUDA graph reads the count of each replay). Under sequence parallelism a rank
+(rows at or past ``real_token_count``, compared on the device without a host
+sync, so a captured CUDA graph would read the count of each replay; capture
+of the routers as a whole is not checked here). Under sequence parallelism a rank
 holds rows ``[tp_rank * rows, (tp_rank + 1) * rows)`` of the step, as in
 Megatron's own mask. A layer seeing a number of rows that is neither the
 step's padded count nor its sequence-parallel share (``--mlp-chunks-for-prefill
