@@ -1,5 +1,5 @@
 # Stand-in for a Megatron-LM inference script (tools/run_text_generation_server.py,
-# examples/inference/gpt/gpt_static_inference.py): it uses megatron.training the way
+# examples/inference/advanced/gpt_static_inference.py): it uses megatron.training the way
 # those scripts do and knows nothing of megatron-capaware. Megatron-LM's scripts are
 # not on PyPI; this one runs with the megatron-core wheel alone, so the launcher can
 # be shown and tested on it:

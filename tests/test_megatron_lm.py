@@ -200,3 +200,91 @@ def test_help_with_megatron_style_bare_percent_signs_prints() -> None:
         parser.format_help()
     text = escape_help_percents(parser).format_help()
     assert "10% more, i.e. 110%)" in text and "default 3, 100% sure" in text
+
+
+# --------------------------------------------------------------------------- Megatron-LM script glue
+
+
+def test_the_server_gets_inference_max_sequence_length() -> None:
+    """Megatron-LM's server reads args.inference_max_sequence_length; its parser sets
+    inference_max_seq_length (a Megatron-LM bug): the parse-time check adds the alias."""
+    from megatron_capaware.megatron_lm.arguments import add_capaware_args, add_megatron_lm_aliases
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--inference-max-seq-length", type=int, default=2560, dest="inference_max_seq_length")
+    add_capaware_args(parser)
+    args = parser.parse_args(["--inference-max-seq-length", "96"])
+    assert args.inference_max_sequence_length == 96
+    # A Megatron-LM that defines the name itself is left alone; no dest, no alias.
+    ns = argparse.Namespace(inference_max_seq_length=5, inference_max_sequence_length=7)
+    assert add_megatron_lm_aliases(ns).inference_max_sequence_length == 7
+    assert not hasattr(add_megatron_lm_aliases(argparse.Namespace()), "inference_max_sequence_length")
+
+
+needs_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-ins are inert with CUDA")
+
+
+@needs_cpu
+def test_cuda_memory_statistics_read_zero_on_cpu() -> None:
+    from megatron_capaware.megatron_lm.cpu_support import ZeroCudaMemoryStats, _zero_cuda_memory_statistics
+
+    stats = ZeroCudaMemoryStats()
+    assert stats["allocated_bytes.all.peak"] == 0 and stats["reserved_bytes.all.peak"] == 0
+    with pytest.raises(KeyError):
+        stats[3]
+    saved = {n: getattr(torch.cuda, n) for n in ("memory_stats", "reset_peak_memory_stats", "max_memory_allocated",
+                                                 "max_memory_reserved", "memory_allocated", "memory_reserved")}
+    try:
+        _zero_cuda_memory_statistics()
+        assert torch.cuda.memory_stats()["allocated_bytes.all.peak"] == 0
+        assert torch.cuda.max_memory_allocated() == 0 and torch.cuda.reset_peak_memory_stats() is None
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.cuda, name, fn)
+
+
+TRITON_USER = '''
+import triton
+import triton.language as tl
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.cache import FileCacheManager
+from triton.language.extra import libdevice
+from packaging import version
+
+HAVE_TRITON = tl.constexpr(version.parse(triton.__version__) >= version.parse("2.0.0"))
+
+class Cache(FileCacheManager):
+    pass
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 8}, num_warps=4)], key=["n"])
+@triton.jit
+def kernel(x_ptr, n, BLOCK: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros([BLOCK], dtype=tl.float32))
+
+@triton.heuristics({"EVEN": lambda args: True})
+@triton.jit
+def other(x_ptr):
+    pass
+'''
+
+
+@needs_cpu
+def test_the_triton_stand_in_imports_megatron_style_modules_and_refuses_launches(tmp_path, monkeypatch) -> None:
+    import importlib
+    import importlib.util
+
+    import megatron_capaware  # noqa: F401  (installs the stand-in)
+
+    triton = importlib.import_module("triton")
+    if not getattr(triton, "capaware_cpu_stand_in", False):
+        pytest.skip("a real triton is installed here")
+    (tmp_path / "triton_user_mod.py").write_text(TRITON_USER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("triton_user_mod")
+    assert not mod.HAVE_TRITON  # version gates turn the Triton paths off
+    assert issubclass(mod.Cache, mod.FileCacheManager) and mod.Cache(1, a=2)
+    for kernel in (mod.kernel, mod.other):
+        with pytest.raises(RuntimeError, match="cannot run: this CPU machine has no triton"):
+            kernel[(1,)](None, 4)
+        with pytest.raises(RuntimeError, match="no triton and no GPU"):
+            kernel(None)

@@ -15,7 +15,8 @@ need it (checked against 0.16.1 and 0.19.2).
    ``synchronize`` -> no-op stand-ins. The alltoall dispatcher keeps a
    device-to-host side stream; checkpointing synchronises (0.16.1, 0.19.2).
 3. ``torch.cuda.nvtx`` range functions -> no-ops; CPU builds raise on them
-   (0.16.1, 0.19.2).
+   (0.16.1, 0.19.2), also in the ``torch.cuda.nvtx`` module itself, which the
+   dynamic inference engine imports from.
 4. Megatron's ``CudaRNGStatesTracker`` keeps CUDA generator states; on CPU it
    must keep CPU generator states (``add`` and ``fork``) (0.16.1, 0.19.2).
 5. ``moe_utils.maybe_move_tensor_to_cpu`` only converts CUDA tensors, so on CPU
@@ -29,8 +30,18 @@ need it (checked against 0.16.1 and 0.19.2).
 7. ``moe_utils.te_general_gemm`` is referenced without Transformer Engine by
    ``router_gating_linear``; set to ``None`` when missing (0.16.1).
 8. ``import megatron.core`` imports ``triton`` through
-   ``transformer/moe/ops/paged_stash.py`` (0.19.2); the shim installs an empty
-   stand-in module for that one import when triton is absent.
+   ``transformer/moe/ops/paged_stash.py`` (0.19.2), and Megatron-LM
+   main (d98e8a64dd) imports ``triton`` unguarded in many more modules on the
+   way to ``megatron.training`` (``ssm/ops/common/causal_conv1d_varlen.py``
+   through ``training/models/hybrid.py``, the inference MoE kernels, ...), so
+   when triton is absent a stand-in ``triton`` package is installed (:class:`_TritonStandIn`):
+   every ``triton.*`` / ``triton.language.*`` submodule imports, decorators
+   (``@triton.jit``, ``@triton.autotune(...)``, ``@triton.heuristics``) return
+   a kernel that raises ``RuntimeError`` when launched, ``tl.constexpr(v)``
+   keeps ``v``'s truth, and ``triton.__version__`` is ``"0.0.0"`` so version
+   gates (``>= 2.0.0``, ``>= 3.4.0``) turn the Triton paths off. Code that only
+   tries ``import triton`` sees it importable; no Triton kernel can run on a
+   CPU anyway, so any such path fails loudly at its first launch.
 9. ``transformer.utils.get_default_causal_mask`` and
    ``get_sliding_window_causal_mask`` build their masks with
    ``device="cuda"`` (used when no attention mask is passed); the shim builds
@@ -123,25 +134,125 @@ def _shim_torch_cuda() -> None:
         range=lambda *a, **k: contextlib.nullcontext(),
         mark=lambda *a, **k: None,
     )
+    # ``from torch.cuda.nvtx import range_push`` (Megatron's inference controller and
+    # dynamic engine) reads the module, not the attribute: stub the module's functions too.
+    real_nvtx = importlib.import_module("torch.cuda.nvtx")
+    for name in ("range_push", "range_pop", "range", "mark", "range_start", "range_end"):
+        if hasattr(real_nvtx, name):
+            setattr(real_nvtx, name, getattr(nvtx, name, lambda *a, **k: None))
     torch.cuda.nvtx = nvtx  # type: ignore[assignment]
+
+
+class _TritonKernelStandIn:
+    """What ``@triton.jit`` (or ``autotune``/``heuristics``) returns: raises when launched."""
+
+    def __init__(self, fn: Any, decorator: str) -> None:
+        self.fn = fn
+        self.decorator = decorator
+        self.__name__ = getattr(fn, "__name__", "kernel")
+        self.__doc__ = getattr(fn, "__doc__", None)
+
+    def _fail(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            f"Triton kernel {self.__name__} (@triton.{self.decorator}) cannot run: this CPU "
+            "machine has no triton and no GPU (megatron_capaware's CPU stand-in for triton)"
+        )
+
+    __call__ = _fail
+    run = _fail
+
+    def __getitem__(self, grid: Any) -> Any:
+        return self._fail
+
+
+class _TritonCallableStandIn:
+    """Any lowercase ``triton.X`` / ``tl.X``: a decorator (factory) or an inert value."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) == 1 and not kwargs and callable(args[0]) and not isinstance(args[0], _TritonCallableStandIn):
+            return _TritonKernelStandIn(args[0], self._name)
+        return _TritonCallableStandIn(self._name)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _TritonCallableStandIn(f"{self._name}.{name}")
+
+    def __repr__(self) -> str:
+        return f"<triton stand-in {self._name}>"
+
+
+class _TritonClassStandIn:
+    """Any capitalised ``triton.X`` (``Config``, ``Autotuner``, ``FileCacheManager``): a class
+    that takes any arguments (so it can be instantiated and subclassed)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+class _TritonConstexpr:
+    """``tl.constexpr``: an annotation, or ``tl.constexpr(v)`` keeping ``v``."""
+
+    def __init__(self, value: Any = None) -> None:
+        self.value = value
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+    def __repr__(self) -> str:
+        return f"constexpr({self.value!r})"
+
+
+class _TritonStandIn(types.ModuleType):
+    """A ``triton`` (sub)module of the CPU stand-in; attributes are made on demand."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name == "constexpr":
+            value: Any = _TritonConstexpr
+        elif name[:1].isupper():
+            value = type(name, (_TritonClassStandIn,), {"__module__": self.__name__})
+        else:
+            value = _TritonCallableStandIn(f"{self.__name__[len('triton.'):] or 'triton'}.{name}".lstrip("."))
+        setattr(self, name, value)
+        return value
+
+
+class _TritonStandInFinder:
+    """Meta-path finder serving ``triton`` and every ``triton.*`` submodule as stand-ins."""
+
+    @classmethod
+    def find_spec(cls, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "triton" and not fullname.startswith("triton."):
+            return None
+        return importlib.util.spec_from_loader(fullname, cls, is_package=True)
+
+    @staticmethod
+    def create_module(spec: Any) -> types.ModuleType:
+        module = _TritonStandIn(spec.name)
+        module.__doc__ = "megatron_capaware CPU stand-in for triton (no triton, no GPU here)."
+        module.__path__ = []  # a package: submodules import too
+        if spec.name == "triton":
+            module.__version__ = "0.0.0"
+            module.capaware_cpu_stand_in = True
+        return module
+
+    @staticmethod
+    def exec_module(module: types.ModuleType) -> None:
+        parent, _, child = module.__name__.rpartition(".")
+        if parent and parent in sys.modules:
+            setattr(sys.modules[parent], child, module)
 
 
 def _stub_triton_if_missing() -> None:
     if importlib.util.find_spec("triton") is not None or "triton" in sys.modules:
         return
-    name = "megatron.core.transformer.moe.ops.paged_stash"
-    stub = types.ModuleType(name)
-    stub.__doc__ = "megatron_capaware CPU stand-in: the real module needs triton (GPU only)."
-
-    def _kernel_needs_triton(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError(
-            "paged-stash kernels need triton and a GPU; this CPU run has neither."
-        )
-
-    stub.GLOBAL_BLOCK_SIZE = 1024  # the value 0.19.2 defines; only read on GPU paths
-    stub.paged_stash_copy_kernel = _kernel_needs_triton
-    stub.paged_stash_pop_kernel = _kernel_needs_triton
-    sys.modules.setdefault(name, stub)
+    if not any(f is _TritonStandInFinder for f in sys.meta_path):
+        sys.meta_path.append(_TritonStandInFinder)
 
 
 def stub_missing_triton_on_cpu() -> bool:
@@ -153,7 +264,7 @@ def stub_missing_triton_on_cpu() -> bool:
     if cuda_available():
         return False
     _stub_triton_if_missing()
-    return "triton" not in sys.modules and importlib.util.find_spec("triton") is None
+    return any(f is _TritonStandInFinder for f in sys.meta_path)
 
 
 def _shim_rng_tracker() -> None:

@@ -210,6 +210,12 @@ class CapawareRouter(TopKRouter):
             )
         num_experts = self.config.num_moe_experts
         logits = logits.reshape(-1, num_experts)
+        if padding_mask is None:
+            # Megatron's dynamic engine pads each step (and runs all-padding dummy steps on
+            # idle EP ranks) without a padding_mask: see adapters.inference_padding.
+            from megatron_capaware.adapters.inference_padding import step_padding_mask
+
+            padding_mask = step_padding_mask(logits.shape[0], logits.device, self.config, self.layer_number)
         vanilla_top, indices, scores = self._vanilla_topk(logits)  # [T, k], [T, k], [T, E]
         # Only the routers that add experts need the group mask (drop and LASER only keep or
         # reorder within Megatron's choice; LASER refuses group-limited routing).

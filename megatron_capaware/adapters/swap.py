@@ -99,6 +99,9 @@ def install_in_layer(layer: Any, capaware: CapawareConfig) -> LayerRoutingStats:
     the layer as it was.
     """
     preflight_layer(layer, capaware)
+    from megatron_capaware.adapters.inference_padding import install_dynamic_padding_hook
+
+    install_dynamic_padding_hook()  # padding rows of the dynamic engine take no capacity
     router = layer.router
     router.__class__ = CapawareRouter
     router.capaware_setup(capaware)

@@ -22,7 +22,14 @@ The names below are re-exported because Megatron-LM scripts patched with
 ``patches/`` import them from here.
 """
 
-from megatron_capaware.megatron_lm.checkpoint_flags import (
+# First: megatron-core >= 0.19 imports ``typing.override`` (Python >= 3.12). A
+# script that imports this package before Megatron (the patches do) gets the
+# Python 3.11 stand-in in time, and on CPU the triton stand-in (package import).
+from megatron_capaware.megatron_lm.compat import ensure_python_compat as _ensure_python_compat
+
+_ensure_python_compat()
+
+from megatron_capaware.megatron_lm.checkpoint_flags import (  # noqa: E402
     checkpoint_defaults,
     checkpoint_dtype,
     describe_defaults,
@@ -30,7 +37,7 @@ from megatron_capaware.megatron_lm.checkpoint_flags import (
     peek_flag,
     set_parser_defaults,
 )
-from megatron_capaware.megatron_lm.compat import (
+from megatron_capaware.megatron_lm.compat import (  # noqa: E402
     INSTALL_HINT,
     MegatronTrainingUnavailable,
     ensure_python_compat,

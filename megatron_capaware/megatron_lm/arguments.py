@@ -344,6 +344,7 @@ def resolve_args(args: Any) -> Any:
     """
     if getattr(args, _RESOLVED, False):
         return args
+    add_megatron_lm_aliases(args)
     router = getattr(args, "moe_router_type", "topk") or "topk"
     if router not in ROUTER_TYPES:
         raise CapawareConfigError(
@@ -407,6 +408,29 @@ def _resolve_placement(args: Any, cfg: CapawareConfig) -> None:
 def placement_from_args(args: Any) -> Optional[str]:
     """The ``--capaware-placement`` plan path, or None."""
     return getattr(args, "capaware_placement", None) or None
+
+
+#: Attribute names Megatron-LM's scripts read that its parser does not define,
+#: as ``{name the script reads: dest the parser sets}``.
+#:
+#: ``tools/run_text_generation_server.py`` reads ``args.inference_max_sequence_length``
+#: but the flag ``--inference-max-seq-length`` has dest ``inference_max_seq_length``
+#: (a Megatron-LM bug since 2026-02-04, at core_v0.17.1, core_v0.19.0 and main
+#: d98e8a64dd): the server dies with ``AttributeError`` on every device. WORKAROUND,
+#: remove it once Megatron-LM reads the right name.
+MEGATRON_LM_ALIASES: Dict[str, str] = {"inference_max_sequence_length": "inference_max_seq_length"}
+
+
+def add_megatron_lm_aliases(args: Any) -> Any:
+    """Set each of :data:`MEGATRON_LM_ALIASES` the parsed flags lack (the value of its dest).
+
+    Only when the dest exists and the alias does not: a Megatron-LM that
+    defines the alias itself is left alone. Returns ``args``.
+    """
+    for alias, dest in MEGATRON_LM_ALIASES.items():
+        if not hasattr(args, alias) and hasattr(args, dest):
+            setattr(args, alias, getattr(args, dest))
+    return args
 
 
 def _effective_drop_policy(args: Any) -> str:

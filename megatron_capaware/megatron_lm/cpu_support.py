@@ -3,7 +3,9 @@
 The package's CPU shims, ``.cuda()`` and ``device="cuda"`` kept on the CPU (a
 process-lifetime ``TorchFunctionMode``), ``initialize_megatron`` allowed without
 CUDA, Megatron's model-parallel groups and RNG tracker set up (Megatron skips
-both when it sees no GPU), and CPU-safe defaults for Megatron flags.
+both when it sees no GPU), CUDA memory statistics that read zero (Megatron-LM's
+inference scripts print ``torch.cuda.memory_stats()["allocated_bytes.all.peak"]``
+at the end), and CPU-safe defaults for Megatron flags.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def enable_cpu_support() -> bool:
     apply_cpu_shims()
     redirect_cuda_tensors_to_cpu()
     _redirect_cuda_device_arguments()
+    _zero_cuda_memory_statistics()
+    _cpu_tensors_pass_inference_broadcast_checks()
     import megatron.training.initialize as initialize
 
     original_init = initialize.initialize_megatron
@@ -91,6 +95,57 @@ def enable_cpu_support() -> bool:
     return True
 
 
+class ZeroCudaMemoryStats(dict):
+    """``torch.cuda.memory_stats()`` on a machine without CUDA: every statistic is 0.
+
+    A CPU build of torch returns an empty dict, so Megatron-LM's scripts die
+    at the end on ``stats["allocated_bytes.all.peak"]`` (after generating,
+    before the capaware load report). No CUDA memory is allocated on a CPU
+    run, so 0 is the true value of every ``*_bytes.*`` / ``num_*`` counter
+    torch defines; a key that is not a string is still a ``KeyError``.
+    """
+
+    def __missing__(self, key: Any) -> int:
+        if not isinstance(key, str):
+            raise KeyError(key)
+        return 0
+
+
+def _zero_cuda_memory_statistics() -> None:
+    """CUDA memory statistics that read zero (CPU only; see :class:`ZeroCudaMemoryStats`)."""
+    if cuda_available():
+        return
+    torch.cuda.memory_stats = lambda *a, **k: ZeroCudaMemoryStats()  # type: ignore[assignment]
+    torch.cuda.reset_peak_memory_stats = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
+    torch.cuda.max_memory_reserved = lambda *a, **k: 0  # type: ignore[assignment]
+    torch.cuda.memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
+    torch.cuda.memory_reserved = lambda *a, **k: 0  # type: ignore[assignment]
+
+
+def _cpu_tensors_pass_inference_broadcast_checks() -> None:
+    """Megatron's inference broadcasts assert ``tensor.is_cuda``; on CPU they check the rest.
+
+    ``megatron.core.inference.communication_utils._is_cuda`` (behind
+    ``broadcast_tensor`` / ``broadcast_float_list``, which the text generation
+    server's ``run_mcore_engine`` calls for every request, at any world size)
+    asserts the tensor is on CUDA. Without CUDA the tensors are CPU tensors by
+    construction, so only the ``not None`` half of the check is kept
+    (``_is_cuda_contiguous`` still checks contiguity). CPU only.
+    """
+    if cuda_available():
+        return
+    try:
+        from megatron.core.inference import communication_utils
+    except ImportError:  # an older megatron-core without it
+        return
+
+    def _is_cuda(tensor: Any) -> None:
+        assert tensor is not None
+
+    communication_utils._is_cuda = _is_cuda
+
+
 def _is_cuda_device(device: Any) -> bool:
     if isinstance(device, str):
         return device == "cuda" or device.startswith("cuda:")
@@ -118,10 +173,34 @@ _DEVICE_MODE: Optional[_CudaDeviceToCpu] = None
 
 
 def _redirect_cuda_device_arguments() -> None:
+    """Push :class:`_CudaDeviceToCpu` for the process: this thread and every later one.
+
+    Torch-function modes are per thread, so a mode pushed here does not reach
+    threads started later (the text generation server answers each request
+    in a werkzeug thread, which then allocates with ``device="cuda"``).
+    ``threading.Thread.run`` is wrapped to push the same mode in each new
+    thread, for that thread's life. CPU only, like the rest of this module.
+    """
     global _DEVICE_MODE
     if _DEVICE_MODE is None:
         _DEVICE_MODE = _CudaDeviceToCpu()
         _DEVICE_MODE.__enter__()  # stays pushed for the life of the process
+        _redirect_in_new_threads()
+
+
+def _redirect_in_new_threads() -> None:
+    import threading
+
+    original_run = threading.Thread.run
+    if getattr(original_run, "capaware_cpu_redirect", False):
+        return
+
+    def run(self: threading.Thread) -> None:
+        with _CudaDeviceToCpu():
+            original_run(self)
+
+    run.capaware_cpu_redirect = True  # type: ignore[attr-defined]
+    threading.Thread.run = run  # type: ignore[method-assign]
 
 
 def _default_rendezvous_env() -> None:

@@ -232,6 +232,8 @@ def install_hooks() -> LaunchSession:
 
     MoELayer.__init__ = __init__  # type: ignore[method-assign]
 
+    _report_engine_fallback()
+
     import torch.distributed as dist
 
     original_destroy = dist.destroy_process_group
@@ -244,6 +246,48 @@ def install_hooks() -> LaunchSession:
     megatron_lm.replace_function(dist, "destroy_process_group", destroy_process_group)
     SESSION = session
     return session
+
+
+FALLBACK_WARNING = "Error initializing dynamic engine"
+
+
+def _report_engine_fallback() -> None:
+    """Say when ``StaticInferenceEngine(legacy=False)`` fell back to the legacy engine.
+
+    Megatron only warns (``Error initializing dynamic engine: ..., using legacy
+    static engine``), and the CLIs filter Megatron's warnings; but the engine
+    decides what the routers see (the dynamic engine pads steps, the legacy
+    one does not), so the launcher prints it on rank 0. Other warnings raised
+    while the engine is built are passed on unchanged.
+    """
+    import warnings
+
+    try:
+        from megatron.core.inference.engines import static_engine
+    except ImportError:
+        return
+    cls = getattr(static_engine, "StaticInferenceEngine", None)
+    if cls is None or getattr(cls.__init__, "capaware_fallback_report", False):
+        return
+    original_init = cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            original_init(self, *args, **kwargs)
+        for w in caught:
+            text = str(w.message)
+            if FALLBACK_WARNING in text:
+                reason = text.split(":", 1)[-1].rsplit(", using legacy", 1)[0].strip(" ,")
+                megatron_lm.print_rank0(
+                    "megatron-capaware: Megatron's StaticInferenceEngine runs the legacy static engine, "
+                    f"not the dynamic one (it could not build it: {reason})"
+                )
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    __init__.capaware_fallback_report = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
 
 
 USAGE = f"""usage: {PROG} [-h] (SCRIPT.py | -m MODULE) [ARGS ...]

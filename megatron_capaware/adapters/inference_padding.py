@@ -1,0 +1,161 @@
+"""The padding rows of Megatron's dynamic inference engine, for the capaware routers.
+
+``DynamicInferenceContext`` (``DynamicInferenceEngine``, and
+``StaticInferenceEngine(legacy=False)`` on top of it) flattens each step's
+requests into one token dimension and pads it from the step's real token count
+to a CUDA-graph size (``padded_active_token_count``). An expert-parallel rank
+with no request runs a *dummy* step, whose rows are all padding, so that it
+still joins the step's collectives. Megatron hands the MoE layers **no**
+``padding_mask`` for these rows: with the default router and dispatchers they
+are routed and computed like real tokens (only Megatron-LM's NVLS inference
+dispatcher masks them, reading ``context.gpu_view.real_token_count``, the
+real count of the step, 0 on a dummy or CUDA-graph-capture step; checked at
+Megatron-LM core_v0.19.0 and main d98e8a64dd).
+
+A capacity router must not let those rows take capacity or an expert, so
+:func:`install_dynamic_padding_hook` wraps ``TransformerLayer._forward_mlp``
+and ``MoETransformerLayer._forward_mlp`` (which receive the step's
+``inference_context``): during a dynamic step's MLP,
+:func:`step_padding_mask` tells the router which of its rows are padding
+(rows at or past ``real_token_count``, compared on the device without a host
+sync, so a captured CUDA graph would read the count of each replay; capture
+of the routers as a whole is not checked here). Under sequence parallelism a rank
+holds rows ``[tp_rank * rows, (tp_rank + 1) * rows)`` of the step, as in
+Megatron's own mask. A layer seeing a number of rows that is neither the
+step's padded count nor its sequence-parallel share (``--mlp-chunks-for-prefill
+> 1`` splits the MLP's input) cannot tell padding apart: the router raises
+instead of guessing.
+
+Static batching (``StaticInferenceContext``, the legacy engine) has no padding
+rows: nothing is set, and an explicit ``padding_mask`` always wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Any, Iterator, Optional, Union
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPadding:
+    """One dynamic step: its real token count (``[1]`` tensor or int) and padded count."""
+
+    real_count: Union[torch.Tensor, int]
+    padded_count: int
+
+
+_STEP: contextvars.ContextVar[Optional[StepPadding]] = contextvars.ContextVar("capaware_dynamic_step", default=None)
+
+
+def step_padding(context: Any) -> Optional[StepPadding]:
+    """The padding of a dynamic inference step, or None (no context, static batching)."""
+    if context is None or not hasattr(context, "is_static_batching") or context.is_static_batching():
+        return None
+    padded = int(getattr(context, "padded_active_token_count", 0) or 0)
+    real = getattr(getattr(context, "gpu_view", None), "real_token_count", None)
+    if real is None:  # a context without the device-side count: the host one
+        real = int(getattr(context, "active_token_count", 0) or 0)
+    return StepPadding(real_count=real, padded_count=padded)
+
+
+@contextlib.contextmanager
+def dynamic_step(padding: Optional[StepPadding]) -> Iterator[None]:
+    """Within: routers treat rows at or past ``padding.real_count`` as padding."""
+    token = _STEP.set(padding)
+    try:
+        yield
+    finally:
+        _STEP.reset(token)
+
+
+def _tp(config: Any) -> tuple:
+    if not getattr(config, "sequence_parallel", False):
+        return 0, 1
+    try:
+        from megatron.core import parallel_state
+
+        return (parallel_state.get_tensor_model_parallel_rank(),
+                parallel_state.get_tensor_model_parallel_world_size())
+    except (AssertionError, ImportError, RuntimeError):
+        return 0, 1
+
+
+def step_padding_mask(rows: int, device: torch.device, config: Any = None,
+                      layer_number: Optional[int] = None) -> Optional[torch.Tensor]:
+    """``[rows]`` bool, True for the padding rows of the current dynamic step; None outside one.
+
+    Raises:
+        RuntimeError: the layer's rows are not the step's (padded) token dimension.
+    """
+    step = _STEP.get()
+    if step is None:
+        return None
+    if rows == step.padded_count:
+        offset = 0
+    else:
+        tp_rank, tp_size = _tp(config)
+        if tp_size > 1 and rows * tp_size == step.padded_count:
+            offset = tp_rank * rows
+        else:
+            raise RuntimeError(
+                f"MoE layer {layer_number}: the router got {rows} token rows in a dynamic inference "
+                f"step of {step.padded_count} (padded) tokens, so it cannot tell the padding rows "
+                "apart (is --mlp-chunks-for-prefill > 1? it splits the MLP input; use 1 with "
+                "capaware routers)"
+            )
+    index = torch.arange(offset, offset + rows, device=device)
+    real = step.real_count
+    if torch.is_tensor(real):
+        return index >= real.reshape(()).to(device=device, dtype=index.dtype)
+    return index >= int(real)
+
+
+_HOOKED = "capaware_dynamic_padding"
+
+
+def _wrap_forward_mlp(cls: Any) -> None:
+    original = cls.__dict__.get("_forward_mlp")
+    if original is None or getattr(original, _HOOKED, False):
+        return
+
+    def _forward_mlp(self: Any, hidden_states: Any, inference_context: Any = None, *args: Any, **kwargs: Any) -> Any:
+        padding = step_padding(inference_context)
+        if padding is None:  # no dynamic step here (or an outer wrapper already published it)
+            return original(self, hidden_states, inference_context, *args, **kwargs)
+        with dynamic_step(padding):
+            return original(self, hidden_states, inference_context, *args, **kwargs)
+
+    setattr(_forward_mlp, _HOOKED, True)
+    _forward_mlp.__wrapped__ = original  # type: ignore[attr-defined]
+    _forward_mlp.__doc__ = original.__doc__
+    setattr(cls, "_forward_mlp", _forward_mlp)
+
+
+def install_dynamic_padding_hook() -> bool:
+    """Wrap ``_forward_mlp`` of ``TransformerLayer`` (and ``MoETransformerLayer``) so routers
+    see the dynamic step's padding (idempotent).
+
+    ``MoETransformerLayer._forward_mlp`` (hybrid models' MoE layers) calls
+    ``super()._forward_mlp`` without the ``inference_context``, so it is wrapped
+    itself.
+
+    Returns:
+        True when the hook is in place; False when this Megatron-Core has no
+        ``TransformerLayer._forward_mlp`` (then nothing is changed).
+    """
+    try:
+        from megatron.core.transformer import transformer_layer
+    except ImportError:
+        return False
+    base = getattr(transformer_layer, "TransformerLayer", None)
+    if base is None or "_forward_mlp" not in base.__dict__:
+        return False
+    for name in ("TransformerLayer", "MoETransformerLayer"):
+        cls = getattr(transformer_layer, name, None)
+        if isinstance(cls, type):
+            _wrap_forward_mlp(cls)
+    return True
