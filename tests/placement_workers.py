@@ -48,6 +48,9 @@ def placed_gpt_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     layers = [1, 2]
     out: Dict[str, Any] = {"rank": torch.distributed.get_rank(), "ep_rank": ps.get_expert_model_parallel_rank(),
                            "runs": {}}
+    captured: Dict[str, Any] = {}
+    first_router = _moe_layers(model)[0].router
+    first_router.register_forward_hook(lambda mod, inp, out: captured.update(map=out[1]))
     with torch.no_grad():
         for name, run in spec["runs"].items():
             router = CapawareConfig(**run.get("router", {"router_type": "topk"}))
@@ -66,6 +69,10 @@ def placed_gpt_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
                 "global_loads": {n: s.global_loads[-1].clone() for n, s in stats.items()},
                 "summary": {n: s.summary() for n, s in stats.items()},
                 "num_local_experts": [layer.experts.num_local_experts for layer in _moe_layers(model)],
+                # Layer 1's physical routing map [T, S], and the logical expert of each slot.
+                "map": captured["map"].clone(),
+                "slot_expert": (layer_layouts(model)[int(_moe_layers(model)[0].layer_number)].slots
+                                if layer_layouts(model) else list(range(args.num_moe_experts))),
             }
             if plan is not None:
                 remove_placement(model)
@@ -82,7 +89,7 @@ def placed_gpt_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         # A replicated plan with a capacity router is refused before anything moves.
         if ep > 1:
             try:
-                install_capaware_routers(model, CapawareConfig("capacity-reroute"),
+                install_capaware_routers(model, CapawareConfig("laser"),
                                          placement=make_plan(layers, args.num_moe_experts, ep, ep, 2))
                 out["replicas_with_drop"] = "accepted"
             except PlacementError as err:

@@ -22,7 +22,7 @@ LAYOUTS = [
 ]
 
 
-def runs_for(ep: int, redundant) -> Dict[str, dict]:
+def runs_for(ep: int, redundant, tp: int = 1) -> Dict[str, dict]:
     runs = {
         "contiguous": {"redundant": None},
         "placed": {"redundant": 0, "seed": 11},
@@ -40,13 +40,18 @@ def runs_for(ep: int, redundant) -> Dict[str, dict]:
                                    "router": {"router_type": "capacity-drop", "gamma": 1.0}}
         runs["replicated-drop-rank"] = {"redundant": redundant, "seed": 13, "router": {
             "router_type": "capacity-drop", "gamma": 1.0, "capacity_unit": "rank", "drop_policy": "weight"}}
+        runs["replicated-reroute"] = {"redundant": redundant, "seed": 13,
+                                      "router": {"router_type": "capacity-reroute", "gamma": 1.0}}
+        if tp == 1:  # expanded-drop with TP needs sequence parallelism
+            runs["replicated-expanded"] = {"redundant": redundant, "seed": 13,
+                                           "router": {"router_type": "expanded-drop", "gamma": 1.0}}
     return runs
 
 
 @pytest.mark.parametrize("tp,ep,dispatcher,redundant", LAYOUTS,
                          ids=[f"tp{t}-ep{e}-{d}-r{r}" for t, e, d, r in LAYOUTS])
 def test_placement_keeps_topk_logits_and_restores_the_logical_layout(tp, ep, dispatcher, redundant) -> None:
-    spec = dict(tp=tp, ep=ep, dispatcher=dispatcher, runs=runs_for(ep, redundant))
+    spec = dict(tp=tp, ep=ep, dispatcher=dispatcher, runs=runs_for(ep, redundant, tp))
     results = run_distributed(placed_gpt_worker, tp * ep, spec, timeout_s=420)
     for res in results:
         runs = res["runs"]
@@ -82,6 +87,14 @@ def test_placement_keeps_topk_logits_and_restores_the_logical_layout(tp, ep, dis
             for name in ("placed-drop-rank", "replicated-drop-rank"):
                 for layer, summary in runs.get(name, {}).get("summary", {}).items():
                     assert summary["rank_peak_load"] <= 1.0 + ep / 64 + 1e-9, f"{where}: {name} {layer}: {summary}"
+        for name, run in runs.items():  # no token ever holds two replicas of one expert
+            per_expert = torch.zeros(run["map"].shape[0], max(run["slot_expert"]) + 1, dtype=torch.int64)
+            per_expert.index_add_(1, torch.tensor(run["slot_expert"]), run["map"].to(torch.int64))
+            assert int(per_expert.max()) <= 1, f"{where}: {name} gave a token one expert twice"
+        for name in ("replicated-reroute", "replicated-expanded"):
+            if name in runs:
+                for layer, loads in runs[name]["slot_loads"].items():
+                    assert int(loads.max()) <= runs[name]["capacity"][layer], f"{where}: {name} layer {layer}"
         if "replicated-drop" in runs:  # capacity per physical slot: C = ceil(T*k/S) each
             run = runs["replicated-drop"]
             for layer, loads in run["slot_loads"].items():

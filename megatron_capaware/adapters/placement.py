@@ -47,7 +47,7 @@ from megatron_capaware.policies.collectives import all_gather_objects, all_to_al
 
 
 #: Router types that run under a plan with replicas.
-SLOT_ROUTERS = ("topk", "capacity-drop")
+SLOT_ROUTERS = ("topk", "capacity-drop", "capacity-reroute", "expanded-drop")
 
 
 @dataclass
@@ -212,15 +212,15 @@ def _exchange(tensors: List[List[torch.Tensor]], holders: List[List[int]], wants
 def check_router_for_slots(capaware: Any, num_slots: int, num_experts: int) -> None:
     """Refuse router settings that a layout with ``num_slots`` slots for ``num_experts`` experts cannot serve.
 
-    With replicas (``S > E``): ``topk`` and ``capacity-drop`` (capacity per
-    slot, or per rank); reroute, expanded-drop and LASER would need
-    replica-aware candidates, not built yet.
+    With replicas (``S > E``): ``topk`` and the capacity routers (capacity per
+    slot, or per rank); LASER would need replica-aware candidate pools, not
+    built yet.
     """
     if num_slots > num_experts and capaware.router_type not in SLOT_ROUTERS:
         raise PlacementError(
             f"--moe-router-type {capaware.router_type} with a placement that has {num_slots - num_experts} "
-            "redundant experts is not supported yet (replica-aware candidates): use a plan made with "
-            "--redundant-experts 0, or --moe-router-type topk / capacity-drop with this plan"
+            "redundant experts is not supported yet (replica-aware candidate pools): use a plan made with "
+            "--redundant-experts 0, or topk / capacity-drop / capacity-reroute / expanded-drop with this plan"
         )
 
 
@@ -329,6 +329,7 @@ def _place_layers(layers: Sequence[Any], plan: Optional[PlacementPlan], policy: 
         router = layer.router
         router.capaware_layout = LayerLayout(list(new), ep, slot_table(new, ep, router.weight.device), policy)
         router.capaware_local_experts = [new[s] for s in local]  # logical experts of this rank's slots
+        router.capaware_local_slots = list(local)
         stats = getattr(router, "capaware_stats", None)
         if stats is not None:
             stats.set_layout(router.capaware_layout)

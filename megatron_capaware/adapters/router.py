@@ -72,8 +72,10 @@ class CapawareRouter(TopKRouter):
         self.capaware_load_group = getattr(self, "capaware_load_group", None)
         self.capaware_local_experts: Optional[List[int]] = getattr(self, "capaware_local_experts", None)
         self.capaware_stats = getattr(self, "capaware_stats", None)
-        # The placement's LayerLayout (adapters/placement.py), or None: Megatron's contiguous layout.
+        # The placement's LayerLayout (adapters/placement.py), or None: Megatron's contiguous layout;
+        # and this rank's slot ids under it.
         self.capaware_layout = getattr(self, "capaware_layout", None)
+        self.capaware_local_slots: List[int] = getattr(self, "capaware_local_slots", [])
         # Optional callable receiving each call's scores [T, E] (calibration, traces).
         self.capaware_score_hook = getattr(self, "capaware_score_hook", None)
 
@@ -153,16 +155,65 @@ class CapawareRouter(TopKRouter):
         return slot_loads, dataclasses.replace(decision, global_loads=logical)
 
     def _decides_on_slots(self) -> bool:
-        """Capacity per physical slot: capacity-drop under a plan with replicas decides on the ``S`` slots.
+        """Capacity per physical slot: the capacity routers under a plan with replicas decide on the ``S`` slots.
 
         Each chosen expert is first given its replica (as for top-k), then the
         capacity rule runs over slots (``C = ceil(gamma * T * k / S)`` each;
         ``unit=rank``: the plan's ranks), so a replicated expert holds
-        ``m_e * C`` and the decision comes out physical.
+        ``m_e * C`` and the decision comes out physical. Reroute and
+        expanded-drop may add, per token, one designated slot of each expert
+        it does not hold (:meth:`_slot_allowed`): never a second replica of
+        an expert the token has.
         """
         layout = self.capaware_layout
         return (layout is not None and layout.table.num_slots > layout.table.num_experts
-                and self.capaware.router_type == "capacity-drop")
+                and self.capaware.router_type in ("capacity-drop", "capacity-reroute", "expanded-drop"))
+
+    def _slot_allowed(self, allowed: Optional[torch.Tensor], logical: torch.Tensor, slots: torch.Tensor
+                      ) -> torch.Tensor:
+        """``[T, S]`` bool: the slots a reroute or an expansion may give each token.
+
+        A held expert (in the token's top-k): only the replica already chosen.
+        Any other expert: one designated replica, round-robin by token index
+        (expanded-drop: this rank's own where it has one, as it adds local slots).
+        Under group-limited routing, only the experts of the token's groups.
+        """
+        from megatron_capaware.policies.collectives import group_rank
+
+        table = self.capaware_layout.table
+        num_tokens = slots.shape[0]
+        device = slots.device
+        count = table.replica_count  # [E]
+        index = group_rank(self.capaware_load_group) * num_tokens + torch.arange(num_tokens, device=device)
+        replica = index.unsqueeze(1) % count  # [T, E] round-robin
+        if self.capaware.router_type == "expanded-drop":  # it adds this rank's slots (refused with TP copies,
+            # whose ranks differ: reroute must not depend on the rank, so TP copies decide alike)
+            local = self._local_replica(device)  # [E]: this rank's replica index of each expert, -1: none
+            replica = torch.where(local >= 0, local, replica)
+        width = table.replica_slots.shape[1]
+        designated = table.replica_slots.reshape(-1)[torch.arange(table.num_experts, device=device) * width + replica]
+        mask = torch.zeros((num_tokens, table.num_slots), dtype=torch.bool, device=device).scatter_(1, designated, True)
+        held = torch.zeros((num_tokens, table.num_experts), dtype=torch.bool, device=device).scatter_(1, logical, True)
+        chosen = torch.zeros_like(mask).scatter_(1, slots, True)
+        mask = (mask & ~held[:, table.slot_expert]) | chosen
+        if allowed is not None:
+            mask = mask & allowed[:, table.slot_expert]
+        return mask
+
+    def _local_replica(self, device: torch.device) -> torch.Tensor:
+        """``[E]`` int64: which replica of each expert this rank holds (-1: none), from the layout."""
+        layout = self.capaware_layout
+        key = (tuple(layout.slots), tuple(self.capaware_local_slots), device)
+        cached = getattr(self, "_capaware_local_replica", None)
+        if cached is None or cached[0] != key:
+            table = layout.table
+            out = torch.full((table.num_experts,), -1, dtype=torch.int64)
+            cpu = table.to(torch.device("cpu"))
+            for s in self.capaware_local_slots:
+                out[int(cpu.slot_expert[s])] = int(cpu.slot_replica[s])
+            cached = (key, out.to(device))
+            self._capaware_local_replica = cached
+        return cached[1]
 
     def _slot_choice(self, scores: torch.Tensor, indices: torch.Tensor):
         """Logical top-k ``indices [T, k]`` -> their replicas' slots ``[T, k]``, and scores per slot ``[T, S]``."""
@@ -238,7 +289,10 @@ class CapawareRouter(TopKRouter):
 
                 check_scores_over_group(scores, self.capaware_load_group, self.layer_number)
         if self._decides_on_slots():
+            logical = indices
             indices, scores = self._slot_choice(scores, indices)  # [T, k] slots, [T, S]
+            if capaware.router_type != "capacity-drop":
+                allowed = self._slot_allowed(allowed, logical, indices)  # [T, S]
         decision = self._decide(scores, indices, valid_tokens, allowed)
         scaling = self.config.moe_router_topk_scaling_factor or 1.0
         if capaware.renormalize:
@@ -385,9 +439,10 @@ class CapawareRouter(TopKRouter):
                     "expanded-drop needs the experts of this rank: install the router in an MoE "
                     "layer (install_capaware_routers) so the EP layout is known"
                 )
-            return policies.expanded_drop(
-                scores, k, capaware.gamma, self._local_experts_tensor(scores.device), allowed=allowed, **common,
-            )
+            local = self._local_experts_tensor(scores.device)
+            if self._decides_on_slots():  # this rank's slots, among the S
+                local = policies.local_experts_tensor(list(self.capaware_local_slots), scores.shape[1], scores.device)
+            return policies.expanded_drop(scores, k, capaware.gamma, local, allowed=allowed, **common)
         raise CapawareConfigError(f"unknown router type {capaware.router_type!r}")
 
     def _expert_ranks(self, device: torch.device) -> torch.Tensor:

@@ -292,7 +292,7 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="Expert placement plan (capaware-plan's JSON, made for this model and EP size): "
         "after loading, expert weights move over the EP group so each rank holds the plan's "
         "slots, hot experts possibly replicated; the model's function is unchanged (docs/"
-        "placement.md). Works with every router type (with replicas: topk only, for now). "
+        "placement.md). Works with every router type (with replicas: all but laser, for now). "
         "Default: Megatron's contiguous layout.",
     )
     group.add_argument(
@@ -396,10 +396,10 @@ def _resolve_placement(args: Any, cfg: CapawareConfig) -> None:
         if ep and int(ep) != plan.ep:
             raise PlacementError(f"the placement plan is for EP {plan.ep}, --expert-model-parallel-size is {ep}: "
                                  f"run capaware-plan --ep {ep}")
-        if plan.redundant and cfg.router_type not in ("topk", "capacity-drop"):
+        if plan.redundant and cfg.router_type == "laser":
             raise PlacementError(
-                f"--moe-router-type {cfg.router_type} with a placement that has {plan.redundant} redundant "
-                "experts is not supported yet: use a plan made with --redundant-experts 0, or topk / capacity-drop"
+                f"--moe-router-type laser with a placement that has {plan.redundant} redundant experts is not "
+                "supported yet: use a plan made with --redundant-experts 0, or another router"
             )
     except PlacementError as err:
         raise CapawareConfigError(f"--capaware-placement {plan_path}: {err}") from None
