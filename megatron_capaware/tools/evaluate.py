@@ -147,7 +147,7 @@ def _loss_and_correct(logits: torch.Tensor, labels: torch.Tensor) -> "tuple[floa
 
 def placed_settings(placements: List[EvalPlacement], routers: List[CapawareConfig]
                     ) -> List["tuple[CapawareConfig, EvalPlacement]"]:
-    """Every router on every placement it can run on (with replicas: topk and capacity-drop, for now)."""
+    """Every router on every placement it can run on (with replicas: all but LASER, for now)."""
     from megatron_capaware.adapters.placement import SLOT_ROUTERS
 
     return [(cfg, p) for p in placements for cfg in routers
@@ -455,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip the placed settings (also the shipped plans)")
     parser.add_argument("--placed-routers", nargs="+", default=None, metavar="SPEC",
                         help="router settings to run on each placement (default: "
-                             + " ".join(DEFAULT_PLACED_ROUTER_SPECS) + "; with replicas only topk and "
-                             "capacity-drop run)")
+                             + " ".join(DEFAULT_PLACED_ROUTER_SPECS) + "; with replicas every router but LASER "
+                             "runs)")
     parser.add_argument("--replica-policy", choices=("least-loaded", "round-robin"), default="least-loaded",
                         help="which replica computes a chosen expert under a plan with redundant experts")
     parser.add_argument("--no-progress", action="store_true",

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with its layer's placement; default: the plans shipped beside the bundled model for "
                         "--ep (placement-ep{EP}-r*.json); none given: no placed rows")
     p.add_argument("--placed-routers", nargs="+", default=PLACED_ROUTERS, metavar="SPEC",
-                   help="router settings run on each placement (with replicas: topk and capacity-drop)")
+                   help="router settings run on each placement (with replicas: all but LASER)")
     p.add_argument("--no-force-balance", action="store_true",
                    help="skip the row of Megatron's moe_router_force_load_balancing (random, balanced "
                         "routing: the balanced ideal, not a usable setting)")
