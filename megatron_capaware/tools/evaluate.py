@@ -522,14 +522,14 @@ def _main(argv: List[str]) -> int:
 
     checkpoint, text = reference_models.checkpoint_and_text(args.checkpoint, args.text, reference_models.HELDOUT_TEXT, model=args.model)
     routers = parse_router_specs(args.routers) if args.routers else default_routers(checkpoint)
-    placements = eval_placements(args, checkpoint, text)
-    placed = placed_settings(placements, parse_router_specs(args.placed_routers or DEFAULT_PLACED_ROUTER_SPECS))
     launching = "RANK" not in os.environ
     if launching:  # every mistake that can be seen before a rank starts
         preflight.check_run(checkpoint, text, args.tokenizer, routers, ep=args.ep, tp=args.tp, etp=args.etp,
                             seq_len=args.seq_len, sequences_per_rank=args.sequences_per_rank)
         if args.decode is not None:
             check_decode(args, checkpoint, text, max(1, world // args.tp))
+    placements = eval_placements(args, checkpoint, text)  # plans checked against the model before any rank
+    placed = placed_settings(placements, parse_router_specs(args.placed_routers or DEFAULT_PLACED_ROUTER_SPECS))
     if launching and world > 1:
         env = dict(os.environ)
         if not torch.cuda.is_available():
@@ -575,7 +575,9 @@ def eval_placements(args: argparse.Namespace, checkpoint: Path, text: Path) -> L
     if not paths and args.ep > 1:
         paths = sorted(Path(checkpoint).glob(PLACEMENT_GLOB.format(ep=args.ep)),
                        key=lambda p: int(p.stem.rsplit("-r", 1)[1]) if p.stem.rsplit("-r", 1)[1].isdigit() else 0)
-    model_args = load_model_args(checkpoint)
+    if not paths:
+        return []
+    model_args = load_model_args(checkpoint)  # (the preflight names a bad checkpoint; plans need it readable)
     out = []
     for path in paths:
         plan = load_plan(path)
