@@ -55,6 +55,7 @@ from megatron_capaware.policies.collectives import (
 )
 from megatron_capaware.policies.decision import RoutingDecision
 
+LOAD_UNITS = common.LASER_LOADS
 DEFAULT_WAVES = 8
 DEFAULT_ROUNDS = 1
 _BIG = torch.iinfo(torch.int64).max
@@ -187,14 +188,28 @@ def _scatter_counts(experts: torch.Tensor, mask: torch.Tensor, num_experts: int)
 # the segments below, which torch.compile may run as one graph each (policies/compiled.py).
 
 
-def _propose(loads, quota, cand, closed, w_chosen, k: int, position, num_experts: int):
+def _load_of(loads, cand, expert_ranks, cand_ranks, num_ranks: int):
+    """``[n, c]``: the load each candidate is ranked by: its expert's, or (``load=rank``) its EP rank's.
+
+    ``expert_ranks [E]`` maps experts to EP ranks, ``cand_ranks [n, c]`` is it
+    taken at ``cand``; a rank's load is the sum of its experts' loads (global
+    when the expert loads are).
+    """
+    if expert_ranks is None:
+        return loads[cand]
+    rank_loads = torch.zeros(num_ranks, dtype=loads.dtype, device=loads.device).index_add_(0, expert_ranks, loads)
+    return rank_loads[cand_ranks]
+
+
+def _propose(loads, quota, cand, closed, w_chosen, k: int, position, num_experts: int, ranks=(None, None, 0)):
     """Each row proposes its least-loaded open candidates with quota left.
 
     Returns ``(positions, fresh, experts, running, last)``: ``running [n, E]``
     the proposals per expert up to each row (row order), ``last [E]`` this
     rank's total (what the all-gather sends).
     """
-    positions, fresh = _least_loaded_positions(loads[cand], closed | (quota[cand] <= 0), w_chosen, k, position)
+    positions, fresh = _least_loaded_positions(_load_of(loads, cand, *ranks), closed | (quota[cand] <= 0), w_chosen,
+                                               k, position)
     experts = cand.gather(1, positions)
     proposed = torch.zeros(cand.shape[0], num_experts, dtype=torch.bool, device=cand.device)
     running = torch.cumsum(proposed.scatter_(1, experts, fresh), 0)  # proposals up to this token
@@ -212,13 +227,13 @@ def _accept(loads, quota, closed, w_chosen, positions, fresh, experts, running, 
     return loads + taken, quota - taken, closed | newly, w_chosen
 
 
-def _finish(loads, cand, closed, w_chosen, k: int, position, num_experts: int):
+def _finish(loads, cand, closed, w_chosen, k: int, position, num_experts: int, ranks=(None, None, 0)):
     """Slots still open take the least-loaded remaining pool members (no quota).
 
     Returns ``(w_chosen, counts [E])``: the wave's choices and the local
     counts of the new ones (what the all-reduce sums).
     """
-    positions, fresh = _least_loaded_positions(loads[cand], closed, w_chosen, k, position)
+    positions, fresh = _least_loaded_positions(_load_of(loads, cand, *ranks), closed, w_chosen, k, position)
     newly = torch.zeros_like(closed).scatter_(1, positions, fresh)
     w_chosen = newly if w_chosen is None else w_chosen | newly
     return w_chosen, _scatter_counts(cand, newly, num_experts)
@@ -229,7 +244,7 @@ def _merge(chosen, w_chosen):
 
 
 def _segment_open(loads, added, chosen, w_done, demand, units, not_in_pool, other_row, cand, position,
-                  k: int, num_experts: int, propose: bool):
+                  expert_ranks, cand_ranks, k: int, num_experts: int, num_ranks: int, propose: bool):
     """Device path, from the previous wave's all-reduce to this wave's first collective.
 
     Closes the previous wave (``added``: its all-reduced counts, ``w_done``:
@@ -241,21 +256,25 @@ def _segment_open(loads, added, chosen, w_done, demand, units, not_in_pool, othe
         loads = loads + added
         chosen = _merge(chosen, w_done)
     closed = not_in_pool | other_row.unsqueeze(1)
+    ranks = (expert_ranks, cand_ranks, num_ranks)
     if not propose:
-        return (loads, chosen) + _finish(loads, cand, closed, None, k, position, num_experts)
+        return (loads, chosen) + _finish(loads, cand, closed, None, k, position, num_experts, ranks)
     quota = capped_water_fill(loads, demand, units)
-    return (loads, chosen, quota, closed) + _propose(loads, quota, cand, closed, None, k, position, num_experts)
+    return (loads, chosen, quota, closed) + _propose(loads, quota, cand, closed, None, k, position, num_experts,
+                                                     ranks)
 
 
 def _segment_round(loads, quota, closed, w_chosen, positions, fresh, experts, running, per_rank, cand, position,
-                   rank: int, single: bool, k: int, num_experts: int, propose: bool):
+                   expert_ranks, cand_ranks, rank: int, single: bool, k: int, num_experts: int, num_ranks: int,
+                   propose: bool):
     """Device path, between a round's all-gather and the next collective: accept, then propose or finish."""
     loads, quota, closed, w_chosen = _accept(loads, quota, closed, w_chosen, positions, fresh, experts, running,
                                              per_rank, rank, single)
+    ranks = (expert_ranks, cand_ranks, num_ranks)
     if propose:
         return (loads, quota, closed, w_chosen) + _propose(loads, quota, cand, closed, w_chosen, k, position,
-                                                           num_experts)
-    return (loads,) + _finish(loads, cand, closed, w_chosen, k, position, num_experts)
+                                                           num_experts, ranks)
+    return (loads,) + _finish(loads, cand, closed, w_chosen, k, position, num_experts, ranks)
 
 
 def _segment_close(loads, added, chosen, w_done):
@@ -268,8 +287,9 @@ _ROUND = compiled.Region(_segment_round)
 _CLOSE = compiled.Region(_segment_close)
 
 
-def _device_waves(backend, loads, chosen, cand, in_pool, wave_of, wave_stats, wave_units, position, *, waves: int,
-                  rounds: int, k: int, num_experts: int, rank: int, single: bool, group):
+def _device_waves(backend, loads, chosen, cand, in_pool, wave_of, wave_stats, wave_units, position, expert_ranks,
+                  cand_ranks, *, waves: int, rounds: int, k: int, num_experts: int, num_ranks: int, rank: int,
+                  single: bool, group):
     """The waves on the device path: fixed shapes, every wave over all rows (other waves' rows closed).
 
     Per wave ``rounds + 1`` segments, each ending at a collective (run eagerly, or compiled with
@@ -280,14 +300,15 @@ def _device_waves(backend, loads, chosen, cand, in_pool, wave_of, wave_stats, wa
     added = w_done = None
     for wave in range(waves):
         out = _OPEN(backend, loads, added, chosen, w_done, wave_stats[wave, :-1], wave_units[wave], not_in_pool,
-                    other_wave[wave], cand, position, k, num_experts, rounds > 0)
+                    other_wave[wave], cand, position, expert_ranks, cand_ranks, k, num_experts, num_ranks, rounds > 0)
         if rounds:
             loads, chosen, quota, closed, positions, fresh, experts, running, last = out
             w_chosen = None
             for r in range(rounds):
                 per_rank = all_gather_stack(last, group)  # [ranks, E]
                 out = _ROUND(backend, loads, quota, closed, w_chosen, positions, fresh, experts, running, per_rank,
-                             cand, position, rank, single, k, num_experts, r + 1 < rounds)
+                             cand, position, expert_ranks, cand_ranks, rank, single, k, num_experts, num_ranks,
+                             r + 1 < rounds)
                 if r + 1 < rounds:
                     loads, quota, closed, w_chosen, positions, fresh, experts, running, last = out
             loads, w_done, counts = out
@@ -314,6 +335,9 @@ def laser(
     weights: bool = True,
     return_decision: bool = False,
     valid_tokens: Optional[torch.Tensor] = None,
+    load: str = "expert",
+    expert_ranks: Optional[torch.Tensor] = None,
+    num_ranks: Optional[int] = None,
 ) -> Union[Tuple[torch.Tensor, torch.Tensor], RoutingDecision]:
     """LASER routing.
 
@@ -332,6 +356,15 @@ def laser(
         topk_indices: optional ``[T, k]`` top-k already computed by the caller.
         valid_tokens: optional ``[T]`` bool, False for padding tokens: they
             take no expert, add no load and do not count in ``T_glob``.
+        load: what "least loaded" compares: ``expert`` (each candidate's
+            own global load) or ``rank`` (the global load of the candidate's
+            EP rank, the sum over its experts), so the choice moves work
+            between ranks. Ties as with ``expert`` (higher score first). The
+            quotas of the quota rounds stay per expert (they stop a wave from
+            herding onto one expert); only the order of preference changes.
+        expert_ranks: ``[E]`` int64, each expert's EP rank in ``[0,
+            num_ranks)`` (``load="rank"`` only; see :func:`expert_rank_map`).
+        num_ranks: the EP size (``load="rank"``).
 
     Returns:
         ``(probs [T, E], routing_map [T, E] bool)``, exactly ``k`` experts per
@@ -348,6 +381,11 @@ def laser(
         raise common.RoutingInputError(f"rounds must be an integer >= 0, got {rounds!r}")
     valid_tokens = common.check_valid_tokens(valid_tokens, scores)
     device = scores.device
+    common.check_choice("load", load, LOAD_UNITS)
+    if load == "rank":
+        expert_ranks = common.check_expert_ranks(expert_ranks, num_ranks, num_experts, device)
+    else:
+        expert_ranks, num_ranks = None, 0
     rank = group_rank(group)
     cand, in_pool, topk_idx, topk_sum = laser_candidates(scores, k, t_fix, width, topk_indices)
     flexible = topk_mass(scores.gather(1, topk_idx)) < eps_high  # [T]
@@ -380,10 +418,12 @@ def laser(
     wave_units = wave_stats[:, -1] * k
     position = torch.arange(cand.shape[1], device=device)
     single = group_size(group) == 1
+    cand_ranks = None if expert_ranks is None else expert_ranks[cand]  # [T, c]
     if common.use_device_path(scores):
         loads, chosen = _device_waves(
             compiled.backend_for(scores), loads, None, cand, in_pool, wave_of, wave_stats, wave_units, position,
-            waves=waves, rounds=rounds, k=k, num_experts=num_experts, rank=rank, single=single, group=group)
+            expert_ranks, cand_ranks, waves=waves, rounds=rounds, k=k, num_experts=num_experts, num_ranks=num_ranks,
+            rank=rank, single=single, group=group)
     else:
         # This rank's tokens grouped by wave, token order kept inside a wave (one host read).
         order = torch.argsort(wave_of, stable=True)
@@ -394,16 +434,17 @@ def laser(
             rows = order[start:start + sizes[wave]]
             start += sizes[wave]
             w_cand, closed = cand[rows], ~in_pool[rows]  # [n, c]; closed: not in the pool or taken
+            w_ranks = (expert_ranks, None if cand_ranks is None else cand_ranks[rows], num_ranks)
             w_chosen = None  # taken in this wave
             if rounds:
                 quota = capped_water_fill(loads, wave_stats[wave, :-1], wave_units[wave])
             for _ in range(rounds):
                 positions, fresh, experts, running, last = _propose(loads, quota, w_cand, closed, w_chosen, k,
-                                                                    position, num_experts)
+                                                                    position, num_experts, w_ranks)
                 per_rank = all_gather_stack(last, group)  # [ranks, E]
                 loads, quota, closed, w_chosen = _accept(loads, quota, closed, w_chosen, positions, fresh, experts,
                                                          running, per_rank, rank, single)
-            w_chosen, counts = _finish(loads, w_cand, closed, w_chosen, k, position, num_experts)
+            w_chosen, counts = _finish(loads, w_cand, closed, w_chosen, k, position, num_experts, w_ranks)
             loads = loads + all_reduce_sum(counts, group)
             chosen[rows] = w_chosen
 
