@@ -342,13 +342,17 @@ def _laser_case(seed: int):
     valid = torch.rand(tokens, generator=gen) > 0.2 if seed % 3 == 1 else None
     knobs = dict(eps_high=[0.9, 0.6, 1.1][seed % 3], t_fix=[0.3, 0.5, 0.05][seed % 3], pool=min(3 * k, experts),
                  waves=[8, 3, 1, 5][seed % 4], rounds=[1, 0, 2, 1][seed % 4])
+    if seed % 4 in (2, 3):  # load=rank: experts on 2 EP ranks, contiguous or shuffled
+        ranks = P.expert_rank_map(experts, 2)
+        knobs["expert_ranks"] = ranks if seed % 4 == 2 else ranks[torch.randperm(experts, generator=gen)]
     return scores, k, knobs, valid
 
 
 def _laser_run(scores, k, knobs, valid, group=None):
+    load = {} if "expert_ranks" not in knobs else dict(load="rank", expert_ranks=knobs["expert_ranks"], num_ranks=2)
     return P.laser(scores, k, knobs["eps_high"], knobs["t_fix"], knobs["pool"], waves=knobs["waves"],
                    rounds=knobs["rounds"], normalize=True, check_values=False, return_decision=True,
-                   valid_tokens=valid, group=group)
+                   valid_tokens=valid, group=group, **load)
 
 
 def _same_decision(a, b) -> bool:
@@ -359,7 +363,8 @@ def _same_decision(a, b) -> bool:
 @pytest.mark.parametrize("seed", range(8))
 def test_compiled_laser_decides_as_eager(monkeypatch, seed: int) -> None:
     """The compiled wave segments (aot_eager: full graph capture, no codegen) decide bit for bit
-    as eager, alone and on 2 simulated EP ranks, for 0-2 quota rounds, 1-8 waves, padding, ties."""
+    as eager, alone and on 2 simulated EP ranks, for 0-2 quota rounds, 1-8 waves, padding, ties,
+    load=expert and load=rank."""
     from megatron_capaware.policies import compiled
 
     scores, k, knobs, valid = _laser_case(seed)
