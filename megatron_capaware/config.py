@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
-from megatron_capaware.policies.common import CAPACITY_UNITS, DROP_POLICIES, REROUTE_POLICIES
+from megatron_capaware.policies.common import CAPACITY_UNITS, DROP_POLICIES, LASER_LOADS, REROUTE_POLICIES
 
 ROUTER_TYPES = ("topk", "capacity-drop", "capacity-reroute", "expanded-drop", "laser")
 SCOPES = ("global", "local")
@@ -77,6 +77,10 @@ class CapawareConfig:
             them per layer.
         laser_waves, laser_rounds: LASER fast-path granularity.
         laser_calibration: path of a calibration file (``capaware-calibrate``).
+        laser_load: what LASER's least-loaded choice compares: ``expert`` (each
+            candidate's own global load) or ``rank`` (the global load of the
+            candidate's EP rank, summed over its experts), so that it moves
+            work between ranks.
         seed: seed of the ``random`` drop policy.
         capacity_unit: ``expert`` (the papers': each expert keeps at most C)
             or ``rank`` (capacity-drop: each EP rank keeps at most
@@ -100,6 +104,7 @@ class CapawareConfig:
     laser_waves: int = 8
     laser_rounds: int = 1
     laser_calibration: Optional[str] = None
+    laser_load: str = "expert"
     seed: int = 0
     capacity_unit: str = "expert"
     record_stats: bool = True
@@ -146,6 +151,13 @@ class CapawareConfig:
             raise CapawareConfigError(
                 f"capacity unit 'rank' is built for capacity-drop only, not {self.router_type}; use "
                 "--moe-router-type capacity-drop, or --capaware-capacity-unit expert"
+            )
+        if self.laser_load not in LASER_LOADS:
+            raise CapawareConfigError(f"LASER load {self.laser_load!r} must be one of {', '.join(LASER_LOADS)}")
+        if self.laser_load != "expert" and self.router_type != "laser":
+            raise CapawareConfigError(
+                f"laser_load={self.laser_load!r} is a LASER option, not one of {self.router_type}; use "
+                "--moe-router-type laser, or leave --capaware-laser-load at expert"
             )
         if self.reroute_policy not in REROUTE_POLICIES:
             raise CapawareConfigError(
@@ -196,8 +208,10 @@ class CapawareConfig:
             return "topk"
         if self.router_type == "laser":
             if self.layer_params:
-                return "laser(calibrated)"
-            return f"laser(eps={self.laser_eps_high:g},t_fix={self.laser_t_fix:g},pool={self.laser_pool or '2k'})"
+                return "laser(calibrated,load=rank)" if self.laser_load == "rank" else "laser(calibrated)"
+            load = ",load=rank" if self.laser_load == "rank" else ""
+            return (f"laser(eps={self.laser_eps_high:g},t_fix={self.laser_t_fix:g},pool={self.laser_pool or '2k'}"
+                    f"{load})")
         extra = ""
         if self.drop_policy != "score" and self.router_type in ("capacity-drop", "capacity-reroute"):
             extra += f",drop={self.drop_policy}"

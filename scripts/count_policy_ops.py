@@ -10,6 +10,12 @@ an older checkout:
 
     python scripts/count_policy_ops.py                                  # this checkout
     cd /tmp && PYTHONPATH=/path/to/old/checkout python /path/to/this/scripts/count_policy_ops.py
+
+The counts are eager (the CPU default). ``CAPAWARE_COMPILE=aot_eager`` (or
+``1`` for inductor) runs the compiled segments as CUDA does
+(``policies/compiled.py``): LASER's wave segments then count one op per
+compiled call; the script compiles them once before counting. A checkout
+without compiled segments ignores the variable.
 """
 import os
 import sys
@@ -41,7 +47,10 @@ def calls(scores, group):
             "capacity-reroute": lambda: P.capacity_reroute(scores, K, 1.25, rounds=1, **c),
             "expanded-drop": lambda: P.expanded_drop(scores, K, 1.25, local, **c),
             "laser": lambda: P.laser(scores, K, 0.9, 0.3, 16, waves=8, rounds=1, **c)}
+for f in calls(scores_of(0), None).values():  # compile (when asked) outside the count
+    f()
 alone = {n: count_call(f).ops for n, f in calls(scores_of(0), None).items()}
+run_ranks(lambda rank, group: [f() for f in calls(scores_of(rank), group).values()], 2, timeout_s=300)
 works = {}
 real = {n: getattr(sim_dist._SimDist, n) for n in ("all_reduce", "all_gather")}
 
@@ -65,5 +74,6 @@ def rank_fn(rank, group):
         out[n] = w.ops
     return out
 ep = run_ranks(rank_fn, 2)
+print(f"CAPAWARE_COMPILE={os.environ.get('CAPAWARE_COMPILE', '')!r}")
 for n in alone:
     print(f"{n:18s} EP=1 {alone[n]:4d}  EP=2 {max(r[n] for r in ep):4d}")

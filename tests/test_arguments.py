@@ -102,6 +102,8 @@ def test_help_states_units_and_defaults(capsys, monkeypatch) -> None:
           "--capaware-renormalize"],
          dict(router_type="laser", laser_eps_high=0.8, laser_t_fix=0.3, laser_pool=6, laser_waves=4,
               laser_rounds=0, renormalize=True)),
+        (["--moe-router-type", "laser", "--capaware-laser-load", "rank"],
+         dict(router_type="laser", laser_load="rank")),
         (["--capaware-stats-output", "out/stats.json"], dict(router_type="topk")),
         (["--moe-router-type", "capacity-reroute", "--capaware-reroute-rounds", "0"],
          dict(router_type="capacity-reroute", reroute_rounds=0, gamma=1.25)),

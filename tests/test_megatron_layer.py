@@ -38,6 +38,7 @@ ROUTERS: Dict[str, Dict[str, Any]] = {
     "reroute_load": dict(router_type="capacity-reroute", gamma=GAMMA, reroute_policy="load", reroute_min_ratio=0.3),
     "expanded": dict(router_type="expanded-drop", gamma=1.25),
     "laser": dict(router_type="laser", laser_eps_high=0.6, laser_t_fix=0.3, laser_pool=4),
+    "laser_rank": dict(router_type="laser", laser_eps_high=0.6, laser_t_fix=0.3, laser_pool=4, laser_load="rank"),
 }
 CAPACITY_ROUTERS = {"drop", "drop_position", "drop_random", "drop_local", "reroute", "reroute_load", "expanded"}
 
@@ -61,6 +62,9 @@ def expected_decision(name: str, scores: torch.Tensor, local_experts: List[List[
         return R.expanded_drop(scores, K, kw["gamma"], local_experts, sizes, normalize=True)
     if name == "laser":
         return P.laser(scores, K, kw["laser_eps_high"], kw["laser_t_fix"], kw["laser_pool"], normalize=True)
+    if name == "laser_rank":
+        return P.laser(scores, K, kw["laser_eps_high"], kw["laser_t_fix"], kw["laser_pool"], normalize=True,
+                       load="rank", expert_ranks=P.expert_rank_map(E, ep), num_ranks=ep)
     raise KeyError(name)
 
 

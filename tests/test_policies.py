@@ -163,6 +163,79 @@ def test_laser_with_one_token_per_wave_is_the_exact_greedy() -> None:
         assert_same(fast, ref, case, "laser exact")
 
 
+def _rank_maps(E: int, i: int):
+    """Expert -> EP rank maps for load=rank: Megatron's contiguous layout, and a shuffled (placed) one."""
+    ranks = next(r for r in (2, 3, 1) if E % r == 0)
+    contiguous = P.expert_rank_map(E, ranks)
+    placed = contiguous[torch.randperm(E, generator=torch.Generator().manual_seed(i))]
+    return ranks, (contiguous, placed)
+
+
+@pytest.mark.parametrize("waves,rounds", [(1, 0), (3, 1), (8, 1), (5, 3)])
+def test_laser_load_rank_matches_its_loop_reference(waves: int, rounds: int) -> None:
+    for i, case in enumerate(CASES[::2]):
+        E = case.scores.shape[1]
+        pool = case.k + (i % (E - case.k + 2))
+        eps_high = (0.5, 0.8, 1.01)[i % 3]
+        num_ranks, maps = _rank_maps(E, i)
+        for expert_ranks in maps:
+            fast = P.laser(case.scores, case.k, eps_high, 0.3, pool, waves=waves, rounds=rounds,
+                           normalize=case.normalize, load="rank", expert_ranks=expert_ranks, num_ranks=num_ranks)
+            ref = R.laser_waves(case.scores, case.k, eps_high, 0.3, pool, waves=waves, rounds=rounds,
+                                normalize=case.normalize, expert_ranks=expert_ranks.tolist())
+            assert_same(fast, ref, case, f"laser load=rank [waves={waves}, rounds={rounds}]")
+            assert torch.all(fast[1].sum(1) == case.k)
+
+
+def test_laser_load_rank_with_one_token_per_wave_is_the_exact_rank_greedy() -> None:
+    for i, case in enumerate(CASES[::2]):
+        E = case.scores.shape[1]
+        pool = case.k + (i % (E - case.k + 2))
+        num_ranks, maps = _rank_maps(E, i)
+        for expert_ranks in maps:
+            fast = P.laser(case.scores, case.k, 0.9, 0.2, pool, waves=max(case.scores.shape[0], 1), rounds=0,
+                           load="rank", expert_ranks=expert_ranks, num_ranks=num_ranks)
+            ref = R.laser_greedy(case.scores, case.k, 0.9, 0.2, pool, expert_ranks=expert_ranks.tolist())
+            assert_same(fast, ref, case, "laser load=rank exact")
+
+
+def test_laser_load_rank_with_one_expert_per_rank_is_load_expert() -> None:
+    for i, case in enumerate(CASES[::3]):
+        E = case.scores.shape[1]
+        pool = case.k + (i % (E - case.k + 2))
+        shuffled = torch.randperm(E, generator=torch.Generator().manual_seed(i))  # E == EP, any placement
+        for rounds in (0, 1, 2):
+            base = P.laser(case.scores, case.k, 0.8, 0.3, pool, waves=4, rounds=rounds)
+            by_rank = P.laser(case.scores, case.k, 0.8, 0.3, pool, waves=4, rounds=rounds, load="rank",
+                              expert_ranks=shuffled, num_ranks=E)
+            assert_same(by_rank, base, case, "E == EP")
+
+
+def test_laser_load_rank_prefers_the_lighter_rank() -> None:
+    """Expert 1 is the least loaded expert but sits on the busy rank 0 (experts 0, 1); rank 1
+    (experts 2, 3) is lighter: load=expert picks expert 1, load=rank picks expert 2."""
+    confident = torch.tensor([[0.97, 0.01, 0.01, 0.01]] * 6)  # 6 tokens on expert 0 (rank 0)
+    busy_rank1 = torch.tensor([[0.01, 0.01, 0.01, 0.97]] * 4)  # 4 on expert 3 (rank 1)
+    flexible = torch.tensor([[0.30, 0.26, 0.24, 0.20]])  # top-1 expert 0; pool {0, 1, 2}
+    scores = torch.cat([confident, busy_rank1, flexible])
+    kwargs = dict(waves=1, rounds=0)
+    by_expert = P.laser(scores, 1, 0.9, 0.7, 3, **kwargs)[1]
+    by_rank = P.laser(scores, 1, 0.9, 0.7, 3, load="rank", expert_ranks=P.expert_rank_map(4, 2), num_ranks=2,
+                      **kwargs)[1]
+    assert by_expert[-1].nonzero().flatten().tolist() == [1]
+    assert by_rank[-1].nonzero().flatten().tolist() == [2]
+
+
+def test_laser_load_rank_needs_the_rank_map() -> None:
+    scores = torch.softmax(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), -1)
+    with pytest.raises(common.RoutingInputError, match="expert_ranks"):
+        P.laser(scores, 1, 0.9, 0.5, 2, load="rank")
+    with pytest.raises(common.RoutingInputError, match="expert_ranks must be an integer tensor"):
+        P.laser(scores, 1, 0.9, 0.5, 2, load="rank", expert_ranks=torch.zeros(3, dtype=torch.int64), num_ranks=2)
+    with pytest.raises(common.RoutingInputError, match="load="):
+        P.laser(scores, 1, 0.9, 0.5, 2, load="token")
+
+
 def test_capped_water_fill_matches_unit_by_unit_filling() -> None:
     from megatron_capaware.policies.laser import capped_water_fill
 

@@ -150,7 +150,7 @@ def fast_decision(name: str, scores: torch.Tensor, k: int, p: Dict[str, Any], gr
         return P.expanded_drop(scores, k, p["gamma"], local, **common)
     if name == "laser":
         return P.laser(scores, k, p["eps_high"], p["t_fix"], p["pool"], waves=p["waves"],
-                                rounds=p["laser_rounds"], **common)
+                       rounds=p["laser_rounds"], **_laser_load(p), **common)
     raise KeyError(name)
 
 
@@ -166,7 +166,7 @@ def reference(name: str, scores: torch.Tensor, k: int, p: Dict[str, Any], local_
         return R.expanded_drop(scores, k, p["gamma"], local_per_rank, sizes or [scores.shape[0]], **common)
     if name == "laser":
         return R.laser_waves(scores, k, p["eps_high"], p["t_fix"], p["pool"], waves=p["waves"],
-                             rounds=p["laser_rounds"], **common)
+                             rounds=p["laser_rounds"], expert_ranks=p.get("expert_ranks"), **common)
     raise KeyError(name)
 
 
@@ -190,7 +190,20 @@ def router_params(draw, name: str, k: int, num_experts: int) -> Dict[str, Any]:
         p["pool"] = draw(st.integers(k, num_experts + 2))
         p["waves"] = draw(st.integers(1, 9))
         p["laser_rounds"] = draw(st.integers(0, 3))
+        # load=rank: each expert on one of LASER_RANKS EP ranks (any map: a placement; a rank may hold none).
+        p["expert_ranks"] = draw(st.one_of(st.none(), st.lists(st.integers(0, LASER_RANKS - 1), min_size=num_experts,
+                                                               max_size=num_experts)))
     return p
+
+
+LASER_RANKS = 3
+
+
+def _laser_load(p: Dict[str, Any]) -> Dict[str, Any]:
+    """The fast path's arguments for ``p["expert_ranks"]`` (None: load=expert)."""
+    if p.get("expert_ranks") is None:
+        return {}
+    return dict(load="rank", expert_ranks=torch.tensor(p["expert_ranks"], dtype=torch.int64), num_ranks=LASER_RANKS)
 
 
 # ----------------------------------------------------------------------------- invariants
@@ -309,7 +322,7 @@ def test_laser_properties(data, case) -> None:
     # One flexible token per wave and no quota rounds is the exact sequential greedy.
     exact = dict(p, waves=max(scores.shape[0], 1), laser_rounds=0)
     ref = R.laser_greedy(scores, k, p["eps_high"], p["t_fix"], p["pool"], normalize=p["normalize"],
-                         renormalize=p["renormalize"])
+                         renormalize=p["renormalize"], expert_ranks=p.get("expert_ranks"))
     for mode in SYNC_MODES:
         with sync_free(mode):
             assert_same(fast_decision("laser", scores, k, exact).as_tuple(), ref, "laser exact greedy")

@@ -416,6 +416,9 @@ class CapawareRouter(TopKRouter):
                       weights=capaware.renormalize, return_decision=True, valid_tokens=valid_tokens)
         if capaware.router_type == "laser":
             params = capaware.laser_params(self.layer_number, k)
+            if capaware.laser_load == "rank":  # the rank loads follow the EP layout (a placement's, when placed)
+                common.update(load="rank", expert_ranks=self._expert_ranks(scores.device),
+                              num_ranks=self.config.expert_model_parallel_size)
             return policies.laser(
                 scores, k, params.eps_high, params.t_fix, params.pool,
                 waves=capaware.laser_waves, rounds=capaware.laser_rounds, **common,

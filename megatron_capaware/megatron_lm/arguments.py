@@ -39,7 +39,7 @@ import os
 from typing import Any, Callable, Dict, List, Optional
 
 from megatron_capaware.refusals import raise_if_refused
-from megatron_capaware.policies.common import CAPACITY_UNITS
+from megatron_capaware.policies.common import CAPACITY_UNITS, LASER_LOADS
 from megatron_capaware.placement.replicas import REPLICA_POLICIES
 from megatron_capaware.config import (
     DROP_POLICIES,
@@ -70,6 +70,7 @@ DEFAULTS: Dict[str, Any] = {
     "capaware_laser_calibration": None,
     "capaware_laser_waves": 8,
     "capaware_laser_rounds": 1,
+    "capaware_laser_load": "expert",
     "capaware_seed": 0,
     "capaware_capacity_unit": "expert",
 }
@@ -92,6 +93,7 @@ KNOB_ROUTERS: Dict[str, tuple] = {
     "capaware_laser_calibration": ("laser",),
     "capaware_laser_waves": ("laser",),
     "capaware_laser_rounds": ("laser",),
+    "capaware_laser_load": ("laser",),
     "capaware_seed": ("capacity-drop", "capacity-reroute"),
     "capaware_capacity_unit": ("capacity-drop",),
 }
@@ -274,6 +276,13 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument(
         "--capaware-laser-rounds", type=_int_at_least(0), default=None, metavar="N",
         help="laser: repair rounds after the waves. Default: 1.",
+    )
+    group.add_argument(
+        "--capaware-laser-load", choices=LASER_LOADS, default=None,
+        help="laser: what a flexible token's least-loaded choice compares: expert (each "
+        "candidate expert's own load) or rank (the load of the candidate's EP rank, summed over "
+        "its experts, global over the EP group), so LASER moves work between ranks. Default: "
+        "expert.",
     )
     group.add_argument(
         "--capaware-seed", type=_int_at_least(0), default=None, metavar="SEED",
@@ -511,6 +520,7 @@ def config_from_args(args: Any) -> CapawareConfig:
         laser_waves=int(get("capaware_laser_waves")),
         laser_rounds=int(get("capaware_laser_rounds")),
         laser_calibration=get("capaware_laser_calibration"),
+        laser_load=get("capaware_laser_load"),
         seed=int(get("capaware_seed")),
         capacity_unit=get("capaware_capacity_unit"),
     )

@@ -12,6 +12,7 @@ import torch
 DROP_POLICIES = ("score", "weight", "position", "random")
 REROUTE_POLICIES = ("score", "load")
 CAPACITY_UNITS = ("expert", "rank")
+LASER_LOADS = ("expert", "rank")  # what LASER's least-loaded choice compares
 
 
 class RoutingInputError(ValueError):
@@ -321,3 +322,24 @@ def use_device_path(tensor: torch.Tensor) -> bool:
     if forced in ("1", "0"):
         return forced == "1"
     raise RoutingInputError(f"{DEVICE_PATH_ENV}={forced!r} must be 1 (device path), 0 (CPU path) or unset")
+
+
+def check_expert_ranks(expert_ranks: Optional[torch.Tensor], num_ranks: Optional[int], num_experts: int,
+                       device: torch.device) -> torch.Tensor:
+    """Validate an ``[E]`` expert -> EP rank map and the EP size (shape, dtype, ``num_ranks``; no value read).
+
+    Returns the map as int64 on ``device`` (a no-op when it is already there:
+    the router builds it once per layout and device).
+    """
+    if expert_ranks is None or isinstance(num_ranks, bool) or not isinstance(num_ranks, numbers.Integral) \
+            or num_ranks < 1:
+        raise RoutingInputError(
+            f"load='rank' needs expert_ranks [E] and num_ranks >= 1 (got num_ranks={num_ranks!r}); "
+            "policies.expert_rank_map builds Megatron's contiguous layout"
+        )
+    if not isinstance(expert_ranks, torch.Tensor) or tuple(expert_ranks.shape) != (num_experts,) \
+            or expert_ranks.is_floating_point() or expert_ranks.dtype == torch.bool:
+        raise RoutingInputError(f"expert_ranks must be an integer tensor [E={num_experts}], got "
+                                f"{getattr(expert_ranks, 'dtype', type(expert_ranks))} "
+                                f"{tuple(getattr(expert_ranks, 'shape', ()))}")
+    return expert_ranks.to(device=device, dtype=torch.int64)

@@ -44,7 +44,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from megatron_capaware.policies import common
+from megatron_capaware.policies import common, compiled
 from megatron_capaware.policies.common import topk_mass
 from megatron_capaware.policies.collectives import (
     ProcessGroup,
@@ -55,6 +55,7 @@ from megatron_capaware.policies.collectives import (
 )
 from megatron_capaware.policies.decision import RoutingDecision
 
+LOAD_UNITS = common.LASER_LOADS
 DEFAULT_WAVES = 8
 DEFAULT_ROUNDS = 1
 _BIG = torch.iinfo(torch.int64).max
@@ -180,6 +181,143 @@ def _scatter_counts(experts: torch.Tensor, mask: torch.Tensor, num_experts: int)
     return counts.scatter_add_(0, experts.reshape(-1), mask.reshape(-1).to(torch.int64))
 
 
+# ----------------------------------------------------------------------------- one wave, in pieces
+# A wave: the quota (water fill), ``rounds`` of propose -> [all-gather] -> accept, then the final
+# pick -> [all-reduce of its counts]. The pieces are pure (no collective, no host read); the CPU
+# path calls them on a wave's own rows, the device path on all rows (other waves closed), through
+# the segments below, which torch.compile may run as one graph each (policies/compiled.py).
+
+
+def _load_of(loads, cand, expert_ranks, cand_ranks, num_ranks: int):
+    """``[n, c]``: the load each candidate is ranked by: its expert's, or (``load=rank``) its EP rank's.
+
+    ``expert_ranks [E]`` maps experts to EP ranks, ``cand_ranks [n, c]`` is it
+    taken at ``cand``; a rank's load is the sum of its experts' loads (global
+    when the expert loads are).
+    """
+    if expert_ranks is None:
+        return loads[cand]
+    rank_loads = torch.zeros(num_ranks, dtype=loads.dtype, device=loads.device).index_add_(0, expert_ranks, loads)
+    return rank_loads[cand_ranks]
+
+
+def _propose(loads, quota, cand, closed, w_chosen, k: int, position, num_experts: int, ranks=(None, None, 0)):
+    """Each row proposes its least-loaded open candidates with quota left.
+
+    Returns ``(positions, fresh, experts, running, last)``: ``running [n, E]``
+    the proposals per expert up to each row (row order), ``last [E]`` this
+    rank's total (what the all-gather sends).
+    """
+    positions, fresh = _least_loaded_positions(_load_of(loads, cand, *ranks), closed | (quota[cand] <= 0), w_chosen,
+                                               k, position)
+    experts = cand.gather(1, positions)
+    proposed = torch.zeros(cand.shape[0], num_experts, dtype=torch.bool, device=cand.device)
+    running = torch.cumsum(proposed.scatter_(1, experts, fresh), 0)  # proposals up to this token
+    last = running[-1] if running.shape[0] else running.sum(0)
+    return positions, fresh, experts, running, last
+
+
+def _accept(loads, quota, closed, w_chosen, positions, fresh, experts, running, per_rank, rank: int, single: bool):
+    """An expert accepts proposals in (rank, token) order up to its quota; ``per_rank [ranks, E]`` gathered."""
+    limit = quota - per_rank[:rank].sum(0) if rank else quota  # what earlier ranks left
+    accepted = fresh & (running <= limit).gather(1, experts)
+    newly = torch.zeros_like(closed).scatter_(1, positions, accepted)
+    w_chosen = newly if w_chosen is None else w_chosen | newly
+    taken = torch.minimum(per_rank[0] if single else per_rank.sum(0), quota)
+    return loads + taken, quota - taken, closed | newly, w_chosen
+
+
+def _finish(loads, cand, closed, w_chosen, k: int, position, num_experts: int, ranks=(None, None, 0)):
+    """Slots still open take the least-loaded remaining pool members (no quota).
+
+    Returns ``(w_chosen, counts [E])``: the wave's choices and the local
+    counts of the new ones (what the all-reduce sums).
+    """
+    positions, fresh = _least_loaded_positions(_load_of(loads, cand, *ranks), closed, w_chosen, k, position)
+    newly = torch.zeros_like(closed).scatter_(1, positions, fresh)
+    w_chosen = newly if w_chosen is None else w_chosen | newly
+    return w_chosen, _scatter_counts(cand, newly, num_experts)
+
+
+def _merge(chosen, w_chosen):
+    return w_chosen if chosen is None else chosen | w_chosen
+
+
+def _segment_open(loads, added, chosen, w_done, demand, units, not_in_pool, other_row, cand, position,
+                  expert_ranks, cand_ranks, k: int, num_experts: int, num_ranks: int, propose: bool):
+    """Device path, from the previous wave's all-reduce to this wave's first collective.
+
+    Closes the previous wave (``added``: its all-reduced counts, ``w_done``:
+    its choices; None in the first wave), then opens this one: its rows
+    (``other_row`` closes the other waves' rows), its quota and its first
+    proposals (``propose``), or with no quota round its final pick.
+    """
+    if added is not None:
+        loads = loads + added
+        chosen = _merge(chosen, w_done)
+    closed = not_in_pool | other_row.unsqueeze(1)
+    ranks = (expert_ranks, cand_ranks, num_ranks)
+    if not propose:
+        return (loads, chosen) + _finish(loads, cand, closed, None, k, position, num_experts, ranks)
+    quota = capped_water_fill(loads, demand, units)
+    return (loads, chosen, quota, closed) + _propose(loads, quota, cand, closed, None, k, position, num_experts,
+                                                     ranks)
+
+
+def _segment_round(loads, quota, closed, w_chosen, positions, fresh, experts, running, per_rank, cand, position,
+                   expert_ranks, cand_ranks, rank: int, single: bool, k: int, num_experts: int, num_ranks: int,
+                   propose: bool):
+    """Device path, between a round's all-gather and the next collective: accept, then propose or finish."""
+    loads, quota, closed, w_chosen = _accept(loads, quota, closed, w_chosen, positions, fresh, experts, running,
+                                             per_rank, rank, single)
+    ranks = (expert_ranks, cand_ranks, num_ranks)
+    if propose:
+        return (loads, quota, closed, w_chosen) + _propose(loads, quota, cand, closed, w_chosen, k, position,
+                                                           num_experts, ranks)
+    return (loads,) + _finish(loads, cand, closed, w_chosen, k, position, num_experts, ranks)
+
+
+def _segment_close(loads, added, chosen, w_done):
+    """Device path, after the last wave's all-reduce."""
+    return loads + added, _merge(chosen, w_done)
+
+
+_OPEN = compiled.Region(_segment_open)
+_ROUND = compiled.Region(_segment_round)
+_CLOSE = compiled.Region(_segment_close)
+
+
+def _device_waves(backend, loads, chosen, cand, in_pool, wave_of, wave_stats, wave_units, position, expert_ranks,
+                  cand_ranks, *, waves: int, rounds: int, k: int, num_experts: int, num_ranks: int, rank: int,
+                  single: bool, group):
+    """The waves on the device path: fixed shapes, every wave over all rows (other waves' rows closed).
+
+    Per wave ``rounds + 1`` segments, each ending at a collective (run eagerly, or compiled with
+    ``backend``), and one closing segment: ``waves * (rounds + 1) + 1`` compiled calls in all.
+    """
+    not_in_pool = ~in_pool
+    other_wave = wave_of.unsqueeze(0) != torch.arange(waves, device=cand.device).unsqueeze(1)  # [waves, T]
+    added = w_done = None
+    for wave in range(waves):
+        out = _OPEN(backend, loads, added, chosen, w_done, wave_stats[wave, :-1], wave_units[wave], not_in_pool,
+                    other_wave[wave], cand, position, expert_ranks, cand_ranks, k, num_experts, num_ranks, rounds > 0)
+        if rounds:
+            loads, chosen, quota, closed, positions, fresh, experts, running, last = out
+            w_chosen = None
+            for r in range(rounds):
+                per_rank = all_gather_stack(last, group)  # [ranks, E]
+                out = _ROUND(backend, loads, quota, closed, w_chosen, positions, fresh, experts, running, per_rank,
+                             cand, position, expert_ranks, cand_ranks, rank, single, k, num_experts, num_ranks,
+                             r + 1 < rounds)
+                if r + 1 < rounds:
+                    loads, quota, closed, w_chosen, positions, fresh, experts, running, last = out
+            loads, w_done, counts = out
+        else:
+            loads, chosen, w_done, counts = out
+        added = all_reduce_sum(counts, group)
+    return _CLOSE(backend, loads, added, chosen, w_done)
+
+
 def laser(
     scores: torch.Tensor,
     k: int,
@@ -197,6 +335,9 @@ def laser(
     weights: bool = True,
     return_decision: bool = False,
     valid_tokens: Optional[torch.Tensor] = None,
+    load: str = "expert",
+    expert_ranks: Optional[torch.Tensor] = None,
+    num_ranks: Optional[int] = None,
 ) -> Union[Tuple[torch.Tensor, torch.Tensor], RoutingDecision]:
     """LASER routing.
 
@@ -215,6 +356,15 @@ def laser(
         topk_indices: optional ``[T, k]`` top-k already computed by the caller.
         valid_tokens: optional ``[T]`` bool, False for padding tokens: they
             take no expert, add no load and do not count in ``T_glob``.
+        load: what "least loaded" compares: ``expert`` (each candidate's
+            own global load) or ``rank`` (the global load of the candidate's
+            EP rank, the sum over its experts), so the choice moves work
+            between ranks. Ties as with ``expert`` (higher score first). The
+            quotas of the quota rounds stay per expert (they stop a wave from
+            herding onto one expert); only the order of preference changes.
+        expert_ranks: ``[E]`` int64, each expert's EP rank in ``[0,
+            num_ranks)`` (``load="rank"`` only; see :func:`expert_rank_map`).
+        num_ranks: the EP size (``load="rank"``).
 
     Returns:
         ``(probs [T, E], routing_map [T, E] bool)``, exactly ``k`` experts per
@@ -231,6 +381,11 @@ def laser(
         raise common.RoutingInputError(f"rounds must be an integer >= 0, got {rounds!r}")
     valid_tokens = common.check_valid_tokens(valid_tokens, scores)
     device = scores.device
+    common.check_choice("load", load, LOAD_UNITS)
+    if load == "rank":
+        expert_ranks = common.check_expert_ranks(expert_ranks, num_ranks, num_experts, device)
+    else:
+        expert_ranks, num_ranks = None, 0
     rank = group_rank(group)
     cand, in_pool, topk_idx, topk_sum = laser_candidates(scores, k, t_fix, width, topk_indices)
     flexible = topk_mass(scores.gather(1, topk_idx)) < eps_high  # [T]
@@ -260,59 +415,38 @@ def laser(
     wave_stats = torch.zeros(waves + 1, num_experts + 1, dtype=torch.int64, device=device)
     wave_stats = all_reduce_sum(wave_stats.index_add_(0, wave_of, in_pool_onehot)[:waves], group)
 
-    chosen = None  # [T, c] positions taken by flexible tokens
     wave_units = wave_stats[:, -1] * k
     position = torch.arange(cand.shape[1], device=device)
     single = group_size(group) == 1
-    fixed_shape = common.use_device_path(scores)
-    if fixed_shape:
-        # Every wave runs over every row; rows of other waves are closed, so they propose and take nothing.
-        not_in_pool = ~in_pool
-        other_wave = wave_of.unsqueeze(0) != torch.arange(waves, device=device).unsqueeze(1)  # [waves, T]
+    cand_ranks = None if expert_ranks is None else expert_ranks[cand]  # [T, c]
+    if common.use_device_path(scores):
+        loads, chosen = _device_waves(
+            compiled.backend_for(scores), loads, None, cand, in_pool, wave_of, wave_stats, wave_units, position,
+            expert_ranks, cand_ranks, waves=waves, rounds=rounds, k=k, num_experts=num_experts, num_ranks=num_ranks,
+            rank=rank, single=single, group=group)
     else:
         # This rank's tokens grouped by wave, token order kept inside a wave (one host read).
         order = torch.argsort(wave_of, stable=True)
         sizes = torch.bincount(wave_of, minlength=waves + 1).tolist()
+        chosen = torch.zeros_like(in_pool)  # [T, c] positions taken by flexible tokens
         start = 0
-    for wave in range(waves):
-        if fixed_shape:
-            w_cand, closed = cand, not_in_pool | other_wave[wave].unsqueeze(1)  # [T, c]
-        else:
+        for wave in range(waves):
             rows = order[start:start + sizes[wave]]
             start += sizes[wave]
-            w_cand, closed = cand[rows], ~in_pool[rows]  # [n, c]
-        # closed: not in the pool, or already taken in this wave; w_chosen: taken in this wave.
-        w_chosen = None
-        quota = capped_water_fill(loads, wave_stats[wave, :-1], wave_units[wave])
-        for _ in range(rounds):
-            positions, fresh = _least_loaded_positions(
-                loads[w_cand], closed | (quota[w_cand] <= 0), w_chosen, k, position)
-            experts = w_cand.gather(1, positions)
-            # An expert accepts proposals in (rank, token) order up to its quota.
-            proposed = torch.zeros(w_cand.shape[0], num_experts, dtype=torch.bool, device=device)
-            running = torch.cumsum(proposed.scatter_(1, experts, fresh), 0)  # proposals up to this token
-            per_rank = all_gather_stack(running[-1] if running.shape[0] else running.sum(0), group)  # [ranks, E]
-            limit = quota - per_rank[:rank].sum(0) if rank else quota  # what earlier ranks left
-            accepted = fresh & (running <= limit).gather(1, experts)
-            newly = torch.zeros_like(closed).scatter_(1, positions, accepted)
-            w_chosen = newly if w_chosen is None else w_chosen | newly
-            closed = closed | newly
-            taken = torch.minimum(per_rank[0] if single else per_rank.sum(0), quota)
-            loads = loads + taken
-            quota = quota - taken
-        # Slots still open take the least-loaded remaining pool members (no quota).
-        positions, fresh = _least_loaded_positions(loads[w_cand], closed, w_chosen, k, position)
-        newly = torch.zeros_like(closed).scatter_(1, positions, fresh)
-        w_chosen = newly if w_chosen is None else w_chosen | newly
-        loads = loads + all_reduce_sum(_scatter_counts(w_cand, newly, num_experts), group)
-        if fixed_shape:
-            chosen = w_chosen if chosen is None else chosen | w_chosen
-        else:
-            if chosen is None:
-                chosen = torch.zeros_like(in_pool)
+            w_cand, closed = cand[rows], ~in_pool[rows]  # [n, c]; closed: not in the pool or taken
+            w_ranks = (expert_ranks, None if cand_ranks is None else cand_ranks[rows], num_ranks)
+            w_chosen = None  # taken in this wave
+            if rounds:
+                quota = capped_water_fill(loads, wave_stats[wave, :-1], wave_units[wave])
+            for _ in range(rounds):
+                positions, fresh, experts, running, last = _propose(loads, quota, w_cand, closed, w_chosen, k,
+                                                                    position, num_experts, w_ranks)
+                per_rank = all_gather_stack(last, group)  # [ranks, E]
+                loads, quota, closed, w_chosen = _accept(loads, quota, closed, w_chosen, positions, fresh, experts,
+                                                         running, per_rank, rank, single)
+            w_chosen, counts = _finish(loads, w_cand, closed, w_chosen, k, position, num_experts, w_ranks)
+            loads = loads + all_reduce_sum(counts, group)
             chosen[rows] = w_chosen
-    if chosen is None:  # waves >= 1 always; kept for clarity
-        chosen = torch.zeros_like(in_pool)
 
     target = torch.where(chosen, cand, torch.full_like(cand, num_experts))
     flexible_map = torch.zeros(

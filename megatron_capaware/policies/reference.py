@@ -273,6 +273,16 @@ def _least_loaded(pool: List[int], load: List[int], k: int) -> List[int]:
     return [pool[i] for i in ranked[:k]]
 
 
+def _ranked_load(load: List[int], expert_ranks: Optional[Sequence[int]]) -> List[int]:
+    """What "least loaded" compares, per expert: its own load, or (``load=rank``) its EP rank's total."""
+    if expert_ranks is None:
+        return load
+    per_rank: Dict[int, int] = {}
+    for e, r in enumerate(expert_ranks):
+        per_rank[r] = per_rank.get(r, 0) + load[e]
+    return [per_rank[r] for r in expert_ranks]
+
+
 def laser_greedy(
     scores: torch.Tensor,
     k: int,
@@ -283,11 +293,16 @@ def laser_greedy(
     normalize: bool = False,
     renormalize: bool = False,
     valid_tokens: Optional[torch.Tensor] = None,
+    expert_ranks: Optional[Sequence[int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """LASER exactly as docs/routers.md states it: flexible tokens one at a time."""
+    """LASER exactly as docs/routers.md states it: flexible tokens one at a time.
+
+    ``expert_ranks`` (``[E]``, each expert's EP rank): ``load=rank``, a
+    candidate is ranked by its rank's load instead of its own.
+    """
     if valid_tokens is not None:
         return _on_real_tokens(scores, valid_tokens, lambda s: laser_greedy(
-            s, k, eps_high, t_fix, pool, normalize=normalize, renormalize=renormalize))
+            s, k, eps_high, t_fix, pool, normalize=normalize, renormalize=renormalize, expert_ranks=expert_ranks))
     num_tokens, num_experts = scores.shape
     rows = _rows(scores)
     tops = _topk_lists(scores, k)
@@ -302,7 +317,8 @@ def laser_greedy(
                 load[e] += 1
     for t in range(num_tokens):
         if flexible[t]:
-            picks = _least_loaded(_laser_pool(rows[t], tops[t], t_fix, min(pool, num_experts)), load, k)
+            picks = _least_loaded(_laser_pool(rows[t], tops[t], t_fix, min(pool, num_experts)),
+                                  _ranked_load(load, expert_ranks), k)
             chosen[t] = set(picks)
             for e in picks:
                 load[e] += 1
@@ -330,12 +346,17 @@ def laser_waves(
     normalize: bool = False,
     renormalize: bool = False,
     valid_tokens: Optional[torch.Tensor] = None,
+    expert_ranks: Optional[Sequence[int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The fast path's wave-and-quota scheme (see policies/laser.py), as loops: its oracle."""
+    """The fast path's wave-and-quota scheme (see policies/laser.py), as loops: its oracle.
+
+    ``expert_ranks``: ``load=rank`` (candidates ranked by their EP rank's
+    load; the water fill and the quotas stay per expert).
+    """
     if valid_tokens is not None:
         return _on_real_tokens(scores, valid_tokens, lambda s: laser_waves(
             s, k, eps_high, t_fix, pool, waves=waves, rounds=rounds, normalize=normalize,
-            renormalize=renormalize))
+            renormalize=renormalize, expert_ranks=expert_ranks))
     num_tokens, num_experts = scores.shape
     rows = _rows(scores)
     tops = _topk_lists(scores, k)
@@ -359,7 +380,7 @@ def laser_waves(
             offers: Dict[int, List[int]] = {e: [] for e in range(num_experts)}
             for t in members:
                 allowed = [e for e in pools[t] if e not in picked[t] and quota[e] > 0]
-                for e in _least_loaded(allowed, load, k - len(picked[t])):
+                for e in _least_loaded(allowed, _ranked_load(load, expert_ranks), k - len(picked[t])):
                     offers[e].append(t)  # members are visited in token order
             for e, tokens in offers.items():
                 accepted = tokens[: quota[e]]
@@ -370,7 +391,7 @@ def laser_waves(
         extra: Dict[int, List[int]] = {}
         for t in members:  # every open slot sees the same loads
             allowed = [e for e in pools[t] if e not in picked[t]]
-            extra[t] = _least_loaded(allowed, load, k - len(picked[t]))
+            extra[t] = _least_loaded(allowed, _ranked_load(load, expert_ranks), k - len(picked[t]))
         for t in members:
             for e in extra[t]:
                 load[e] += 1

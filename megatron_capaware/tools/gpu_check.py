@@ -10,7 +10,10 @@ Run by ``scripts/gpu_check.sh`` on a machine with one GPU and PyTorch (see
    bf16: ``topk`` equals vanilla Megatron's routing bit for bit, the capacity
    invariant holds on what the experts received, and the router's forward runs
    under ``torch.cuda.set_sync_debug_mode("error")`` (no host sync) with the
-   score check off; with it on, the syncs are counted.
+   score check off; with it on, the syncs are counted. ``compiled_regions``:
+   how many ``torch.compile`` regions the checked call ran (LASER's wave
+   segments, compiled on CUDA: 17 with 8 waves and 1 round; 0 means it fell
+   back to eager), ``first_call_s`` the compiling call's time.
 3. ``experts``: which expert implementation ran (``TEGroupedMLP`` when
    Transformer Engine imports, else ``SequentialMLP``).
 4. ``router_time``: router time against Megatron's ``TopKRouter`` with CUDA
@@ -126,6 +129,7 @@ def step_routers(device: str, tokens: int) -> Dict[str, Any]:
 
     from megatron_capaware.adapters import collect_stats, install_capaware_routers
     from megatron_capaware.models.builder import use_transformer_engine
+    from megatron_capaware.policies import compiled
     from megatron_capaware.tools.router_specs import parse_router_specs
 
     grouped = use_transformer_engine()
@@ -143,6 +147,11 @@ def step_routers(device: str, tokens: int) -> Dict[str, Any]:
             install_capaware_routers(layer, cfg.replace(check_scores=False))
             stats = collect_stats(layer)[1]
             with torch.no_grad():
+                if cfg.router_type == "laser":  # compile its wave segments before the sync check
+                    start = time.perf_counter()
+                    layer.router(hidden)
+                    row["first_call_s"] = time.perf_counter() - start
+                regions = compiled.STATS["compiled_calls"]
                 if device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.set_sync_debug_mode("error")
@@ -151,6 +160,8 @@ def step_routers(device: str, tokens: int) -> Dict[str, Any]:
                 finally:
                     if device == "cuda":
                         torch.cuda.set_sync_debug_mode("default")
+                # LASER's device path runs its wave segments through torch.compile on CUDA (policies/compiled.py).
+                row["compiled_regions"] = compiled.STATS["compiled_calls"] - regions
                 layer(hidden)
             row["sync_free_router"] = device == "cuda"
             if cfg.router_type == "topk":
@@ -314,7 +325,7 @@ def _table(record: Dict[str, Any]) -> str:
     routers = record["steps"].get("routers", {}).get("routers", {})
     for label, row in routers.items():
         lines.append(f"    {label:48} ok={row.get('ok')} C={row.get('capacity')} max_recv={row.get('max_received')} "
-                     f"syncs(check on)={row.get('syncs_with_score_check')}")
+                     f"syncs(check on)={row.get('syncs_with_score_check')} compiled regions={row.get('compiled_regions')}")
     for row in record["steps"].get("router_time", {}).get("rows", []):
         parts = [f"T={row['tokens']} E={row['experts']} k={row['topk']} topk {row['megatron_topk_s'] * 1e6:.0f}us"]
         parts += [f"{label.split('(')[0]} x{value['ratio_vs_topk']:.2f}" for label, value in row.items()

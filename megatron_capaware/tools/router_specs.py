@@ -2,7 +2,7 @@
 
 Grammar: ``TYPE[:KEY=VALUE[,KEY=VALUE...]]``, e.g. ``topk``,
 ``capacity-drop:gamma=1.25``, ``capacity-reroute:gamma=1.5,rounds=2,policy=load``,
-``laser:eps_high=0.7,t_fix=0.5,pool=4`` or ``laser:calibration=cal.json``.
+``laser:eps_high=0.7,t_fix=0.5,pool=4``, ``laser:load=rank`` or ``laser:calibration=cal.json``.
 A value may list alternatives with ``|`` to sweep: ``capacity-drop:gamma=1|1.25|1.5``.
 """
 
@@ -32,6 +32,7 @@ _KEYS: Dict[str, str] = {
     "laser_rounds": "laser_rounds",
     "seed": "seed",
     "unit": "capacity_unit",
+    "load": "laser_load",
 }
 _INTS = {"reroute_rounds", "laser_pool", "laser_waves", "laser_rounds", "seed"}
 _FLOATS = {"gamma", "reroute_min_ratio", "laser_eps_high", "laser_t_fix"}
@@ -115,6 +116,8 @@ def format_router_spec(cfg: CapawareConfig, calibration: Any = None) -> str:
             parts.append(f"t_fix={cfg.laser_t_fix:g}")
             if cfg.laser_pool is not None:
                 parts.append(f"pool={cfg.laser_pool}")
+        if cfg.laser_load != "expert":
+            parts.append(f"load={cfg.laser_load}")
     if cfg.uses_capacity:
         parts.append(f"gamma={cfg.gamma:g}")
     if cfg.router_type in ("capacity-drop", "capacity-reroute") and cfg.drop_policy != "score":
@@ -147,6 +150,8 @@ def megatron_flags(cfg: CapawareConfig, calibration: Any = None) -> List[str]:
                       f"{cfg.laser_t_fix:g}"]
             if cfg.laser_pool is not None:
                 flags += ["--capaware-laser-pool", str(cfg.laser_pool)]
+        if cfg.laser_load != "expert":
+            flags += ["--capaware-laser-load", cfg.laser_load]
     if cfg.uses_capacity:
         flags += ["--capaware-gamma", f"{cfg.gamma:g}"]
     if cfg.router_type in ("capacity-drop", "capacity-reroute") and cfg.drop_policy != "score":

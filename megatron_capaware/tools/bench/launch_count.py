@@ -4,8 +4,11 @@ Run the code on CPU tensors with ``CAPAWARE_DEVICE_PATH=1`` (the device code
 path) inside :func:`count_device_work`; it counts
 
 * ``ops``: ATen operators dispatched (each is at least one kernel launch on
-  CUDA; a compiled region counts once, as ``torch.compile`` launches it as
-  one graph);
+  CUDA); a compiled region (:class:`megatron_capaware.policies.compiled.Region`
+  run through ``torch.compile``) counts as ONE op, issue 12's rule: the
+  region runs with the counting modes off and adds 1 (``op_names`` shows it
+  as ``compiled:<segment>``). On CUDA an inductor graph may launch more than
+  one kernel, so this is a count of host-side dispatches, not of launches;
 * ``syncs``: operations that make the host wait for the device on CUDA:
   reading a value (``item``, ``int()``, ``bool()``, ``tolist``), ops whose
   output shape depends on data (``nonzero``, ``masked_select``, ``unique``,
@@ -21,6 +24,7 @@ this counter is the CPU stand-in (tests/test_device_path.py).
 
 from __future__ import annotations
 
+import threading
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -123,12 +127,52 @@ class _DispatchCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+_active = threading.local()  # this thread's open counters, innermost last
+
+
+@contextmanager
+def _counting_modes_off() -> Iterator[None]:
+    """Run with no torch-function mode and no dispatch mode (a compiled region must not trace the counters)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    popped = []
+    while torch._C._len_torch_function_stack() > 0:
+        popped.append(torch._C._pop_torch_function_stack())
+    try:
+        with _disable_current_modes():
+            yield
+    finally:
+        for mode in reversed(popped):
+            torch._C._push_on_torch_function_stack(mode)
+
+
+@contextmanager
+def _compiled_region(name: str) -> Iterator[None]:
+    """:data:`megatron_capaware.policies.compiled.region_hook`: one op for the region, its inside uncounted."""
+    works = getattr(_active, "works", None)
+    if not works:
+        yield
+        return
+    with _counting_modes_off():
+        yield
+    works[-1].ops += 1
+    works[-1].op_names.append(f"compiled:{name}")
+
+
 @contextmanager
 def count_device_work() -> Iterator[CountedWork]:
     """Count ATen ops and would-be host syncs of the code run inside (see the module docstring)."""
+    from megatron_capaware.policies import compiled
+
+    compiled.region_hook = _compiled_region
     work = CountedWork()
-    with _FunctionCounter(work), _DispatchCounter(work):
-        yield work
+    works = _active.__dict__.setdefault("works", [])
+    works.append(work)
+    try:
+        with _FunctionCounter(work), _DispatchCounter(work):
+            yield work
+    finally:
+        works.remove(work)
 
 
 def count_call(fn: Callable[[], Any]) -> CountedWork:
