@@ -58,9 +58,17 @@ def tune_worker(paths: Dict[str, str], ep: int, budgets: List[float], out_dir: s
     from megatron_capaware.tools import tune
     from megatron_capaware.tools.evaluate import EvalOptions
 
+    from megatron_capaware.placement import load_plan
+    from megatron_capaware.tools.evaluate import EvalPlacement
+    from tests.placement_workers import make_plan
+
     options = EvalOptions(checkpoint=Path(paths["checkpoint"]), text=Path(paths["calibration"]), seq_len=32,
                           sequences_per_rank=8, expert_parallel=ep, progress=False)
-    found = tune.run_tune(options, budgets, refine=1, laser_steps=2, laser_probe_batches=1, log=lambda line: None)
+    plan_path = Path(out_dir) / "plan.json"  # a replicated plan: tune searches on it too
+    make_plan([1, 2], 8, ep, ep, seed=5).save(plan_path)
+    placements = [EvalPlacement(plan_path.name, plan_path, load_plan(plan_path))]
+    found = tune.run_tune(options, budgets, refine=1, laser_steps=2, laser_probe_batches=1, log=lambda line: None,
+                          placements=placements)
     summary = tune.summarize(found["records"], found["configs"], budgets, Path(out_dir) / f"rank{ep}",
-                             found["model"])
+                             found["model"], found["placements"])
     return {"records": found["records"], "summary": summary}

@@ -105,6 +105,9 @@ def test_tune_search_on_the_tiny_model_writes_usable_choices(tiny_checkpoint, tm
     assert labels[0] == "topk" and len(labels) == len(set(labels)) > len(tune.COARSE_SPECS)
     assert [r["label"] for r in out[1]["records"]] == labels, "every rank must sweep the same settings"
     assert any(r["router"] == "laser" for r in records)
+    placed = [r for r in records if r.get("placement")]
+    assert {r["label"] for r in placed} >= {"topk @placed:plan.json"}  # searched on the plan too
+    assert abs(records[labels.index("topk @placed:plan.json")]["ppl"] / records[0]["ppl"] - 1) <= 1e-5
     for choice in summary["choices"]:
         assert choice["calib_delta_ppl_pct"] <= choice["budget_pct"]
         faster = [r for r in records if r["delta_ppl_pct"] <= choice["budget_pct"]
@@ -113,6 +116,9 @@ def test_tune_search_on_the_tiny_model_writes_usable_choices(tiny_checkpoint, tm
         cfg = parse_router_spec(choice["spec"])[0]
         if cfg.router_type == "laser":
             load_calibration(choice["calibration_file"]).check_model([1, 2], 8, 2)
+        elif choice["placement"]:
+            assert choice["label"] == cfg.describe() + " @placed:plan.json"
+            assert "--capaware-placement " in choice["megatron_flags"]
         else:
             assert cfg.describe() == choice["label"]
         assert choice["megatron_flags"].startswith("--moe-router-type ")

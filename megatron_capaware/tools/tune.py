@@ -60,6 +60,11 @@ COARSE_SPECS = [
     "capacity-reroute:gamma=1.25,drop_policy=weight,rounds=2",
     "capacity-reroute:gamma=1.25,drop_policy=weight,rho=0.5",
 ]
+#: On each placement plan (shipped beside the checkpoint, or --placement): top-k and the rank unit.
+PLACED_SPECS = [
+    "topk",
+    "capacity-drop:gamma=0.75|0.8|0.9|1.0|1.1|1.2,unit=rank,drop_policy=weight",
+]
 #: LASER rungs per layer, least to most aggressive: (eps_high, t_fix). Rung -1 is top-k (eps_high 0).
 LASER_LADDER: Tuple[Tuple[float, float], ...] = (
     (0.5, 0.7), (0.6, 0.5), (0.7, 0.5), (0.8, 0.4), (0.9, 0.3), (1.0, 0.2))
@@ -122,7 +127,20 @@ class Sweep:
         self.session = session
         self.results: List[Any] = []
         self.configs: Dict[str, CapawareConfig] = {}
+        self.placements: Dict[str, Any] = {}  # label -> EvalPlacement of the placed settings
+        self.placement: Any = None  # the layout the model is in now (an EvalPlacement or None)
         self.log = log
+
+    def place(self, placement: Any) -> None:
+        """Move the experts into ``placement``'s layout (None: back to Megatron's); every rank."""
+        from megatron_capaware.adapters import install_capaware_routers, remove_placement
+
+        if self.placement is not None:
+            remove_placement(self.session.model)
+        if placement is not None:
+            install_capaware_routers(self.session.model, CapawareConfig("topk"), placement=placement.plan,
+                                     replica_policy=placement.replica_policy)
+        self.placement = placement
 
     def run(self, configs: Sequence[CapawareConfig]) -> List[Dict[str, Any]]:
         from megatron_capaware.tools.evaluate import evaluate_config
@@ -132,17 +150,19 @@ class Sweep:
             if label in self.configs:
                 continue
             result = evaluate_config(self.session, cfg)
+            result.placement = self.placement
             self.results.append(result)
             self.configs[label] = cfg
+            if self.placement is not None:
+                self.placements[label] = self.placement
             records = self.records()
             self.log(f"  {label:<58} dppl {records[-1]['delta_ppl_pct']:+7.2f}%  "
                      f"speedup {records[-1]['predicted_speedup']:.3f}x  ({result.seconds:.0f} s)")
         return self.records()
 
     def label(self, cfg: CapawareConfig) -> str:
-        if cfg.router_type == "laser" and cfg.layer_params:
-            return laser_label(cfg)
-        return cfg.describe()
+        base = laser_label(cfg) if cfg.router_type == "laser" and cfg.layer_params else cfg.describe()
+        return base + (f" @{self.placement.describe()}" if self.placement is not None else "")
 
     def records(self) -> List[Dict[str, Any]]:
         from megatron_capaware.tools import report
@@ -256,7 +276,7 @@ def brief(record: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def run_tune(options: Any, budgets: Sequence[float], *, refine: int, laser_steps: int,
-             laser_probe_batches: int, log: Any) -> Dict[str, Any]:
+             laser_probe_batches: int, log: Any, placements: Optional[List[Any]] = None) -> Dict[str, Any]:
     """The whole search (every rank; identical results on every rank)."""
     from megatron_capaware.tools.evaluate import close_session, open_session
     from megatron_capaware.tools.router_specs import parse_router_specs
@@ -281,16 +301,22 @@ def run_tune(options: Any, budgets: Sequence[float], *, refine: int, laser_steps
         laser_path = laser_greedy(sweep, session.batches[:max(1, laser_probe_batches)], steps=laser_steps,
                                   max_dppl=2 * max(budgets))
         records = sweep.run(laser_path)
+    for placement in placements or []:
+        log(f"{PROG}: on placement {placement.label} (R={placement.plan.redundant})")
+        sweep.place(placement)
+        records = sweep.run(parse_router_specs(PLACED_SPECS))
+    sweep.place(None)
     margs = session.model_args
     model = {"moe_layer_numbers": sorted(int(n) for n in margs.moe_layer_numbers),
              "num_moe_experts": int(margs.num_moe_experts), "moe_router_topk": int(margs.moe_router_topk),
              "checkpoint": Path(options.checkpoint).name}
     close_session(session)
-    return {"records": records, "configs": sweep.configs, "model": model}
+    return {"records": records, "configs": sweep.configs, "model": model, "placements": sweep.placements}
 
 
 def summarize(records: List[Dict[str, Any]], configs: Dict[str, CapawareConfig], budgets: Sequence[float],
-              out_dir: Path, model: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+              out_dir: Path, model: Optional[Dict[str, Any]] = None,
+              placements: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The choices per budget (with their files), the frontier and the LASER verdict."""
     from megatron_capaware.tools.router_specs import format_router_spec, megatron_flags
 
@@ -305,9 +331,16 @@ def summarize(records: List[Dict[str, Any]], configs: Dict[str, CapawareConfig],
             Calibration(layer_params=cfg.layer_params, model=model or {},
                         rule={"name": "capaware-tune greedy (speedup per calibration NLL)",
                               "ladder": [list(r) for r in LASER_LADDER], "budget_pct": budget}).save(calibration)
+        placement = (placements or {}).get(record["label"])
+        flags = megatron_flags(cfg, calibration)
+        if placement is not None:  # the plan goes with the setting (and into capaware-eval --placement)
+            flags += ["--capaware-placement", str(Path(placement.path).resolve())]
+            if placement.replica_policy != "least-loaded":
+                flags += ["--capaware-replica-policy", placement.replica_policy]
         choices.append({
             "budget_pct": budget, "label": record["label"], "spec": format_router_spec(cfg, calibration),
-            "megatron_flags": " ".join(megatron_flags(cfg, calibration)),
+            "placement": str(Path(placement.path).resolve()) if placement is not None else None,
+            "megatron_flags": " ".join(flags),
             "calibration_file": str(calibration) if calibration else None,
             "calib_ppl": record["ppl"], "calib_delta_ppl_pct": record["delta_ppl_pct"],
             "predicted_speedup": record["predicted_speedup"], "config": cfg.to_dict(),
@@ -367,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="states of the greedy LASER path evaluated on the whole text (0: no LASER search)")
     parser.add_argument("--laser-probe-batches", type=int, default=1,
                         help="calibration batches the greedy LASER steps are measured on")
+    parser.add_argument("--placement", type=Path, nargs="*", default=None, metavar="PLAN",
+                        help="capaware-plan files to search on too (top-k and the rank unit on each); default: "
+                             "the plans shipped beside the checkpoint for --ep; none given: no placement")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--sequences-per-rank", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=None, help="use at most this many calibration tokens")
@@ -410,6 +446,10 @@ def _main(argv: List[str]) -> int:
     if launching:
         preflight.check_run(checkpoint, text, args.tokenizer, [], ep=args.ep, tp=1, etp=1,
                             seq_len=args.seq_len, sequences_per_rank=args.sequences_per_rank)
+    from megatron_capaware.tools.evaluate import eval_placements
+
+    placements = eval_placements(argparse.Namespace(no_placement=args.placement == [], placement=args.placement,
+                                                    ep=args.ep, replica_policy="least-loaded"), checkpoint, text)
     if launching and args.ep > 1:
         env = dict(os.environ)
         if not torch.cuda.is_available():
@@ -426,11 +466,11 @@ def _main(argv: List[str]) -> int:
                           expert_parallel=args.ep, dtype=args.dtype, progress=False)
     budgets = sorted(set(args.budget))
     found = run_tune(options, budgets, refine=args.refine, laser_steps=args.laser_steps,
-                     laser_probe_batches=args.laser_probe_batches, log=log)
+                     laser_probe_batches=args.laser_probe_batches, log=log, placements=placements)
     if not rank0:
         return 0
     records, configs = found["records"], found["configs"]
-    summary = summarize(records, configs, budgets, args.out, found["model"])
+    summary = summarize(records, configs, budgets, args.out, found["model"], found["placements"])
     summary.update({
         "tool": PROG, "checkpoint": str(checkpoint), "text": str(text), "ep": args.ep,
         "calibration_tokens": records[0]["tokens"], "budgets_pct": budgets,
