@@ -160,16 +160,18 @@ class Sweep:
                      f"speedup {records[-1]['predicted_speedup']:.3f}x  ({result.seconds:.0f} s)")
         return self.records()
 
-    def label(self, cfg: CapawareConfig) -> str:
+    def label(self, cfg: CapawareConfig, placement: Any = "current") -> str:
+        """The setting's label; ``placement``: the layout it ran on (default: the current one)."""
+        placement = self.placement if placement == "current" else placement
         base = laser_label(cfg) if cfg.router_type == "laser" and cfg.layer_params else cfg.describe()
-        return base + (f" @{self.placement.describe()}" if self.placement is not None else "")
+        return base + (f" @{placement.describe()}" if placement is not None else "")
 
     def records(self) -> List[Dict[str, Any]]:
         from megatron_capaware.tools import report
 
         records = report.make_records(self.results, self.session.options)
         for record, result in zip(records, self.results):
-            record["label"] = self.label(result.config)
+            record["label"] = self.label(result.config, result.placement)
         return records
 
 
