@@ -36,6 +36,8 @@ ROUTERS: Dict[str, Dict[str, Any]] = {
     "drop_rank": dict(router_type="capacity-drop", gamma=GAMMA, capacity_unit="rank"),
     "reroute": dict(router_type="capacity-reroute", gamma=GAMMA, reroute_rounds=2),
     "reroute_load": dict(router_type="capacity-reroute", gamma=GAMMA, reroute_policy="load", reroute_min_ratio=0.3),
+    "reroute_rank": dict(router_type="capacity-reroute", gamma=GAMMA, capacity_unit="rank", reroute_rounds=2,
+                         reroute_policy="load", drop_policy="weight"),
     "expanded": dict(router_type="expanded-drop", gamma=1.25),
     "laser": dict(router_type="laser", laser_eps_high=0.6, laser_t_fix=0.3, laser_pool=4),
 }
@@ -48,6 +50,10 @@ def expected_decision(name: str, scores: torch.Tensor, local_experts: List[List[
     if name == "drop_rank":
         return P.capacity_drop(scores, K, kw["gamma"], unit="rank", expert_ranks=P.expert_rank_map(E, ep),
                                num_ranks=ep, normalize=True)
+    if name == "reroute_rank":
+        return P.capacity_reroute(scores, K, kw["gamma"], rounds=kw["reroute_rounds"], policy=kw["reroute_policy"],
+                                  drop_policy=kw["drop_policy"], unit="rank", expert_ranks=P.expert_rank_map(E, ep),
+                                  num_ranks=ep, normalize=True)
     if name == "topk":
         return P.topk(scores, K, normalize=True)
     if name in ("drop", "drop_position", "drop_random", "drop_local"):
@@ -128,7 +134,7 @@ def test_megatron_layer_matches_policies(tp: int, ep: int, etp: int, dispatcher:
             assert torch.equal(received, got["global_loads"][res["local_experts"]]), \
                 f"{where}: experts received {received.tolist()} but the policy decided " \
                 f"{got['global_loads'][res['local_experts']].tolist()}"
-            if name == "drop_rank":  # the rank's experts together stay within C_rank
+            if name in ("drop_rank", "reroute_rank"):  # the rank's experts together stay within C_rank
                 assert got["capacity"] == math.ceil(GAMMA * sum(dom_sizes) * K / ep)
                 assert int(received.sum()) <= got["capacity"], f"{where}: rank load above C_rank"
             if name in CAPACITY_ROUTERS and name != "drop_local":

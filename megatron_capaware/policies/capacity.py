@@ -437,7 +437,8 @@ def capacity_reroute(
         slot_score = slot_score.masked_fill(accepted, -1.0)
         count = accepted.sum()
         rerouted = count if rerouted is None else rerouted + count
-        loads = loads + selection.global_kept
+        if bucket_of is None:  # unit=rank: the per-expert loads are counted once, after the last round
+            loads = loads + selection.global_kept
         if round_index + 1 < rounds:
             spare = spare - selection.global_kept
     if placed is None:
