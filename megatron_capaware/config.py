@@ -209,6 +209,8 @@ class CapawareConfig:
             extra += f",rounds={self.reroute_rounds}"
             if self.reroute_min_ratio:
                 extra += f",rho={self.reroute_min_ratio:g}"
+            if self.reroute_policy != "score":  # else two sweeps' labels collide
+                extra += f",policy={self.reroute_policy}"
         if self.capacity_unit == "rank":
             extra += ",unit=rank"
         if self.scope == "local":
