@@ -141,6 +141,10 @@ def test_megatron_layer_matches_policies(tp: int, ep: int, etp: int, dispatcher:
                 cap = got["capacity"]
                 assert cap == math.ceil(GAMMA * sum(dom_sizes) * K / E) or name == "expanded"
                 assert (int(received.max()) if received.numel() else 0) <= cap, f"{where}: load above C"
+        # The rank-unit reroute keeps what the rank-unit drop kept (on these tokens it also reroutes:
+        # 1 assignment at EP 2, 4 at EP 4, onto the other ranks).
+        drop_rank, reroute_rank = res["routers"]["drop_rank"]["map"], res["routers"]["reroute_rank"]["map"]
+        assert not torch.any(drop_rank & ~reroute_rank), f"reroute_rank on rank {res['rank']} lost a kept assignment"
         topk = res["routers"]["topk"]
         assert torch.equal(topk["out"], res["vanilla_out"]), "topk adapter must equal vanilla Megatron"
         assert torch.equal(topk["map"], res["vanilla_map"]) and torch.equal(topk["probs"], res["vanilla_probs"])
