@@ -16,6 +16,9 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 from megatron_capaware.policies.common import CAPACITY_UNITS, DROP_POLICIES, LASER_LOADS, REROUTE_POLICIES
 
+#: The routers that take --capaware-capacity-unit rank.
+RANK_UNIT_ROUTERS = ("capacity-drop", "capacity-reroute")
+
 ROUTER_TYPES = ("topk", "capacity-drop", "capacity-reroute", "expanded-drop", "laser")
 SCOPES = ("global", "local")
 CALIBRATION_FORMAT = "capaware-laser-calibration/1"
@@ -83,8 +86,9 @@ class CapawareConfig:
             work between ranks.
         seed: seed of the ``random`` drop policy.
         capacity_unit: ``expert`` (the papers': each expert keeps at most C)
-            or ``rank`` (capacity-drop: each EP rank keeps at most
-            ``C_rank = ceil(gamma * T_glob * k / EP)`` over its experts).
+            or ``rank`` (capacity-drop, capacity-reroute: each EP rank keeps at
+            most ``C_rank = ceil(gamma * T_glob * k / EP)`` over its experts;
+            reroute then offers the dropped assignments to ranks with room).
         record_stats: record per-layer load statistics on every forward.
         check_scores: reject NaN / Inf router scores (one host sync per layer).
         layer_params: per-layer LASER knobs (from the calibration file).
@@ -147,10 +151,10 @@ class CapawareConfig:
             raise CapawareConfigError(
                 f"capacity unit {self.capacity_unit!r} must be one of {', '.join(CAPACITY_UNITS)}"
             )
-        if self.capacity_unit == "rank" and self.router_type != "capacity-drop":
+        if self.capacity_unit == "rank" and self.router_type not in RANK_UNIT_ROUTERS:
             raise CapawareConfigError(
-                f"capacity unit 'rank' is built for capacity-drop only, not {self.router_type}; use "
-                "--moe-router-type capacity-drop, or --capaware-capacity-unit expert"
+                f"capacity unit 'rank' is built for {' and '.join(RANK_UNIT_ROUTERS)} only, not "
+                f"{self.router_type}; use one of those, or --capaware-capacity-unit expert"
             )
         if self.laser_load not in LASER_LOADS:
             raise CapawareConfigError(f"LASER load {self.laser_load!r} must be one of {', '.join(LASER_LOADS)}")
@@ -219,6 +223,8 @@ class CapawareConfig:
             extra += f",rounds={self.reroute_rounds}"
             if self.reroute_min_ratio:
                 extra += f",rho={self.reroute_min_ratio:g}"
+            if self.reroute_policy != "score":  # else two sweeps' labels collide
+                extra += f",policy={self.reroute_policy}"
         if self.capacity_unit == "rank":
             extra += ",unit=rank"
         if self.scope == "local":

@@ -107,6 +107,8 @@ def test_help_states_units_and_defaults(capsys, monkeypatch) -> None:
         (["--capaware-stats-output", "out/stats.json"], dict(router_type="topk")),
         (["--moe-router-type", "capacity-reroute", "--capaware-reroute-rounds", "0"],
          dict(router_type="capacity-reroute", reroute_rounds=0, gamma=1.25)),
+        (["--moe-router-type", "capacity-reroute", "--capaware-capacity-unit", "rank", "--capaware-gamma", "1.05"],
+         dict(router_type="capacity-reroute", capacity_unit="rank", gamma=1.05)),
     ],
 )
 def test_every_flag_reaches_the_config(argv, expected) -> None:
@@ -178,6 +180,8 @@ def test_malformed_calibration_file_fails_at_parse_time(tmp_path, capsys) -> Non
         (["--moe-router-type", "capacity-drop", "--capaware-reroute-rounds", "2"], "applies to --moe-router-type capacity-reroute"),
         (["--moe-router-type", "expanded-drop", "--capaware-drop-policy", "position"], "--capaware-drop-policy has no effect with --moe-router-type expanded-drop"),
         (["--capaware-scope", "local"], "--capaware-scope has no effect with --moe-router-type topk"),
+        (["--moe-router-type", "expanded-drop", "--capaware-capacity-unit", "rank"],
+         "--capaware-capacity-unit has no effect with --moe-router-type expanded-drop"),
         (["--moe-router-type", "capacity-drop", "--capaware-seed", "3"], "--capaware-seed only seeds --capaware-drop-policy random"),
     ],
 )

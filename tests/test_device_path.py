@@ -64,12 +64,14 @@ from megatron_capaware import policies as P  # noqa: E402
 from megatron_capaware.policies.common import DEVICE_PATH_ENV  # noqa: E402
 
 T, E, K = 2048, 64, 8  # issue 12's shape
+RANKS = 8  # the EP ranks of the unit=rank calls (8 experts each)
 
 
 def _router_calls(scores: torch.Tensor, masks: dict, group=None):
     """Each router's policy call as CapawareRouter._decide makes it (scores checked before, weights by the router)."""
     indices = torch.topk(scores, K, dim=1).indices
     local = P.local_experts_tensor(list(range(8)), E, scores.device)  # the router builds it once
+    ranks = P.expert_rank_map(E, RANKS, scores.device)  # the router builds it once (_expert_ranks)
     common = dict(normalize=True, check_values=False, topk_indices=indices, weights=False, return_decision=True,
                   group=group)
     valid = dict(valid_tokens=masks["valid_tokens"]) if "valid_tokens" in masks else {}
@@ -81,6 +83,11 @@ def _router_calls(scores: torch.Tensor, masks: dict, group=None):
         "capacity-reroute": lambda: P.capacity_reroute(scores, K, 1.25, rounds=1, **common, **masks),
         "capacity-reroute(load, rho=0.3)": lambda: P.capacity_reroute(
             scores, K, 1.25, rounds=1, policy="load", min_ratio=0.3, **common, **masks),
+        "capacity-reroute(unit=rank)": lambda: P.capacity_reroute(
+            scores, K, 1.25, rounds=1, unit="rank", expert_ranks=ranks, num_ranks=RANKS, **common, **masks),
+        "reroute(rank, load, rho=.3, drop=weight)": lambda: P.capacity_reroute(
+            scores, K, 1.0, rounds=1, policy="load", min_ratio=0.3, unit="rank", expert_ranks=ranks,
+            num_ranks=RANKS, drop_policy="weight", **common, **masks),
         "expanded-drop": lambda: P.expanded_drop(scores, K, 1.25, local, **common, **masks),
         "laser": lambda: P.laser(scores, K, 0.9, 0.3, 16, waves=8, rounds=1, **common, **valid),
     }
@@ -237,7 +244,8 @@ def test_the_selection_cases_drop_and_split_ties() -> None:
 
 # Issue 12, item 3: ATen ops per MoE layer on the device path at T=2048, E=64, k=8 (the
 # policy call as the router makes it); expanded-drop "in proportion" to capacity-drop.
-OPS_BUDGET = {"capacity-drop": 40, "capacity-reroute": 80, "expanded-drop": 50, "laser": 150}
+OPS_BUDGET = {"capacity-drop": 40, "capacity-reroute": 80, "capacity-reroute(unit=rank)": 80, "expanded-drop": 50,
+              "laser": 150}
 
 
 def _count_policy_ops(world: int, masks: str = "none") -> dict:
@@ -299,7 +307,7 @@ def test_ops_per_layer_on_the_device_path(monkeypatch, masks: str, record_proper
         record_property(f"{masks}:{name}:ops", alone[name][0])
     over = {n: alone[n][0] for n, b in OPS_BUDGET.items() if n != "laser" and alone[n][0] > b}
     assert not over, f"over budget at EP=1: {over}"
-    selections = {"capacity-drop": 1, "capacity-reroute": 2, "expanded-drop": 1}
+    selections = {"capacity-drop": 1, "capacity-reroute": 2, "capacity-reroute(unit=rank)": 2, "expanded-drop": 1}
     over_ep = {n: max(ep2[n]) for n, s in selections.items() if max(ep2[n]) > OPS_BUDGET[n] + 45 * s}
     assert not over_ep, f"over budget at EP=2: {over_ep}"
     assert max(ep2["laser"]) <= 800 and alone["laser"][0] <= 650, "LASER regressed (its budget is not met yet)"

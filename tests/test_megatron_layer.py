@@ -36,6 +36,8 @@ ROUTERS: Dict[str, Dict[str, Any]] = {
     "drop_rank": dict(router_type="capacity-drop", gamma=GAMMA, capacity_unit="rank"),
     "reroute": dict(router_type="capacity-reroute", gamma=GAMMA, reroute_rounds=2),
     "reroute_load": dict(router_type="capacity-reroute", gamma=GAMMA, reroute_policy="load", reroute_min_ratio=0.3),
+    "reroute_rank": dict(router_type="capacity-reroute", gamma=GAMMA, capacity_unit="rank", reroute_rounds=2,
+                         reroute_policy="load", drop_policy="weight"),
     "expanded": dict(router_type="expanded-drop", gamma=1.25),
     "laser": dict(router_type="laser", laser_eps_high=0.6, laser_t_fix=0.3, laser_pool=4),
     "laser_rank": dict(router_type="laser", laser_eps_high=0.6, laser_t_fix=0.3, laser_pool=4, laser_load="rank"),
@@ -49,6 +51,10 @@ def expected_decision(name: str, scores: torch.Tensor, local_experts: List[List[
     if name == "drop_rank":
         return P.capacity_drop(scores, K, kw["gamma"], unit="rank", expert_ranks=P.expert_rank_map(E, ep),
                                num_ranks=ep, normalize=True)
+    if name == "reroute_rank":
+        return P.capacity_reroute(scores, K, kw["gamma"], rounds=kw["reroute_rounds"], policy=kw["reroute_policy"],
+                                  drop_policy=kw["drop_policy"], unit="rank", expert_ranks=P.expert_rank_map(E, ep),
+                                  num_ranks=ep, normalize=True)
     if name == "topk":
         return P.topk(scores, K, normalize=True)
     if name in ("drop", "drop_position", "drop_random", "drop_local"):
@@ -132,13 +138,17 @@ def test_megatron_layer_matches_policies(tp: int, ep: int, etp: int, dispatcher:
             assert torch.equal(received, got["global_loads"][res["local_experts"]]), \
                 f"{where}: experts received {received.tolist()} but the policy decided " \
                 f"{got['global_loads'][res['local_experts']].tolist()}"
-            if name == "drop_rank":  # the rank's experts together stay within C_rank
+            if name in ("drop_rank", "reroute_rank"):  # the rank's experts together stay within C_rank
                 assert got["capacity"] == math.ceil(GAMMA * sum(dom_sizes) * K / ep)
                 assert int(received.sum()) <= got["capacity"], f"{where}: rank load above C_rank"
             if name in CAPACITY_ROUTERS and name != "drop_local":
                 cap = got["capacity"]
                 assert cap == math.ceil(GAMMA * sum(dom_sizes) * K / E) or name == "expanded"
                 assert (int(received.max()) if received.numel() else 0) <= cap, f"{where}: load above C"
+        # The rank-unit reroute keeps what the rank-unit drop kept (on these tokens it also reroutes:
+        # 1 assignment at EP 2, 4 at EP 4, onto the other ranks).
+        drop_rank, reroute_rank = res["routers"]["drop_rank"]["map"], res["routers"]["reroute_rank"]["map"]
+        assert not torch.any(drop_rank & ~reroute_rank), f"reroute_rank on rank {res['rank']} lost a kept assignment"
         topk = res["routers"]["topk"]
         assert torch.equal(topk["out"], res["vanilla_out"]), "topk adapter must equal vanilla Megatron"
         assert torch.equal(topk["map"], res["vanilla_map"]) and torch.equal(topk["probs"], res["vanilla_probs"])

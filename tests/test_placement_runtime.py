@@ -28,6 +28,8 @@ def runs_for(ep: int, redundant, tp: int = 1) -> Dict[str, dict]:
         "placed": {"redundant": 0, "seed": 11},
         "placed-drop-rank": {"redundant": 0, "seed": 11,
                              "router": {"router_type": "capacity-drop", "gamma": 1.0, "capacity_unit": "rank"}},
+        "placed-reroute-rank": {"redundant": 0, "seed": 11, "router": {
+            "router_type": "capacity-reroute", "gamma": 1.0, "capacity_unit": "rank", "drop_policy": "weight"}},
         "contiguous-drop-rank": {"redundant": None,
                                  "router": {"router_type": "capacity-drop", "gamma": 1.0, "capacity_unit": "rank"}},
         "placed-drop": {"redundant": 0, "seed": 12, "router": {"router_type": "capacity-drop", "gamma": 1.0}},
@@ -84,7 +86,7 @@ def test_placement_keeps_topk_logits_and_restores_the_logical_layout(tp, ep, dis
                     0, torch.tensor(slots), loads)
                 assert torch.equal(by_expert, run["global_loads"][layer]), f"{where}: {name} layer {layer}"
         if ep > 1:  # unit=rank caps the busiest rank of the placed layout (C_rank = ceil(T*k/W))
-            for name in ("placed-drop-rank", "replicated-drop-rank"):
+            for name in ("placed-drop-rank", "placed-reroute-rank", "replicated-drop-rank"):
                 for layer, summary in runs.get(name, {}).get("summary", {}).items():
                     assert summary["rank_peak_load"] <= 1.0 + ep / 64 + 1e-9, f"{where}: {name} {layer}: {summary}"
         for name, run in runs.items():  # no token ever holds two replicas of one expert

@@ -20,6 +20,7 @@ CONFIGS = [
     CapawareConfig("capacity-drop", gamma=1.25),
     CapawareConfig("capacity-reroute", gamma=1.1, drop_policy="weight", reroute_rounds=2, reroute_min_ratio=0.5),
     CapawareConfig("capacity-reroute", gamma=1.5, reroute_policy="load", scope="local"),
+    CapawareConfig("capacity-reroute", gamma=1.05, capacity_unit="rank", drop_policy="weight", reroute_min_ratio=0.3),
     CapawareConfig("expanded-drop", gamma=1.0, renormalize=True),
     CapawareConfig("laser", laser_eps_high=0.7, laser_t_fix=0.4, laser_pool=3),
 ]

@@ -423,10 +423,11 @@ class CapawareRouter(TopKRouter):
                 scores, k, params.eps_high, params.t_fix, params.pool,
                 waves=capaware.laser_waves, rounds=capaware.laser_rounds, **common,
             )
+        if capaware.capacity_unit == "rank" and capaware.router_type in ("capacity-drop", "capacity-reroute"):
+            # The EP rank of each expert (contiguous, or the placement's with R = 0).
+            common.update(unit="rank", expert_ranks=self._expert_ranks(scores.device),
+                          num_ranks=self.config.expert_model_parallel_size)
         if capaware.router_type == "capacity-drop":
-            if capaware.capacity_unit == "rank":
-                common.update(unit="rank", expert_ranks=self._expert_ranks(scores.device),
-                              num_ranks=self.config.expert_model_parallel_size)
             return policies.capacity_drop(
                 scores, k, capaware.gamma, policy=capaware.drop_policy, seed=capaware.seed, **common,
             )

@@ -95,7 +95,7 @@ KNOB_ROUTERS: Dict[str, tuple] = {
     "capaware_laser_rounds": ("laser",),
     "capaware_laser_load": ("laser",),
     "capaware_seed": ("capacity-drop", "capacity-reroute"),
-    "capaware_capacity_unit": ("capacity-drop",),
+    "capaware_capacity_unit": ("capacity-drop", "capacity-reroute"),
 }
 
 #: Megatron's --moe-token-drop-policy values and the capaware policy each means.
@@ -214,9 +214,10 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     )
     group.add_argument(
         "--capaware-capacity-unit", choices=CAPACITY_UNITS, default=None,
-        help="What the capacity caps (capacity-drop): expert (each expert keeps at most C, the "
-        "papers') or rank (each EP rank keeps at most ceil(gamma * T * k / EP) assignments over "
-        "its experts: the cap on what sets the layer's latency). Default: expert.",
+        help="What the capacity caps (capacity-drop, capacity-reroute): expert (each expert keeps "
+        "at most C, the papers') or rank (each EP rank keeps at most ceil(gamma * T * k / EP) "
+        "assignments over its experts: the cap on what sets the layer's latency; reroute then "
+        "offers dropped assignments to experts on ranks with room). Default: expert.",
     )
     group.add_argument(
         "--capaware-renormalize", action="store_true", default=None,

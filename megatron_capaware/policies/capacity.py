@@ -228,7 +228,8 @@ def _drop_assignments(scores, k, gamma, policy, group, seed, topk_indices, valid
             raise common.RoutingInputError(
                 "unit='rank' needs expert_ranks [E] and num_ranks (expert_rank_map builds Megatron's layout)"
             )
-        buckets, num_buckets = expert_ranks.to(indices.device)[indices].reshape(-1), int(num_ranks)
+        expert_ranks = _check_expert_ranks(expert_ranks, num_experts, num_ranks, indices.device)
+        buckets, num_buckets = expert_ranks[indices].reshape(-1), int(num_ranks)
     selection = select_top_per_expert(
         priority,
         buckets,
@@ -241,6 +242,19 @@ def _drop_assignments(scores, k, gamma, policy, group, seed, topk_indices, valid
     keep = selection.keep.view(num_tokens, k)
     routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, keep)
     return indices, values, selection, keep, routing_map
+
+
+def _check_expert_ranks(expert_ranks, num_experts: int, num_ranks, device) -> torch.Tensor:
+    """``expert_ranks`` as ``[E]`` int64 on ``device``; its shape and ``num_ranks`` checked (no host read)."""
+    if isinstance(num_ranks, bool) or not isinstance(num_ranks, int) or num_ranks < 1:
+        raise common.RoutingInputError(f"unit='rank' needs num_ranks an integer >= 1, got {num_ranks!r}")
+    ranks = torch.as_tensor(expert_ranks, device=device)
+    if ranks.shape != (num_experts,) or ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
+        raise common.RoutingInputError(
+            f"expert_ranks must be an integer tensor [E={num_experts}] (the EP rank of each expert), "
+            f"got {ranks.dtype} {tuple(ranks.shape)}"
+        )
+    return ranks.to(torch.int64)
 
 
 def _token_items(valid_tokens: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
@@ -296,6 +310,9 @@ def capacity_reroute(
     return_decision: bool = False,
     valid_tokens: Optional[torch.Tensor] = None,
     allowed: Optional[torch.Tensor] = None,
+    unit: str = "expert",
+    expert_ranks: Optional[torch.Tensor] = None,
+    num_ranks: Optional[int] = None,
 ) -> Union[Tuple[torch.Tensor, torch.Tensor], RoutingDecision]:
     """Capacity-Aware Token Reroute.
 
@@ -311,6 +328,15 @@ def capacity_reroute(
     the rest try again next round. Whatever is unplaced after the last round
     is dropped.
 
+    With ``unit="rank"`` the drop is :func:`capacity_drop`'s rank unit (each
+    EP rank keeps at most ``C_rank = ceil(gamma * T_glob * k / W)``
+    assignments over its experts) and the spare room is per rank,
+    ``R_r = C_rank - L_r``: a candidate must lie on a rank with ``R_r > 0``
+    (``policy="load"``: the least-loaded *rank* first, then score), and a
+    rank accepts at most ``R_r`` of the offers made to any of its experts,
+    in the same order (dropped score, then rank, token and the token's slot
+    order). With one expert per rank it equals ``unit="expert"``.
+
     Args:
         rounds: offer rounds (0: plain drop).
         policy: ``score`` or ``load`` (candidate order).
@@ -320,15 +346,20 @@ def capacity_reroute(
         allowed: optional ``[T, E]`` bool, the experts each token may be
             rerouted to (group-limited routing: the experts of its selected
             groups); None: every expert.
+        unit, expert_ranks, num_ranks: as :func:`capacity_drop`.
         Other arguments as :func:`capacity_drop`.
 
     Returns:
         ``(probs [T, E], routing_map [T, E] bool)``; a rerouted assignment's
         weight is ``s[t, e']`` (divided by the original top-k sum when
-        ``normalize``). Every expert's global load stays <= C.
+        ``normalize``). Every expert's global load stays <= C
+        (``unit="rank"``: every rank's load <= C_rank).
 
     Collectives (with a group): the drop's, plus one selection (4 all-reduces
-    of ``E*256+1`` int64 and one all-gather of ``E`` int64) per round.
+    of ``E*256+1`` int32 and one all-gather of ``E`` int32) per round;
+    ``unit="rank"``: every selection's buckets are the ``W`` ranks (``W*256+1``
+    and ``W``), plus one all-reduce of ``E`` int64 at the end for the
+    per-expert loads.
 
     ``return_decision`` and ``weights``: see :mod:`megatron_capaware.policies`.
     """
@@ -345,9 +376,14 @@ def capacity_reroute(
     gamma = common.check_gamma(gamma)
     common.check_choice("policy", drop_policy, common.DROP_POLICIES)
     valid_tokens = common.check_valid_tokens(valid_tokens, scores)
+    common.check_choice("unit", unit, common.CAPACITY_UNITS)
     num_tokens, num_experts = scores.shape
     indices, values, drop, kept, drop_map = _drop_assignments(
-        scores, k, gamma, drop_policy, group, seed, topk_indices, valid_tokens)
+        scores, k, gamma, drop_policy, group, seed, topk_indices, valid_tokens, unit, expert_ranks, num_ranks)
+    # The capacity buckets: the experts, or (unit=rank) the ranks, bucket_of[e] = the rank of e.
+    bucket_of, num_buckets = None, num_experts
+    if unit == "rank":
+        bucket_of, num_buckets = _check_expert_ranks(expert_ranks, num_experts, num_ranks, scores.device), num_ranks
     settled = kept if valid_tokens is None else kept | ~valid_tokens.unsqueeze(1)  # padding loses nothing
     # Only tokens with a dropped slot take part; on the CPU work on those rows
     # alone (on the device all rows, masked: no host sync). Row order = token order.
@@ -362,9 +398,9 @@ def capacity_reroute(
     taken = torch.zeros_like(r_scores, dtype=torch.bool) if r_allowed is None else ~r_allowed
     taken = taken.scatter_(1, r_idx, True)  # [n, E]
     placed = None
-    loads = drop.global_kept
+    loads = drop.global_kept  # [buckets]
     capacity = drop.capacity[0]
-    spare = (capacity - loads).clamp(min=0)
+    spare = (capacity - loads).clamp(min=0)  # [buckets]
     rerouted = None
     # The dropped slots' scores, -1 where a slot has nothing to place. Kept sorted (highest
     # first, ties in slot order: a stable sort of a stably sorted row keeps that order).
@@ -373,19 +409,23 @@ def capacity_reroute(
     for round_index in range(rounds):
         # Dropped slots, highest dropped score first: each takes the best candidate left.
         slot_score = torch.sort(slot_score, dim=1, descending=True, stable=True).values
-        unavailable = taken | (spare <= 0).unsqueeze(0)
+        spare_e = spare if bucket_of is None else spare[bucket_of]  # [E]: the spare room of e's bucket
+        unavailable = taken | (spare_e <= 0).unsqueeze(0)
         if min_ratio > 0:
-            cand, propose = _guarded_candidates(r_scores, spare, ~unavailable, policy, slot_score, min_ratio, r_idx)
+            cand, propose = _guarded_candidates(r_scores, spare_e, ~unavailable, policy, slot_score, min_ratio,
+                                                r_idx)
         else:
             # No guard (every score passes s >= 0): slot j takes candidate j.
-            keys = score_keys if score_keys is not None else common.expert_keys(r_scores, spare)
+            keys = score_keys if score_keys is not None else common.expert_keys(r_scores, spare_e)
             best, cand = torch.topk(keys.masked_fill(unavailable, -1), k, dim=1)
             propose = (slot_score >= 0) & (best >= 0)
         # Slots that propose nothing (score -1) are not items, so their priority is never read.
+        # Offers compete per bucket (unit=rank: all offers to a rank's experts), in item order
+        # on ties: rank, token, then the token's slot order.
         selection = select_top_per_expert(
             slot_score.reshape(-1),
-            cand.reshape(-1),
-            num_experts,
+            (cand if bucket_of is None else bucket_of[cand]).reshape(-1),
+            num_buckets,
             spare,
             group,
             valid=propose.reshape(-1),
@@ -397,7 +437,8 @@ def capacity_reroute(
         slot_score = slot_score.masked_fill(accepted, -1.0)
         count = accepted.sum()
         rerouted = count if rerouted is None else rerouted + count
-        loads = loads + selection.global_kept
+        if bucket_of is None:  # unit=rank: the per-expert loads are counted once, after the last round
+            loads = loads + selection.global_kept
         if round_index + 1 < rounds:
             spare = spare - selection.global_kept
     if placed is None:
@@ -410,6 +451,8 @@ def capacity_reroute(
     probs = None
     if weights:
         probs = common.weights_for(scores, routing_map, values.sum(dim=1), normalize=normalize, renormalize=renormalize)
+    if bucket_of is not None:  # unit=rank: the loads above are per rank; the per-expert ones take one all-reduce
+        loads = all_reduce_sum(routing_map.sum(dim=0).to(torch.int64), group)
     decision = RoutingDecision(
         probs=probs,
         routing_map=routing_map,

@@ -109,13 +109,15 @@ def capacity_drop(
     valid_tokens: Optional[torch.Tensor] = None,
     unit: str = "expert",
     expert_ranks: Optional[Sequence[int]] = None,
+    num_ranks: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``unit="rank"``: each rank (``expert_ranks[e]`` = the rank of expert ``e``)
     keeps its ``ceil(gamma * T * k / W)`` highest-priority assignments, ties in
     (token, top-k position) order."""
     def run(scores, topk_indices):
         if unit == "rank":
-            chosen, sums = _rank_drop_state(scores, k, gamma, policy, seed, topk_indices, list(expert_ranks))
+            chosen, sums = _rank_drop_state(scores, k, gamma, policy, seed, topk_indices, _ints(expert_ranks),
+                                            num_ranks)
         else:
             chosen, tops, sums, _ = _drop_state(scores, k, gamma, policy, seed, topk_indices)
         return _output(scores, chosen, sums, normalize, renormalize)
@@ -123,11 +125,16 @@ def capacity_drop(
     return _on_real_tokens(scores, valid_tokens, run, topk_indices)
 
 
-def _rank_drop_state(scores, k, gamma, policy, seed, topk_indices, expert_ranks):
+def _ints(values) -> List[int]:
+    return [int(v) for v in (values.tolist() if isinstance(values, torch.Tensor) else values)]
+
+
+def _rank_drop_state(scores, k, gamma, policy, seed, topk_indices, expert_ranks, num_ranks=None):
     num_tokens, num_experts = scores.shape
     rows = _rows(scores)
     tops = _topk_lists(scores, k, topk_indices)
-    num_ranks = max(expert_ranks) + 1
+    if num_ranks is None:
+        num_ranks = max(expert_ranks, default=0) + 1
     capacity = common.capacity_from_total(gamma, num_tokens * k, num_ranks)
     per_rank: Dict[int, List[Tuple[float, int, Tuple[int, int]]]] = {r: [] for r in range(num_ranks)}
     for t in range(num_tokens):
@@ -173,46 +180,66 @@ def capacity_reroute(
     topk_indices: Optional[torch.Tensor] = None,
     valid_tokens: Optional[torch.Tensor] = None,
     allowed: Optional[torch.Tensor] = None,
+    unit: str = "expert",
+    expert_ranks: Optional[Sequence[int]] = None,
+    num_ranks: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token Reroute as docs/routers.md states it, one token and one offer at a time.
+
+    The capacity is per *bucket*: each expert (``unit="expert"``) or each EP
+    rank (``unit="rank"``, ``expert_ranks[e]`` = the rank of ``e``): a
+    candidate needs spare room in its bucket, ``policy="load"`` ranks
+    candidates by that room, and a bucket accepts the best of all offers made
+    to it (any of its experts), by (-dropped score, token, the token's slot
+    order), up to its room."""
     def run(scores, topk_indices, allowed):
         num_tokens, num_experts = scores.shape
         rows = _rows(scores)
         may_use = _allowed_lists(allowed, num_tokens, num_experts)
-        chosen, tops, sums, capacity = _drop_state(scores, k, gamma, drop_policy, seed, topk_indices)
-        load = [0] * num_experts
+        if unit == "rank":
+            bucket = _ints(expert_ranks)
+            num_buckets = num_ranks if num_ranks is not None else max(bucket, default=0) + 1
+            chosen, sums = _rank_drop_state(scores, k, gamma, drop_policy, seed, topk_indices, bucket, num_buckets)
+            tops = _topk_lists(scores, k, topk_indices)
+            capacity = common.capacity_from_total(gamma, num_tokens * k, num_buckets)
+        else:
+            chosen, tops, sums, capacity = _drop_state(scores, k, gamma, drop_policy, seed, topk_indices)
+            bucket, num_buckets = list(range(num_experts)), num_experts
+        load = [0] * num_buckets
         for experts in chosen:
             for e in experts:
-                load[e] += 1
+                load[bucket[e]] += 1
         # The dropped assignments (token, original expert) still to place.
         unplaced = [[e for e in tops[t] if e not in chosen[t]] for t in range(num_tokens)]
         taken: List[Set[int]] = [set(tops[t]) for t in range(num_tokens)]
         for _ in range(rounds):
-            spare = [capacity - load[e] for e in range(num_experts)]
-            offers: Dict[int, List[Tuple[float, int, Tuple[int, int]]]] = {e: [] for e in range(num_experts)}
+            spare = [capacity - load[b] for b in range(num_buckets)]
+            offers: Dict[int, List[Tuple[float, Tuple[int, int], Tuple[int, int, int]]]] = {
+                b: [] for b in range(num_buckets)}
             for t in range(num_tokens):
                 # This token's dropped assignments, highest score first (ties: top-k order).
                 slots = sorted(unplaced[t], key=lambda e: (-rows[t][e], tops[t].index(e)))
                 candidates = [e for e in range(num_experts)
-                              if e not in taken[t] and spare[e] > 0 and may_use[t][e]]
+                              if e not in taken[t] and spare[bucket[e]] > 0 and may_use[t][e]]
                 if policy == "score":
                     candidates.sort(key=lambda e: (-rows[t][e], e))
                 else:
-                    candidates.sort(key=lambda e: (-spare[e], -rows[t][e], e))
+                    candidates.sort(key=lambda e: (-spare[bucket[e]], -rows[t][e], e))
                 offered_to: Set[int] = set()
-                for dropped_expert in slots:
+                for j, dropped_expert in enumerate(slots):
                     # The best candidate no earlier slot took that passes this slot's guard.
                     dropped_score = rows[t][dropped_expert]
                     for target in candidates:
                         if target not in offered_to and rows[t][target] >= min_ratio * dropped_score:
                             offered_to.add(target)
-                            offers[target].append((dropped_score, t, (t, dropped_expert)))
+                            offers[bucket[target]].append((dropped_score, (t, j), (t, dropped_expert, target)))
                             break
-            for e, items in offers.items():
-                for _, _, (t, dropped_expert) in _keep_top(items, spare[e]):
-                    chosen[t].add(e)
-                    taken[t].add(e)
+            for b, items in offers.items():
+                for _, _, (t, dropped_expert, target) in _keep_top(items, spare[b]):
+                    chosen[t].add(target)
+                    taken[t].add(target)
                     unplaced[t].remove(dropped_expert)
-                    load[e] += 1
+                    load[b] += 1
         return _output(scores, chosen, sums, normalize, renormalize)
 
     return _on_real_tokens(scores, valid_tokens, run, topk_indices, allowed)
