@@ -206,15 +206,24 @@ class _TritonConstexpr:
         return f"constexpr({self.value!r})"
 
 
+# Lowercase triton names that torch uses as types (torch._dynamo: ``triton.language.dtype``
+# among its constant types, when triton imports).
+_TRITON_TYPE_NAMES = frozenset({"dtype"})
+# ``triton.X`` that are packages in triton (attribute access gives the stand-in submodule).
+_TRITON_SUBMODULES = frozenset({"language", "runtime", "backends", "compiler", "testing", "tools"})
+
+
 class _TritonStandIn(types.ModuleType):
     """A ``triton`` (sub)module of the CPU stand-in; attributes are made on demand."""
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        if name == "constexpr":
-            value: Any = _TritonConstexpr
-        elif name[:1].isupper():
+        if self.__name__ == "triton" and name in _TRITON_SUBMODULES:  # triton.language, ...: the submodule
+            value: Any = importlib.import_module(f"triton.{name}")
+        elif name == "constexpr":
+            value = _TritonConstexpr
+        elif name[:1].isupper() or name in _TRITON_TYPE_NAMES:
             value = type(name, (_TritonClassStandIn,), {"__module__": self.__name__})
         else:
             value = _TritonCallableStandIn(f"{self.__name__[len('triton.'):] or 'triton'}.{name}".lstrip("."))
@@ -239,6 +248,9 @@ class _TritonStandInFinder:
         if spec.name == "triton":
             module.__version__ = "0.0.0"
             module.capaware_cpu_stand_in = True
+        if spec.name == "triton.backends":
+            # No backend: torch.compile (inductor) then knows triton cannot run here and uses its C++ path.
+            module.backends = {}
         return module
 
     @staticmethod
