@@ -245,22 +245,7 @@ def select_top_per_expert_radix(
     With ``sync_free=True`` it is the previous device path, kept as the
     reference the sorted device path is tested against (``tests/test_device_path.py``).
 
-    Args:
-        priority: ``[N]`` float, >= 0 (higher is kept first). Items are in
-            this rank's tie-break order (earlier kept first on ties).
-        expert: ``[N]`` int64 in ``[0, E)``, the expert each item asks for.
-        num_experts: ``E``.
-        capacity: ``[E]`` int64, or a function ``(global_offered [E],
-            global_items 0-d) -> [E]`` called once the group-wide offered
-            counts are known (saves a collective when the capacity depends on
-            the global load, as ``C = ceil(gamma T k / E)`` does).
-        group: process group whose ranks share the experts; ``None``: this
-            process alone.
-        valid: optional ``[N]`` bool; items marked False are ignored (never
-            counted, never kept). Lets callers use fixed-size item arrays.
-        extra_count: optional int or 0-d integer tensor summed over the group
-            in the first round at no extra cost (e.g. the local token count);
-            returned as ``global_items``.
+    Args: as :func:`select_top_per_expert`, except
         sync_free: ``True``: fixed work and collectives, no host sync (the
             CUDA default); ``False``: after the first round only the still
             undecided items are processed, rounds stop once every expert is
