@@ -313,7 +313,14 @@ def test_ops_per_layer_on_the_device_path(monkeypatch, masks: str, record_proper
     assert max(ep2["laser"]) <= 800 and alone["laser"][0] <= 650, "LASER regressed (its budget is not met yet)"
 
 
-def test_laser_meets_its_ops_budget_compiled(monkeypatch, record_property) -> None:
+@pytest.fixture
+def dynamo_on(monkeypatch):
+    """Dynamo enabled for the compiled-path tests: CPU tools called in this process (``run_cli``) set
+    ``TORCHDYNAMO_DISABLE=1``, which torch.compile reads when it wraps a function."""
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+
+
+def test_laser_meets_its_ops_budget_compiled(monkeypatch, record_property, dynamo_on) -> None:
     """Issue 12, item 3, LASER: <= 150 ops per layer with the wave segments compiled (one op per
     compiled call, policies/compiled.py), as on CUDA. The count does not depend on the backend
     (a region is one op either way); aot_eager captures the same full graphs without codegen."""
@@ -369,7 +376,7 @@ def _same_decision(a, b) -> bool:
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_compiled_laser_decides_as_eager(monkeypatch, seed: int) -> None:
+def test_compiled_laser_decides_as_eager(monkeypatch, seed: int, dynamo_on) -> None:
     """The compiled wave segments (aot_eager: full graph capture, no codegen) decide bit for bit
     as eager, alone and on 2 simulated EP ranks, for 0-2 quota rounds, 1-8 waves, padding, ties,
     load=expert and load=rank."""
@@ -391,7 +398,7 @@ def test_compiled_laser_decides_as_eager(monkeypatch, seed: int) -> None:
     assert all(_same_decision(a, b) for a, b in zip(eager_ep, fast_ep)), seed
 
 
-def test_inductor_compiled_laser_decides_as_eager(monkeypatch) -> None:
+def test_inductor_compiled_laser_decides_as_eager(monkeypatch, dynamo_on) -> None:
     """The same with inductor's generated code (CPU C++ here; Triton on CUDA), issue 12's shape."""
     from megatron_capaware.policies import compiled
 
@@ -408,7 +415,7 @@ def test_inductor_compiled_laser_decides_as_eager(monkeypatch) -> None:
     assert torch.equal(eager.routing_map, fast.routing_map) and torch.equal(eager.global_loads, fast.global_loads)
 
 
-def test_a_failing_compile_falls_back_to_eager_with_a_warning() -> None:
+def test_a_failing_compile_falls_back_to_eager_with_a_warning(dynamo_on) -> None:
     from megatron_capaware.policies import compiled
 
     def boom(gm, example_inputs):
