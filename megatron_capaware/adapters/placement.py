@@ -70,10 +70,6 @@ class LayerLayout:
     def placed(self) -> bool:
         return self.slots != contiguous_slots(self.table.num_experts)
 
-    def rank_slots(self, rank: int) -> List[int]:
-        per = len(self.slots) // self.num_ranks
-        return self.slots[rank * per:(rank + 1) * per]
-
 
 # --- expert modules: per-slot tensors out, per-slot tensors in -------------------------------------------------
 
@@ -332,7 +328,6 @@ def _place_layers(layers: Sequence[Any], plan: Optional[PlacementPlan], policy: 
         router.capaware_local_slots = list(local)
         stats = getattr(router, "capaware_stats", None)
         if stats is not None:
-            stats.set_layout(router.capaware_layout)
             stats.local_experts = list(router.capaware_local_experts)
 
 

@@ -220,14 +220,19 @@ class CapawareRouter(TopKRouter):
         from megatron_capaware.placement.replicas import replica_choice
 
         layout = self.capaware_layout
-        table = layout.table
-        if table.replica_slots.device != scores.device:
-            table = layout.table = table.to(scores.device)
+        table = self._slot_table(scores.device)
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, indices, True)  # [T, E]
         replica = replica_choice(chosen, table, layout.replica_policy, self.capaware_load_group)  # [T, E]
         width = table.replica_slots.shape[1]
         slots = table.replica_slots.reshape(-1)[indices * width + replica.gather(1, indices)]  # [T, k]
         return slots, scores[:, table.slot_expert]
+
+    def _slot_table(self, device: torch.device):
+        """The layout's :class:`~megatron_capaware.placement.replicas.SlotTable` on ``device`` (moved once)."""
+        layout = self.capaware_layout
+        if layout.table.replica_slots.device != device:
+            layout.table = layout.table.to(device)
+        return layout.table
 
     def _to_slots(self, probs: torch.Tensor, routing_map: torch.Tensor, layout):
         """Logical ``[T, E]`` decision -> the placement's physical slots ``[T, S]`` (adapters/placement.py).
@@ -238,9 +243,7 @@ class CapawareRouter(TopKRouter):
         from megatron_capaware.placement.replicas import replica_choice, to_physical
 
         group = self.capaware_load_group
-        table = layout.table
-        if table.replica_slots.device != routing_map.device:
-            table = layout.table = table.to(routing_map.device)
+        table = self._slot_table(routing_map.device)
         replica = replica_choice(routing_map, table, layout.replica_policy, group)
         return to_physical(probs, routing_map, table, replica)
 

@@ -64,9 +64,8 @@ class LayerRoutingStats:
     folded_metrics: Dict[str, float] = field(default_factory=dict)
     folded_loads: Optional[torch.Tensor] = None
     folded_counts: Dict[str, int] = field(default_factory=dict)
-    # Under a placement (adapters/placement.py): the layer's LayerLayout; each
-    # call's global per-slot loads [S] are kept beside its expert loads.
-    layout: Any = None
+    # Under a placement (adapters/placement.py) each call's global per-slot
+    # loads [S] are kept beside its expert loads.
     _slot_loads: List[torch.Tensor] = field(default_factory=list)
 
     def record_decision(self, decision, slot_loads: Optional[torch.Tensor] = None) -> None:
@@ -88,10 +87,6 @@ class LayerRoutingStats:
         self.pending.append((loads.clone(), counts, slots.clone()))
         if len(self.pending) >= self.max_records:
             self.flush()
-
-    def set_layout(self, layout: Any) -> None:
-        """Note the layer's current layout (each call's slot loads are recorded with it)."""
-        self.layout = layout if layout is not None and layout.placed else None
 
     def slot_loads(self) -> List[torch.Tensor]:
         """Per-call physical slot loads ``[S]``, aligned with :attr:`global_loads` (the expert loads where

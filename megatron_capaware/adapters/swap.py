@@ -123,7 +123,6 @@ def install_in_layer(layer: Any, capaware: CapawareConfig) -> LayerRoutingStats:
         duplication=copies,
         load_group=load_group,
     )
-    stats.set_layout(layout)
     router.capaware_installed = True
     router.capaware_load_group = load_group
     router.capaware_local_experts = local_experts
