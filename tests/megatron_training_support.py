@@ -69,3 +69,15 @@ def run_cli(args: List[str], *, timeout: float = 240, env: Optional[Dict[str, st
 def torchrun() -> List[str]:
     """``torchrun`` of this interpreter."""
     return [sys.executable, "-m", "torch.distributed.run"]
+
+
+def megatron_lm_checkout(purpose: str) -> Path:
+    """``$MEGATRON_LM_DIR`` (a Megatron-LM clone), or skip saying what it is needed for."""
+    value = os.environ.get("MEGATRON_LM_DIR")
+    if not value:
+        pytest.skip("MEGATRON_LM_DIR is not set: point it at a Megatron-LM clone "
+                    f"(git clone https://github.com/NVIDIA/Megatron-LM) to {purpose}")
+    path = Path(value)
+    if not path.exists():
+        pytest.fail(f"MEGATRON_LM_DIR={value} does not exist")
+    return path

@@ -40,7 +40,7 @@ import torch
 
 from megatron_capaware._compat.launcher import free_port, run_distributed
 from tests.cli_workers import make_tiny_checkpoint
-from tests.megatron_training_support import ROOT, needs_megatron_training, subprocess_env
+from tests.megatron_training_support import ROOT, megatron_lm_checkout, needs_megatron_training, subprocess_env
 from tests.test_patches import PATCHES, REFS, patch_tag, patched_files
 
 pytestmark = needs_megatron_training
@@ -61,14 +61,7 @@ def _need_modules(*names: str) -> None:
 
 @pytest.fixture(scope="module")
 def megatron_lm_dir() -> Path:
-    value = os.environ.get("MEGATRON_LM_DIR")
-    if not value:
-        pytest.skip("MEGATRON_LM_DIR is not set: point it at a Megatron-LM clone "
-                    "(git clone https://github.com/NVIDIA/Megatron-LM) to run its scripts")
-    path = Path(value)
-    if not path.exists():
-        pytest.fail(f"MEGATRON_LM_DIR={value} does not exist")
-    return path
+    return megatron_lm_checkout("run its scripts")
 
 
 _TREES: Dict[str, Path] = {}

@@ -12,7 +12,6 @@ without the ref, those checks are skipped, saying so.
 
 from __future__ import annotations
 
-import os
 import py_compile
 import re
 import shutil
@@ -23,7 +22,7 @@ from typing import List, Optional
 import pytest
 
 from megatron_capaware import megatron_lm
-from tests.megatron_training_support import ROOT
+from tests.megatron_training_support import ROOT, megatron_lm_checkout
 
 PATCHES = sorted((ROOT / "patches").glob("*.patch"))
 SCRIPTS = {
@@ -81,13 +80,7 @@ def _git(args: List[str], cwd: Optional[Path] = None) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def megatron_lm_dir() -> Path:
-    value = os.environ.get("MEGATRON_LM_DIR")
-    if not value:
-        pytest.skip("MEGATRON_LM_DIR is not set: point it at a Megatron-LM checkout "
-                    "(git clone https://github.com/NVIDIA/Megatron-LM) to check the patches apply")
-    path = Path(value)
-    if not path.exists():
-        pytest.fail(f"MEGATRON_LM_DIR={value} does not exist")
+    path = megatron_lm_checkout("check the patches apply")
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     return path
