@@ -7,6 +7,8 @@ raises :class:`CapawareConfigError` with what is wrong and how to fix it.
 
 from __future__ import annotations
 
+from megatron_capaware.errors import CapawareConfigError  # noqa: F401 (defined there; re-exported)
+
 import dataclasses
 import json
 import math
@@ -24,9 +26,6 @@ SCOPES = ("global", "local")
 CALIBRATION_FORMAT = "capaware-laser-calibration/1"
 MAX_GAMMA = 1e6  # beyond this a capacity factor is a typo, not a setting
 
-
-class CapawareConfigError(ValueError):
-    """An invalid router configuration; the message says what is wrong and how to fix it."""
 
 
 @dataclass

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+from megatron_capaware.errors import CapawareError, UserInputError  # noqa: F401 (UserInputError re-exported)
+
 import argparse
 import logging
 import os
@@ -34,26 +36,10 @@ USER_ERROR_EXIT = 2
 
 
 
-class UserInputError(ValueError):
-    """A mistake in what the user gave (a path, a size, a file's contents); the message says the fix."""
-
 
 def user_error_types() -> Tuple[Type[BaseException], ...]:
-    """The exception types that mean the user's input is wrong (not a bug)."""
-    from megatron_capaware.config import CapawareConfigError
-    from megatron_capaware.placement.planner import PlacementError
-    from megatron_capaware.policies.common import RoutingInputError
-    from megatron_capaware.tools.text_data import TokenizerError
-
-    types: List[Type[BaseException]] = [UserInputError, CapawareConfigError, RoutingInputError, TokenizerError,
-                                        PlacementError]
-    try:  # imports the model builder (no Megatron import at module level)
-        from megatron_capaware.models.checkpoint import CheckpointError
-
-        types.append(CheckpointError)
-    except ImportError:  # pragma: no cover - part of the package
-        pass
-    return tuple(types)
+    """The exception types that mean the user's input is wrong (not a bug): :class:`CapawareError`."""
+    return (CapawareError,)
 
 
 def add_cli_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

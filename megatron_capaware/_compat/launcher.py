@@ -20,6 +20,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.multiprocessing as mp
 
+from megatron_capaware.errors import CapawareError
+
 
 class DistributedRunError(RuntimeError):
     """A rank raised, died, or the run exceeded its time limit."""
@@ -59,9 +61,7 @@ def _worker(
         torch.save(out, buffer)
         results.put((rank, "ok", buffer.getvalue()))
     except BaseException as err:  # report everything, including SystemExit
-        from megatron_capaware._compat.cli import user_error_types
-
-        if isinstance(err, user_error_types()):
+        if isinstance(err, CapawareError):
             # The user's mistake: the parent re-raises it as one line (cli.run_cli).
             results.put((rank, "user-error", pickle.dumps(err)))
         else:
@@ -94,7 +94,7 @@ def run_distributed(
     Raises:
         DistributedRunError: with every failing rank's traceback, or the list
             of ranks still running when ``timeout_s`` passed.
-        A user-input error (:func:`megatron_capaware._compat.cli.user_error_types`)
+        A user-input error (:class:`~megatron_capaware.errors.CapawareError`)
         raised on a rank: re-raised here, the lowest such rank's, its message
         naming the rank.
     """

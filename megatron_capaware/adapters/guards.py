@@ -27,6 +27,8 @@ clear error on every rank, at once:
 
 from __future__ import annotations
 
+from megatron_capaware.errors import RoutingCollectiveError  # noqa: F401 (defined there; re-exported)
+
 import hashlib
 import json
 import os
@@ -42,9 +44,6 @@ from megatron_capaware.policies.collectives import LoadGroup, all_gather_stack, 
 
 # ----------------------------------------------------------------------------- failed collectives
 
-
-class RoutingCollectiveError(RuntimeError):
-    """A routing collective failed on this rank: another rank crashed, hung or raised."""
 
 
 def _is_distributed_failure(err: BaseException) -> bool:

@@ -8,6 +8,8 @@ megatron-core 0.19.2 declares Python >= 3.12 and uses ``typing.override``; on 3.
 
 from __future__ import annotations
 
+from megatron_capaware.errors import MegatronTrainingUnavailable  # noqa: F401 (defined there; re-exported)
+
 import os
 import sys
 import typing
@@ -22,9 +24,6 @@ INSTALL_HINT = (
     "Megatron-LM checkout first on PYTHONPATH"
 )
 
-
-class MegatronTrainingUnavailable(ImportError):
-    """``megatron.training`` cannot be imported; the message says how to get it."""
 
 
 def ensure_python_compat() -> None:

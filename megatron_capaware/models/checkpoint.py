@@ -16,6 +16,8 @@ into a capaware model and back unchanged.
 
 from __future__ import annotations
 
+from megatron_capaware.errors import CheckpointError  # noqa: F401 (defined there; re-exported)
+
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -30,9 +32,6 @@ TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RELEASE_DIR = "release"
 TOKENIZER_DIR = "tokenizer"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, malformed, or does not match the model."""
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -19,15 +19,14 @@ Each replica is assumed to take an equal share of its expert's load
 
 from __future__ import annotations
 
+from megatron_capaware.errors import PlacementError  # noqa: F401 (defined there; re-exported)
+
 import itertools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
 
-
-class PlacementError(ValueError):
-    """A placement or its inputs are invalid; the message names the field and the fix."""
 
 
 @dataclass(frozen=True)

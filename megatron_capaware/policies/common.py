@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from megatron_capaware.errors import RoutingInputError  # noqa: F401 (defined there; re-exported)
+
 import math
 import numbers
 import os
@@ -14,9 +16,6 @@ REROUTE_POLICIES = ("score", "load")
 CAPACITY_UNITS = ("expert", "rank")
 LASER_LOADS = ("expert", "rank")  # what LASER's least-loaded choice compares
 
-
-class RoutingInputError(ValueError):
-    """Bad input to a routing policy; the message says what is wrong and how to fix it."""
 
 
 def check_scores(scores: torch.Tensor, k: int, *, check_values: bool = True) -> None:

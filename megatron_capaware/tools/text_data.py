@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+from megatron_capaware.errors import TokenizerError  # noqa: F401 (defined there; re-exported)
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
 import torch
 
-
-class TokenizerError(ValueError):
-    """No usable tokenizer for a checkpoint."""
 
 
 @dataclass

@@ -40,6 +40,8 @@ tensors all raise :class:`ConversionError` naming what is wrong.
 
 from __future__ import annotations
 
+from megatron_capaware.errors import ConversionError  # noqa: F401 (defined there; re-exported)
+
 import argparse
 import json
 import os
@@ -79,9 +81,6 @@ _IGNORABLE = (re.compile(r"\.rotary_emb\.inv_freq$"),)
 
 HF_CONFIG_COPY = "hf_config.json"
 
-
-class ConversionError(ValueError):
-    """The Hugging Face checkpoint is malformed, or uses something this converter cannot express exactly."""
 
 
 # --------------------------------------------------------------------------- config
