@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
 from megatron_capaware.policies.common import CAPACITY_UNITS, DROP_POLICIES, LASER_LOADS, REROUTE_POLICIES
+from megatron_capaware.registry import CAPACITY_REROUTE, LASER, SCOPES, TOPK, router_names, router_type
 
+#: Every registered router type (megatron_capaware.registry), in table order.
+ROUTER_TYPES = router_names()
 #: The routers that take --capaware-capacity-unit rank.
-RANK_UNIT_ROUTERS = ("capacity-drop", "capacity-reroute")
-
-ROUTER_TYPES = ("topk", "capacity-drop", "capacity-reroute", "expanded-drop", "laser")
-SCOPES = ("global", "local")
+RANK_UNIT_ROUTERS = router_names(rank_unit=True)
 CALIBRATION_FORMAT = "capaware-laser-calibration/1"
 MAX_GAMMA = 1e6  # beyond this a capacity factor is a typo, not a setting
 
@@ -93,7 +93,7 @@ class CapawareConfig:
         layer_params: per-layer LASER knobs (from the calibration file).
     """
 
-    router_type: str = "topk"
+    router_type: str = TOPK
     gamma: float = 1.25
     drop_policy: str = "score"
     renormalize: bool = False
@@ -121,7 +121,7 @@ class CapawareConfig:
 
     @property
     def uses_capacity(self) -> bool:
-        return self.router_type in ("capacity-drop", "capacity-reroute", "expanded-drop")
+        return router_type(self.router_type).capacity
 
     def validate(
         self,
@@ -157,7 +157,7 @@ class CapawareConfig:
             )
         if self.laser_load not in LASER_LOADS:
             raise CapawareConfigError(f"LASER load {self.laser_load!r} must be one of {', '.join(LASER_LOADS)}")
-        if self.laser_load != "expert" and self.router_type != "laser":
+        if self.laser_load != "expert" and self.router_type != LASER:
             raise CapawareConfigError(
                 f"laser_load={self.laser_load!r} is a LASER option, not one of {self.router_type}; use "
                 "--moe-router-type laser, or leave --capaware-laser-load at expert"
@@ -207,18 +207,18 @@ class CapawareConfig:
 
     def describe(self) -> str:
         """A short label for tables: ``capacity-drop(gamma=1.25)``, ``laser(cal)``..."""
-        if self.router_type == "topk":
-            return "topk"
-        if self.router_type == "laser":
+        if router_type(self.router_type).is_vanilla:
+            return self.router_type
+        if self.router_type == LASER:
             if self.layer_params:
                 return "laser(calibrated,load=rank)" if self.laser_load == "rank" else "laser(calibrated)"
             load = ",load=rank" if self.laser_load == "rank" else ""
             return (f"laser(eps={self.laser_eps_high:g},t_fix={self.laser_t_fix:g},pool={self.laser_pool or '2k'}"
                     f"{load})")
         extra = ""
-        if self.drop_policy != "score" and self.router_type in ("capacity-drop", "capacity-reroute"):
+        if self.drop_policy != "score" and router_type(self.router_type).drop_policies:
             extra += f",drop={self.drop_policy}"
-        if self.router_type == "capacity-reroute":
+        if self.router_type == CAPACITY_REROUTE:
             extra += f",rounds={self.reroute_rounds}"
             if self.reroute_min_ratio:
                 extra += f",rho={self.reroute_min_ratio:g}"

@@ -15,13 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
-from megatron_capaware.config import CapawareConfigError
+from megatron_capaware.errors import CapawareConfigError
+from megatron_capaware.registry import router_names
 
 #: What a row receives: ``get(field)`` -> the value, None when absent.
 Getter = Callable[[str], Any]
 
-CAPACITY_ROUTERS = ("capacity-drop", "capacity-reroute", "expanded-drop")
-NON_TOPK = CAPACITY_ROUTERS + ("laser",)
+CAPACITY_ROUTERS = router_names(capacity=True)
+NON_TOPK = router_names(is_vanilla=False)
 SUPPORTED_DISPATCHERS = ("alltoall", "allgather")
 SUPPORTED_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 REPLACING_BALANCERS = ("sinkhorn", "quantile_balancing")
@@ -143,7 +144,7 @@ REFUSALS: Tuple[Refusal, ...] = (
         ),
     ),
     Refusal(
-        "--tensor-model-parallel-size without --sequence-parallel", ("expanded-drop",),
+        "--tensor-model-parallel-size without --sequence-parallel", router_names(token_copies=False),
         lambda get: (get("tensor_model_parallel_size") or 1) > 1 and not get("sequence_parallel"),
         lambda name, get: (
             f"{name} with --tensor-model-parallel-size > 1 needs --sequence-parallel: without it the "
@@ -151,7 +152,7 @@ REFUSALS: Tuple[Refusal, ...] = (
         ),
     ),
     Refusal(
-        "--moe-router-num-groups / --moe-router-group-topk", ("laser",),
+        "--moe-router-num-groups / --moe-router-group-topk", router_names(group_limited=False),
         lambda get: bool(get("moe_router_num_groups") or get("moe_router_group_topk")),
         lambda name, get: (
             f"{name} does not support group-limited routing (--moe-router-num-groups / "
@@ -159,7 +160,7 @@ REFUSALS: Tuple[Refusal, ...] = (
         ),
     ),
     Refusal(
-        "--moe-router-enable-expert-bias", ("laser",),
+        "--moe-router-enable-expert-bias", router_names(expert_bias=False),
         lambda get: bool(get("moe_router_enable_expert_bias")),
         lambda name, get: (
             f"{name} does not support --moe-router-enable-expert-bias: its confident tokens must take "

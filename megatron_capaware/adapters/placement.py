@@ -43,11 +43,12 @@ import torch
 from megatron_capaware.placement.plan_file import PlacementPlan
 from megatron_capaware.placement.planner import PlacementError, contiguous_slots
 from megatron_capaware.placement.replicas import REPLICA_POLICIES, SlotTable, slot_table
+from megatron_capaware.registry import router_names
 from megatron_capaware.policies.collectives import all_gather_objects, all_to_all_rows, group_rank, group_size
 
 
 #: Router types that run under a plan with replicas.
-SLOT_ROUTERS = ("topk", "capacity-drop", "capacity-reroute", "expanded-drop")
+SLOT_ROUTERS = router_names(replicas=True)
 
 
 @dataclass
@@ -216,7 +217,7 @@ def check_router_for_slots(capaware: Any, num_slots: int, num_experts: int) -> N
         raise PlacementError(
             f"--moe-router-type {capaware.router_type} with a placement that has {num_slots - num_experts} "
             "redundant experts is not supported yet (replica-aware candidate pools): use a plan made with "
-            "--redundant-experts 0, or topk / capacity-drop / capacity-reroute / expanded-drop with this plan"
+            f"--redundant-experts 0, or {' / '.join(SLOT_ROUTERS)} with this plan"
         )
 
 

@@ -22,6 +22,7 @@ import torch
 from megatron_capaware import policies
 from megatron_capaware.config import CapawareConfig, CapawareConfigError
 from megatron_capaware.refusals import raise_if_refused
+from megatron_capaware.registry import CAPACITY_DROP, CAPACITY_REROUTE, EXPANDED_DROP, LASER, router_type
 
 from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 from megatron.core.transformer.moe.router import TopKRouter
@@ -167,7 +168,7 @@ class CapawareRouter(TopKRouter):
         """
         layout = self.capaware_layout
         return (layout is not None and layout.table.num_slots > layout.table.num_experts
-                and self.capaware.router_type in ("capacity-drop", "capacity-reroute", "expanded-drop"))
+                and router_type(self.capaware.router_type).capacity)
 
     def _slot_allowed(self, allowed: Optional[torch.Tensor], logical: torch.Tensor, slots: torch.Tensor
                       ) -> torch.Tensor:
@@ -186,7 +187,7 @@ class CapawareRouter(TopKRouter):
         count = table.replica_count  # [E]
         index = group_rank(self.capaware_load_group) * num_tokens + torch.arange(num_tokens, device=device)
         replica = index.unsqueeze(1) % count  # [T, E] round-robin
-        if self.capaware.router_type == "expanded-drop":  # it adds this rank's slots (refused with TP copies,
+        if self.capaware.router_type == EXPANDED_DROP:  # it adds this rank's slots (refused with TP copies,
             # whose ranks differ: reroute must not depend on the rank, so TP copies decide alike)
             local = self._local_replica(device)  # [E]: this rank's replica index of each expert, -1: none
             replica = torch.where(local >= 0, local, replica)
@@ -249,7 +250,7 @@ class CapawareRouter(TopKRouter):
 
     def _capaware_routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         capaware = self.capaware
-        if capaware.router_type == "topk":
+        if router_type(capaware.router_type).is_vanilla:
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
             if self.capaware_score_hook is not None:
                 self.capaware_score_hook(self._scores(logits.reshape(-1, self.config.num_moe_experts)))
@@ -273,8 +274,8 @@ class CapawareRouter(TopKRouter):
         vanilla_top, indices, scores = self._vanilla_topk(logits)  # [T, k], [T, k], [T, E]
         # Only the routers that add experts need the group mask (drop and LASER only keep or
         # reorder within Megatron's choice; LASER refuses group-limited routing).
-        allowed = self._selected_groups(logits, indices) if capaware.router_type in (
-            "capacity-reroute", "expanded-drop") else None  # [T, E] or None
+        allowed = self._selected_groups(logits, indices) if router_type(capaware.router_type).adds_experts \
+            else None  # [T, E] or None
         valid_tokens = None
         if padding_mask is not None:
             valid_tokens = ~padding_mask.reshape(-1).to(device=scores.device, dtype=torch.bool)
@@ -294,7 +295,7 @@ class CapawareRouter(TopKRouter):
         if self._decides_on_slots():
             logical = indices
             indices, scores = self._slot_choice(scores, indices)  # [T, k] slots, [T, S]
-            if capaware.router_type != "capacity-drop":
+            if router_type(capaware.router_type).adds_experts:
                 allowed = self._slot_allowed(allowed, logical, indices)  # [T, S]
         decision = self._decide(scores, indices, valid_tokens, allowed)
         scaling = self.config.moe_router_topk_scaling_factor or 1.0
@@ -417,7 +418,7 @@ class CapawareRouter(TopKRouter):
         common = dict(normalize=normalize, renormalize=capaware.renormalize, group=group,
                       check_values=False, topk_indices=indices,  # checked in routing()
                       weights=capaware.renormalize, return_decision=True, valid_tokens=valid_tokens)
-        if capaware.router_type == "laser":
+        if capaware.router_type == LASER:
             params = capaware.laser_params(self.layer_number, k)
             if capaware.laser_load == "rank":  # the rank loads follow the EP layout (a placement's, when placed)
                 common.update(load="rank", expert_ranks=self._expert_ranks(scores.device),
@@ -426,21 +427,21 @@ class CapawareRouter(TopKRouter):
                 scores, k, params.eps_high, params.t_fix, params.pool,
                 waves=capaware.laser_waves, rounds=capaware.laser_rounds, **common,
             )
-        if capaware.capacity_unit == "rank" and capaware.router_type in ("capacity-drop", "capacity-reroute"):
+        if capaware.capacity_unit == "rank" and router_type(capaware.router_type).rank_unit:
             # The EP rank of each expert (contiguous, or the placement's with R = 0).
             common.update(unit="rank", expert_ranks=self._expert_ranks(scores.device),
                           num_ranks=self.config.expert_model_parallel_size)
-        if capaware.router_type == "capacity-drop":
+        if capaware.router_type == CAPACITY_DROP:
             return policies.capacity_drop(
                 scores, k, capaware.gamma, policy=capaware.drop_policy, seed=capaware.seed, **common,
             )
-        if capaware.router_type == "capacity-reroute":
+        if capaware.router_type == CAPACITY_REROUTE:
             return policies.capacity_reroute(
                 scores, k, capaware.gamma, rounds=capaware.reroute_rounds,
                 policy=capaware.reroute_policy, min_ratio=capaware.reroute_min_ratio,
                 drop_policy=capaware.drop_policy, seed=capaware.seed, allowed=allowed, **common,
             )
-        if capaware.router_type == "expanded-drop":
+        if capaware.router_type == EXPANDED_DROP:
             if self.capaware_local_experts is None:
                 raise CapawareConfigError(
                     "expanded-drop needs the experts of this rank: install the router in an MoE "

@@ -38,65 +38,24 @@ import math
 import os
 from typing import Any, Callable, Dict, List, Optional
 
-from megatron_capaware.refusals import raise_if_refused
-from megatron_capaware.policies.common import CAPACITY_UNITS, LASER_LOADS
+from megatron_capaware.config import ROUTER_TYPES, CapawareConfig, CapawareConfigError
 from megatron_capaware.placement.replicas import REPLICA_POLICIES
-from megatron_capaware.config import (
-    DROP_POLICIES,
-    REROUTE_POLICIES,
-    ROUTER_TYPES,
-    SCOPES,
-    CapawareConfig,
-    CapawareConfigError,
-)
+from megatron_capaware.refusals import raise_if_refused
+from megatron_capaware.registry import KNOBS, ROUTER_TYPES as REGISTERED, TOPK, Knob
 
 GROUP_TITLE = "capaware routing (megatron-capaware)"
 _MARK = "_capaware_args_added"
 _RESOLVED = "_capaware_resolved"
 
-#: Documented defaults of the flags whose argparse default is None (so that
-#: an explicit value can be told from the default when checking combinations).
-DEFAULTS: Dict[str, Any] = {
-    "capaware_gamma": 1.25,
-    "capaware_drop_policy": "score",
-    "capaware_renormalize": False,
-    "capaware_scope": "global",
-    "capaware_reroute_rounds": 1,
-    "capaware_reroute_policy": "score",
-    "capaware_reroute_min_ratio": 0.0,
-    "capaware_laser_eps_high": 0.6,
-    "capaware_laser_t_fix": 0.5,
-    "capaware_laser_pool": None,  # 2 x top-k
-    "capaware_laser_calibration": None,
-    "capaware_laser_waves": 8,
-    "capaware_laser_rounds": 1,
-    "capaware_laser_load": "expert",
-    "capaware_seed": 0,
-    "capaware_capacity_unit": "expert",
-}
+#: Documented defaults of the knob flags, whose argparse default is None (so that an explicit
+#: value can be told from the default when checking combinations): from the registry.
+DEFAULTS: Dict[str, Any] = {knob.dest: knob.default for knob in KNOBS}
 
 #: Flags of the placement runtime (any router type).
 PLACEMENT_FLAGS = ["--capaware-placement", "--capaware-replica-policy"]
 
 #: Which router types read each knob (a knob given with another router type is an error).
-KNOB_ROUTERS: Dict[str, tuple] = {
-    "capaware_gamma": ("capacity-drop", "capacity-reroute", "expanded-drop"),
-    "capaware_drop_policy": ("capacity-drop", "capacity-reroute"),
-    "capaware_renormalize": ("capacity-drop", "capacity-reroute", "expanded-drop", "laser"),
-    "capaware_scope": ("capacity-drop", "capacity-reroute", "expanded-drop", "laser"),
-    "capaware_reroute_rounds": ("capacity-reroute",),
-    "capaware_reroute_policy": ("capacity-reroute",),
-    "capaware_reroute_min_ratio": ("capacity-reroute",),
-    "capaware_laser_eps_high": ("laser",),
-    "capaware_laser_t_fix": ("laser",),
-    "capaware_laser_pool": ("laser",),
-    "capaware_laser_calibration": ("laser",),
-    "capaware_laser_waves": ("laser",),
-    "capaware_laser_rounds": ("laser",),
-    "capaware_laser_load": ("laser",),
-    "capaware_seed": ("capacity-drop", "capacity-reroute"),
-    "capaware_capacity_unit": ("capacity-drop", "capacity-reroute"),
-}
+KNOB_ROUTERS: Dict[str, tuple] = {knob.dest: knob.routers for knob in KNOBS}
 
 #: Megatron's --moe-token-drop-policy values and the capaware policy each means.
 MEGATRON_DROP_POLICY = {"probs": "score", "position": "position"}
@@ -160,6 +119,31 @@ def _existing_file(text: str) -> str:
     return text
 
 
+_CHECKS: Dict[str, Callable[[str], Any]] = {
+    "positive": _positive_float,
+    "nonnegative": _nonnegative_float,
+    "unit": _unit_float,
+    "int>=0": _int_at_least(0),
+    "int>=1": _int_at_least(1),
+    "file": _existing_file,
+}
+
+
+def _add_knob_flag(group: Any, knob: Knob) -> None:
+    """One ``--capaware-*`` flag from its registry entry (argparse default None: see :data:`DEFAULTS`)."""
+    users = " / ".join(knob.routers)
+    text = f"({users}) {knob.help}"
+    if knob.default is not None and "Default:" not in knob.help:
+        text += f" Default: {knob.default}."
+    if knob.kind == "bool":
+        group.add_argument(knob.flag, action="store_true", default=None, help=text)
+    elif knob.choices is not None:
+        group.add_argument(knob.flag, choices=knob.choices, default=None, help=text)
+    else:
+        kind = _CHECKS.get(knob.check or "") or {"int": int, "float": float}.get(knob.kind, str)
+        group.add_argument(knob.flag, type=kind, default=None, metavar=knob.metavar, help=text)
+
+
 def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--moe-router-type`` and the ``--capaware-*`` flags; returns ``parser``.
 
@@ -187,109 +171,12 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "expert-parallel group unless --capaware-scope local.",
     )
     group.add_argument(
-        "--moe-router-type", choices=ROUTER_TYPES, default="topk",
-        help="MoE routing decision at inference. topk: Megatron's own routing, unchanged "
-        "(also keeps Megatron's --moe-expert-capacity-factor dropping); capacity-drop: each "
-        "expert keeps at most C = ceil(gamma x T x k / E) assignments, its highest-scoring "
-        "ones; capacity-reroute: overflow goes to experts with spare capacity; expanded-drop: "
-        "top-k plus the token's own EP rank's experts, then the capacity rule; laser: top-k "
-        "for confident tokens, the least-loaded good-enough experts for the others. "
-        "Default: topk.",
+        "--moe-router-type", choices=ROUTER_TYPES, default=TOPK,
+        help="MoE routing decision at inference. " + "; ".join(
+            f"{entry.name}: {entry.summary}" for entry in REGISTERED.values()) + f". Default: {TOPK}.",
     )
-    group.add_argument(
-        "--capaware-gamma", type=_positive_float, default=None, metavar="GAMMA",
-        help="Capacity factor gamma > 0 of capacity-drop, capacity-reroute and expanded-drop: "
-        "an expert processes at most C = ceil(gamma x T x k / E) assignments per layer and "
-        "forward call (T tokens, k = --moe-router-topk, E = --num-experts); 1.0 caps every "
-        "expert at the mean load. Replaces Megatron's --moe-expert-capacity-factor. "
-        f"Default: {DEFAULTS['capaware_gamma']}.",
-    )
-    group.add_argument(
-        "--capaware-drop-policy", choices=DROP_POLICIES, default=None,
-        help="Which assignments an overloaded expert keeps (capacity-drop, capacity-reroute): "
-        "score (highest router score), weight (largest share of the token's top-k mass: "
-        "first choices before second choices), position (earliest tokens), random (seeded by "
-        "--capaware-seed). Default: follows Megatron's --moe-token-drop-policy (probs -> "
-        "score, position -> position), i.e. score.",
-    )
-    group.add_argument(
-        "--capaware-capacity-unit", choices=CAPACITY_UNITS, default=None,
-        help="What the capacity caps (capacity-drop, capacity-reroute): expert (each expert keeps "
-        "at most C, the papers') or rank (each EP rank keeps at most ceil(gamma * T * k / EP) "
-        "assignments over its experts: the cap on what sets the layer's latency; reroute then "
-        "offers dropped assignments to experts on ranks with room). Default: expert.",
-    )
-    group.add_argument(
-        "--capaware-renormalize", action="store_true", default=None,
-        help="Rescale each token's surviving expert weights to sum to 1 after drops or "
-        "reroutes. Default: off (kept weights equal vanilla top-k's exactly).",
-    )
-    group.add_argument(
-        "--capaware-scope", choices=SCOPES, default=None,
-        help="global: loads and capacity over the whole expert-parallel group (exact: no "
-        "expert receives more than C after dispatch); local: each rank's own tokens, the "
-        "papers' and Megatron's per-rank semantics. Default: global.",
-    )
-    group.add_argument(
-        "--capaware-reroute-rounds", type=_int_at_least(0), default=None, metavar="N",
-        help="capacity-reroute: rounds of rerouting dropped assignments to experts with spare "
-        "capacity; what is still unplaced is dropped (0 = capacity-drop). Default: 1.",
-    )
-    group.add_argument(
-        "--capaware-reroute-policy", choices=REROUTE_POLICIES, default=None,
-        help="capacity-reroute: order in which a dropped assignment tries other experts: "
-        "score (router score, descending; the paper's) or load (least loaded first). "
-        "Default: score.",
-    )
-    group.add_argument(
-        "--capaware-reroute-min-ratio", type=_nonnegative_float, default=None, metavar="RHO",
-        help="capacity-reroute quality guard: reroute only to an expert whose score is at "
-        "least RHO x the dropped assignment's score (a ratio, >= 0; 0 = always reroute). "
-        "Default: 0.",
-    )
-    group.add_argument(
-        "--capaware-laser-eps-high", type=_nonnegative_float, default=None, metavar="EPS",
-        help="laser: a token whose top-k score mass is >= EPS keeps its top-k (a probability "
-        "mass in [0, 1] for softmax routers, [0, k] for sigmoid; 0 = always top-k). Same for "
-        "every layer unless --capaware-laser-calibration. Default: 0.6.",
-    )
-    group.add_argument(
-        "--capaware-laser-t-fix", type=_unit_float, default=None, metavar="T",
-        help="laser: a flexible token's candidate pool holds the experts scoring >= T x its "
-        "best score (a ratio in (0, 1]). Default: 0.5.",
-    )
-    group.add_argument(
-        "--capaware-laser-pool", type=_int_at_least(1), default=None, metavar="C",
-        help="laser: at most C candidate experts per flexible token (an expert count >= "
-        "--moe-router-topk; C = k reproduces top-k). Default: 2 x --moe-router-topk.",
-    )
-    group.add_argument(
-        "--capaware-laser-calibration", type=_existing_file, default=None, metavar="FILE",
-        help="laser: per-layer eps_high / t_fix / pool from a calibration file written by "
-        "capaware-calibrate (JSON); replaces --capaware-laser-eps-high/-t-fix/-pool. "
-        "Default: none.",
-    )
-    group.add_argument(
-        "--capaware-laser-waves", type=_int_at_least(1), default=None, metavar="N",
-        help="laser: flexible tokens are placed in N waves, loads updated between waves "
-        "(more = closer to one-at-a-time placement, slower). Default: 8.",
-    )
-    group.add_argument(
-        "--capaware-laser-rounds", type=_int_at_least(0), default=None, metavar="N",
-        help="laser: repair rounds after the waves. Default: 1.",
-    )
-    group.add_argument(
-        "--capaware-laser-load", choices=LASER_LOADS, default=None,
-        help="laser: what a flexible token's least-loaded choice compares: expert (each "
-        "candidate expert's own load) or rank (the load of the candidate's EP rank, summed over "
-        "its experts, global over the EP group), so LASER moves work between ranks. Default: "
-        "expert.",
-    )
-    group.add_argument(
-        "--capaware-seed", type=_int_at_least(0), default=None, metavar="SEED",
-        help="Seed of --capaware-drop-policy random (independent of Megatron's --seed). "
-        "Default: 0.",
-    )
+    for knob in KNOBS:
+        _add_knob_flag(group, knob)
     group.add_argument(
         "--capaware-stats-output", type=str, default=None, metavar="PATH",
         help="Write per-layer expert-load statistics (imbalance max/mean load per expert and "
@@ -355,7 +242,7 @@ def resolve_args(args: Any) -> Any:
     if getattr(args, _RESOLVED, False):
         return args
     add_megatron_lm_aliases(args)
-    router = getattr(args, "moe_router_type", "topk") or "topk"
+    router = getattr(args, "moe_router_type", TOPK) or TOPK
     if router not in ROUTER_TYPES:
         raise CapawareConfigError(
             f"--moe-router-type {router!r} is unknown; choose from {', '.join(ROUTER_TYPES)}"
@@ -406,9 +293,9 @@ def _resolve_placement(args: Any, cfg: CapawareConfig) -> None:
         if ep and int(ep) != plan.ep:
             raise PlacementError(f"the placement plan is for EP {plan.ep}, --expert-model-parallel-size is {ep}: "
                                  f"run capaware-plan --ep {ep}")
-        if plan.redundant and cfg.router_type == "laser":
+        if plan.redundant and not REGISTERED[cfg.router_type].replicas:
             raise PlacementError(
-                f"--moe-router-type laser with a placement that has {plan.redundant} redundant experts is not "
+                f"--moe-router-type {cfg.router_type} with a placement that has {plan.redundant} redundant experts is not "
                 "supported yet: use a plan made with --redundant-experts 0, or another router"
             )
     except PlacementError as err:
@@ -477,7 +364,7 @@ def _check_megatron(args: Any, router: str, given: set) -> None:
             )
     megatron_policy = getattr(args, "moe_token_drop_policy", None)
     mine = getattr(args, "capaware_drop_policy", None)
-    if router == "topk":
+    if REGISTERED[router].is_vanilla:
         return  # Megatron's routing, Megatron's flags: nothing to reconcile
     raise_if_refused(router, args)  # the same table the router applies at install
     if megatron_policy == "position" and mine is not None and mine != "position":
@@ -502,29 +389,15 @@ def config_from_args(args: Any) -> CapawareConfig:
         CapawareConfigError: invalid values.
     """
 
-    def get(dest: str) -> Any:
-        value = getattr(args, dest, None)
-        return DEFAULTS[dest] if value is None else value
-
-    return CapawareConfig(
-        router_type=getattr(args, "moe_router_type", None) or "topk",
-        gamma=float(get("capaware_gamma")),
-        drop_policy=_effective_drop_policy(args),
-        renormalize=bool(get("capaware_renormalize")),
-        scope=get("capaware_scope"),
-        reroute_rounds=int(get("capaware_reroute_rounds")),
-        reroute_policy=get("capaware_reroute_policy"),
-        reroute_min_ratio=float(get("capaware_reroute_min_ratio")),
-        laser_eps_high=float(get("capaware_laser_eps_high")),
-        laser_t_fix=float(get("capaware_laser_t_fix")),
-        laser_pool=get("capaware_laser_pool"),
-        laser_waves=int(get("capaware_laser_waves")),
-        laser_rounds=int(get("capaware_laser_rounds")),
-        laser_calibration=get("capaware_laser_calibration"),
-        laser_load=get("capaware_laser_load"),
-        seed=int(get("capaware_seed")),
-        capacity_unit=get("capaware_capacity_unit"),
-    )
+    values: Dict[str, Any] = {}
+    for knob in KNOBS:
+        value = getattr(args, knob.dest, None)
+        value = knob.default if value is None else value
+        if value is not None and knob.kind in ("int", "float", "bool"):
+            value = {"int": int, "float": float, "bool": bool}[knob.kind](value)
+        values[knob.field] = value
+    values["drop_policy"] = _effective_drop_policy(args)
+    return CapawareConfig(router_type=getattr(args, "moe_router_type", None) or TOPK, **values)
 
 
 def stats_requested(args: Any) -> bool:

@@ -10,33 +10,16 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from megatron_capaware.config import ROUTER_TYPES, CapawareConfig, CapawareConfigError
+from megatron_capaware.registry import CALIBRATED_FIELDS, KNOBS, KNOBS_BY_FIELD, Knob, knobs_for, spec_key
 
-# Short keys -> CapawareConfig fields (``policy`` depends on the router type).
-_KEYS: Dict[str, str] = {
-    "gamma": "gamma",
-    "scope": "scope",
-    "rounds": "reroute_rounds",
-    "min_ratio": "reroute_min_ratio",
-    "rho": "reroute_min_ratio",
-    "drop_policy": "drop_policy",
-    "renormalize": "renormalize",
-    "eps_high": "laser_eps_high",
-    "eps": "laser_eps_high",
-    "t_fix": "laser_t_fix",
-    "pool": "laser_pool",
-    "calibration": "laser_calibration",
-    "waves": "laser_waves",
-    "laser_rounds": "laser_rounds",
-    "seed": "seed",
-    "unit": "capacity_unit",
-    "load": "laser_load",
-}
-_INTS = {"reroute_rounds", "laser_pool", "laser_waves", "laser_rounds", "seed"}
-_FLOATS = {"gamma", "reroute_min_ratio", "laser_eps_high", "laser_t_fix"}
-_BOOLS = {"renormalize"}
+#: Every spec key (``policy`` depends on the router type: :func:`~megatron_capaware.registry.spec_key`).
+_KEYS = sorted({key for knob in KNOBS for key in knob.keys} | {"policy"})
+_INTS = {k.field for k in KNOBS if k.kind == "int"}
+_FLOATS = {k.field for k in KNOBS if k.kind == "float"}
+_BOOLS = {k.field for k in KNOBS if k.kind == "bool"}
 
 
 def _value(field: str, raw: str) -> Any:
@@ -73,14 +56,10 @@ def parse_router_spec(spec: str, **defaults: Any) -> List[CapawareConfig]:
         if not eq:
             raise CapawareConfigError(f"router setting {item!r} in {spec!r} must be KEY=VALUE")
         key = key.strip()
-        if key == "policy":
-            field = "reroute_policy" if router_type == "capacity-reroute" else "drop_policy"
-        elif key in _KEYS:
-            field = _KEYS[key]
-        else:
-            raise CapawareConfigError(
-                f"unknown key {key!r} in router setting {spec!r}; keys: policy, {', '.join(sorted(_KEYS))}"
-            )
+        knob = spec_key(key, router_type)
+        if knob is None:
+            raise CapawareConfigError(f"unknown key {key!r} in router setting {spec!r}; keys: {', '.join(_KEYS)}")
+        field = knob.field
         choices[field] = [_value(field, v.strip()) for v in raw.split("|")]
     fields = list(choices)
     configs = []
@@ -99,73 +78,51 @@ def parse_router_specs(specs: List[str], **defaults: Any) -> List[CapawareConfig
     return out
 
 
+def _shown(cfg: CapawareConfig, calibration: Any, what: str) -> List[Tuple[Knob, Any]]:
+    """The knobs of ``cfg``'s router type that its spec or flags spell out, with their values.
+
+    A knob is written when its router type always shows it (gamma, reroute rounds, LASER's
+    eps_high / t_fix) or its value is not the default; a calibration file replaces the
+    calibrated LASER knobs.
+    """
+    calibration = calibration if calibration is not None else cfg.laser_calibration
+    knobs = knobs_for(cfg.router_type)
+    if any(k.field == "laser_calibration" for k in knobs) and calibration is None and cfg.layer_params:
+        raise CapawareConfigError(f"per-layer LASER parameters need a calibration file to be written as {what}")
+    out: List[Tuple[Knob, Any]] = []
+    for knob in knobs:
+        value = calibration if knob.field == "laser_calibration" else getattr(cfg, knob.field)
+        if calibration is not None and knob.field in CALIBRATED_FIELDS:
+            continue
+        if cfg.router_type in knob.shown or (value is not None and value != knob.default):
+            out.append((knob, value))
+    return out
+
+
+def _text(knob: Knob, value: Any) -> str:
+    if knob.kind == "float":
+        return f"{value:g}"
+    if knob.kind == "bool":
+        return "true" if value else "false"
+    return str(value)
+
+
 def format_router_spec(cfg: CapawareConfig, calibration: Any = None) -> str:
     """The spec string of one configuration (the inverse of :func:`parse_router_spec`, defaults left out).
 
     ``calibration``: the file a LASER configuration's per-layer parameters were saved to (written as
     ``calibration=PATH``); per-layer parameters without a file cannot be written as a spec.
     """
-    parts: List[str] = []
-    if cfg.router_type == "laser":
-        if calibration is not None or cfg.laser_calibration:
-            parts.append(f"calibration={calibration or cfg.laser_calibration}")
-        elif cfg.layer_params:
-            raise CapawareConfigError("per-layer LASER parameters need a calibration file to be written as a spec")
-        else:
-            parts.append(f"eps_high={cfg.laser_eps_high:g}")
-            parts.append(f"t_fix={cfg.laser_t_fix:g}")
-            if cfg.laser_pool is not None:
-                parts.append(f"pool={cfg.laser_pool}")
-        if cfg.laser_load != "expert":
-            parts.append(f"load={cfg.laser_load}")
-    if cfg.uses_capacity:
-        parts.append(f"gamma={cfg.gamma:g}")
-    if cfg.router_type in ("capacity-drop", "capacity-reroute") and cfg.drop_policy != "score":
-        parts.append(f"drop_policy={cfg.drop_policy}")
-    if cfg.capacity_unit != "expert":
-        parts.append(f"unit={cfg.capacity_unit}")
-    if cfg.router_type == "capacity-reroute":
-        parts.append(f"rounds={cfg.reroute_rounds}")
-        if cfg.reroute_min_ratio:
-            parts.append(f"rho={cfg.reroute_min_ratio:g}")
-        if cfg.reroute_policy != "score":
-            parts.append(f"policy={cfg.reroute_policy}")
-    if cfg.router_type != "topk" and cfg.scope != "global":
-        parts.append(f"scope={cfg.scope}")
-    if cfg.router_type != "topk" and cfg.renormalize:
-        parts.append("renormalize=true")
+    parts = [f"{knob.keys[0]}={_text(knob, value)}" for knob, value in _shown(cfg, calibration, "a spec")]
     return cfg.router_type + (":" + ",".join(parts) if parts else "")
 
 
 def megatron_flags(cfg: CapawareConfig, calibration: Any = None) -> List[str]:
     """The Megatron command-line flags (``megatron_capaware.megatron_lm.arguments``) of one configuration."""
     flags = ["--moe-router-type", cfg.router_type]
-    if cfg.router_type == "laser":
-        if calibration is not None or cfg.laser_calibration:
-            flags += ["--capaware-laser-calibration", str(calibration or cfg.laser_calibration)]
-        elif cfg.layer_params:
-            raise CapawareConfigError("per-layer LASER parameters need a calibration file to be written as flags")
+    for knob, value in _shown(cfg, calibration, "flags"):
+        if knob.kind == "bool":
+            flags += [knob.flag] if value else []
         else:
-            flags += ["--capaware-laser-eps-high", f"{cfg.laser_eps_high:g}", "--capaware-laser-t-fix",
-                      f"{cfg.laser_t_fix:g}"]
-            if cfg.laser_pool is not None:
-                flags += ["--capaware-laser-pool", str(cfg.laser_pool)]
-        if cfg.laser_load != "expert":
-            flags += ["--capaware-laser-load", cfg.laser_load]
-    if cfg.uses_capacity:
-        flags += ["--capaware-gamma", f"{cfg.gamma:g}"]
-    if cfg.router_type in ("capacity-drop", "capacity-reroute") and cfg.drop_policy != "score":
-        flags += ["--capaware-drop-policy", cfg.drop_policy]
-    if cfg.capacity_unit != "expert":
-        flags += ["--capaware-capacity-unit", cfg.capacity_unit]
-    if cfg.router_type == "capacity-reroute":
-        flags += ["--capaware-reroute-rounds", str(cfg.reroute_rounds)]
-        if cfg.reroute_min_ratio:
-            flags += ["--capaware-reroute-min-ratio", f"{cfg.reroute_min_ratio:g}"]
-        if cfg.reroute_policy != "score":
-            flags += ["--capaware-reroute-policy", cfg.reroute_policy]
-    if cfg.router_type != "topk" and cfg.scope != "global":
-        flags += ["--capaware-scope", cfg.scope]
-    if cfg.router_type != "topk" and cfg.renormalize:
-        flags.append("--capaware-renormalize")
+            flags += [knob.flag, _text(knob, value)]
     return flags
