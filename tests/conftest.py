@@ -5,7 +5,12 @@ import os
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
+import megatron_capaware
 from megatron_capaware._compat.launcher import run_distributed
+
+# The tests' explicit switch: CPU stand-ins for Megatron-Core (no-op with CUDA). The library
+# changes nothing global on import (tests/test_structure.py).
+megatron_capaware.enable_cpu_support()
 
 # Property tests (tests/test_properties.py): CAPAWARE_HYPOTHESIS_PROFILE picks
 # how many cases. "ci" (default): a few thousand in all, derandomized so CI is

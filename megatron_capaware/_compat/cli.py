@@ -129,9 +129,12 @@ def run_cli(
     args = list(sys.argv[1:] if argv is None else argv)
     seen = args if own_flags else []
     quiet_megatron(verbose=_flag(seen, "--verbose", VERBOSE_ENV))
-    import torch
+    from megatron_capaware._compat.cpu_shims import apply_cpu_shims
 
-    if not torch.cuda.is_available():  # Megatron's jit_fuser (torch.compile) costs ~17 s a process on a CPU
+    # The console scripts' explicit switch: CPU stand-ins for Megatron-Core (no-op with CUDA).
+    if apply_cpu_shims() and argv is None:
+        # A process of its own (not a test calling main in-process): Megatron's jit_fuser
+        # (torch.compile) costs ~17 s a process on a CPU.
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     debug = _flag(seen, "--debug", DEBUG_ENV)
     try:

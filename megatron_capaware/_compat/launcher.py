@@ -53,6 +53,9 @@ def _worker(
     try:
         import torch
 
+        from megatron_capaware._compat.cpu_shims import apply_cpu_shims
+
+        apply_cpu_shims()  # the ranks' explicit switch (no-op with CUDA)
         torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
         out = fn(*args)
         # Bytes, not tensors: a tensor in a torch queue is a shared-memory handle

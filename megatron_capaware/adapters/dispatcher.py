@@ -14,25 +14,36 @@ Installed by changing the class of the dispatcher instance the layer built
 
 from __future__ import annotations
 
-from typing import Any, Dict, Type
+from typing import Any, Dict, List, Type
 
+import torch
 from megatron.core.transformer.moe.token_dispatcher import (
     MoEAllGatherTokenDispatcher,
     MoEAlltoAllTokenDispatcher,
 )
 
+from megatron_capaware.registry import router_type
+
 
 class CapawareDispatcherMixin:
-    """Records received tokens per local expert into ``capaware_stats``.
+    """Records received tokens per local expert into the layer's stats.
 
-    Attributes:
-        capaware_stats: a ``LayerRoutingStats`` or None.
-        capaware_variable_counts: True when the router may give a token other
-            than ``k`` experts (every capaware router but ``topk``).
+    Reads the layer's :class:`~megatron_capaware.adapters.state.LayerRoutingState`
+    (``capaware_state``, shared with the router; set by the installer).
     """
 
-    capaware_stats: Any = None
-    capaware_variable_counts: bool = False
+    capaware_state: Any = None
+
+    @property
+    def capaware_stats(self) -> Any:
+        """The layer's ``LayerRoutingStats``, or None."""
+        return self.capaware_state.stats if self.capaware_state is not None else None
+
+    @property
+    def capaware_variable_counts(self) -> bool:
+        """True when the router may give a token other than ``k`` experts (every type but vanilla top-k)."""
+        state = self.capaware_state
+        return state is not None and router_type(state.config.router_type).variable_counts
 
     def dispatch_postprocess(self, hidden_states, probs):  # type: ignore[override]
         result = super().dispatch_postprocess(hidden_states, probs)  # type: ignore[misc]
@@ -88,3 +99,20 @@ def capaware_dispatcher_class(dispatcher: Any) -> Type[Any]:
             f"{type(dispatcher).__name__}; use --moe-token-dispatcher-type alltoall or allgather"
         )
     return cls
+
+
+def retarget_dispatcher(dispatcher: Any, num_slots: int, local_slots: List[int]) -> None:
+    """Point a token dispatcher at ``num_slots`` experts, ``local_slots`` of them here (as Megatron's init does).
+
+    A placement (:mod:`megatron_capaware.adapters.placement`) calls this after
+    moving the expert weights: the dispatcher then sends each physical slot's
+    tokens to the rank that holds it.
+    """
+    dispatcher.num_local_experts = len(local_slots)
+    dispatcher.local_expert_indices = list(local_slots)
+    if hasattr(dispatcher, "num_experts"):
+        dispatcher.num_experts = num_slots
+    if hasattr(dispatcher, "sort_input_by_local_experts"):
+        chunks = torch.arange(num_slots * dispatcher.tp_size, device=dispatcher.sort_input_by_local_experts.device)
+        dispatcher.sort_input_by_local_experts = chunks.reshape(-1, len(local_slots)).T.ravel()
+        dispatcher.restore_output_by_local_experts = chunks.reshape(len(local_slots), -1).T.ravel()

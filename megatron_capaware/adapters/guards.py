@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 from contextlib import contextmanager
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -121,20 +121,37 @@ def check_scores_over_group(scores: torch.Tensor, group: Any, layer_number: Opti
 
 
 class DeferredScoreCheck:
-    """The score check of one model's MoE layers, read once per forward (device path).
+    """The score check of a model's MoE layers, read once per forward (device path).
 
-    Each router :meth:`note` s its layer's flags (device tensors, no sync); a
-    forward hook on the model calls :meth:`check` after the forward (one
-    all-gather over the load group, one host read) and a pre-hook clears what
-    an interrupted forward left.
+    Each router :meth:`note` s its layer's flags (device tensors, no sync);
+    after each MoE layer's forward (a hook the installer puts on the layer)
+    :meth:`maybe_check` checks them once ``expected`` layers have noted (every
+    installed layer routed once: one forward of the model): one all-gather
+    over the load group, one host read, after the last MoE layer's experts.
+    A layer that notes twice before that (a forward that skipped a layer)
+    first has the earlier forward's flags checked. Every rank of the group
+    routes the same layers in the same order, so every rank checks at the
+    same point and enters the same all-gather. Needs no hook on the model,
+    so it serves every way of installing (the installer, a capaware spec,
+    the Megatron-LM launcher).
     """
 
-    def __init__(self, group: Any):
-        self.group = group
-        self.pending: List[Tuple[Optional[int], torch.Tensor]] = []
+    def __init__(self, group: Any, expected: int = 1):
+        self.group = group  # None until the first layer is installed (spec, launcher)
+        self.expected = int(expected)
+        self.pending: List[Tuple[Any, Optional[int], torch.Tensor]] = []
 
-    def note(self, layer_number: Optional[int], scores: torch.Tensor) -> None:
-        self.pending.append((layer_number, score_value_flags(scores)))
+    def note(self, layer_number: Optional[int], scores: torch.Tensor, key: Any = None) -> None:
+        """Record one layer's ``[2]`` flags; check when the forward is complete."""
+        key = layer_number if key is None else key
+        if any(seen == key for seen, _, _ in self.pending):
+            self.check()
+        self.pending.append((key, layer_number, score_value_flags(scores)))
+
+    def maybe_check(self, *_: Any) -> None:
+        """Check once the forward is complete (every expected layer noted); else nothing."""
+        if len(self.pending) >= max(self.expected, 1):
+            self.check()
 
     def clear(self, *_: Any) -> None:
         self.pending.clear()
@@ -143,8 +160,8 @@ class DeferredScoreCheck:
         """Raise on every rank of the group if any layer of any rank saw bad scores."""
         if not self.pending:
             return
-        layers = [number for number, _ in self.pending]
-        local = torch.stack([flags for _, flags in self.pending])  # [L, 2]
+        layers = [number for _, number, _ in self.pending]
+        local = torch.stack([flags for _, _, flags in self.pending])  # [L, 2]
         self.pending = []
         gathered = all_gather_stack(local, self.group) if group_size(self.group) > 1 else local.unsqueeze(0)
         if not bool(gathered.any()):  # the one host read of the forward
@@ -167,22 +184,6 @@ class DeferredScoreCheck:
             f"{where}router scores must be probabilities >= 0 (softmax or sigmoid output), got negative "
             f"values{others}; pass probabilities, not logits"
         )
-
-
-def install_deferred_score_check(model: torch.nn.Module, layers: Sequence[Any], group: Any) -> DeferredScoreCheck:
-    """Attach one :class:`DeferredScoreCheck` to ``layers``' routers and hook it on ``model`` (idempotent)."""
-    previous = getattr(model, "_capaware_score_check_hooks", None)
-    if previous is not None:
-        for handle in previous:
-            handle.remove()
-    deferred = DeferredScoreCheck(group)
-    for layer in layers:
-        layer.router.capaware_score_check = deferred
-    model._capaware_score_check_hooks = (  # type: ignore[attr-defined]
-        model.register_forward_pre_hook(deferred.clear),
-        model.register_forward_hook(deferred.check),
-    )
-    return deferred
 
 
 def _global_ranks(group: Any, group_ranks: Sequence[int]) -> List[int]:
@@ -345,18 +346,3 @@ def check_rank_agreement(
         f"{'; '.join(lines)}.{version_note} Launch every rank with the same router flags, "
         "calibration file and model."
     )
-
-
-def distinct_load_groups(layers: Sequence[Any]) -> Dict[int, Tuple[Any, List[Any]]]:
-    """``{id(process group): (load group, its layers)}`` in layer order."""
-    from megatron_capaware.adapters.swap import build_load_group
-
-    out: Dict[int, Tuple[Any, List[Any]]] = {}
-    for layer in layers:
-        group, _ = build_load_group(layer)
-        pg = group.group if isinstance(group, LoadGroup) else group
-        key = id(pg)
-        if key not in out:
-            out[key] = (group, [])
-        out[key][1].append(layer)
-    return out

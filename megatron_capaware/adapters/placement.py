@@ -35,41 +35,22 @@ import contextlib
 import copy
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_capaware.adapters.dispatcher import retarget_dispatcher
+from megatron_capaware.adapters.layers import dispatchers, moe_layers
+from megatron_capaware.adapters.state import LayerLayout
 from megatron_capaware.placement.plan_file import PlacementPlan
 from megatron_capaware.placement.planner import PlacementError, contiguous_slots
-from megatron_capaware.placement.replicas import REPLICA_POLICIES, SlotTable, slot_table
+from megatron_capaware.placement.replicas import REPLICA_POLICIES, slot_table
 from megatron_capaware.registry import router_names
 from megatron_capaware.policies.collectives import all_gather_objects, all_to_all_rows, group_rank, group_size
 
 
 #: Router types that run under a plan with replicas.
 SLOT_ROUTERS = router_names(replicas=True)
-
-
-@dataclass
-class LayerLayout:
-    """Where one MoE layer's experts are now.
-
-    Attributes:
-        slots: ``[S]`` logical expert of each physical slot (contiguous layout: ``0..E-1``).
-        num_ranks: EP size ``W``.
-        table: the slots as index tensors (routing), on the router's device.
-        replica_policy: ``least-loaded`` or ``round-robin``.
-    """
-
-    slots: List[int]
-    num_ranks: int
-    table: SlotTable
-    replica_policy: str
-
-    @property
-    def placed(self) -> bool:
-        return self.slots != contiguous_slots(self.table.num_experts)
 
 
 # --- expert modules: per-slot tensors out, per-slot tensors in -------------------------------------------------
@@ -237,30 +218,14 @@ def _ep_group(layer: Any) -> Any:
     return group if group is not None and group_size(group) > 1 else None
 
 
-def _retarget_dispatcher(dispatcher: Any, num_slots: int, local_slots: List[int]) -> None:
-    """Point a token dispatcher at ``num_slots`` experts, ``local_slots`` of them here (as Megatron's init does)."""
-    dispatcher.num_local_experts = len(local_slots)
-    dispatcher.local_expert_indices = list(local_slots)
-    if hasattr(dispatcher, "num_experts"):
-        dispatcher.num_experts = num_slots
-    if hasattr(dispatcher, "sort_input_by_local_experts"):
-        chunks = torch.arange(num_slots * dispatcher.tp_size, device=dispatcher.sort_input_by_local_experts.device)
-        dispatcher.sort_input_by_local_experts = chunks.reshape(-1, len(local_slots)).T.ravel()
-        dispatcher.restore_output_by_local_experts = chunks.reshape(len(local_slots), -1).T.ravel()
-
-
 def layer_layouts(model: torch.nn.Module) -> Dict[int, LayerLayout]:
     """The current layout of every installed MoE layer, by layer number."""
-    from megatron_capaware.adapters.swap import moe_layers
-
     return {int(l.layer_number): l.router.capaware_layout for l in moe_layers(model)
             if getattr(l.router, "capaware_layout", None) is not None}
 
 
 def _set_layouts(model: torch.nn.Module, plan: Optional[PlacementPlan], policy: str) -> None:
     """Move every MoE layer's experts to ``plan``'s layout (None: the logical one). Collective."""
-    from megatron_capaware.adapters.swap import moe_layers
-
     layers = moe_layers(model)
     if not layers:
         raise PlacementError("the model has no MoE layer to place")
@@ -282,8 +247,6 @@ def place_layers(layers: Sequence[Any], plan: Optional[PlacementPlan], policy: s
 
 
 def _place_layers(layers: Sequence[Any], plan: Optional[PlacementPlan], policy: str, whole_model: bool) -> None:
-    from megatron_capaware.adapters.swap import _dispatchers
-
     if policy not in REPLICA_POLICIES:
         raise PlacementError(f"--capaware-replica-policy {policy!r}: use one of {', '.join(REPLICA_POLICIES)}")
     config = layers[0].config
@@ -321,15 +284,15 @@ def _place_layers(layers: Sequence[Any], plan: Optional[PlacementPlan], policy: 
         local = list(range(me * per_new, (me + 1) * per_new))
         layer.num_local_experts = per_new
         layer.local_expert_indices = local
-        for dispatcher in _dispatchers(layer):
-            _retarget_dispatcher(dispatcher, len(new), local)
-        router = layer.router
-        router.capaware_layout = LayerLayout(list(new), ep, slot_table(new, ep, router.weight.device), policy)
-        router.capaware_local_experts = [new[s] for s in local]  # logical experts of this rank's slots
-        router.capaware_local_slots = list(local)
-        stats = getattr(router, "capaware_stats", None)
-        if stats is not None:
-            stats.local_experts = list(router.capaware_local_experts)
+        for dispatcher in dispatchers(layer):
+            retarget_dispatcher(dispatcher, len(new), local)
+        state = layer.router.capaware_state
+        state.layout = LayerLayout(list(new), ep, slot_table(new, ep, layer.router.weight.device), policy)
+        state.local_experts = [new[s] for s in local]  # logical experts of this rank's slots
+        state.local_slots = list(local)
+        state.build_tensors(layer.router.weight.device)
+        if state.stats is not None:
+            state.stats.local_experts = list(state.local_experts)
 
 
 def _targets(layers: Sequence[Any], plan: Optional[PlacementPlan], ep: int, whole_model: bool
@@ -363,7 +326,7 @@ def _targets(layers: Sequence[Any], plan: Optional[PlacementPlan], ep: int, whol
 def apply_placement(model: torch.nn.Module, plan: PlacementPlan, replica_policy: str = "least-loaded") -> None:
     """Move the experts of every MoE layer of ``model`` into ``plan``'s layout (every EP rank calls this).
 
-    The routers must be installed first (:func:`~megatron_capaware.adapters.swap.install_capaware_routers`
+    The routers must be installed first (:func:`~megatron_capaware.adapters.install.install_capaware_routers`
     does both when given ``placement=``). Applying another plan to a placed
     model moves from the current layout.
 

@@ -68,7 +68,7 @@ class OnlineReplanner:
 
     def attach(self, model: torch.nn.Module) -> "OnlineReplanner":
         """Hook ``model``'s forward (its routers must be installed with ``record_stats``)."""
-        from megatron_capaware.adapters.swap import collect_stats
+        from megatron_capaware.adapters.install import collect_stats
 
         if not collect_stats(model):
             raise PlacementError("online re-planning reads the routers' load statistics: install the routers "
@@ -94,7 +94,7 @@ class OnlineReplanner:
     def replan(self, model: torch.nn.Module) -> ReplanEvent:
         """Plan from the recent loads and move the experts now (every EP rank, between forwards)."""
         from megatron_capaware.adapters.placement import apply_placement
-        from megatron_capaware.adapters.swap import collect_stats, moe_layers
+        from megatron_capaware.adapters.install import collect_stats, moe_layers
 
         start = time.perf_counter()
         stats = collect_stats(model)

@@ -13,14 +13,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from typing import Any
-
-from megatron_capaware.adapters.router import CapawareRouter
-from megatron_capaware.adapters.swap import install_in_layer
-from megatron_capaware.config import CapawareConfig
+from typing import Any, Optional
 
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_capaware.adapters.guards import DeferredScoreCheck
+from megatron_capaware.adapters.install import install_layers
+from megatron_capaware.adapters.router import CapawareRouter
+from megatron_capaware.config import CapawareConfig
 
 
 class CapawareMoELayer(MoELayer):
@@ -29,9 +30,19 @@ class CapawareMoELayer(MoELayer):
     Same parameters and state-dict keys as ``MoELayer``.
     """
 
-    def __init__(self, *args: Any, capaware: CapawareConfig = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, capaware: CapawareConfig = None,
+                 capaware_score_check: Optional[DeferredScoreCheck] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.capaware_stats = install_in_layer(self, capaware or CapawareConfig())
+        # The one installer, per layer (ranks agree on this layer now; the model's layers share one
+        # deferred score check, made by capaware_spec, expecting every layer built from the spec).
+        if capaware_score_check is not None:
+            capaware_score_check.expected += 1
+        install_layers([self], capaware or CapawareConfig(), whole_model=False, score_check=capaware_score_check)
+
+    @property
+    def capaware_stats(self) -> Any:
+        """The layer's ``LayerRoutingStats`` (None: stats off)."""
+        return self.router.capaware_state.stats
 
     def set_layer_number(self, layer_number: int) -> None:
         """Megatron numbers MoE layers after building them: keep the stats recorder's in step."""
@@ -51,23 +62,25 @@ def capaware_spec(spec: Any, capaware: CapawareConfig) -> Any:
     any nesting of ``ModuleSpec`` / ``functools.partial`` / dataclass
     submodules as megatron-core 0.16 to 0.19 produce them.
     """
-    return _walk(copy.copy(spec), capaware)
+    score_check = DeferredScoreCheck(None, 0)  # shared by every layer built from this spec
+    return _walk(copy.copy(spec), capaware, score_check)
 
 
-def _walk(node: Any, capaware: CapawareConfig) -> Any:
+def _walk(node: Any, capaware: CapawareConfig, score_check: Any = None) -> Any:
     if isinstance(node, ModuleSpec):
         node = copy.copy(node)
         if node.module is MoELayer or node.module is CapawareMoELayer:
             node.module = CapawareMoELayer
-            node.params = {**(node.params or {}), "capaware": capaware}
-        node.submodules = _walk(node.submodules, capaware)
+            node.params = {**(node.params or {}), "capaware": capaware, "capaware_score_check": score_check}
+        node.submodules = _walk(node.submodules, capaware, score_check)
         return node
     if isinstance(node, functools.partial):
         func = node.func
-        keywords = {k: _walk(v, capaware) for k, v in node.keywords.items()}
+        keywords = {k: _walk(v, capaware, score_check) for k, v in node.keywords.items()}
         if func is MoELayer or func is CapawareMoELayer:
             func = CapawareMoELayer
             keywords["capaware"] = capaware
+            keywords["capaware_score_check"] = score_check
         return functools.partial(func, *node.args, **keywords)
     if isinstance(node, MoESubmodules):
         return dataclasses.replace(node, router=_router_builder(capaware))
@@ -76,10 +89,10 @@ def _walk(node: Any, capaware: CapawareConfig) -> Any:
         and not isinstance(node, type)
         and all(f.init for f in dataclasses.fields(node))
     ):
-        changes = {f.name: _walk(getattr(node, f.name), capaware) for f in dataclasses.fields(node)}
+        changes = {f.name: _walk(getattr(node, f.name), capaware, score_check) for f in dataclasses.fields(node)}
         return dataclasses.replace(node, **changes)
     if isinstance(node, list):
-        return [_walk(item, capaware) for item in node]
+        return [_walk(item, capaware, score_check) for item in node]
     if isinstance(node, tuple):
-        return tuple(_walk(item, capaware) for item in node)
+        return tuple(_walk(item, capaware, score_check) for item in node)
     return node

@@ -25,9 +25,13 @@ The names below are re-exported because Megatron-LM scripts patched with
 # First: megatron-core >= 0.19 imports ``typing.override`` (Python >= 3.12). A
 # script that imports this package before Megatron (the patches do) gets the
 # Python 3.11 stand-in in time, and on CPU the triton stand-in (package import).
+# This glue is an entry point (the patched Megatron-LM scripts import it before Megatron), so it
+# switches on what Megatron needs on this machine itself; the library (megatron_capaware) does not.
+from megatron_capaware._compat.cpu_shims import stub_missing_triton_on_cpu as _stub_missing_triton_on_cpu
 from megatron_capaware.megatron_lm.compat import ensure_python_compat as _ensure_python_compat
 
 _ensure_python_compat()
+_stub_missing_triton_on_cpu()
 
 from megatron_capaware.megatron_lm.checkpoint_flags import (  # noqa: E402
     checkpoint_defaults,

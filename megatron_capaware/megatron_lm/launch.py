@@ -40,8 +40,8 @@ import weakref
 from typing import Any, Dict, List, Optional
 
 from megatron_capaware import megatron_lm
-
 from megatron_capaware._compat.cli import run_cli
+from megatron_capaware.adapters.guards import DeferredScoreCheck
 
 
 PROG = "python -m megatron_capaware.launch"
@@ -58,6 +58,8 @@ class LaunchSession:
         self.announced = False
         self.installed_elsewhere = False
         self._plan: Any = None
+        # One deferred score check for every MoE layer of the process (read once per model forward).
+        self.score_check = DeferredScoreCheck(None, 0)
 
     # -- configuration -----------------------------------------------------
 
@@ -107,6 +109,7 @@ class LaunchSession:
         """Called at the end of every ``MoELayer.__init__``: install at its first forward."""
         if getattr(layer, "_capaware_launch_hook", None) is not None:
             return
+        self.score_check.expected += 1  # every MoE layer built here routes once per model forward
         layer._capaware_launch_hook = layer.register_forward_pre_hook(self._first_forward)
 
     def _first_forward(self, layer: Any, inputs: Any) -> None:
@@ -118,48 +121,22 @@ class LaunchSession:
             return
         if not self.wanted():
             return
-        from megatron_capaware.adapters.swap import install_in_layer
+        from megatron_capaware.adapters.install import install_layers
 
         cfg = self.config()
-        self._check_calibration(layer, cfg)
-        stats = install_in_layer(layer, cfg)
-        plan = self.plan()
-        if plan is not None:  # every EP rank runs this layer's first forward: move its experts now
-            from megatron_capaware.adapters.placement import place_layers
-
-            place_layers([layer], plan, self.megatron_args().capaware_replica_policy)
-            stats = layer.router.capaware_stats or stats
-        self.layers.append((weakref.ref(layer), stats))
+        # The one installer, for this layer: validate, ranks agree, place (every EP rank runs this
+        # layer's first forward: its experts move now), install; one score check per model forward.
+        (state,) = install_layers([layer], cfg, placement=self.plan(), whole_model=False,
+                                  replica_policy=self.megatron_args().capaware_replica_policy,
+                                  score_check=self.score_check)
+        if state.stats is not None:
+            self.layers.append((weakref.ref(layer), state.stats))
         if not self.announced:
             self.announced = True
             megatron_lm.print_rank0(
                 f"megatron-capaware: routing with {cfg.describe()} (installed in each MoE layer at "
                 "its first forward)"
             )
-
-    def _check_calibration(self, layer: Any, cfg: Any) -> None:
-        from megatron_capaware.config import CapawareConfigError, load_calibration
-
-        if cfg.router_type != "laser" or not cfg.layer_params:
-            return
-        number = int(layer.layer_number)
-        if number not in cfg.layer_params:
-            raise CapawareConfigError(
-                f"LASER calibration {cfg.laser_calibration or ''} has no parameters for MoE layer "
-                f"{number} (it holds layers {sorted(cfg.layer_params)}): it was made for another "
-                "model; run capaware-calibrate on this checkpoint"
-            )
-        if cfg.laser_calibration:
-            if self._calibration is None:
-                self._calibration = load_calibration(cfg.laser_calibration)
-            model = self._calibration.model
-            for key, actual in (("num_moe_experts", layer.config.num_moe_experts),
-                                ("moe_router_topk", layer.config.moe_router_topk)):
-                if key in model and int(model[key]) != int(actual):
-                    raise CapawareConfigError(
-                        f"LASER calibration has {key}={model[key]} but the model has {actual}: it "
-                        "was made for a different model; run capaware-calibrate on this checkpoint"
-                    )
 
     # -- end of run ----------------------------------------------------------
 

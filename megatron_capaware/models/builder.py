@@ -337,7 +337,7 @@ def build_gpt_model(
         parallel_output=False,
     )
     if router is not None:
-        from megatron_capaware.adapters.swap import install_capaware_routers
+        from megatron_capaware.adapters import install_capaware_routers
 
         install_capaware_routers(model, router)
     if cuda_available():

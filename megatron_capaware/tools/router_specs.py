@@ -13,7 +13,7 @@ import math
 from typing import Any, Dict, List, Tuple
 
 from megatron_capaware.config import ROUTER_TYPES, CapawareConfig, CapawareConfigError
-from megatron_capaware.registry import CALIBRATED_FIELDS, KNOBS, KNOBS_BY_FIELD, Knob, knobs_for, spec_key
+from megatron_capaware.registry import CALIBRATED_FIELDS, KNOBS, Knob, knobs_for, spec_key
 
 #: Every spec key (``policy`` depends on the router type: :func:`~megatron_capaware.registry.spec_key`).
 _KEYS = sorted({key for knob in KNOBS for key in knob.keys} | {"policy"})
