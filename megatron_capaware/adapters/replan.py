@@ -35,6 +35,7 @@ class ReplanEvent:
     seconds: float
     rank_peak_before: float
     rank_peak_after: float
+    transfers: int = 0  # expert weights that crossed ranks (all layers)
 
 
 @dataclass
@@ -47,13 +48,19 @@ class OnlineReplanner:
             is typical; at most the calls recorded since the last move).
         redundant: replica slots ``R`` of each plan.
         replica_policy: as :func:`~megatron_capaware.adapters.placement.apply_placement`.
+        align: relabel each new plan's ranks so the fewest experts move
+            (:func:`~megatron_capaware.placement.shift.align_ranks`; the balance is the same).
         events: the re-plannings done so far.
+
+    Defaults (``docs/placement.md``, "When your traffic changes"): measured
+    by ``capaware-bench-shift`` on the bundled models.
     """
 
     every: int
     window: int = 8
     redundant: int = 0
     replica_policy: str = "least-loaded"
+    align: bool = True
     events: List[ReplanEvent] = field(default_factory=list)
     calls: int = 0
     _handle: Any = None
@@ -93,8 +100,12 @@ class OnlineReplanner:
 
     def replan(self, model: torch.nn.Module) -> ReplanEvent:
         """Plan from the recent loads and move the experts now (every EP rank, between forwards)."""
-        from megatron_capaware.adapters.placement import apply_placement
+        from dataclasses import replace
+
+        from megatron_capaware.adapters.placement import apply_placement, layer_layouts
         from megatron_capaware.adapters.swap import collect_stats, moe_layers
+        from megatron_capaware.placement.planner import contiguous_slots
+        from megatron_capaware.placement.shift import align_ranks, transfers
 
         start = time.perf_counter()
         stats = collect_stats(model)
@@ -103,6 +114,8 @@ class OnlineReplanner:
         ep = config.expert_model_parallel_size
         placements: Dict[int, Any] = {}
         before, after = [], []
+        current = layer_layouts(model)
+        moved = 0
         for number, layer_stats in sorted(stats.items()):
             recent = layer_stats.global_loads[-self.window:]
             if not recent:
@@ -110,6 +123,10 @@ class OnlineReplanner:
                                      "re-plan after at least one forward")
             loads = torch.stack(recent).double().mean(0)  # [E]
             placement = plan_layer(loads, ep, self.redundant)
+            now = current[number].slots if number in current else contiguous_slots(config.num_moe_experts)
+            if self.align:
+                placement = replace(placement, slots=align_ranks(now, placement.slots, ep))
+            moved += transfers(now, placement.slots, ep)
             placements[number] = placement
             before.append(placement.contiguous_rank_peak)
             after.append(placement.predicted_rank_peak)
@@ -119,6 +136,6 @@ class OnlineReplanner:
                              provenance={"online": True, "call": self.calls, "window": self.window})
         apply_placement(model, plan, self.replica_policy)
         event = ReplanEvent(self.calls, time.perf_counter() - start, sum(before) / len(before),
-                            sum(after) / len(after))
+                            sum(after) / len(after), moved)
         self.events.append(event)
         return event

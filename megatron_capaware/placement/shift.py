@@ -69,8 +69,10 @@ def transfers(old: Sequence[int], new: Sequence[int], num_ranks: int) -> int:
 
     As the runtime's exchange (``adapters/placement.py``): each wanted slot is
     sent by the first rank holding its expert now; a slot whose sender is
-    its own rank costs nothing.
+    its own rank costs nothing, and an unchanged layer moves nothing.
     """
+    if list(old) == list(new):
+        return 0
     per_old, per_new = len(old) // num_ranks, len(new) // num_ranks
     first: Dict[int, int] = {}
     for s, e in enumerate(old):
@@ -78,18 +80,57 @@ def transfers(old: Sequence[int], new: Sequence[int], num_ranks: int) -> int:
     return sum(1 for s, e in enumerate(new) if first[int(e)] != s // per_new)
 
 
+def align_ranks(old: Sequence[int], new: Sequence[int], num_ranks: int) -> List[int]:
+    """``new`` with its rank groups re-assigned to ranks so that the fewest expert weights move from ``old``.
+
+    Which rank holds which group of experts changes no rank's load (every
+    rank is alike), so this keeps the plan's balance exactly and only
+    relabels ranks: group ``g`` goes to the rank ``r`` maximising, over all
+    groups, the experts of ``g`` whose first holder in ``old`` is ``r`` (what
+    :func:`transfers` counts). Exhaustive over rank permutations up to 7
+    ranks, greedy (largest overlap first) above.
+    """
+    import itertools
+
+    per_old, per_new = len(old) // num_ranks, len(new) // num_ranks
+    first: Dict[int, int] = {}
+    for s, e in enumerate(old):
+        first.setdefault(int(e), s // per_old)
+    groups = [list(new[g * per_new:(g + 1) * per_new]) for g in range(num_ranks)]
+    score = [[sum(1 for e in grp if first[int(e)] == r) for r in range(num_ranks)] for grp in groups]
+    if num_ranks <= 7:
+        best = max(itertools.permutations(range(num_ranks)),
+                   key=lambda perm: (sum(score[g][perm[g]] for g in range(num_ranks)), tuple(-p for p in perm)))
+        rank_of = list(best)
+    else:
+        rank_of = [-1] * num_ranks
+        free = set(range(num_ranks))
+        pairs = sorted(((score[g][r], -g, -r) for g in range(num_ranks) for r in range(num_ranks)), reverse=True)
+        for _, ng, nr in pairs:
+            g, r = -ng, -nr
+            if rank_of[g] < 0 and r in free:
+                rank_of[g] = r
+                free.discard(r)
+    out: List[int] = [0] * len(new)
+    for g, r in enumerate(rank_of):
+        out[r * per_new:(r + 1) * per_new] = groups[g]
+    return out
+
+
 def static_layouts(layout: Layout, num_calls: int) -> List[Layout]:
     return [layout] * num_calls
 
 
 def replanner_layouts(call_loads: torch.Tensor, num_ranks: int, every: int, window: int, redundant: int = 0,
-                      initial: Optional[Layout] = None) -> Tuple[List[Layout], List[Move]]:
+                      initial: Optional[Layout] = None, align: bool = True) -> Tuple[List[Layout], List[Move]]:
     """The layout :class:`OnlineReplanner` serves each call with, and its moves.
 
     ``initial``: the layout before the first re-plan (default contiguous).
     After call ``c`` (1-based) with ``c % every == 0`` every layer is planned
     (``plan_layer``, ``redundant`` slots) from the mean loads of calls
-    ``max(1, c - window + 1) .. c``; call ``c + 1`` runs on it.
+    ``max(1, c - window + 1) .. c``; call ``c + 1`` runs on it. ``align``:
+    its ranks relabelled to move the fewest experts (:func:`align_ranks`), as
+    ``OnlineReplanner(align=True)`` does.
     """
     call_loads = torch.as_tensor(call_loads, dtype=torch.float64)
     num_calls, num_layers, num_experts = call_loads.shape
@@ -105,6 +146,8 @@ def replanner_layouts(call_loads: torch.Tensor, num_ranks: int, every: int, wind
         if done % every == 0 and done < num_calls:
             recent = call_loads[max(0, done - window):done].mean(dim=0)  # [L, E]
             new = [plan_layer(recent[layer], num_ranks, redundant).slots for layer in range(num_layers)]
+            if align:
+                new = [align_ranks(a, b, num_ranks) for a, b in zip(current, new)]
             moved = [transfers(a, b, num_ranks) for a, b in zip(current, new)]
             moves.append(Move(done, sum(moved), sum(1 for a, b in zip(current, new) if a != b)))
             current = new
