@@ -87,3 +87,21 @@ def test_aligning_ranks_moves_fewer_experts_and_keeps_the_balance(seed, case) ->
     assert S.transfers(old, aligned, ranks) <= S.transfers(old, new, ranks)
     if not redundant:  # re-planning to the same groups: no move
         assert S.transfers(old, S.align_ranks(old, old, ranks), ranks) == 0
+
+
+def test_bench_shift_help_and_bad_input_are_one_line(tmp_path) -> None:
+    import sys
+
+    from tests.test_cli_errors import assert_one_line, run
+
+    py = [sys.executable, "-m", "megatron_capaware.tools.bench.shift"]
+    helped = run([*py, "--help"], timeout=120)
+    assert helped.returncode == 0 and "--replan" in helped.stdout and "--debug" in helped.stdout
+    assert_one_line(run([*py, "--other", f"verse={tmp_path / 'none.txt'}"]), "capaware-bench-shift",
+                    "python scripts/shift_texts.py")
+    text = tmp_path / "t.txt"
+    text.write_text("x")
+    assert_one_line(run([*py, "--other", f"verse={text}", "--replan", "4"]), "capaware-bench-shift",
+                    "give WINDOW:EVERY")
+    assert_one_line(run([*py, "--other", f"verse={text}", "--ep", "3"]), "capaware-bench-shift",
+                    "--ep 3: use EP sizes >= 2 that divide the 8 experts")

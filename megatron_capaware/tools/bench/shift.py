@@ -132,6 +132,15 @@ def analyse(calib: Any, segments: List[Tuple[str, Any]], ep: int, redundants: Se
     add("contiguous", 0, S.static_layouts(contiguous, num_calls))
     free_check = plan_validated(cal, ep, 0, validation_fraction=validation_fraction)
     free = [p.slots for p in free_check.placements]  # the replica-free plan capaware-plan writes
+    per_call = plan_validated(cal, ep, 0, validation_fraction=validation_fraction, objective="per-call")
+    add("plan-r0-per-call", 0, S.static_layouts([p.slots for p in per_call.placements], num_calls))
+    guard["r0-per-call"] = {label: {"layers": num_layers, "written_le_contiguous": sum(
+        int(per_call_peak(r.loads[:, i].double(), per_call.placements[i].slots, ep)
+            <= per_call_peak(r.loads[:, i].double(), contiguous[i], ep) + 1e-12) for i in range(num_layers)),
+        "per_call_le_mean_plan": sum(
+        int(per_call_peak(r.loads[:, i].double(), per_call.placements[i].slots, ep)
+            <= per_call_peak(r.loads[:, i].double(), free[i], ep) + 1e-12) for i in range(num_layers)),
+        "calibration_summary": per_call.summary} for label, r in guard_texts.items()}
     for r in redundants:
         checked = free_check if r == 0 else plan_validated(cal, ep, r, validation_fraction=validation_fraction)
         written = [p.slots for p in checked.placements]
@@ -251,6 +260,8 @@ def _main(argv: List[str]) -> int:
         out["results"].append(result)
         print(summary_table(result))
         for r, texts in result["guard"].items():
+            if r == "r0-per-call":
+                continue
             for label, g in texts.items():
                 line = (f"  guard {r} on {label}: written <= contiguous in {g['written_le_contiguous']}/{g['layers']} "
                         f"layers")
