@@ -105,3 +105,21 @@ def test_bench_shift_help_and_bad_input_are_one_line(tmp_path) -> None:
                     "give WINDOW:EVERY")
     assert_one_line(run([*py, "--other", f"verse={text}", "--ep", "3"]), "capaware-bench-shift",
                     "--ep 3: use EP sizes >= 2 that divide the 8 experts")
+
+
+def test_the_per_call_replanner_fits_each_window_on_its_calls() -> None:
+    from megatron_capaware.placement.validate import fit_layer
+
+    loads = _stream(3)
+    layouts, moves = S.replanner_layouts(loads, 2, every=4, window=4, objective="per-call", align=False)
+    assert [m.call for m in moves] == [4, 8]
+    assert layouts[4] == [fit_layer(loads[0:4, i], 2, 0, None, "per-call").slots for i in range(2)]
+
+
+def test_online_replanner_refuses_an_unknown_objective() -> None:
+    import pytest
+
+    from megatron_capaware.adapters.replan import OnlineReplanner
+
+    with pytest.raises(P.PlacementError, match="objective='median'"):
+        OnlineReplanner(every=2, objective="median")

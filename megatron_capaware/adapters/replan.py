@@ -48,6 +48,9 @@ class OnlineReplanner:
             is typical; at most the calls recorded since the last move).
         redundant: replica slots ``R`` of each plan.
         replica_policy: as :func:`~megatron_capaware.adapters.placement.apply_placement`.
+        objective: ``mean`` (plan the window's mean loads) or ``per-call`` (then
+            swap experts to lower the window calls' summed busiest rank:
+            :func:`~megatron_capaware.placement.validate.fit_layer`).
         align: relabel each new plan's ranks so the fewest experts move
             (:func:`~megatron_capaware.placement.shift.align_ranks`; the balance is the same).
         events: the re-plannings done so far.
@@ -60,6 +63,7 @@ class OnlineReplanner:
     window: int = 8
     redundant: int = 0
     replica_policy: str = "least-loaded"
+    objective: str = "mean"
     align: bool = True
     events: List[ReplanEvent] = field(default_factory=list)
     calls: int = 0
@@ -70,6 +74,8 @@ class OnlineReplanner:
             raise PlacementError(f"re-plan every={self.every!r} forward calls: use an integer >= 1")
         if not isinstance(self.window, int) or self.window < 1:
             raise PlacementError(f"re-plan window={self.window!r} calls: use an integer >= 1")
+        if self.objective not in ("mean", "per-call"):
+            raise PlacementError(f"objective={self.objective!r}: use 'mean' or 'per-call'")
         if self.redundant < 0:
             raise PlacementError(f"redundant={self.redundant}: use >= 0 replica slots")
 
@@ -106,6 +112,7 @@ class OnlineReplanner:
         from megatron_capaware.adapters.swap import collect_stats, moe_layers
         from megatron_capaware.placement.planner import contiguous_slots
         from megatron_capaware.placement.shift import align_ranks, transfers
+        from megatron_capaware.placement.validate import fit_layer
 
         start = time.perf_counter()
         stats = collect_stats(model)
@@ -122,7 +129,10 @@ class OnlineReplanner:
                 raise PlacementError(f"MoE layer {number} recorded no forward call since the last move: "
                                      "re-plan after at least one forward")
             loads = torch.stack(recent).double().mean(0)  # [E]
-            placement = plan_layer(loads, ep, self.redundant)
+            if self.objective == "per-call":
+                placement = fit_layer(torch.stack(recent).double(), ep, self.redundant, None, "per-call")
+            else:
+                placement = plan_layer(loads, ep, self.redundant)
             now = current[number].slots if number in current else contiguous_slots(config.num_moe_experts)
             if self.align:
                 placement = replace(placement, slots=align_ranks(now, placement.slots, ep))

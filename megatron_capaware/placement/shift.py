@@ -122,7 +122,8 @@ def static_layouts(layout: Layout, num_calls: int) -> List[Layout]:
 
 
 def replanner_layouts(call_loads: torch.Tensor, num_ranks: int, every: int, window: int, redundant: int = 0,
-                      initial: Optional[Layout] = None, align: bool = True) -> Tuple[List[Layout], List[Move]]:
+                      initial: Optional[Layout] = None, align: bool = True, objective: str = "mean"
+                      ) -> Tuple[List[Layout], List[Move]]:
     """The layout :class:`OnlineReplanner` serves each call with, and its moves.
 
     ``initial``: the layout before the first re-plan (default contiguous).
@@ -130,8 +131,11 @@ def replanner_layouts(call_loads: torch.Tensor, num_ranks: int, every: int, wind
     (``plan_layer``, ``redundant`` slots) from the mean loads of calls
     ``max(1, c - window + 1) .. c``; call ``c + 1`` runs on it. ``align``:
     its ranks relabelled to move the fewest experts (:func:`align_ranks`), as
-    ``OnlineReplanner(align=True)`` does.
+    ``OnlineReplanner(align=True)`` does. ``objective="per-call"``: each
+    layer fitted on the window's calls (:func:`~megatron_capaware.placement.validate.fit_layer`).
     """
+    from megatron_capaware.placement.validate import fit_layer
+
     call_loads = torch.as_tensor(call_loads, dtype=torch.float64)
     num_calls, num_layers, num_experts = call_loads.shape
     if every < 1 or window < 1:
@@ -145,7 +149,12 @@ def replanner_layouts(call_loads: torch.Tensor, num_ranks: int, every: int, wind
         done = c + 1
         if done % every == 0 and done < num_calls:
             recent = call_loads[max(0, done - window):done].mean(dim=0)  # [L, E]
-            new = [plan_layer(recent[layer], num_ranks, redundant).slots for layer in range(num_layers)]
+            if objective == "per-call":
+                calls = call_loads[max(0, done - window):done]
+                new = [fit_layer(calls[:, layer], num_ranks, redundant, None, objective).slots
+                       for layer in range(num_layers)]
+            else:
+                new = [plan_layer(recent[layer], num_ranks, redundant).slots for layer in range(num_layers)]
             if align:
                 new = [align_ranks(a, b, num_ranks) for a, b in zip(current, new)]
             moved = [transfers(a, b, num_ranks) for a, b in zip(current, new)]

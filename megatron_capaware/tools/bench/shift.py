@@ -41,7 +41,7 @@ import torch
 from megatron_capaware._compat.cli import UserInputError, add_cli_flags, run_cli
 
 PROG = "capaware-bench-shift"
-DEFAULT_REPLAN = ["1:1", "2:2", "4:4", "8:8", "4:8", "16:16"]
+DEFAULT_REPLAN = ["1:1", "2:2", "4:4", "8:8", "4:8", "16:16", "4:4:per-call", "8:8:per-call", "16:16:per-call"]
 THRESHOLD = 1.05
 
 
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="NAME=PATH", help="other-genre texts served between the drama parts "
                         "(scripts/shift_texts.py writes the defaults)")
     parser.add_argument("--replan", nargs="+", default=DEFAULT_REPLAN, metavar="WINDOW:EVERY",
-                        help="OnlineReplanner settings (window calls : re-plan every calls)")
+                        help="OnlineReplanner settings (window calls : re-plan every calls [: per-call objective])")
     parser.add_argument("--redundant", type=int, nargs="+", default=None, metavar="R",
                         help="replica slots to evaluate (default: 0 and EP)")
     parser.add_argument("--call-sequences", type=int, default=8, help="sequences per forward call, all ranks")
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--records", type=Path, default=Path("runs/shift/records"), help="recording cache")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                        help="busiest rank per window of a few policies, one panel per EP size")
     return add_cli_flags(parser)
 
 
@@ -104,7 +106,7 @@ def _parts(record: Any, parts: int) -> List[Any]:
 
 
 def analyse(calib: Any, segments: List[Tuple[str, Any]], ep: int, redundants: Sequence[int],
-            replan: Sequence[Tuple[int, int]], report_window: int, validation_fraction: float,
+            replan: Sequence[Tuple[int, int, str]], report_window: int, validation_fraction: float,
             expert_bytes: int, guard_texts: Dict[str, Any]) -> Dict[str, Any]:
     """Every policy's figures on the stream at one EP size (records already grouped into calls)."""
     from megatron_capaware.placement import shift as S
@@ -168,9 +170,9 @@ def analyse(calib: Any, segments: List[Tuple[str, Any]], ep: int, redundants: Se
             g["calibration_summary"] = checked.summary
             g["warnings"] = checked.warnings
     for r in redundants:
-        for window, every in replan:
-            layouts, moves = S.replanner_layouts(stream, ep, every, window, r, initial=free)
-            add(f"replan-r{r}-w{window}-e{every}", r, layouts, moves)
+        for window, every, objective in replan:
+            layouts, moves = S.replanner_layouts(stream, ep, every, window, r, initial=free, objective=objective)
+            add(f"replan-r{r}-w{window}-e{every}" + ("-pc" if objective == "per-call" else ""), r, layouts, moves)
         add(f"oracle-r{r}", r, S.oracle_layouts(stream, ep, [(a, b) for a, b, _ in windows], r))
     for name, p in policies.items():
         key = f"oracle-r{p['redundant']}"
@@ -206,6 +208,40 @@ def summary_table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PLOTTED = ["contiguous", "plan-r0", "plan-r0-per-call", "replan-r0-w1-e1", "replan-r0-w4-e4", "replan-r0-w16-e16",
+           "oracle-r0"]
+
+
+def plot(out: Dict[str, Any], path: Path) -> None:
+    """One panel per EP size: busiest rank per report window, segments shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = out["results"]
+    fig, axes = plt.subplots(len(results), 1, figsize=(10, 3.2 * len(results)), squeeze=False)
+    colors = {"drama": "#ffffff", "verse": "#e8eefc", "prose": "#fcefe3"}
+    for ax, result in zip(axes[:, 0], results):
+        windows = result["windows"]
+        x = [(w["start"] + w["stop"]) / 2 for w in windows]
+        for w in windows:
+            ax.axvspan(w["start"], w["stop"], color=colors.get(w["segment"], "#f0f0f0"), lw=0)
+        for name in PLOTTED:
+            if name in result["policies"]:
+                style = "--" if name.startswith("oracle") else ("-." if name == "contiguous" else "-")
+                ax.plot(x, result["policies"][name]["peaks"], style, label=name, lw=1.4)
+        ax.set_title(f"{Path(out['checkpoint']).name}, EP {result['ep']}: busiest rank per window of "
+                     f"{out['report_window']} calls (shaded: verse, prose)")
+        ax.set_xlabel("forward call")
+        ax.set_ylabel("busiest / mean rank load")
+        ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
     from megatron_capaware.models import reference_models
@@ -229,13 +265,16 @@ def _main(argv: List[str]) -> int:
                              f"{args.record_sequences}")
     replan = []
     for item in args.replan:
+        parts = item.split(":")
         try:
-            window, every = (int(x) for x in item.split(":"))
-        except ValueError:
-            raise UserInputError(f"--replan {item!r}: give WINDOW:EVERY, e.g. 4:4") from None
+            window, every = int(parts[0]), int(parts[1])
+            if len(parts) > 3 or (len(parts) == 3 and parts[2] != "per-call"):
+                raise ValueError
+        except (ValueError, IndexError):
+            raise UserInputError(f"--replan {item!r}: give WINDOW:EVERY or WINDOW:EVERY:per-call, e.g. 4:4") from None
         if window < 1 or every < 1:
             raise UserInputError(f"--replan {item!r}: window and every must be >= 1")
-        replan.append((window, every))
+        replan.append((window, every, parts[2] if len(parts) == 3 else "mean"))
     model_args = load_model_args(checkpoint)
     for ep in args.ep:
         if ep < 2 or model_args.num_moe_experts % ep:
@@ -275,6 +314,9 @@ def _main(argv: List[str]) -> int:
             args.json.write_text(json.dumps(out, indent=1) + "\n")
     if args.json:
         print(f"wrote {args.json}")
+    if args.plot:
+        plot(out, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
