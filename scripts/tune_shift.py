@@ -34,7 +34,7 @@ def eval_records(tune: Dict[str, Any], name: str, text: Path, out: Path, max_tok
             placed.setdefault(c["placement"], []).append(c["spec"])
     cmd = [sys.executable, "-m", "megatron_capaware.tools.evaluate", "--checkpoint", tune["checkpoint"],
            "--ep", str(tune["ep"]), "--text", str(text), "--routers", "topk", *plain, "--no-plots", "--no-progress",
-           "--out", str(path.with_suffix("")) + "-eval", "--json", str(path), "--max-tokens", str(max_tokens)]
+           "--out", f"runs/shift/eval/{path.stem}", "--json", str(path), "--max-tokens", str(max_tokens)]
     if placed:
         cmd += ["--placement", *placed, "--placed-routers", *sorted({s for v in placed.values() for s in v})]
     else:

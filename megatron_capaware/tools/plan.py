@@ -56,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validation-fraction", type=float, default=0.25,
                         help="share of the recorded calls (the last ones) the plan is checked on, not fitted on; "
                              "0: fit on all (no check)")
-    parser.add_argument("--objective", choices=("mean", "per-call"), default="mean",
+    parser.add_argument("--objective", choices=("mean", "per-call"), default="per-call",
                         help="fit the mean loads (EPLB), or then swap experts to lower the fit calls' summed "
-                             "busiest rank")
+                             "busiest rank (the default: docs/placement.md, 'When your traffic changes')")
     parser.add_argument("--keep-replicas", action="store_true",
                         help="write the replicated plan even when it loses to the replica-free one on validation")
     parser.add_argument("--seq-len", type=int, default=256)
