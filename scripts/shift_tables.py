@@ -17,6 +17,11 @@ SHOWN = ["contiguous", "plan-r0-unguarded", "plan-r0", "plan-r0-per-call", "plan
          "replan-rW-w1-e1", "replan-rW-w2-e2", "replan-rW-w4-e4", "replan-rW-w8-e8-pc", "oracle-r0", "oracle-rW"]
 
 
+BRIEF = ["contiguous", "plan-r0-unguarded", "plan-r0-per-call", "plan-rW-unguarded", "plan-rW", "replan-r0-w1-e1",
+         "replan-r0-w2-e2", "replan-r0-w8-e8", "replan-r0-w16-e16", "replan-r0-w8-e8-pc", "replan-rW-w2-e2",
+         "oracle-r0", "oracle-rW"]
+
+
 def segment_means(result: Dict[str, Any], peaks: List[float]) -> Dict[str, float]:
     sums: Dict[str, List[float]] = {}
     for w, p in zip(result["windows"], peaks):
@@ -24,15 +29,15 @@ def segment_means(result: Dict[str, Any], peaks: List[float]) -> Dict[str, float
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
-def policy_table(data: Dict[str, Any], result: Dict[str, Any]) -> str:
+def policy_table(data: Dict[str, Any], result: Dict[str, Any], shown: List[str] = SHOWN) -> str:
     ep = result["ep"]
     segs = list(dict.fromkeys(w["segment"] for w in result["windows"]))
     lines = [f"| policy | R | " + " | ".join(f"busiest, {s}" for s in segs)
              + " | stream | mean regret | worst window | calls to within 5% after each switch | moves | "
                "experts moved / move | MB / move (bf16) |",
              "|---|---|" + "---|" * len(segs) + "---|---|---|---|---|---|---|"]
-    for shown in SHOWN:
-        name = shown.replace("rW", f"r{ep}")
+    for item in shown:
+        name = item.replace("rW", f"r{ep}")
         p = result["policies"].get(name)
         if p is None:
             continue
@@ -80,13 +85,14 @@ def guard_table(data: Dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", type=Path, nargs="+")
+    parser.add_argument("--brief", action="store_true", help="the policies docs/placement.md shows")
     args = parser.parse_args()
     data = {str(f): json.loads(f.read_text()) for f in args.files}
     for path, d in data.items():
         for result in d["results"]:
             print(f"\n#### {Path(d['checkpoint']).name}, EP {result['ep']} ({result['calls']} calls of "
                   f"{d['call_sequences']} x {d['seq_len']} tokens; segments {d['segments']})\n")
-            print(policy_table(d, result))
+            print(policy_table(d, result, BRIEF if args.brief else SHOWN))
         print(f"\n{Path(d['checkpoint']).name}: per segment\n")
         print(window_table(d["results"][0]))
     print("\n#### The plan guards on the served texts\n")

@@ -58,9 +58,10 @@ class OnlineReplanner:
     Defaults (``docs/placement.md``, "When your traffic changes"): every 2
     calls from the last 2, measured by ``capaware-bench-shift`` on both
     bundled models at EP 2 and 4 (drama -> verse -> drama -> prose -> drama):
-    back within 5% of the oracle's busiest rank within 4 calls after every
-    switch, with half the moves of re-planning every call at the same
-    balance; longer windows and intervals lag the switches.
+    back within 5% of the oracle's busiest rank at most 4 calls after every
+    switch with ``redundant=0`` (6 with ``redundant=EP`` on the fine-grained
+    model at EP 4), with half the moves of re-planning every call at about
+    the same balance; longer windows and intervals lag the switches.
     """
 
     every: int = 2
