@@ -72,7 +72,7 @@ LASER_LADDER: Tuple[Tuple[float, float], ...] = (
 NLL_FLOOR = 1e-4
 MIN_GAMMA_STEP = 0.02
 #: A choice's validation change must be within ``budget * (1 - DEFAULT_MARGIN)`` (docs/tuning.md, "When your traffic changes").
-DEFAULT_MARGIN = 0.2
+DEFAULT_MARGIN = 0.5
 
 
 def family(cfg: CapawareConfig) -> Tuple[Any, ...]:
@@ -551,8 +551,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserInputError(f"--validation-fraction {args.validation_fraction:g} is invalid: use a value in [0, 1), "
                              "e.g. 0.25")
     if not 0.0 <= args.margin < 1.0:
-        raise UserInputError(f"--margin {args.margin:g} is invalid: use a value in [0, 1) (0.2: the validation change "
-                             "must be within 80% of the budget)")
+        raise UserInputError(f"--margin {args.margin:g} is invalid: use a value in [0, 1) (0.5: the validation change "
+                             "must be within half the budget)")
     for name, value, low in (("--refine", args.refine, 0), ("--laser-steps", args.laser_steps, 0),
                              ("--laser-probe-batches", args.laser_probe_batches, 1),
                              ("--validation-candidates", args.validation_candidates, 1)):
