@@ -68,7 +68,8 @@ def tune_worker(paths: Dict[str, str], ep: int, budgets: List[float], out_dir: s
     make_plan([1, 2], 8, ep, ep, seed=5).save(plan_path)
     placements = [EvalPlacement(plan_path.name, plan_path, load_plan(plan_path))]
     found = tune.run_tune(options, budgets, refine=1, laser_steps=2, laser_probe_batches=1, log=lambda line: None,
-                          placements=placements)
+                          placements=placements, validation_fraction=0.25, margin=0.2)
     summary = tune.summarize(found["records"], found["configs"], budgets, Path(out_dir) / f"rank{ep}",
-                             found["model"], found["placements"])
-    return {"records": found["records"], "summary": summary}
+                             found["model"], found["placements"], found["validated_choices"])
+    return {"records": found["records"], "summary": summary, "validation": found["validation"],
+            "split": found["split"]}

@@ -130,8 +130,11 @@ def replan_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         for _ in range(5):
             out["logits"].append(model(ids, pos, attention_mask=None).clone())
     replanner.detach()
-    out["events"] = [(e.call, e.seconds, e.rank_peak_before, e.rank_peak_after) for e in replanner.events]
+    out["events"] = [(e.call, e.seconds, e.rank_peak_before, e.rank_peak_after, e.transfers)
+                     for e in replanner.events]
     out["slots"] = {n: l.slots for n, l in layer_layouts(model).items()}
+    # Every call's global loads: the shift benchmark's simulation must reach the same layouts from them.
+    out["call_loads"] = {n: [l.tolist() for l in s.global_loads] for n, s in collect_stats(model).items()}
     # A checkpoint saved from the placed model is an ordinary one (logical layout), and the model stays placed.
     from megatron_capaware.models.checkpoint import load_weights, save_checkpoint
 

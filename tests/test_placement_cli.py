@@ -25,13 +25,18 @@ def test_plan_then_evaluate_with_it(tiny_checkpoint, tmp_path) -> None:
     small = ["--seq-len", "32", "--sequences-per-rank", "2"]
     plan_path = tmp_path / "plan.json"
     made = run([script("capaware-plan"), "--checkpoint", ckpt, "--text", tiny_checkpoint["calibration"], "--ep", "2",
-                "--redundant-experts", "2", "--out", str(plan_path), *small])
+                "--redundant-experts", "2", "--keep-replicas", "--out", str(plan_path), *small])
     assert made.returncode == 0, made.stdout + made.stderr
     plan = P.load_plan(plan_path)
     assert sorted(plan.layers) == [1, 2] and plan.ep == 2 and plan.redundant == 2
     assert all(len(p.slots) == 10 for p in plan.layers.values())
     assert plan.provenance["tokens"] > 0 and not plan.provenance["in_sample"]
     assert "predicted speedup" in made.stdout
+    # Fitted on the first calls, checked on the last: the file and the output say so.
+    validation = plan.provenance["validation"]
+    assert validation["fit_calls"] >= 1 and validation["validation_calls"] >= 1
+    assert all(set(p.figures) >= {"contiguous_validation", "written_validation"} for p in plan.layers.values())
+    assert "per-call busiest rank, fit" in made.stdout
     evaluated = run([script("capaware-eval"), "--checkpoint", ckpt, "--text", text, "--ep", "2", "--routers", "topk",
                      "--placement", str(plan_path), "--no-plots", "--no-progress", "--out", str(tmp_path / "eval"),
                      "--json", str(tmp_path / "eval.json"), *small])

@@ -126,3 +126,13 @@ def test_online_replanning_moves_experts_between_forwards_without_changing_logit
         assert res["still_placed"]
         assert torch.allclose(res["reloaded_logits"], res["logits"][0], rtol=1e-5, atol=1e-5)
     assert results[0]["slots"] == results[1]["slots"]  # every rank made the same plan
+    # The shift benchmark's offline simulation (placement/shift.py) reaches the runtime's layouts and moves
+    # from the recorded per-call loads.
+    from megatron_capaware.placement import shift as S
+
+    res = results[0]
+    layers = sorted(res["call_loads"])
+    loads = torch.tensor([[res["call_loads"][n][c] for n in layers] for c in range(5)], dtype=torch.float64)
+    layouts, moves = S.replanner_layouts(loads, 2, every=2, window=2, redundant=redundant)
+    assert [m.call for m in moves] == [2, 4] and [m.transfers for m in moves] == [e[4] for e in res["events"]]
+    assert {n: s for n, s in zip(layers, layouts[-1])} == {n: list(s) for n, s in res["slots"].items()}

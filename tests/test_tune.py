@@ -109,11 +109,17 @@ def test_tune_search_on_the_tiny_model_writes_usable_choices(tiny_checkpoint, tm
     placed = [r for r in records if r.get("placement")]
     assert {r["label"] for r in placed} >= {"topk @placed:plan.json"}  # searched on the plan too
     assert abs(records[labels.index("topk @placed:plan.json")]["ppl"] / records[0]["ppl"] - 1) <= 1e-5
+    split, validation = out[0]["split"], out[0]["validation"]
+    assert split["search_batches"] >= 1 and split["validation_batches"] >= 1
     for choice in summary["choices"]:
         assert choice["calib_delta_ppl_pct"] <= choice["budget_pct"]
+        # Checked on the validation split: within budget * (1 - margin) there (top-k: 0 by definition).
+        assert choice["validation_delta_ppl_pct"] <= choice["budget_pct"] * 0.8 or choice["label"] == "topk"
         faster = [r for r in records if r["delta_ppl_pct"] <= choice["budget_pct"]
                   and r["predicted_speedup"] > choice["predicted_speedup"] + 1e-12]
-        assert not faster
+        # A faster setting within the budget on the search split was rejected on validation, or never tried.
+        assert all(r["label"] in choice["rejected_on_validation"] or r["label"] not in validation for r in faster)
+        assert set(choice["rejected_on_validation"]) <= set(validation)
         cfg = parse_router_spec(choice["spec"])[0]
         if cfg.router_type == "laser":
             load_calibration(choice["calibration_file"]).check_model([1, 2], 8, 2)
@@ -131,3 +137,32 @@ def test_laser_hull_keeps_the_rungs_worth_their_cost() -> None:
     points = [(0.0, 0.0, -1), (0.01, 0.05, 0), (0.02, 0.06, 1), (0.03, 0.15, 2), (0.04, 0.14, 3), (0.1, 0.2, 4)]
     # rung 0 lies below the chord to rung 2; rung 1 too; rung 3 gains less than rung 2 for more cost
     assert [r for _, _, r in tune._upper_hull(points)] == [-1, 2, 4]
+
+
+def test_the_choice_is_checked_on_a_split_the_search_did_not_see() -> None:
+    search = [rec("topk", 0.0, 1.0), rec("a", 0.2, 1.05), rec("b", 0.45, 1.2), rec("c", 0.3, 1.1), rec("d", 3.0, 1.5)]
+    # b looked within 0.5% on the search split but costs 0.9% on validation: c is the fastest that holds.
+    validation = {"topk": rec("topk", 0.0, 1.0), "b": rec("b", 0.9, 1.2), "c": rec("c", 0.35, 1.1),
+                  "a": rec("a", 0.1, 1.05)}
+    record, check, rejected = tune.choose_validated(search, validation, 0.5, margin=0.2)
+    assert record["label"] == "c" and check["delta_ppl_pct"] == 0.35 and rejected == ["b"]
+    # The margin: c's 0.35% is not within 0.5 * (1 - 0.4) = 0.3%, a's 0.1% is.
+    assert tune.choose_validated(search, validation, 0.5, margin=0.4)[0]["label"] == "a"
+    # Nothing holds: top-k.
+    assert tune.choose_validated(search, {"topk": validation["topk"]}, 0.5, 0.2)[0]["label"] == "topk"
+    assert tune.validation_candidates(search, 0.5, 2) == ["b", "c"]
+
+
+def test_split_batches_keeps_one_batch_on_each_side() -> None:
+    assert tune.split_batches(4, 0.25) == 3 and tune.split_batches(9, 0.25) == 6
+    assert tune.split_batches(2, 0.9) == 1 and tune.split_batches(5, 0.0) == 5
+    with pytest.raises(Exception, match="at least 2"):
+        tune.split_batches(1, 0.25)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--budget", "1", "--margin", "1"], "--margin 1 is invalid"),
+    (["--budget", "1", "--validation-fraction", "-0.1"], "--validation-fraction -0.1 is invalid"),
+])
+def test_tune_validation_flags_are_checked(argv, fragment) -> None:
+    assert_one_line(run([*PY, *argv]), "capaware-tune", fragment)

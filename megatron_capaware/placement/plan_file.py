@@ -37,7 +37,8 @@ class PlacementPlan:
             "nodes": self.nodes, "provenance": self.provenance,
             "layers": {str(n): {"slots": p.slots, "replicas": p.replicas,
                                 "predicted_rank_peak": p.predicted_rank_peak,
-                                "contiguous_rank_peak": p.contiguous_rank_peak}
+                                "contiguous_rank_peak": p.contiguous_rank_peak,
+                                **({"figures": p.figures} if p.figures is not None else {})}
                        for n, p in sorted(self.layers.items())},
         }
 
@@ -88,8 +89,11 @@ def _layer_from_dict(number: str, data: Dict[str, Any], ep: int, num_experts: in
             raise PlacementError(
                 f"{where}: rank {rank} holds two replicas of expert(s) {twice}; a rank holds each expert at most once"
             )
+    figures = data.get("figures")
+    if figures is not None and not isinstance(figures, dict):
+        raise PlacementError(f"{where}: 'figures' must be an object (per-call busiest-rank figures)")
     return LayerPlacement(slots=slots, num_ranks=ep, predicted_rank_peak=float(data.get("predicted_rank_peak", "nan")),
-                          contiguous_rank_peak=float(data.get("contiguous_rank_peak", "nan")))
+                          contiguous_rank_peak=float(data.get("contiguous_rank_peak", "nan")), figures=figures)
 
 
 def load_plan(path: Union[str, Path]) -> PlacementPlan:

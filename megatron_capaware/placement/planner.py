@@ -23,7 +23,7 @@ from megatron_capaware.errors import PlacementError  # noqa: F401 (defined there
 
 import itertools
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -37,6 +37,8 @@ class LayerPlacement:
     num_ranks: int
     predicted_rank_peak: float  # max rank load / mean rank load under this placement
     contiguous_rank_peak: float  # the same for Megatron's contiguous placement, no replicas
+    # Per-call busiest-rank figures on the fit and validation calls (placement/validate.py); None in older plans.
+    figures: Optional[Dict[str, object]] = None
 
     @property
     def replicas(self) -> List[int]:

@@ -71,6 +71,8 @@ LASER_LADDER: Tuple[Tuple[float, float], ...] = (
 #: NLL per token (nats) below which a cost counts as this much (noise on a calibration probe).
 NLL_FLOOR = 1e-4
 MIN_GAMMA_STEP = 0.02
+#: A choice's validation change must be within ``budget * (1 - DEFAULT_MARGIN)`` (docs/tuning.md, "When your traffic changes").
+DEFAULT_MARGIN = 0.5
 
 
 def family(cfg: CapawareConfig) -> Tuple[Any, ...]:
@@ -83,6 +85,38 @@ def choose(records: Sequence[Dict[str, Any]], budget: float) -> Dict[str, Any]:
     """The fastest record within ``budget`` percent (ties: lower perplexity); top-k when none is faster."""
     feasible = [r for r in records if r.get("predicted_speedup") is not None and r["delta_ppl_pct"] <= budget]
     return max(feasible, key=lambda r: (round(r["predicted_speedup"], 9), -r["ppl"]))
+
+
+def choose_validated(records: Sequence[Dict[str, Any]], validation: Dict[str, Dict[str, Any]], budget: float,
+                     margin: float) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]], List[str]]:
+    """The fastest search record within ``budget`` whose validation change is within ``budget * (1 - margin)``.
+
+    ``records``: the search split's records; ``validation``: label -> the same
+    setting's record on the validation split (settings not validated are
+    skipped). Candidates are tried fastest first (ties: lower perplexity);
+    returns ``(record, its validation record, labels rejected on validation)``.
+    Top-k (change 0 on both splits) is the fallback.
+    """
+    feasible = [r for r in records if r.get("predicted_speedup") is not None and r["delta_ppl_pct"] <= budget]
+    feasible.sort(key=lambda r: (-round(r["predicted_speedup"], 9), r["ppl"]))
+    rejected: List[str] = []
+    for record in feasible:
+        check = validation.get(record["label"])
+        if check is None:
+            continue
+        if check["delta_ppl_pct"] <= budget * (1 - margin) or record["router"] == "topk":
+            return record, check, rejected
+        rejected.append(record["label"])
+    topk = next(r for r in records if r["router"] == "topk" and not r.get("placement"))
+    return topk, validation.get(topk["label"]), rejected
+
+
+def validation_candidates(records: Sequence[Dict[str, Any]], budget: float, count: int) -> List[str]:
+    """Labels of the ``count`` fastest search records within ``budget`` (the order :func:`choose_validated` tries)."""
+    feasible = [r for r in records if r.get("predicted_speedup") is not None and r["delta_ppl_pct"] <= budget
+                and r["router"] != "topk"]
+    feasible.sort(key=lambda r: (-round(r["predicted_speedup"], 9), r["ppl"]))
+    return [r["label"] for r in feasible[:count]]
 
 
 def refinements(records: Sequence[Dict[str, Any]], configs: Dict[str, CapawareConfig], budget: float,
@@ -277,13 +311,33 @@ def brief(record: Dict[str, Any]) -> Dict[str, Any]:
     return {k: record.get(k) for k in keys}
 
 
+def split_batches(count: int, fraction: float) -> int:
+    """Search batches of ``count``: the last ``ceil(fraction * count)`` validate (at least one each); 0: all search."""
+    if fraction <= 0:
+        return count
+    if count < 2:
+        raise UserInputError(f"{count} calibration batch(es) per rank: a validation split needs at least 2; give "
+                             "more --text, fewer --sequences-per-rank, or --validation-fraction 0")
+    return count - min(max(1, math.ceil(fraction * count)), count - 1)
+
+
 def run_tune(options: Any, budgets: Sequence[float], *, refine: int, laser_steps: int,
-             laser_probe_batches: int, log: Any, placements: Optional[List[Any]] = None) -> Dict[str, Any]:
-    """The whole search (every rank; identical results on every rank)."""
+             laser_probe_batches: int, log: Any, placements: Optional[List[Any]] = None,
+             validation_fraction: float = 0.0, margin: float = 0.0, candidates: int = 4) -> Dict[str, Any]:
+    """The whole search (every rank; identical results on every rank).
+
+    With ``validation_fraction`` > 0 the search sees only the first batches;
+    per budget up to ``candidates`` of its fastest settings within the budget
+    are then run on the last batches (the validation split), fastest first,
+    until one is within ``budget * (1 - margin)`` there.
+    """
     from megatron_capaware.tools.evaluate import close_session, open_session
     from megatron_capaware.tools.router_specs import parse_router_specs
 
     session = open_session(options)
+    all_batches = session.batches
+    cut = split_batches(len(all_batches), validation_fraction)
+    session.batches, validation_batches = all_batches[:cut], all_batches[cut:]
     sweep = Sweep(session, log)
     log(f"{PROG}: coarse grid on {Path(options.text).name} ({len(session.batches)} batches per rank)")
     records = sweep.run(parse_router_specs(COARSE_SPECS))
@@ -308,24 +362,84 @@ def run_tune(options: Any, budgets: Sequence[float], *, refine: int, laser_steps
         sweep.place(placement)
         records = sweep.run(parse_router_specs(PLACED_SPECS))
     sweep.place(None)
+    validation: Dict[str, Dict[str, Any]] = {}
+    val_choices: Dict[float, Any] = {}
+    if validation_batches:
+        val_choices, validation = validate_choices(sweep, records, budgets, validation_batches, margin, candidates,
+                                                   log)
     margs = session.model_args
     model = {"moe_layer_numbers": sorted(int(n) for n in margs.moe_layer_numbers),
              "num_moe_experts": int(margs.num_moe_experts), "moe_router_topk": int(margs.moe_router_topk),
              "checkpoint": Path(options.checkpoint).name}
     close_session(session)
-    return {"records": records, "configs": sweep.configs, "model": model, "placements": sweep.placements}
+    return {"records": records, "configs": sweep.configs, "model": model, "placements": sweep.placements,
+            "validation": validation, "validated_choices": val_choices,
+            "split": {"search_batches": cut, "validation_batches": len(validation_batches),
+                      "validation_fraction": validation_fraction, "margin": margin}}
+
+
+def validate_choices(sweep: "Sweep", records: List[Dict[str, Any]], budgets: Sequence[float],
+                     batches: List[torch.Tensor], margin: float, candidates: int, log: Any
+                     ) -> Tuple[Dict[float, Any], Dict[str, Dict[str, Any]]]:
+    """Run the candidates of every budget on the validation batches (lazily, fastest first; every rank the same).
+
+    Returns ``({budget: (record, validation record, rejected)}, {label: validation record})``.
+    """
+    from megatron_capaware.tools import report
+    from megatron_capaware.tools.evaluate import evaluate_config
+
+    results: List[Any] = []
+    labels: List[str] = []
+
+    def run(label: str) -> None:
+        if label in labels:
+            return
+        cfg = sweep.configs[label]
+        placement = sweep.placements.get(label)
+        if placement is not sweep.placement:
+            sweep.place(placement)
+        result = evaluate_config(sweep.session, cfg, batches=batches)
+        result.placement = placement
+        results.append(result)
+        labels.append(label)
+
+    def validated() -> Dict[str, Dict[str, Any]]:
+        out = report.make_records(results, sweep.session.options)
+        return {label: record for label, record in zip(labels, out)}
+
+    topk = next(r["label"] for r in records if r["router"] == "topk" and not r.get("placement"))
+    log(f"{PROG}: validation split ({len(batches)} batches per rank): candidates per budget, fastest first")
+    run(topk)
+    chosen: Dict[float, Any] = {}
+    for budget in budgets:
+        for label in validation_candidates(records, budget, candidates):
+            run(label)
+            pick = choose_validated(records, validated(), budget, margin)
+            if pick[0]["label"] == label:
+                break
+        chosen[budget] = choose_validated(records, validated(), budget, margin)
+        record, check, rejected = chosen[budget]
+        log(f"  {budget:g}%: {record['label']}  search {record['delta_ppl_pct']:+.2f}%  validation "
+            f"{check['delta_ppl_pct']:+.2f}%" + (f"  (rejected on validation: {', '.join(rejected)})" if rejected else ""))
+    sweep.place(None)
+    return chosen, validated()
 
 
 def summarize(records: List[Dict[str, Any]], configs: Dict[str, CapawareConfig], budgets: Sequence[float],
               out_dir: Path, model: Optional[Dict[str, Any]] = None,
-              placements: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+              placements: Optional[Dict[str, Any]] = None,
+              validated: Optional[Dict[float, Any]] = None) -> Dict[str, Any]:
     """The choices per budget (with their files), the frontier and the LASER verdict."""
     from megatron_capaware.tools.router_specs import format_router_spec, megatron_flags
 
     out_dir.mkdir(parents=True, exist_ok=True)
     choices = []
     for budget in budgets:
-        record = choose(records, budget)
+        check, rejected = None, []
+        if validated and budget in validated:
+            record, check, rejected = validated[budget]
+        else:
+            record = choose(records, budget)
         cfg = configs[record["label"]]
         calibration = None
         if cfg.router_type == "laser" and cfg.layer_params:
@@ -346,6 +460,10 @@ def summarize(records: List[Dict[str, Any]], configs: Dict[str, CapawareConfig],
             "calibration_file": str(calibration) if calibration else None,
             "calib_ppl": record["ppl"], "calib_delta_ppl_pct": record["delta_ppl_pct"],
             "predicted_speedup": record["predicted_speedup"], "config": cfg.to_dict(),
+            # The expected serving cost: the same setting on calibration batches the search never saw.
+            "validation_delta_ppl_pct": check["delta_ppl_pct"] if check else None,
+            "validation_speedup": check["predicted_speedup"] if check else None,
+            "rejected_on_validation": rejected,
         })
     frontier = sorted((r for r in records if r["frontier"] == "yes"), key=lambda r: r["predicted_speedup"])
     lasers = [r for r in records if r["router"] == "laser"]
@@ -369,11 +487,12 @@ def summarize(records: List[Dict[str, Any]], configs: Dict[str, CapawareConfig],
 
 
 def format_choices(summary: Dict[str, Any]) -> str:
-    rows = [("budget", "chosen setting", "calib dppl%", "predicted speedup")]
+    rows = [("budget", "chosen setting", "calib dppl%", "expected serving dppl%", "predicted speedup")]
     for c in summary["choices"]:
+        serving = c.get("validation_delta_ppl_pct")
         rows.append((f"{c['budget_pct']:g}%", c["label"], f"{c['calib_delta_ppl_pct']:+.2f}",
-                     f"{c['predicted_speedup']:.3f}x"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+                     "-" if serving is None else f"{serving:+.2f}", f"{c['predicted_speedup']:.3f}x"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(v.ljust(w) if i == 1 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -405,6 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--placement", type=Path, nargs="*", default=None, metavar="PLAN",
                         help="capaware-plan files to search on too (top-k and the rank unit on each); default: "
                              "the plans shipped beside the checkpoint for --ep; none given: no placement")
+    parser.add_argument("--validation-fraction", type=float, default=0.25,
+                        help="share of the calibration batches (the last ones) the search never sees; the choice "
+                             "is checked there (0: choose on the search figures alone, as before)")
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                        help="a choice's validation change must be within budget * (1 - margin) "
+                             "(docs/tuning.md: how the default was chosen)")
+    parser.add_argument("--validation-candidates", type=int, default=4,
+                        help="fastest settings within each budget tried on the validation split")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--sequences-per-rank", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=None, help="use at most this many calibration tokens")
@@ -420,8 +547,15 @@ def check_args(args: argparse.Namespace) -> None:
                 f"--budget {budget:g} is invalid: it is the allowed perplexity change vs top-k in percent, "
                 "a number > 0 (e.g. --budget 0.5)"
             )
+    if not 0.0 <= args.validation_fraction < 1.0:
+        raise UserInputError(f"--validation-fraction {args.validation_fraction:g} is invalid: use a value in [0, 1), "
+                             "e.g. 0.25")
+    if not 0.0 <= args.margin < 1.0:
+        raise UserInputError(f"--margin {args.margin:g} is invalid: use a value in [0, 1) (0.5: the validation change "
+                             "must be within half the budget)")
     for name, value, low in (("--refine", args.refine, 0), ("--laser-steps", args.laser_steps, 0),
-                             ("--laser-probe-batches", args.laser_probe_batches, 1)):
+                             ("--laser-probe-batches", args.laser_probe_batches, 1),
+                             ("--validation-candidates", args.validation_candidates, 1)):
         if value < low:
             raise UserInputError(f"{name} {value} is invalid: it must be an integer >= {low}")
 
@@ -468,12 +602,16 @@ def _main(argv: List[str]) -> int:
                           expert_parallel=args.ep, dtype=args.dtype, progress=False)
     budgets = sorted(set(args.budget))
     found = run_tune(options, budgets, refine=args.refine, laser_steps=args.laser_steps,
-                     laser_probe_batches=args.laser_probe_batches, log=log, placements=placements)
+                     laser_probe_batches=args.laser_probe_batches, log=log, placements=placements,
+                     validation_fraction=args.validation_fraction, margin=args.margin,
+                     candidates=args.validation_candidates)
     if not rank0:
         return 0
     records, configs = found["records"], found["configs"]
-    summary = summarize(records, configs, budgets, args.out, found["model"], found["placements"])
+    summary = summarize(records, configs, budgets, args.out, found["model"], found["placements"],
+                        found["validated_choices"])
     summary.update({
+        "split": found["split"], "validation_records": [brief(r) for r in found["validation"].values()],
         "tool": PROG, "checkpoint": str(checkpoint), "text": str(text), "ep": args.ep,
         "calibration_tokens": records[0]["tokens"], "budgets_pct": budgets,
         "command": "capaware-tune " + " ".join(argv),
@@ -486,6 +624,12 @@ def _main(argv: List[str]) -> int:
     print()
     print(summary["laser_note"])
     print()
+    split = found["split"]
+    if split["validation_batches"]:
+        print(f"search on the first {split['search_batches']} batches per rank, choice checked on the last "
+              f"{split['validation_batches']} (validation change within budget x {1 - split['margin']:g}); the "
+              "expected serving cost is the validation change (same kind of text; another genre can cost more: "
+              "docs/tuning.md)")
     print(format_choices(summary))
     for c in summary["choices"]:
         print(f"  {c['budget_pct']:g}%: --routers {c['spec']}\n        {c['megatron_flags']}")
