@@ -42,3 +42,13 @@ def _device_path_setting_does_not_leak():
     before = os.environ.get("CAPAWARE_DEVICE_PATH")
     yield
     assert os.environ.get("CAPAWARE_DEVICE_PATH") == before, "a test left CAPAWARE_DEVICE_PATH changed"
+
+
+_SLOW_TIERS = ("multirank", "slow", "slurm", "megatron_training")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier (``python -m pytest -m fast``): every test that spawns no process group and is not slow."""
+    for item in items:
+        if not any(item.get_closest_marker(name) for name in _SLOW_TIERS):
+            item.add_marker(pytest.mark.fast)

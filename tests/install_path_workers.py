@@ -11,6 +11,7 @@ from megatron_capaware import parallel
 from tests.mp_workers import TINY_GPT
 
 PATHS = ("installer", "spec", "launcher")
+ROUTING_CODE = ("adapters/", "policies/", "placement/", "config.py", "registry.py")
 
 
 def _build(path: str, cfg: Any, ep: int) -> Any:
@@ -61,8 +62,11 @@ def install_path_worker(path: str, ep: int) -> Dict[str, Any]:
 
     def capaware_syncs(model: Any) -> List[str]:
         work = count_call(lambda: model(ids, pos, attention_mask=None))
-        # Megatron's own alltoall split-size reads are not the routers' (they happen without us).
-        return [s for s in work.sync_sites if "megatron_capaware" in s and "dispatcher.py" not in s]
+        # Sites name the innermost frame of the package: the routing code's (not the CPU stand-ins'
+        # in _compat/, which a GPU does not run, nor Megatron's own code). Megatron's alltoall
+        # split-size reads pass through our dispatcher subclass: not the routers'.
+        wheres = [(s, s.rsplit(" at ", 1)[-1]) for s in work.sync_sites]
+        return [s for s, where in wheres if where.startswith(ROUTING_CODE) and "adapters/dispatcher.py" not in where]
 
     with torch.no_grad():
         model = _build(path, cfg, ep)

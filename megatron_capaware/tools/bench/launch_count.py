@@ -73,10 +73,18 @@ class CountedWork:
 
 
 def _site(what: str) -> str:
+    """``WHAT at PLACE``: the package file and line that issued it (``adapters/router.py:12``), or, when
+    the innermost caller outside torch is another library (Megatron), its absolute path and the package
+    frame it was reached from."""
     stack = [f for f in traceback.extract_stack() if "launch_count" not in f.filename]
     ours = [f for f in stack if "megatron_capaware" in f.filename]
+    callers = [f for f in stack if "/torch/" not in f.filename]
     frame = ours[-1] if ours else (stack[-1] if stack else None)
     where = f"{frame.filename.split('megatron_capaware/')[-1]}:{frame.lineno}" if frame else "?"
+    innermost = callers[-1] if callers else None
+    if innermost is not None and frame is not None and innermost is not frame and ours and "megatron_capaware" \
+            not in innermost.filename:
+        where = f"{innermost.filename}:{innermost.lineno} (from {where})"
     return f"{what} at {where}"
 
 
