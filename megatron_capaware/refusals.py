@@ -21,7 +21,7 @@ from megatron_capaware.config import CapawareConfigError
 Getter = Callable[[str], Any]
 
 CAPACITY_ROUTERS = ("capacity-drop", "capacity-reroute", "expanded-drop")
-NON_TOPK = CAPACITY_ROUTERS + ("laser",)
+NON_TOPK = CAPACITY_ROUTERS + ("laser", "decode-pack")
 SUPPORTED_DISPATCHERS = ("alltoall", "allgather")
 SUPPORTED_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 REPLACING_BALANCERS = ("sinkhorn", "quantile_balancing")

@@ -274,7 +274,7 @@ class CapawareRouter(TopKRouter):
         # Only the routers that add experts need the group mask (drop and LASER only keep or
         # reorder within Megatron's choice; LASER refuses group-limited routing).
         allowed = self._selected_groups(logits, indices) if capaware.router_type in (
-            "capacity-reroute", "expanded-drop") else None  # [T, E] or None
+            "capacity-reroute", "expanded-drop", "decode-pack") else None  # [T, E] or None
         valid_tokens = None
         if padding_mask is not None:
             valid_tokens = ~padding_mask.reshape(-1).to(device=scores.device, dtype=torch.bool)
@@ -426,6 +426,12 @@ class CapawareRouter(TopKRouter):
                 scores, k, params.eps_high, params.t_fix, params.pool,
                 waves=capaware.laser_waves, rounds=capaware.laser_rounds, **common,
             )
+        if capaware.router_type == "decode-pack":  # the EP layout's ranks (a placement's, when placed)
+            return policies.decode_pack(
+                scores, k, capaware.decode_floor_for(k), t_fix=capaware.decode_t_fix, pool=capaware.decode_pool,
+                slack=capaware.decode_slack, rank_aware=capaware.decode_rank_aware,
+                expert_ranks=self._expert_ranks(scores.device), num_ranks=self.config.expert_model_parallel_size,
+                allowed=allowed, **common)
         if capaware.capacity_unit == "rank" and capaware.router_type in ("capacity-drop", "capacity-reroute"):
             # The EP rank of each expert (contiguous, or the placement's with R = 0).
             common.update(unit="rank", expert_ranks=self._expert_ranks(scores.device),

@@ -73,6 +73,11 @@ DEFAULTS: Dict[str, Any] = {
     "capaware_laser_load": "expert",
     "capaware_seed": 0,
     "capaware_capacity_unit": "expert",
+    "capaware_decode_floor": None,  # ceil(top-k / 2)
+    "capaware_decode_pool": None,  # top-k
+    "capaware_decode_t_fix": 1.0,
+    "capaware_decode_slack": 0,
+    "capaware_decode_oea": False,
 }
 
 #: Flags of the placement runtime (any router type).
@@ -82,8 +87,8 @@ PLACEMENT_FLAGS = ["--capaware-placement", "--capaware-replica-policy"]
 KNOB_ROUTERS: Dict[str, tuple] = {
     "capaware_gamma": ("capacity-drop", "capacity-reroute", "expanded-drop"),
     "capaware_drop_policy": ("capacity-drop", "capacity-reroute"),
-    "capaware_renormalize": ("capacity-drop", "capacity-reroute", "expanded-drop", "laser"),
-    "capaware_scope": ("capacity-drop", "capacity-reroute", "expanded-drop", "laser"),
+    "capaware_renormalize": ("capacity-drop", "capacity-reroute", "expanded-drop", "laser", "decode-pack"),
+    "capaware_scope": ("capacity-drop", "capacity-reroute", "expanded-drop", "laser", "decode-pack"),
     "capaware_reroute_rounds": ("capacity-reroute",),
     "capaware_reroute_policy": ("capacity-reroute",),
     "capaware_reroute_min_ratio": ("capacity-reroute",),
@@ -96,6 +101,11 @@ KNOB_ROUTERS: Dict[str, tuple] = {
     "capaware_laser_load": ("laser",),
     "capaware_seed": ("capacity-drop", "capacity-reroute"),
     "capaware_capacity_unit": ("capacity-drop", "capacity-reroute"),
+    "capaware_decode_floor": ("decode-pack",),
+    "capaware_decode_pool": ("decode-pack",),
+    "capaware_decode_t_fix": ("decode-pack",),
+    "capaware_decode_slack": ("decode-pack",),
+    "capaware_decode_oea": ("decode-pack",),
 }
 
 #: Megatron's --moe-token-drop-policy values and the capaware policy each means.
@@ -193,8 +203,10 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "expert keeps at most C = ceil(gamma x T x k / E) assignments, its highest-scoring "
         "ones; capacity-reroute: overflow goes to experts with spare capacity; expanded-drop: "
         "top-k plus the token's own EP rank's experts, then the capacity rule; laser: top-k "
-        "for confident tokens, the least-loaded good-enough experts for the others. "
-        "Default: topk.",
+        "for confident tokens, the least-loaded good-enough experts for the others; "
+        "decode-pack (decode steps): each token keeps its best --capaware-decode-floor experts "
+        "and fills the rest from experts already active, so the busiest EP rank activates as "
+        "few experts as possible. Default: topk.",
     )
     group.add_argument(
         "--capaware-gamma", type=_positive_float, default=None, metavar="GAMMA",
@@ -284,6 +296,31 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "candidate expert's own load) or rank (the load of the candidate's EP rank, summed over "
         "its experts, global over the EP group), so LASER moves work between ranks. Default: "
         "expert.",
+    )
+    group.add_argument(
+        "--capaware-decode-floor", type=_int_at_least(1), default=None, metavar="K0",
+        help="decode-pack: every token keeps its K0 best experts (1 <= K0 <= --moe-router-topk; "
+        "K0 = top-k is top-k). Default: ceil(top-k / 2).",
+    )
+    group.add_argument(
+        "--capaware-decode-pool", type=_int_at_least(1), default=None, metavar="C",
+        help="decode-pack: a token fills its other slots from at most C candidates: its top-k, "
+        "then experts scoring >= --capaware-decode-t-fix x its best (C >= top-k). Default: top-k.",
+    )
+    group.add_argument(
+        "--capaware-decode-t-fix", type=_unit_float, default=None, metavar="T",
+        help="decode-pack: candidates beyond the top-k score >= T x the token's best (a ratio in "
+        "(0, 1]). Default: 1.0.",
+    )
+    group.add_argument(
+        "--capaware-decode-slack", type=_int_at_least(0), default=None, metavar="N",
+        help="decode-pack: each EP rank may activate up to N experts beyond what the floor "
+        "activates on the busiest rank (never beyond top-k's busiest rank). Default: 0.",
+    )
+    group.add_argument(
+        "--capaware-decode-oea", action="store_true", default=None,
+        help="decode-pack: OEA's rule (arXiv 2511.02237): fill only from experts the floor "
+        "already activates, no rank awareness (the outside baseline). Default: off.",
     )
     group.add_argument(
         "--capaware-seed", type=_int_at_least(0), default=None, metavar="SEED",
@@ -406,9 +443,9 @@ def _resolve_placement(args: Any, cfg: CapawareConfig) -> None:
         if ep and int(ep) != plan.ep:
             raise PlacementError(f"the placement plan is for EP {plan.ep}, --expert-model-parallel-size is {ep}: "
                                  f"run capaware-plan --ep {ep}")
-        if plan.redundant and cfg.router_type == "laser":
+        if plan.redundant and cfg.router_type in ("laser", "decode-pack"):
             raise PlacementError(
-                f"--moe-router-type laser with a placement that has {plan.redundant} redundant experts is not "
+                f"--moe-router-type {cfg.router_type} with a placement that has {plan.redundant} redundant experts is not "
                 "supported yet: use a plan made with --redundant-experts 0, or another router"
             )
     except PlacementError as err:
@@ -524,6 +561,11 @@ def config_from_args(args: Any) -> CapawareConfig:
         laser_load=get("capaware_laser_load"),
         seed=int(get("capaware_seed")),
         capacity_unit=get("capaware_capacity_unit"),
+        decode_floor=get("capaware_decode_floor"),
+        decode_pool=get("capaware_decode_pool"),
+        decode_t_fix=float(get("capaware_decode_t_fix")),
+        decode_slack=int(get("capaware_decode_slack")),
+        decode_rank_aware=not bool(get("capaware_decode_oea")),
     )
 
 

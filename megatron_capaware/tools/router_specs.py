@@ -2,7 +2,8 @@
 
 Grammar: ``TYPE[:KEY=VALUE[,KEY=VALUE...]]``, e.g. ``topk``,
 ``capacity-drop:gamma=1.25``, ``capacity-reroute:gamma=1.5,rounds=2,policy=load``,
-``laser:eps_high=0.7,t_fix=0.5,pool=4``, ``laser:load=rank`` or ``laser:calibration=cal.json``.
+``laser:eps_high=0.7,t_fix=0.5,pool=4``, ``laser:load=rank`` or ``laser:calibration=cal.json``,
+``decode-pack:floor=2,pool=16,t_fix=0.1`` (``rank=0``: OEA's rule).
 A value may list alternatives with ``|`` to sweep: ``capacity-drop:gamma=1|1.25|1.5``.
 """
 
@@ -33,10 +34,16 @@ _KEYS: Dict[str, str] = {
     "seed": "seed",
     "unit": "capacity_unit",
     "load": "laser_load",
+    "floor": "decode_floor",
+    "slack": "decode_slack",
+    "rank": "decode_rank_aware",
 }
-_INTS = {"reroute_rounds", "laser_pool", "laser_waves", "laser_rounds", "seed"}
-_FLOATS = {"gamma", "reroute_min_ratio", "laser_eps_high", "laser_t_fix"}
-_BOOLS = {"renormalize"}
+# decode-pack reads t_fix and pool as its own pool's.
+_DECODE_KEYS = {"t_fix": "decode_t_fix", "pool": "decode_pool"}
+_INTS = {"reroute_rounds", "laser_pool", "laser_waves", "laser_rounds", "seed", "decode_floor", "decode_pool",
+         "decode_slack"}
+_FLOATS = {"gamma", "reroute_min_ratio", "laser_eps_high", "laser_t_fix", "decode_t_fix"}
+_BOOLS = {"renormalize", "decode_rank_aware"}
 
 
 def _value(field: str, raw: str) -> Any:
@@ -75,6 +82,8 @@ def parse_router_spec(spec: str, **defaults: Any) -> List[CapawareConfig]:
         key = key.strip()
         if key == "policy":
             field = "reroute_policy" if router_type == "capacity-reroute" else "drop_policy"
+        elif router_type == "decode-pack" and key in _DECODE_KEYS:
+            field = _DECODE_KEYS[key]
         elif key in _KEYS:
             field = _KEYS[key]
         else:
@@ -118,6 +127,8 @@ def format_router_spec(cfg: CapawareConfig, calibration: Any = None) -> str:
                 parts.append(f"pool={cfg.laser_pool}")
         if cfg.laser_load != "expert":
             parts.append(f"load={cfg.laser_load}")
+    if cfg.router_type == "decode-pack":
+        parts += [f"{key}={value}" for key, value in _decode_items(cfg)]
     if cfg.uses_capacity:
         parts.append(f"gamma={cfg.gamma:g}")
     if cfg.router_type in ("capacity-drop", "capacity-reroute") and cfg.drop_policy != "score":
@@ -137,6 +148,22 @@ def format_router_spec(cfg: CapawareConfig, calibration: Any = None) -> str:
     return cfg.router_type + (":" + ",".join(parts) if parts else "")
 
 
+def _decode_items(cfg: CapawareConfig) -> List[tuple]:
+    """decode-pack's non-default knobs as (spec key, value text)."""
+    items = []
+    if cfg.decode_floor is not None:
+        items.append(("floor", str(cfg.decode_floor)))
+    if cfg.decode_pool is not None:
+        items.append(("pool", str(cfg.decode_pool)))
+    if cfg.decode_t_fix != 1.0:
+        items.append(("t_fix", f"{cfg.decode_t_fix:g}"))
+    if cfg.decode_slack:
+        items.append(("slack", str(cfg.decode_slack)))
+    if not cfg.decode_rank_aware:
+        items.append(("rank", "0"))
+    return items
+
+
 def megatron_flags(cfg: CapawareConfig, calibration: Any = None) -> List[str]:
     """The Megatron command-line flags (``megatron_capaware.megatron_lm.arguments``) of one configuration."""
     flags = ["--moe-router-type", cfg.router_type]
@@ -152,6 +179,10 @@ def megatron_flags(cfg: CapawareConfig, calibration: Any = None) -> List[str]:
                 flags += ["--capaware-laser-pool", str(cfg.laser_pool)]
         if cfg.laser_load != "expert":
             flags += ["--capaware-laser-load", cfg.laser_load]
+    if cfg.router_type == "decode-pack":
+        for key, value in _decode_items(cfg):
+            flags += [f"--capaware-decode-{key.replace('_', '-')}", value] if key != "rank" else \
+                ["--capaware-decode-oea"]
     if cfg.uses_capacity:
         flags += ["--capaware-gamma", f"{cfg.gamma:g}"]
     if cfg.router_type in ("capacity-drop", "capacity-reroute") and cfg.drop_policy != "score":
