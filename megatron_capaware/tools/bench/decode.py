@@ -17,7 +17,7 @@ position, so a step takes ``BATCH`` consecutive rows: a decode step's token
 mix, recorded at prefill), and ``synthetic`` (softmax of Gaussian logits
 with a per-expert popularity skew). Per step and router: the slowest rank's
 layer time (routers interleaved in every repeat, so drift cancels; warm-up
-excluded; median over steps and repeats), the busiest rank's activated
+excluded; per step the median over repeats, then the median over steps), the busiest rank's activated
 experts and the bytes of expert weights the busiest rank reads. Ratios are
 against ``topk`` on the same steps.
 
@@ -112,11 +112,13 @@ def decode_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
             for loads in collect_stats(layer)[1].global_loads[-len(steps):]:
                 active[label].append((loads.view(ep, -1) > 0).sum(dim=1).tolist())
         samples: Dict[str, List[List[float]]] = {label: [[] for _ in steps] for label in labels}
+        # Interleaved at the finest grain: every step runs under every router back to back, so
+        # machine drift (other jobs on a shared host) hits the routers alike.
         for repeat in range(options["warmup"] + options["repeats"]):
-            for cfg, label in zip(routers, labels):
-                install_capaware_routers(layer, cfg)
-                for s, scores in enumerate(steps):
-                    set_scores(scores[rank * local:(rank + 1) * local].to(device))
+            for s, scores in enumerate(steps):
+                set_scores(scores[rank * local:(rank + 1) * local].to(device))
+                for cfg, label in zip(routers, labels):
+                    install_capaware_routers(layer, cfg)
                     with torch.no_grad():
                         seconds = timed(lambda: layer(hidden))
                     if repeat >= options["warmup"]:
@@ -140,12 +142,17 @@ def decode_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
                 "per_step_ms": [1e3 * t for t in per_step], "per_step_active_max": busiest,
             })
         top = next(r for r in records if r["batch"] == batch and r["label"] == base)
+        # Pooled over every (router, step) of this batch: does the step time follow the busiest
+        # rank's activated experts?
+        pooled = _corr([t for r in records if r["batch"] == batch for t in r["per_step_ms"]],
+                       [a for r in records if r["batch"] == batch for a in r["per_step_active_max"]])
         for r in records:
             if r["batch"] == batch:
                 r["active_ratio_topk"] = top["active_max"] / r["active_max"] if r["active_max"] else None
                 # How closely the step time follows the busiest rank's activated experts, over this
                 # setting's steps (Pearson correlation; None when either does not vary).
                 r["time_active_corr"] = _corr(r["per_step_ms"], r["per_step_active_max"])
+                r["time_active_corr_pooled"] = pooled
         set_scores(None)
     parallel.destroy()
     return records
@@ -166,6 +173,10 @@ def format_table(records: List[Dict[str, Any]]) -> str:
         lines.append(f"{r['batch']:>5} {r['label']:34} {r['layer_ms']:7.2f} {r['time_ratio_topk']:7.3f}x "
                      f"{r['active_max']:10.2f} {r['active_ratio_topk']:11.3f}x {r['bytes_read_max_mb']:8.1f} "
                      f"{corr:>5}")
+    for batch in dict.fromkeys(r["batch"] for r in records):
+        pooled = next(r["time_active_corr_pooled"] for r in records if r["batch"] == batch)
+        lines.append(f"batch {batch}: correlation of step time with the busiest rank's activated experts over "
+                     f"every (router, step): {'-' if pooled is None else f'{pooled:.2f}'}")
     return "\n".join(lines)
 
 
