@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ep", type=int, default=4, help="expert parallel size (= processes)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64],
-                   help="decode batch sizes (global sequences per step; each a multiple of --ep, or 1..EP-1 "
-                        "rounded up to EP)")
+                   help="decode batch sizes (global sequences per step, split evenly over the EP ranks: "
+                        "multiples of --ep)")
     p.add_argument("--steps", type=int, default=16, help="decode steps per batch size")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--ffn", type=int, default=768, help="expert FFN size (SwiGLU)")
