@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
 from megatron_capaware.policies.common import CAPACITY_UNITS, DROP_POLICIES, LASER_LOADS, REROUTE_POLICIES
-from megatron_capaware.registry import CAPACITY_REROUTE, LASER, SCOPES, TOPK, router_names, router_type
+from megatron_capaware.registry import CAPACITY_REROUTE, DECODE_PACK, LASER, SCOPES, TOPK, router_names, router_type
 
 #: Every registered router type (megatron_capaware.registry), in table order.
 ROUTER_TYPES = router_names()
@@ -61,13 +61,62 @@ class LaserParams:
             )
 
 
+def check_decode_knobs(cfg: "CapawareConfig", topk: Optional[int]) -> None:
+    """decode-pack's knobs (and, with the model's top-k, against it); CapawareConfigError names the fix."""
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if cfg.decode_floor is not None and (not integer(cfg.decode_floor) or cfg.decode_floor < 1):
+        raise CapawareConfigError(f"decode floor={cfg.decode_floor!r} must be an integer >= 1 (the best experts "
+                                  "each token keeps)")
+    if cfg.decode_pool is not None and (not integer(cfg.decode_pool) or cfg.decode_pool < 1):
+        raise CapawareConfigError(f"decode pool={cfg.decode_pool!r} must be a positive integer")
+    if not integer(cfg.decode_slack) or cfg.decode_slack < 0:
+        raise CapawareConfigError(f"decode slack={cfg.decode_slack!r} must be an integer >= 0")
+    if isinstance(cfg.decode_t_fix, bool) or not isinstance(cfg.decode_t_fix, (int, float)) or not (
+            0.0 < float(cfg.decode_t_fix) <= 1.0):
+        raise CapawareConfigError(f"decode t_fix={cfg.decode_t_fix!r} must be in (0, 1] (the pool keeps experts "
+                                  "scoring >= t_fix x the token's best)")
+    if not isinstance(cfg.decode_rank_aware, bool):
+        raise CapawareConfigError(f"decode rank_aware={cfg.decode_rank_aware!r} must be true or false")
+    if cfg.router_type != DECODE_PACK:
+        changed = [name for name, default in (("decode_floor", None), ("decode_t_fix", 1.0), ("decode_pool", None),
+                                              ("decode_slack", 0), ("decode_rank_aware", True))
+                   if getattr(cfg, name) != default]
+        if changed:
+            raise CapawareConfigError(f"{', '.join(changed)} are decode-pack options, not {cfg.router_type}'s; use "
+                                      "--moe-router-type decode-pack or leave them unset")
+    if topk is not None:
+        if cfg.decode_floor is not None and cfg.decode_floor > topk:
+            raise CapawareConfigError(f"decode floor={cfg.decode_floor} exceeds the model's top-k={topk}; use "
+                                      f"1..{topk} (floor == top-k is top-k)")
+        if cfg.decode_pool is not None and cfg.decode_pool < topk:
+            raise CapawareConfigError(f"decode pool={cfg.decode_pool} is smaller than top-k={topk}; the pool always "
+                                      f"holds the top-k, use pool >= {topk}")
+
+
+def decode_label(cfg: "CapawareConfig") -> str:
+    """``decode-pack(floor=2,pool=16,t_fix=0.1)``; OEA's rule: ``decode-pack(oea,floor=2)``."""
+    parts = [] if cfg.decode_rank_aware else ["oea"]
+    parts.append(f"floor={cfg.decode_floor if cfg.decode_floor is not None else 'k/2'}")
+    if cfg.decode_pool is not None:
+        parts.append(f"pool={cfg.decode_pool}")
+    if cfg.decode_t_fix != 1.0:
+        parts.append(f"t_fix={cfg.decode_t_fix:g}")
+    if cfg.decode_slack:
+        parts.append(f"slack={cfg.decode_slack}")
+    if cfg.renormalize:
+        parts.append("renorm")
+    return f"{DECODE_PACK}({','.join(parts)})"
+
+
 @dataclass
 class CapawareConfig:
     """Router type and knobs (names follow the ``--moe-router-type`` / ``--capaware-*`` flags).
 
     Attributes:
         router_type: one of ``topk``, ``capacity-drop``, ``capacity-reroute``,
-            ``expanded-drop``, ``laser``.
+            ``expanded-drop``, ``laser``, ``decode-pack``.
         gamma: capacity factor: ``C = ceil(gamma * T_glob * k / E)``.
         drop_policy: which assignments an overloaded expert keeps.
         renormalize: make each token's surviving weights sum to 1.
@@ -88,6 +137,12 @@ class CapawareConfig:
             or ``rank`` (capacity-drop, capacity-reroute: each EP rank keeps at
             most ``C_rank = ceil(gamma * T_glob * k / EP)`` over its experts;
             reroute then offers the dropped assignments to ranks with room).
+        decode_floor, decode_t_fix, decode_pool, decode_slack, decode_rank_aware:
+            decode-pack's knobs (:func:`megatron_capaware.policies.decode_pack`):
+            the top experts every token keeps (None: ``ceil(k / 2)``), the
+            pool (``t_fix``, ``pool``; None: ``k``), the experts a rank may
+            activate beyond the floor's busiest rank, and whether the other
+            ranks' room is spent (False: OEA's rule).
         record_stats: record per-layer load statistics on every forward.
         check_scores: reject NaN / Inf router scores (one host sync per layer).
         layer_params: per-layer LASER knobs (from the calibration file).
@@ -108,6 +163,11 @@ class CapawareConfig:
     laser_rounds: int = 1
     laser_calibration: Optional[str] = None
     laser_load: str = "expert"
+    decode_floor: Optional[int] = None
+    decode_t_fix: float = 1.0
+    decode_pool: Optional[int] = None
+    decode_slack: int = 0
+    decode_rank_aware: bool = True
     seed: int = 0
     capacity_unit: str = "expert"
     record_stats: bool = True
@@ -195,8 +255,13 @@ class CapawareConfig:
         )
         for layer, params in self.layer_params.items():
             params.validate(f"LASER calibration, layer {layer}", topk, score_function)
+        check_decode_knobs(self, topk)
         if topk is not None and num_experts is not None and topk > num_experts:
             raise CapawareConfigError(f"top-k={topk} exceeds the number of experts {num_experts}")
+
+    def decode_floor_for(self, topk: int) -> int:
+        """decode-pack's floor for a model's top-k (``decode_floor``, default ``ceil(k / 2)``)."""
+        return self.decode_floor if self.decode_floor is not None else (topk + 1) // 2
 
     def laser_params(self, layer_number: Optional[int], topk: int) -> LaserParams:
         """LASER knobs of one layer: the calibrated ones, else the defaults."""
@@ -209,6 +274,8 @@ class CapawareConfig:
         """A short label for tables: ``capacity-drop(gamma=1.25)``, ``laser(cal)``..."""
         if router_type(self.router_type).is_vanilla:
             return self.router_type
+        if self.router_type == DECODE_PACK:
+            return decode_label(self)
         if self.router_type == LASER:
             if self.layer_params:
                 return "laser(calibrated,load=rank)" if self.laser_load == "rank" else "laser(calibrated)"

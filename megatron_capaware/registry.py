@@ -27,6 +27,7 @@ CAPACITY_DROP = "capacity-drop"
 CAPACITY_REROUTE = "capacity-reroute"
 EXPANDED_DROP = "expanded-drop"
 LASER = "laser"
+DECODE_PACK = "decode-pack"
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class Knob:
         choices: allowed values of a ``str`` knob.
         shown: router types whose spec / flags always print it (else only when not the default).
         metavar: the flag's metavar.
+        flag_name: the flag when it is not ``--capaware-<field>`` (argparse dest ``capaware_<flag>``).
+        inverted: a ``bool`` knob whose flag sets it False (``--capaware-decode-oea``: not rank-aware).
     """
 
     field: str
@@ -96,11 +99,13 @@ class Knob:
     choices: Optional[Tuple[str, ...]] = None
     shown: Tuple[str, ...] = ()
     metavar: Optional[str] = None
+    flag_name: Optional[str] = None
+    inverted: bool = False
 
     @property
     def dest(self) -> str:
-        """The argparse dest of the flag: ``capaware_<field>``."""
-        return "capaware_" + self.field
+        """The argparse dest of the flag: ``capaware_<field>`` (or of its ``flag_name``)."""
+        return "capaware_" + (self.flag_name or self.field)
 
     @property
     def flag(self) -> str:
@@ -119,6 +124,9 @@ ROUTER_TYPES: Dict[str, RouterType] = {r.name: r for r in (
                capacity=True, adds_experts=True, token_copies=False, marker="^"),
     RouterType(LASER, "top-k for confident tokens, the least-loaded good-enough experts for the others",
                replicas=False, group_limited=False, expert_bias=False, marker="D"),
+    RouterType(DECODE_PACK, "(decode steps) each token keeps its best --capaware-decode-floor experts and fills the "
+               "rest from experts already active, so the busiest EP rank activates as few experts as possible",
+               adds_experts=True, replicas=False, marker="P"),
 )}
 
 _CAPACITY = tuple(n for n, r in ROUTER_TYPES.items() if r.capacity)
@@ -126,6 +134,7 @@ _DROPPING = tuple(n for n, r in ROUTER_TYPES.items() if r.drop_policies)
 _NON_VANILLA = tuple(n for n, r in ROUTER_TYPES.items() if not r.is_vanilla)
 _REROUTE = (CAPACITY_REROUTE,)
 _LASER = (LASER,)
+_DECODE = (DECODE_PACK,)
 
 KNOBS: Tuple[Knob, ...] = (
     Knob("gamma", ("gamma",), "float", 1.25, _CAPACITY, check="positive", shown=_CAPACITY, metavar="GAMMA",
@@ -182,6 +191,20 @@ KNOBS: Tuple[Knob, ...] = (
          "between ranks."),
     Knob("seed", ("seed",), "int", 0, _DROPPING, check="int>=0", metavar="SEED",
          help="Seed of the random drop policy (independent of Megatron's --seed)."),
+    Knob("decode_floor", ("floor",), "int", None, _DECODE, check="int>=1", metavar="K0",
+         help="Every token keeps its K0 best experts (1 <= K0 <= --moe-router-topk; K0 = top-k is top-k). "
+         "Default: ceil(top-k / 2)."),
+    Knob("decode_pool", ("pool",), "int", None, _DECODE, check="int>=1", metavar="C",
+         help="A token fills its other slots from at most C candidates: its top-k, then experts scoring >= "
+         "--capaware-decode-t-fix x its best (C >= top-k). Default: top-k."),
+    Knob("decode_t_fix", ("t_fix",), "float", 1.0, _DECODE, check="unit", metavar="T",
+         help="Candidates beyond the top-k score >= T x the token's best (a ratio in (0, 1])."),
+    Knob("decode_slack", ("slack",), "int", 0, _DECODE, check="int>=0", metavar="N",
+         help="Each EP rank may activate up to N experts beyond what the floor activates on the busiest rank "
+         "(never beyond top-k's busiest rank)."),
+    Knob("decode_rank_aware", ("rank",), "bool", True, _DECODE, flag_name="decode_oea", inverted=True,
+         help="OEA's rule (arXiv 2511.02237): fill only from experts the floor already activates, no rank "
+         "awareness (the outside baseline). Default: off (rank-aware)."),
 )
 
 KNOBS_BY_FIELD: Dict[str, Knob] = {k.field: k for k in KNOBS}
@@ -215,11 +238,13 @@ def knobs_for(name: str) -> Tuple[Knob, ...]:
 
 
 def spec_key(key: str, router: str) -> Optional[Knob]:
-    """The knob a spec key names for ``router`` (``policy`` is the drop policy except for reroute)."""
+    """The knob a spec key names for ``router`` (``policy`` is the drop policy except for reroute;
+    a key two types share, like ``pool``, names the one ``router`` reads)."""
     if key == "policy" and router not in _REROUTE:
         return KNOBS_BY_FIELD["drop_policy"]
-    return next((k for k in KNOBS if key in k.keys), None)
+    named = [k for k in KNOBS if key in k.keys]
+    return next((k for k in named if router in k.routers), named[0] if named else None)
 
 
-__all__ = ["CALIBRATED_FIELDS", "CAPACITY_DROP", "CAPACITY_REROUTE", "EXPANDED_DROP", "LASER", "TOPK", "KNOBS", "KNOBS_BY_FIELD", "Knob", "ROUTER_TYPES", "RouterType", "SCOPES", "knobs_for", "router_names",
+__all__ = ["CALIBRATED_FIELDS", "CAPACITY_DROP", "DECODE_PACK", "CAPACITY_REROUTE", "EXPANDED_DROP", "LASER", "TOPK", "KNOBS", "KNOBS_BY_FIELD", "Knob", "ROUTER_TYPES", "RouterType", "SCOPES", "knobs_for", "router_names",
            "router_type", "spec_key"]

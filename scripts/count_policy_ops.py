@@ -41,12 +41,16 @@ def scores_of(seed):
 def calls(scores, group):
     indices = torch.topk(scores, K, dim=1).indices
     local = P.local_experts_tensor(list(range(8)), E, scores.device)
+    ranks = P.expert_rank_map(E, 8, scores.device)  # decode-pack: EP 8's layout (the router builds it once)
     c = dict(normalize=True, check_values=False, topk_indices=indices, weights=False, return_decision=True, group=group)
     return {"topk": lambda: P.topk(scores, K, normalize=True, check_values=False, topk_indices=indices, return_decision=True, group=group),
             "capacity-drop": lambda: P.capacity_drop(scores, K, 1.25, **c),
             "capacity-reroute": lambda: P.capacity_reroute(scores, K, 1.25, rounds=1, **c),
             "expanded-drop": lambda: P.expanded_drop(scores, K, 1.25, local, **c),
-            "laser": lambda: P.laser(scores, K, 0.9, 0.3, 16, waves=8, rounds=1, **c)}
+            "laser": lambda: P.laser(scores, K, 0.9, 0.3, 16, waves=8, rounds=1, **c),
+            "decode-pack": lambda: P.decode_pack(scores, K, 2, expert_ranks=ranks, num_ranks=8, **c),
+            "decode-pack-pool16": lambda: P.decode_pack(scores, K, 2, t_fix=0.2, pool=16, expert_ranks=ranks,
+                                                        num_ranks=8, **c)}
 for f in calls(scores_of(0), None).values():  # compile (when asked) outside the count
     f()
 alone = {n: count_call(f).ops for n, f in calls(scores_of(0), None).items()}

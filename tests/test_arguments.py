@@ -109,6 +109,12 @@ def test_help_states_units_and_defaults(capsys, monkeypatch) -> None:
          dict(router_type="capacity-reroute", reroute_rounds=0, gamma=1.25)),
         (["--moe-router-type", "capacity-reroute", "--capaware-capacity-unit", "rank", "--capaware-gamma", "1.05"],
          dict(router_type="capacity-reroute", capacity_unit="rank", gamma=1.05)),
+        (["--moe-router-type", "decode-pack", "--capaware-decode-floor", "2", "--capaware-decode-pool", "16",
+          "--capaware-decode-t-fix", "0.1", "--capaware-decode-slack", "1", "--capaware-renormalize"],
+         dict(router_type="decode-pack", decode_floor=2, decode_pool=16, decode_t_fix=0.1, decode_slack=1,
+              decode_rank_aware=True, renormalize=True)),
+        (["--moe-router-type", "decode-pack", "--capaware-decode-oea"],
+         dict(router_type="decode-pack", decode_floor=None, decode_rank_aware=False)),
     ],
 )
 def test_every_flag_reaches_the_config(argv, expected) -> None:
@@ -183,6 +189,10 @@ def test_malformed_calibration_file_fails_at_parse_time(tmp_path, capsys) -> Non
         (["--moe-router-type", "expanded-drop", "--capaware-capacity-unit", "rank"],
          "--capaware-capacity-unit has no effect with --moe-router-type expanded-drop"),
         (["--moe-router-type", "capacity-drop", "--capaware-seed", "3"], "--capaware-seed only seeds --capaware-drop-policy random"),
+        (["--moe-router-type", "laser", "--capaware-decode-floor", "2"],
+         "--capaware-decode-floor has no effect with --moe-router-type laser"),
+        (["--moe-router-type", "decode-pack", "--capaware-gamma", "1.0"],
+         "--capaware-gamma has no effect with --moe-router-type decode-pack"),
     ],
 )
 def test_knobs_of_another_router_are_refused(argv, message, capsys) -> None:

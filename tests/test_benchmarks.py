@@ -69,3 +69,30 @@ def test_straggler_benchmark_times_placed_layouts_and_the_forced_balance(tmp_pat
         assert row["layer_ms"] > 0
         if label.startswith("topk"):  # placement and forced balance drop nothing
             assert row["dropped_frac"] == 0.0, label
+
+
+def test_decode_benchmark_runs_on_tiny_shapes(tmp_path) -> None:
+    from megatron_capaware.tools.bench import decode
+
+    out = tmp_path / "decode.json"
+    assert decode.main(["--ep", "2", "--batches", "2", "8", "--steps", "3", "--hidden", "32", "--ffn", "64",
+                        "--experts", "16", "--topk", "4", "--case", "synthetic", "--repeats", "1", "--warmup", "0",
+                        "--routers", "topk", "decode-pack:floor=1,rank=0", "decode-pack:floor=1",
+                        "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [(r["batch"], r["label"]) for r in records] == [
+        (b, label) for b in (2, 8) for label in ("topk", "decode-pack(oea,floor=1)", "decode-pack(floor=1)")]
+    for r in records:
+        assert r["layer_ms"] > 0 and r["ep"] == 2 and len(r["per_step_ms"]) == 3
+        assert 0 < r["active_max"] <= 8 and r["bytes_read_max_mb"] > 0
+    at8 = {r["label"]: r for r in records if r["batch"] == 8}
+    # The packing rules never activate more experts on the busiest rank than top-k; OEA == pack there.
+    assert at8["decode-pack(floor=1)"]["active_max"] <= at8["topk"]["active_max"]
+    assert at8["decode-pack(floor=1)"]["active_max"] == at8["decode-pack(oea,floor=1)"]["active_max"]
+
+
+def test_decode_benchmark_refuses_an_uneven_batch(capsys) -> None:
+    from megatron_capaware.tools.bench import decode
+
+    assert decode.main(["--ep", "4", "--batches", "6", "--case", "synthetic"]) != 0
+    assert "multiples of 4" in capsys.readouterr().err

@@ -13,13 +13,13 @@ from tests.eval_workers import decode_worker
 pytestmark = pytest.mark.multirank
 
 EP, BATCH = 2, 8
-SPECS = ["topk", "capacity-drop:gamma=0.5", "capacity-drop:gamma=0.5,unit=rank"]
+SPECS = ["topk", "capacity-drop:gamma=0.5", "capacity-drop:gamma=0.5,unit=rank", "decode-pack:floor=1"]
 
 
 def test_decode_reports_active_experts_loads_and_quality(tiny_checkpoint) -> None:
     out = run_distributed(decode_worker, EP, tiny_checkpoint, EP, SPECS, BATCH, timeout_s=420)
     records = out[0]["records"]
-    topk, drop, rank = records
+    topk, drop, rank, pack = records
     experts_per_rank = 8 // EP
     for r in records:
         assert r["decode_tokens"] == BATCH * 6 * 2 and r["decode_rounds"] == 2
@@ -35,6 +35,9 @@ def test_decode_reports_active_experts_loads_and_quality(tiny_checkpoint) -> Non
     assert drop["decode_dropped_frac"] > 0 and drop["decode_rank_peak_load"] < topk["decode_rank_peak_load"]
     assert rank["decode_rank_peak_load"] <= 0.5 + 1e-9
     assert rank["decode_active_max"] <= topk["decode_active_max"]
+    # decode-pack keeps each token's best expert and packs the rest: never more active on the busiest rank
+    assert pack["decode_active_max"] <= topk["decode_active_max"] and pack["decode_rerouted_frac"] == 0
+    assert pack["decode_frontier"] in ("yes", "dominated")
     table = report.format_decode_table(records)
     assert "active_max" in table and "capacity-drop(gamma=0.5,unit=rank)" in table
 

@@ -41,6 +41,8 @@ ROUTERS: Dict[str, Dict[str, Any]] = {
     "expanded": dict(router_type="expanded-drop", gamma=1.25),
     "laser": dict(router_type="laser", laser_eps_high=0.6, laser_t_fix=0.3, laser_pool=4),
     "laser_rank": dict(router_type="laser", laser_eps_high=0.6, laser_t_fix=0.3, laser_pool=4, laser_load="rank"),
+    "decode": dict(router_type="decode-pack", decode_floor=1, decode_pool=4, decode_t_fix=0.3),
+    "decode_oea": dict(router_type="decode-pack", decode_floor=1, decode_rank_aware=False),
 }
 CAPACITY_ROUTERS = {"drop", "drop_position", "drop_random", "drop_local", "reroute", "reroute_load", "expanded"}
 
@@ -71,6 +73,10 @@ def expected_decision(name: str, scores: torch.Tensor, local_experts: List[List[
     if name == "laser_rank":
         return P.laser(scores, K, kw["laser_eps_high"], kw["laser_t_fix"], kw["laser_pool"], normalize=True,
                        load="rank", expert_ranks=P.expert_rank_map(E, ep), num_ranks=ep)
+    if name in ("decode", "decode_oea"):
+        return P.decode_pack(scores, K, kw["decode_floor"], t_fix=kw.get("decode_t_fix", 1.0),
+                             pool=kw.get("decode_pool"), rank_aware=kw.get("decode_rank_aware", True),
+                             expert_ranks=P.expert_rank_map(E, ep), num_ranks=ep, normalize=True)
     raise KeyError(name)
 
 

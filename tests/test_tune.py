@@ -23,6 +23,8 @@ CONFIGS = [
     CapawareConfig("capacity-reroute", gamma=1.05, capacity_unit="rank", drop_policy="weight", reroute_min_ratio=0.3),
     CapawareConfig("expanded-drop", gamma=1.0, renormalize=True),
     CapawareConfig("laser", laser_eps_high=0.7, laser_t_fix=0.4, laser_pool=3),
+    CapawareConfig("decode-pack", decode_floor=2, decode_pool=16, decode_t_fix=0.1, decode_slack=1),
+    CapawareConfig("decode-pack", decode_rank_aware=False, renormalize=True),
 ]
 FIELDS = ("router_type", "gamma", "drop_policy", "capacity_unit", "reroute_rounds", "reroute_min_ratio",
           "reroute_policy", "scope", "renormalize", "laser_eps_high", "laser_t_fix", "laser_pool")

@@ -31,7 +31,7 @@ from megatron_capaware.config import CapawareConfig, CapawareConfigError
 from megatron_capaware.placement.replicas import even_slot_loads
 from megatron_capaware.policies.collectives import all_reduce_sum
 from megatron_capaware.refusals import raise_if_refused
-from megatron_capaware.registry import CAPACITY_DROP, CAPACITY_REROUTE, EXPANDED_DROP, LASER, router_type
+from megatron_capaware.registry import CAPACITY_DROP, CAPACITY_REROUTE, DECODE_PACK, EXPANDED_DROP, LASER, router_type
 
 
 def check_supported(config: Any, capaware: CapawareConfig) -> None:
@@ -331,6 +331,12 @@ class CapawareRouter(TopKRouter):
                 scores, k, params.eps_high, params.t_fix, params.pool,
                 waves=capaware.laser_waves, rounds=capaware.laser_rounds, **common,
             )
+        if capaware.router_type == DECODE_PACK:  # the EP layout's ranks (a placement's, when placed)
+            return policies.decode_pack(
+                scores, k, capaware.decode_floor_for(k), t_fix=capaware.decode_t_fix, pool=capaware.decode_pool,
+                slack=capaware.decode_slack, rank_aware=capaware.decode_rank_aware,
+                expert_ranks=self.capaware_state.expert_ranks, num_ranks=self.config.expert_model_parallel_size,
+                allowed=allowed, **common)
         if capaware.capacity_unit == "rank" and router_type(capaware.router_type).rank_unit:
             # The EP rank of each expert (contiguous, or the placement's with R = 0).
             common.update(unit="rank", expert_ranks=self.capaware_state.expert_ranks,

@@ -49,7 +49,7 @@ _RESOLVED = "_capaware_resolved"
 
 #: Documented defaults of the knob flags, whose argparse default is None (so that an explicit
 #: value can be told from the default when checking combinations): from the registry.
-DEFAULTS: Dict[str, Any] = {knob.dest: knob.default for knob in KNOBS}
+DEFAULTS: Dict[str, Any] = {knob.dest: (not knob.default) if knob.inverted else knob.default for knob in KNOBS}
 
 #: Flags of the placement runtime (any router type).
 PLACEMENT_FLAGS = ["--capaware-placement", "--capaware-replica-policy"]
@@ -133,7 +133,7 @@ def _add_knob_flag(group: Any, knob: Knob) -> None:
     """One ``--capaware-*`` flag from its registry entry (argparse default None: see :data:`DEFAULTS`)."""
     users = " / ".join(knob.routers)
     text = f"({users}) {knob.help}"
-    if knob.default is not None and "Default:" not in knob.help:
+    if knob.default is not None and "Default:" not in knob.help and not knob.inverted:
         text += f" Default: {knob.default}."
     if knob.kind == "bool":
         group.add_argument(knob.flag, action="store_true", default=None, help=text)
@@ -392,7 +392,7 @@ def config_from_args(args: Any) -> CapawareConfig:
     values: Dict[str, Any] = {}
     for knob in KNOBS:
         value = getattr(args, knob.dest, None)
-        value = knob.default if value is None else value
+        value = knob.default if value is None else (not value) if knob.inverted else value
         if value is not None and knob.kind in ("int", "float", "bool"):
             value = {"int": int, "float": float, "bool": bool}[knob.kind](value)
         values[knob.field] = value

@@ -27,6 +27,7 @@ from megatron_capaware.policies.capacity import (
 )
 from megatron_capaware.policies.common import RoutingInputError, group_limited_mask
 from megatron_capaware.policies.decision import RoutingDecision
+from megatron_capaware.policies.decode import decode_pack
 from megatron_capaware.policies.laser import laser
 from megatron_capaware.policies.selection import select_top_per_expert
 
@@ -35,6 +36,7 @@ __all__ = [
     "RoutingInputError",
     "capacity_drop",
     "capacity_reroute",
+    "decode_pack",
     "expanded_drop",
     "expert_rank_map",
     "group_limited_mask",

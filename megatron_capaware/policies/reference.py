@@ -424,3 +424,67 @@ def laser_waves(
                 load[e] += 1
             chosen[t] = set(picked[t]) | set(extra[t])
     return _output(scores, chosen, sums, normalize, renormalize)
+
+
+def decode_pack(
+    scores: torch.Tensor,
+    k: int,
+    floor: int,
+    *,
+    t_fix: float = 1.0,
+    pool: Optional[int] = None,
+    slack: int = 0,
+    rank_aware: bool = True,
+    expert_ranks: Optional[Sequence[int]] = None,
+    normalize: bool = False,
+    renormalize: bool = False,
+    topk_indices: Optional[torch.Tensor] = None,
+    valid_tokens: Optional[torch.Tensor] = None,
+    allowed: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """decode-pack (and, ``rank_aware=False``, OEA's rule) as docs/routers.md states it, with loops.
+
+    ``expert_ranks`` (``[E]``, each expert's EP rank; None: one rank).
+    """
+    def run(s, tk, al):
+        num_tokens, num_experts = s.shape
+        ranks = [0] * num_experts if expert_ranks is None else [int(r) for r in expert_ranks]
+        rows = _rows(s)
+        tops = _topk_lists(s, k, tk)
+        ok = _allowed_lists(al, num_tokens, num_experts)
+        width = min(k if pool is None else pool, num_experts)
+        pools = []
+        for t in range(num_tokens):
+            members = _laser_pool(rows[t], tops[t], t_fix, width)
+            pools.append(members[:k] + [e for e in members[k:] if ok[t][e]])
+        # Step 1: the floor and its activated set A0; top-k's activated set.
+        active = {e for t in range(num_tokens) for e in tops[t][:floor]}
+        top_active = {e for t in range(num_tokens) for e in tops[t]}
+        if rank_aware:
+            def per_rank(experts: Set[int]) -> Dict[int, int]:
+                out = {r: 0 for r in ranks}
+                for e in experts:
+                    out[ranks[e]] += 1
+                return out
+
+            a0, atop = per_rank(active), per_rank(top_active)
+            target = min(max(a0.values()) + slack, max(atop.values()))
+            demand = [sum(1 for t in range(num_tokens) if e in tops[t][floor:]) for e in range(num_experts)]
+            holders = [sum(1 for t in range(num_tokens) if e in pools[t][floor:]) for e in range(num_experts)]
+            new: Set[int] = set()
+            for r in a0:
+                wanted = [e for e in range(num_experts) if ranks[e] == r and e not in active and holders[e] > 0]
+                wanted.sort(key=lambda e: (-demand[e], -holders[e], e))
+                new.update(wanted[: max(target - a0[r], 0)])
+            active = active | new
+        chosen: List[Set[int]] = []
+        for t in range(num_tokens):
+            picks = list(tops[t][:floor])
+            for e in pools[t][floor:]:
+                if len(picks) < k and e in active:
+                    picks.append(e)
+            chosen.append(set(picks))
+        return _output(s, chosen, [sum(rows[t][e] for e in tops[t]) for t in range(num_tokens)], normalize,
+                       renormalize)
+
+    return _on_real_tokens(scores, valid_tokens, run, topk_indices, allowed)

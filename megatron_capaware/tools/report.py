@@ -99,6 +99,8 @@ def make_records(results: Sequence[Any], options: Any) -> List[Dict[str, Any]]:
             record["decode_active_speedup"] = (
                 baseline["decode_active_max"] / record["decode_active_max"] if record["decode_active_max"] else None)
     mark_frontier(records)
+    if any(r.get("decode_active_speedup") is not None for r in records):
+        mark_frontier(records, speed="decode_active_speedup", quality="decode_delta_ppl_pct", key="decode_frontier")
     return records
 
 
@@ -110,6 +112,7 @@ DECODE_COLUMNS = (
     ("decode_active_max", "active_max", "{:.3f}"),
     ("decode_active_mean", "active_mean", "{:.3f}"),
     ("decode_active_speedup", "active_topk/active", "{:.3f}x"),
+    ("decode_frontier", "frontier", "{}"),
     ("decode_rank_peak_load", "peak_rank", "{:.3f}"),
     ("decode_i_agg", "I_agg", "{:.3f}"),
     ("decode_dropped_frac", "dropped%", "{:.2%}"),
@@ -146,19 +149,21 @@ def predicted_speedup(baseline: Dict[str, Any], record: Dict[str, Any]) -> Optio
     return base / mine
 
 
-def mark_frontier(records: Sequence[Dict[str, Any]]) -> None:
-    """Set ``frontier`` to ``yes`` or ``dominated`` (another setting is at least as fast
-    and as good, and better in one) on records with a speedup and a perplexity."""
-    usable = [r for r in records if r.get("predicted_speedup") is not None and r.get("ppl") is not None]
+def mark_frontier(records: Sequence[Dict[str, Any]], speed: str = "predicted_speedup", quality: str = "ppl",
+                  key: str = "frontier") -> None:
+    """Set ``key`` to ``yes`` or ``dominated`` (another setting is at least as fast
+    and as good, and better in one) on records with a ``speed`` and a ``quality`` (lower is better);
+    the decode frontier passes ``decode_active_speedup`` / ``decode_delta_ppl_pct``."""
+    usable = [r for r in records if r.get(speed) is not None and r.get(quality) is not None]
     for r in records:
-        r["frontier"] = None
+        r[key] = None
     for r in usable:
         dominated = any(
-            o is not r and o["predicted_speedup"] >= r["predicted_speedup"] and o["ppl"] <= r["ppl"]
-            and (o["predicted_speedup"] > r["predicted_speedup"] or o["ppl"] < r["ppl"])
+            o is not r and o[speed] >= r[speed] and o[quality] <= r[quality]
+            and (o[speed] > r[speed] or o[quality] < r[quality])
             for o in usable
         )
-        r["frontier"] = "dominated" if dominated else "yes"
+        r[key] = "dominated" if dominated else "yes"
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -227,6 +232,7 @@ def write_outputs(
         written += plot_load_heatmaps(records, out_dir / "expert_load_heatmaps.png")
         written += plot_quality_vs_balance(records, out_dir / "quality_vs_balance.png")
         written += plot_frontier(records, out_dir / "frontier.png", text_kind=text_kind)
+        written += plot_decode_frontier(records, out_dir / "decode_frontier.png")
     return written
 
 
@@ -377,3 +383,53 @@ def format_placement(records: Sequence[Dict[str, Any]]) -> str:
             f"({record['delta_ppl_pct']:+.5f}%)"
         )
     return "\n".join(lines)
+
+
+def plot_decode_frontier(records: Sequence[Dict[str, Any]], path: Path) -> List[Path]:
+    """Decode perplexity change against ``active_max(topk) / active_max(setting)`` (``--decode``), frontier drawn.
+
+    The x axis is the busiest EP rank's activated experts per decode step under top-k over the setting's:
+    the decode speedup if a step's expert time is its weight reads.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    usable = [r for r in records if r.get("decode_active_speedup") is not None
+              and r.get("decode_delta_ppl_pct") is not None]
+    if not usable:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    markers = {"topk": "*", "capacity-drop": "o", "capacity-reroute": "s", "expanded-drop": "^", "laser": "D",
+               "decode-pack": "P", "decode-pack (oea)": "X"}
+    families: Dict[str, List[Dict[str, Any]]] = {}
+    for record in usable:
+        family = _family(record)
+        if record["router"] == "decode-pack" and not (record.get("config") or {}).get("decode_rank_aware", True):
+            family = "decode-pack (oea)"
+        families.setdefault(family, []).append(record)
+    for family, items in families.items():
+        items = sorted(items, key=lambda r: r["decode_active_speedup"])
+        ax.plot([r["decode_active_speedup"] for r in items], [r["decode_delta_ppl_pct"] for r in items],
+                marker=markers.get(family, markers.get(items[0]["router"], "o")), label=family, alpha=0.85,
+                linestyle="-" if family.startswith("decode-pack") and len(items) > 1 else "")
+        if family.startswith("decode-pack"):
+            for r in items:
+                short = r["label"].replace("decode-pack(", "").rstrip(")").replace("oea,", "")
+                ax.annotate(short, (r["decode_active_speedup"], r["decode_delta_ppl_pct"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+    front = sorted((r for r in usable if r.get("decode_frontier") == "yes"), key=lambda r: r["decode_active_speedup"])
+    ax.plot([r["decode_active_speedup"] for r in front], [r["decode_delta_ppl_pct"] for r in front], color="black",
+            linewidth=1, linestyle="--", label="frontier")
+    top = max(2.0, 2.0 * max(r["decode_delta_ppl_pct"] for r in front))
+    off = [r for r in usable if r["decode_delta_ppl_pct"] > top]
+    if off:
+        ax.set_ylim(top=top)
+        ax.text(0.02, 0.97, "off the chart: " + ", ".join(
+            f"{r['label']} {r['decode_delta_ppl_pct']:+.1f}%" for r in off), transform=ax.transAxes, fontsize=6,
+            va="top", wrap=True)
+    first = usable[0]
+    return _finish(fig, ax, path, "active_max(topk) / active_max(setting): busiest rank's activated experts "
+                   "(higher is fewer)", "decode perplexity change vs topk, %",
+                   f"Decode: batch {first.get('decode_batch')}, EP {first.get('ep')}", 7)

@@ -122,7 +122,7 @@ def megatron_flags(cfg: CapawareConfig, calibration: Any = None) -> List[str]:
     flags = ["--moe-router-type", cfg.router_type]
     for knob, value in _shown(cfg, calibration, "flags"):
         if knob.kind == "bool":
-            flags += [knob.flag] if value else []
+            flags += [knob.flag] if bool(value) != knob.inverted else []
         else:
             flags += [knob.flag, _text(knob, value)]
     return flags
