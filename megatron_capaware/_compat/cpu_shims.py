@@ -389,6 +389,9 @@ def apply_cpu_shims() -> bool:
     _shim_moe_utils()
     _shim_uneven_gather()
     _shim_causal_masks()
+    from megatron_capaware._compat.dynamic_engine_cpu import apply_dynamic_engine_shims
+
+    apply_dynamic_engine_shims()
     _APPLIED = True
     return True
 

@@ -1,0 +1,142 @@
+"""Stand-ins that let Megatron-Core's dynamic inference engine run on a machine without CUDA.
+
+Applied by :func:`megatron_capaware._compat.cpu_shims.apply_cpu_shims` (so only
+without CUDA; on a GPU machine nothing here is ever installed). Checked against
+megatron-core 0.19.2 (``DynamicInferenceContext``, ``DynamicInferenceEngine``,
+``TextGenerationController``, ``MegatronLLM``); every function is a no-op on a
+megatron-core without the dynamic engine.
+
+1. Pinned host memory. ``DynamicInferenceContext`` and the controller allocate
+   their host mirrors with ``pin_memory=True`` / ``.pin_memory()``; a CPU build
+   of torch has no pinned allocator and raises. Pinning only speeds up
+   host<->device copies, which do not exist without a device, so the request
+   is dropped (the tensor is an ordinary CPU tensor).
+2. flash-attn. Dynamic batching asserts flash-attn >= 2.7.3 and calls its
+   ``flash_attn_varlen_func`` / ``flash_attn_with_kvcache`` on the paged KV
+   cache (``Attention.flash_decode_and_prefill``); flash-attn has no CPU build.
+   When it is not installed, ``megatron.core.transformer.attention`` gets the
+   plain-torch versions of :mod:`megatron_capaware._compat.paged_attention`
+   (tested against dense attention) and its version check passes for them.
+3. The KV-cache append. ``DynamicInferenceContext.append_key_value_cache`` uses
+   a Triton kernel when ``fused_kv_append_kernel`` imports, which it does under
+   the package's triton stand-in (cpu_shims, shim 8); with the stand-in active
+   the name is set to None, so Megatron takes its own torch indexing path.
+4. einops. The dynamic attention path reshapes its output with
+   ``einops.rearrange(out, 's b h d -> s b (h d)')``; megatron-core does not
+   declare einops, and without it the name is None. Where it is None, that one
+   pattern is given as a reshape (any other pattern raises, naming einops).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any, Callable
+
+import torch
+
+_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "empty_like", "zeros_like",
+              "ones_like", "full_like", "as_tensor", "empty_strided", "randn", "rand")
+_APPLIED = False
+
+
+def _without_pin_memory(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
+        return fn(*args, **kwargs)
+
+    factory.capaware_unpinned = True  # type: ignore[attr-defined]
+    return factory
+
+
+def drop_pin_memory() -> None:
+    """``pin_memory=True`` and ``Tensor.pin_memory()`` give ordinary CPU tensors (CPU only)."""
+    for name in _FACTORIES:
+        fn = getattr(torch, name, None)
+        if fn is not None and not getattr(fn, "capaware_unpinned", False):
+            setattr(torch, name, _without_pin_memory(fn))
+    torch.Tensor.pin_memory = lambda self, *a, **k: self  # type: ignore[assignment]
+
+
+def flash_attention_in_torch() -> bool:
+    """Give Megatron's attention module the torch paged-attention kernels when flash-attn is absent.
+
+    Returns:
+        True when the stand-ins are in place; False when flash-attn is installed
+        or this megatron-core has no dynamic-batching attention.
+    """
+    if importlib.util.find_spec("flash_attn") is not None:
+        return False
+    try:
+        from megatron.core.transformer import attention
+    except ImportError:
+        return False
+    if not hasattr(attention, "flash_attn_varlen_func"):
+        return False
+    from megatron_capaware._compat import paged_attention
+
+    attention.flash_attn_varlen_func = paged_attention.flash_attn_varlen_func
+    attention.flash_attn_with_kvcache = paged_attention.flash_attn_with_kvcache
+    original = attention.is_fa_min_version
+    if not getattr(original, "capaware_torch_attention", False):
+        def is_fa_min_version(version: str, check_equality: bool = True) -> bool:
+            return True  # the stand-ins implement flash-attn 2.7's interface
+
+        is_fa_min_version.capaware_torch_attention = True  # type: ignore[attr-defined]
+        attention.is_fa_min_version = is_fa_min_version
+    return True
+
+
+def torch_kv_append_without_triton() -> bool:
+    """Megatron's torch KV-cache append where only the triton stand-in is importable.
+
+    Returns:
+        True when Megatron's torch path is selected; False with a real triton.
+    """
+    import sys
+
+    if not getattr(sys.modules.get("triton"), "capaware_cpu_stand_in", False):
+        return False
+    try:
+        from megatron.core.inference.contexts import dynamic_context
+    except ImportError:
+        return False
+    dynamic_context.triton_append_key_value_cache = None
+    return True
+
+
+def _merge_last_two(tensor: torch.Tensor, pattern: str) -> torch.Tensor:
+    if " ".join(pattern.split()) != "s b h d -> s b (h d)":
+        raise NotImplementedError(f"einops is not installed (pip install einops); pattern {pattern!r}")
+    return tensor.reshape(*tensor.shape[:-2], -1)
+
+
+def rearrange_without_einops() -> bool:
+    """``attention.rearrange`` for the dynamic path's one pattern when einops is absent."""
+    try:
+        from megatron.core.transformer import attention
+    except ImportError:
+        return False
+    if getattr(attention, "rearrange", True) is not None:
+        return False
+    attention.rearrange = _merge_last_two
+    return True
+
+
+def apply_dynamic_engine_shims() -> bool:
+    """Install every stand-in above once (the caller checks that CUDA is absent).
+
+    Returns:
+        True once installed.
+    """
+    global _APPLIED
+    if _APPLIED:
+        return True
+    drop_pin_memory()
+    flash_attention_in_torch()
+    torch_kv_append_without_triton()
+    rearrange_without_einops()
+    _APPLIED = True
+    return True
