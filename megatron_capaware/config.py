@@ -62,6 +62,15 @@ class LaserParams:
             )
 
 
+def _check_phases(phases: str) -> None:
+    from megatron_capaware.policies.phases import PhaseConfigError, parse_phases
+
+    try:
+        parse_phases(phases)
+    except PhaseConfigError as err:
+        raise CapawareConfigError(str(err)) from None
+
+
 @dataclass
 class CapawareConfig:
     """Router type and knobs (names follow the ``--moe-router-type`` / ``--capaware-*`` flags).
@@ -92,6 +101,10 @@ class CapawareConfig:
         record_stats: record per-layer load statistics on every forward.
         check_scores: reject NaN / Inf router scores (one host sync per layer).
         layer_params: per-layer LASER knobs (from the calibration file).
+        phases: the dynamic engine's steps the policy applies to
+            (``--capaware-phases``; :mod:`megatron_capaware.adapters.phases`):
+            ``all`` or a comma list of ``prefill``, ``mixed``, ``decode``,
+            ``idle``; other steps are routed by ``topk`` on the placement.
     """
 
     router_type: str = "topk"
@@ -114,6 +127,7 @@ class CapawareConfig:
     record_stats: bool = True
     check_scores: bool = True
     layer_params: Dict[int, LaserParams] = field(default_factory=dict)
+    phases: str = "prefill,mixed"
 
     def __post_init__(self) -> None:
         if self.laser_calibration and not self.layer_params:
@@ -163,6 +177,7 @@ class CapawareConfig:
                 f"laser_load={self.laser_load!r} is a LASER option, not one of {self.router_type}; use "
                 "--moe-router-type laser, or leave --capaware-laser-load at expert"
             )
+        _check_phases(self.phases)
         if self.reroute_policy not in REROUTE_POLICIES:
             raise CapawareConfigError(
                 f"reroute policy {self.reroute_policy!r} must be one of {', '.join(REROUTE_POLICIES)}"

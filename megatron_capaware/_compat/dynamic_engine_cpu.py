@@ -25,6 +25,10 @@ megatron-core without the dynamic engine.
    ``einops.rearrange(out, 's b h d -> s b (h d)')``; megatron-core does not
    declare einops, and without it the name is None. Where it is None, that one
    pattern is given as a reshape (any other pattern raises, naming einops).
+5. NVTX names bound at import. ``text_generation_controller`` does
+   ``from torch.cuda.nvtx import range_push, range_pop``; when it was imported
+   before the NVTX shim (cpu_shims, shim 3) its names still raise on a CPU
+   build, so they are rebound to the shimmed functions.
 """
 
 from __future__ import annotations
@@ -125,6 +129,24 @@ def rearrange_without_einops() -> bool:
     return True
 
 
+def rebind_controller_nvtx() -> bool:
+    """Rebind the controller's ``range_push`` / ``range_pop`` to the (shimmed) ``torch.cuda.nvtx`` ones."""
+    import sys
+
+    controller = sys.modules.get(
+        "megatron.core.inference.text_generation_controllers.text_generation_controller")
+    if controller is None:
+        try:
+            from megatron.core.inference.text_generation_controllers import text_generation_controller as controller
+        except ImportError:
+            return False
+    import torch.cuda.nvtx as nvtx
+
+    controller.range_push = nvtx.range_push
+    controller.range_pop = nvtx.range_pop
+    return True
+
+
 def apply_dynamic_engine_shims() -> bool:
     """Install every stand-in above once (the caller checks that CUDA is absent).
 
@@ -138,5 +160,6 @@ def apply_dynamic_engine_shims() -> bool:
     flash_attention_in_torch()
     torch_kv_append_without_triton()
     rearrange_without_einops()
+    rebind_controller_nvtx()
     _APPLIED = True
     return True

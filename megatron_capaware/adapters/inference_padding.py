@@ -42,10 +42,12 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class StepPadding:
-    """One dynamic step: its real token count (``[1]`` tensor or int) and padded count."""
+    """One dynamic step: its real token count (``[1]`` tensor or int), padded count, and
+    composition (:class:`megatron_capaware.adapters.phases.StepComposition`, or None)."""
 
     real_count: Union[torch.Tensor, int]
     padded_count: int
+    composition: Any = None
 
 
 _STEP: contextvars.ContextVar[Optional[StepPadding]] = contextvars.ContextVar("capaware_dynamic_step", default=None)
@@ -59,7 +61,14 @@ def step_padding(context: Any) -> Optional[StepPadding]:
     real = getattr(getattr(context, "gpu_view", None), "real_token_count", None)
     if real is None:  # a context without the device-side count: the host one
         real = int(getattr(context, "active_token_count", 0) or 0)
-    return StepPadding(real_count=real, padded_count=padded)
+    from megatron_capaware.adapters.phases import step_composition
+
+    return StepPadding(real_count=real, padded_count=padded, composition=step_composition(context))
+
+
+def current_step() -> Optional[StepPadding]:
+    """The dynamic step published for the MoE layer now running, or None."""
+    return _STEP.get()
 
 
 @contextlib.contextmanager

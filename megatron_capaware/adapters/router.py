@@ -120,6 +120,12 @@ class CapawareRouter(TopKRouter):
         from megatron_capaware.adapters.guards import routing_collectives
 
         with routing_collectives(self.layer_number, self.capaware_load_group):
+            from megatron_capaware.adapters import phases
+
+            step = phases.current_composition()
+            if self.capaware.router_type != "topk" and not phases.route_with_policy(
+                    step, phases.parse_phases(self.capaware.phases), self.capaware_load_group):
+                return self._topk_on_layout(logits, padding_mask, step)
             probs, routing_map, decision = self._capaware_routing(logits, padding_mask)
             layout = self.capaware_layout
             slot_loads = None
@@ -133,6 +139,30 @@ class CapawareRouter(TopKRouter):
             if decision is not None:
                 self._record(decision, slot_loads)
             return probs, routing_map
+
+    def _topk_on_layout(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor], step):
+        """Megatron's top-k on the placement's layout (a phase outside ``phases``, or a captured step).
+
+        A captured step (``step.captured``) is capture-safe: replicas round-robin
+        by token index (no collective), no score check, no statistics.
+        """
+        from megatron_capaware.placement.replicas import replica_choice, to_physical
+
+        probs, routing_map = TopKRouter.routing(self, logits, padding_mask=padding_mask)
+        decision = None
+        if not step.captured and self.capaware_stats is not None and self.capaware.record_stats:
+            decision = policies.map_decision(probs, routing_map, self._group())
+        layout, slot_loads = self.capaware_layout, None
+        if layout is not None and layout.placed:
+            table = self._slot_table(routing_map.device)
+            rule = "round-robin" if step.captured else layout.replica_policy
+            replica = replica_choice(routing_map, table, rule, self.capaware_load_group)
+            probs, routing_map = to_physical(probs, routing_map, table, replica)
+            if decision is not None:
+                slot_loads = self._slot_loads(decision, routing_map, layout)
+        if decision is not None:
+            self._record(decision, slot_loads)
+        return probs, routing_map
 
     def _slot_loads(self, decision, physical_map: torch.Tensor, layout) -> torch.Tensor:
         """This call's global per-slot loads ``[S]`` (device-side; for the stats)."""
@@ -494,6 +524,9 @@ class CapawareRouter(TopKRouter):
 
                 slot_loads = even_slot_loads(decision.global_loads, layout.table)
         self.capaware_stats.record_decision(decision, slot_loads)
+        from megatron_capaware.adapters.phases import record_phase
+
+        record_phase(self, decision, slot_loads)
 
 
 def _map_to_indices(scores: torch.Tensor, routing_map: torch.Tensor, k: int) -> torch.Tensor:

@@ -222,3 +222,6 @@ def collect_stats(model: torch.nn.Module) -> Dict[int, LayerRoutingStats]:
 def reset_stats(model: torch.nn.Module) -> None:
     for stats in collect_stats(model).values():
         stats.reset()
+    from megatron_capaware.adapters.phases import reset_phase_stats
+
+    reset_phase_stats(model)
