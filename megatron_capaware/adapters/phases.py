@@ -74,9 +74,23 @@ def current_composition() -> Optional[StepComposition]:
     return None if step is None else step.composition
 
 
-def capture_safe_replicas(layout: Any) -> str:
-    """The replica rule of a captured step: ``round-robin`` (no collective) whatever the layout's."""
-    return "round-robin"
+def check_not_capturing(layer_number: Any) -> None:
+    """Refuse to run a policy while a CUDA graph is being captured outside a marked dynamic step.
+
+    The dynamic engine marks the steps it captures (those take the capture-safe
+    path); any other capture (a static engine, a training graph) would record
+    the policy's data-dependent work. ``torch.cuda.is_current_stream_capturing``
+    is a host-side query (no sync).
+
+    Raises:
+        RuntimeError: naming the flags to change.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"MoE layer {layer_number}: a CUDA graph is being captured around a capaware routing policy "
+            "outside Megatron's dynamic inference engine (whose captured steps route by top-k); use "
+            "--cuda-graph-impl none there, or the dynamic engine, or --moe-router-type topk"
+        )
 
 
 # ---------------------------------------------------------------- statistics per phase

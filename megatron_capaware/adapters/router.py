@@ -126,6 +126,8 @@ class CapawareRouter(TopKRouter):
             if self.capaware.router_type != "topk" and not phases.route_with_policy(
                     step, phases.parse_phases(self.capaware.phases), self.capaware_load_group):
                 return self._topk_on_layout(logits, padding_mask, step)
+            if self.capaware.router_type != "topk":
+                phases.check_not_capturing(self.layer_number)
             probs, routing_map, decision = self._capaware_routing(logits, padding_mask)
             layout = self.capaware_layout
             slot_loads = None
