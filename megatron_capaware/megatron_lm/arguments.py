@@ -73,6 +73,7 @@ DEFAULTS: Dict[str, Any] = {
     "capaware_laser_load": "expert",
     "capaware_seed": 0,
     "capaware_capacity_unit": "expert",
+    "capaware_phases": "prefill,mixed",
 }
 
 #: Flags of the placement runtime (any router type).
@@ -96,6 +97,7 @@ KNOB_ROUTERS: Dict[str, tuple] = {
     "capaware_laser_load": ("laser",),
     "capaware_seed": ("capacity-drop", "capacity-reroute"),
     "capaware_capacity_unit": ("capacity-drop", "capacity-reroute"),
+    "capaware_phases": ("capacity-drop", "capacity-reroute", "expanded-drop", "laser"),
 }
 
 #: Megatron's --moe-token-drop-policy values and the capaware policy each means.
@@ -229,6 +231,13 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         help="global: loads and capacity over the whole expert-parallel group (exact: no "
         "expert receives more than C after dispatch); local: each rank's own tokens, the "
         "papers' and Megatron's per-rank semantics. Default: global.",
+    )
+    group.add_argument(
+        "--capaware-phases", default=None, metavar="PHASES",
+        help="Megatron's dynamic inference engine: the steps the policy applies to, 'all' or a "
+        "comma list of prefill, mixed, decode, idle; other steps are routed by top-k on the "
+        "placement's layout (steps captured as CUDA graphs always are). Eager steps at EP > 1 "
+        "run the policy whatever their phase (ranks may differ). Default: prefill,mixed.",
     )
     group.add_argument(
         "--capaware-reroute-rounds", type=_int_at_least(0), default=None, metavar="N",
@@ -524,6 +533,7 @@ def config_from_args(args: Any) -> CapawareConfig:
         laser_load=get("capaware_laser_load"),
         seed=int(get("capaware_seed")),
         capacity_unit=get("capaware_capacity_unit"),
+        phases=get("capaware_phases"),
     )
 
 
