@@ -1,7 +1,13 @@
 """Stand-ins that let Megatron-Core's dynamic inference engine run on a machine without CUDA.
 
-Applied by :func:`megatron_capaware._compat.cpu_shims.apply_cpu_shims` (so only
-without CUDA; on a GPU machine nothing here is ever installed). Checked against
+Items 2-5 are applied by :func:`megatron_capaware._compat.cpu_shims.apply_cpu_shims`
+(so only without CUDA; on a GPU machine nothing here is ever installed): they
+are inert until a ``DynamicInferenceContext`` exists. Item 1, the one that lets
+the context be built at all, is opt-in: :func:`enable_dynamic_engine_on_cpu`.
+Without it Megatron's ``StaticInferenceEngine()`` keeps falling back to the
+legacy static engine on CPU (it tries the dynamic context first, with
+Megatron-LM's default 40 GB ``--inference-dynamic-batching-buffer-size-gb``),
+which is what the static scripts through the launcher are tested with. Checked against
 megatron-core 0.19.2 (``DynamicInferenceContext``, ``DynamicInferenceEngine``,
 ``TextGenerationController``, ``MegatronLLM``); every function is a no-op on a
 megatron-core without the dynamic engine.
@@ -147,8 +153,25 @@ def rebind_controller_nvtx() -> bool:
     return True
 
 
+def enable_dynamic_engine_on_cpu() -> bool:
+    """Let Megatron's dynamic inference engine (``MegatronLLM``, ``DynamicInferenceEngine``) run here.
+
+    The CPU shims (with items 2-5) and the pinned-memory stand-in (item 1). No-op with CUDA.
+
+    Returns:
+        True when active, False on a CUDA machine.
+    """
+    from megatron_capaware._compat.cpu_shims import apply_cpu_shims, cuda_available
+
+    if cuda_available():
+        return False
+    apply_cpu_shims()
+    drop_pin_memory()
+    return True
+
+
 def apply_dynamic_engine_shims() -> bool:
-    """Install every stand-in above once (the caller checks that CUDA is absent).
+    """Install stand-ins 2-5 once (the caller checks that CUDA is absent).
 
     Returns:
         True once installed.
@@ -156,7 +179,6 @@ def apply_dynamic_engine_shims() -> bool:
     global _APPLIED
     if _APPLIED:
         return True
-    drop_pin_memory()
     flash_attention_in_torch()
     torch_kv_append_without_triton()
     rearrange_without_einops()

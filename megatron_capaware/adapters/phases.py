@@ -21,8 +21,10 @@ applies (``CapawareConfig.phases`` / ``--capaware-phases``; default
 
 The composition comes from the context's host-side bookkeeping
 (``active_token_count``, ``num_decode_requests``, ``num_speculative_tokens``,
-``using_cuda_graph_this_step()``): plain Python integers the engine already
-holds, so reading them is no host sync.
+``using_cuda_graph_this_step()``, and ``_bookkeeping_no_real_work``, which
+0.19.2 sets on an idle rank's dummy step and on graph capture, the steps it
+publishes ``real_token_count = 0`` for): plain Python values the engine
+already holds, so reading them is no host sync.
 
 **Agreement across ranks.** The policies' collectives span the load group, so
 every rank of it must choose the same path in the same step, or they would
@@ -56,13 +58,16 @@ def step_composition(context: Any) -> Optional[StepComposition]:
     """The composition of a dynamic context's current step; None for static batching / no context."""
     if context is None or not hasattr(context, "is_static_batching") or context.is_static_batching():
         return None
+    graph = getattr(context, "using_cuda_graph_this_step", None)
+    captured = bool(graph() if callable(graph) else graph)
+    if getattr(context, "_bookkeeping_no_real_work", False):
+        # A dummy EP step or a CUDA-graph capture: dummy requests, real_token_count = 0 (0.19.2).
+        return StepComposition(prefill_tokens=0, decode_tokens=0, captured=captured)
     active = int(getattr(context, "active_token_count", 0) or 0)
     decode_requests = getattr(context, "num_decode_requests", 0)
     decode_requests = int(decode_requests() if callable(decode_requests) else decode_requests or 0)
     per_request = 1 + int(getattr(context, "num_speculative_tokens", 0) or 0)
     decode = min(active, decode_requests * per_request)
-    graph = getattr(context, "using_cuda_graph_this_step", None)
-    captured = bool(graph() if callable(graph) else graph)
     return StepComposition(prefill_tokens=active - decode, decode_tokens=decode, captured=captured)
 
 
