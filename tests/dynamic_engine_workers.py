@@ -73,6 +73,13 @@ def megatron_llm_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     # alltoall dispatcher, so ask for the NCCL all-gather one's (plain tensors).
     model.config.inference_moe_token_dispatcher_type = "nccl"
     coordinator = spec.get("ep", 1) > 1  # MegatronLLM requires it at EP > 1
+    if coordinator:
+        # Install before the engine loops start: the install's rank-agreement collective must not
+        # interleave with the other ranks' engine steps (they run on a background thread).
+        label, cfg = next(iter(spec["routers"].items()))
+        spec = dict(spec, routers={label: cfg})
+        if cfg is not None:
+            install_capaware_routers(model, CapawareConfig(**cfg), placement=spec.get("placement"))
     llm = MegatronLLM(model=model, tokenizer=tokenizer, inference_config=_inference_config(spec),
                       use_coordinator=coordinator)
     params = SamplingParams(num_tokens_to_generate=spec.get("tokens", 8), temperature=1.0, top_k=1,
@@ -81,7 +88,7 @@ def megatron_llm_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     prompts: List[str] = spec.get("prompts", PROMPTS)
     timings: Dict[str, float] = {"setup_s": time.perf_counter() - start}
     for label, cfg in spec["routers"].items():
-        if cfg is not None:
+        if cfg is not None and not coordinator:
             install_capaware_routers(model, CapawareConfig(**cfg), placement=spec.get("placement"))
             reset_stats(model)
         result: Dict[str, Any] = {}
