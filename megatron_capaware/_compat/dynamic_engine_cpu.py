@@ -35,6 +35,14 @@ megatron-core without the dynamic engine.
    ``from torch.cuda.nvtx import range_push, range_pop``; when it was imported
    before the NVTX shim (cpu_shims, shim 3) its names still raise on a CPU
    build, so they are rebound to the shimmed functions.
+6. The coordinator process. ``MegatronLLM``'s coordinator mode (required at
+   EP > 1) spawns Megatron's ``DataParallelInferenceCoordinator`` in a fresh
+   process, which imports ``megatron.core`` while unpickling its arguments:
+   without triton that import fails (``paged_stash``) unless the package's
+   triton stand-in is installed first, which only happens when the parent's
+   ``__main__`` imported megatron_capaware (not under pytest). The spawn target
+   becomes :func:`coordinator_entrypoint`, which lives in this package (so
+   unpickling it installs the stand-in) and calls Megatron's entrypoint.
 """
 
 from __future__ import annotations
@@ -170,6 +178,36 @@ def enable_dynamic_engine_on_cpu() -> bool:
     return True
 
 
+class CoordinatorOnCpu:
+    """Stands for ``DataParallelInferenceCoordinator`` in ``dynamic_engine`` (which only reads ``.entrypoint``)."""
+
+    @staticmethod
+    def entrypoint(*args: Any, **kwargs: Any) -> Any:
+        """Megatron's coordinator entrypoint, after the CPU shims (the triton stand-in) are in place."""
+        from megatron_capaware._compat.cpu_shims import stub_missing_triton_on_cpu
+
+        stub_missing_triton_on_cpu()
+        from megatron.core.inference.data_parallel_inference_coordinator import DataParallelInferenceCoordinator
+
+        return DataParallelInferenceCoordinator.entrypoint(*args, **kwargs)
+
+
+def coordinator_imports_cpu_support() -> bool:
+    """Spawn the coordinator through :class:`CoordinatorOnCpu` (only when the triton stand-in is in use)."""
+    import sys
+
+    if not getattr(sys.modules.get("triton"), "capaware_cpu_stand_in", False):
+        return False
+    try:
+        from megatron.core.inference.engines import dynamic_engine
+    except ImportError:
+        return False
+    if not hasattr(dynamic_engine, "DataParallelInferenceCoordinator"):
+        return False
+    dynamic_engine.DataParallelInferenceCoordinator = CoordinatorOnCpu
+    return True
+
+
 def apply_dynamic_engine_shims() -> bool:
     """Install stand-ins 2-5 once (the caller checks that CUDA is absent).
 
@@ -183,5 +221,6 @@ def apply_dynamic_engine_shims() -> bool:
     torch_kv_append_without_triton()
     rearrange_without_einops()
     rebind_controller_nvtx()
+    coordinator_imports_cpu_support()
     _APPLIED = True
     return True
