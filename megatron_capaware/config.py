@@ -110,6 +110,15 @@ def decode_label(cfg: "CapawareConfig") -> str:
     return f"{DECODE_PACK}({','.join(parts)})"
 
 
+def _check_phases(phases: str) -> None:
+    from megatron_capaware.policies.phases import PhaseConfigError, parse_phases
+
+    try:
+        parse_phases(phases)
+    except PhaseConfigError as err:
+        raise CapawareConfigError(str(err)) from None
+
+
 @dataclass
 class CapawareConfig:
     """Router type and knobs (names follow the ``--moe-router-type`` / ``--capaware-*`` flags).
@@ -146,6 +155,12 @@ class CapawareConfig:
         record_stats: record per-layer load statistics on every forward.
         check_scores: reject NaN / Inf router scores (one host sync per layer).
         layer_params: per-layer LASER knobs (from the calibration file).
+        phases: the dynamic engine's steps the policy applies to
+            (``--capaware-phases``; :mod:`megatron_capaware.adapters.phases`):
+            ``all`` or a comma list of ``prefill``, ``mixed``, ``decode``,
+            ``idle``; other steps are routed by ``topk`` on the placement. None: the router
+            type's default (:attr:`megatron_capaware.registry.RouterType.phases`: ``prefill,mixed``,
+            ``decode`` for ``decode-pack``).
     """
 
     router_type: str = TOPK
@@ -173,6 +188,7 @@ class CapawareConfig:
     record_stats: bool = True
     check_scores: bool = True
     layer_params: Dict[int, LaserParams] = field(default_factory=dict)
+    phases: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.laser_calibration and not self.layer_params:
@@ -222,6 +238,8 @@ class CapawareConfig:
                 f"laser_load={self.laser_load!r} is a LASER option, not one of {self.router_type}; use "
                 "--moe-router-type laser, or leave --capaware-laser-load at expert"
             )
+        if self.phases is not None:
+            _check_phases(self.phases)
         if self.reroute_policy not in REROUTE_POLICIES:
             raise CapawareConfigError(
                 f"reroute policy {self.reroute_policy!r} must be one of {', '.join(REROUTE_POLICIES)}"

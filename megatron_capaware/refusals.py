@@ -47,9 +47,17 @@ def _replacing_balancer(get: Getter) -> Optional[str]:
     return next((b for b in _balancers(get) if b in REPLACING_BALANCERS), None)
 
 
+#: The CUDA-graph implementation whose inference graphs are the dynamic engine's: it marks the
+#: steps it captures (``using_cuda_graph_this_step()``), and a marked step routes capture-safe
+#: (``adapters.phases``: topk on the placement, no collective, no host sync).
+CAPTURE_SAFE_GRAPH_IMPLS = ("none", "local")
+
+
 def _cuda_graphs(get: Getter) -> bool:
+    """CUDA graphs that would capture a capaware policy itself (not the dynamic engine's marked steps)."""
     impl = get("cuda_graph_impl")
-    return bool((impl is not None and impl != "none") or get("enable_cuda_graph") or get("external_cuda_graph"))
+    return bool((impl is not None and impl not in CAPTURE_SAFE_GRAPH_IMPLS)
+                or get("enable_cuda_graph") or get("external_cuda_graph"))
 
 
 REFUSALS: Tuple[Refusal, ...] = (
@@ -138,9 +146,11 @@ REFUSALS: Tuple[Refusal, ...] = (
         "--cuda-graph-impl", NON_TOPK,
         _cuda_graphs,
         lambda name, get: (
-            f"{name} is not CUDA-graph capturable yet (its routing has data-dependent control flow); "
-            "use --cuda-graph-impl none (and no --enable-cuda-graph / --external-cuda-graph), or "
-            "--moe-router-type topk"
+            f"{name}'s policy is not CUDA-graph capturable (data-dependent control flow and "
+            f"collectives); --cuda-graph-impl {get('cuda_graph_impl')} / --enable-cuda-graph / "
+            "--external-cuda-graph would capture it. Use --cuda-graph-impl local (Megatron's dynamic "
+            "inference engine: its captured steps route by top-k on the placement, eager steps by the "
+            "policy) or none, or --moe-router-type topk"
         ),
     ),
     Refusal(

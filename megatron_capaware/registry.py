@@ -48,6 +48,7 @@ class RouterType:
             ``--sequence-parallel`` with TP > 1, its decision depends on the EP rank).
         variable_counts: may give a token other than k experts (the dispatcher sizes from the map).
         marker: the matplotlib marker of its points in the pictures.
+        phases: the dynamic engine's steps it applies to by default (``--capaware-phases``).
     """
 
     name: str
@@ -62,6 +63,7 @@ class RouterType:
     token_copies: bool = True
     variable_counts: bool = True
     marker: str = "o"
+    phases: str = "prefill,mixed"
 
     @property
     def is_vanilla(self) -> bool:
@@ -126,7 +128,7 @@ ROUTER_TYPES: Dict[str, RouterType] = {r.name: r for r in (
                replicas=False, group_limited=False, expert_bias=False, marker="D"),
     RouterType(DECODE_PACK, "(decode steps) each token keeps its best --capaware-decode-floor experts and fills the "
                "rest from experts already active, so the busiest EP rank activates as few experts as possible",
-               adds_experts=True, replicas=False, marker="P"),
+               adds_experts=True, replicas=False, marker="P", phases="decode"),
 )}
 
 _CAPACITY = tuple(n for n, r in ROUTER_TYPES.items() if r.capacity)
@@ -189,6 +191,11 @@ KNOBS: Tuple[Knob, ...] = (
          help="What a flexible token's least-loaded choice compares: expert (each candidate expert's own "
          "load) or rank (the load of the candidate's EP rank, global over the EP group), so LASER moves work "
          "between ranks."),
+    Knob("phases", ("phases",), "str", None, _NON_VANILLA, metavar="PHASES",
+         help="Megatron's dynamic inference engine: the steps the policy applies to, 'all' or a comma list of "
+         "prefill, mixed, decode, idle; other steps are routed by top-k on the placement's layout (steps "
+         "captured as CUDA graphs always are). Eager steps at EP > 1 run the policy whatever their phase "
+         "(ranks may differ). Default: prefill,mixed (decode-pack: decode)."),
     Knob("seed", ("seed",), "int", 0, _DROPPING, check="int>=0", metavar="SEED",
          help="Seed of the random drop policy (independent of Megatron's --seed)."),
     Knob("decode_floor", ("floor",), "int", None, _DECODE, check="int>=1", metavar="K0",

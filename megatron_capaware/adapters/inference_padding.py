@@ -39,13 +39,17 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
+from megatron_capaware.policies.phases import StepComposition
+
 
 @dataclasses.dataclass(frozen=True)
 class StepPadding:
-    """One dynamic step: its real token count (``[1]`` tensor or int) and padded count."""
+    """One dynamic step: its real token count (``[1]`` tensor or int), padded count, and
+    composition (:class:`megatron_capaware.adapters.phases.StepComposition`, or None)."""
 
     real_count: Union[torch.Tensor, int]
     padded_count: int
+    composition: Any = None
 
 
 _STEP: contextvars.ContextVar[Optional[StepPadding]] = contextvars.ContextVar("capaware_dynamic_step", default=None)
@@ -59,7 +63,29 @@ def step_padding(context: Any) -> Optional[StepPadding]:
     real = getattr(getattr(context, "gpu_view", None), "real_token_count", None)
     if real is None:  # a context without the device-side count: the host one
         real = int(getattr(context, "active_token_count", 0) or 0)
-    return StepPadding(real_count=real, padded_count=padded)
+    return StepPadding(real_count=real, padded_count=padded, composition=step_composition(context))
+
+
+def step_composition(context: Any) -> Optional[StepComposition]:
+    """The composition of a dynamic context's current step; None for static batching / no context."""
+    if context is None or not hasattr(context, "is_static_batching") or context.is_static_batching():
+        return None
+    graph = getattr(context, "using_cuda_graph_this_step", None)
+    captured = bool(graph() if callable(graph) else graph)
+    if getattr(context, "_bookkeeping_no_real_work", False):
+        # A dummy EP step or a CUDA-graph capture: dummy requests, real_token_count = 0 (0.19.2).
+        return StepComposition(prefill_tokens=0, decode_tokens=0, captured=captured)
+    active = int(getattr(context, "active_token_count", 0) or 0)
+    decode_requests = getattr(context, "num_decode_requests", 0)
+    decode_requests = int(decode_requests() if callable(decode_requests) else decode_requests or 0)
+    per_request = 1 + int(getattr(context, "num_speculative_tokens", 0) or 0)
+    decode = min(active, decode_requests * per_request)
+    return StepComposition(prefill_tokens=active - decode, decode_tokens=decode, captured=captured)
+
+
+def current_step() -> Optional[StepPadding]:
+    """The dynamic step published for the MoE layer now running, or None."""
+    return _STEP.get()
 
 
 @contextlib.contextmanager

@@ -256,5 +256,7 @@ def collect_stats(model: torch.nn.Module) -> Dict[int, LayerRoutingStats]:
 
 
 def reset_stats(model: torch.nn.Module) -> None:
-    for stats in collect_stats(model).values():
-        stats.reset()
+    """Forget every recorded call (totals and the dynamic engine's per-phase records)."""
+    for state in layer_states(model):
+        for stats in ([state.stats] if state.stats is not None else []) + list(state.phase_stats.values()):
+            stats.reset()

@@ -23,12 +23,12 @@ from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_func
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_capaware import policies
-from megatron_capaware.adapters import slots
+from megatron_capaware.adapters import phases, slots
 from megatron_capaware.adapters.guards import check_scores_over_group, routing_collectives
 from megatron_capaware.adapters.inference_padding import step_padding_mask
 from megatron_capaware.adapters.state import LayerRoutingState
 from megatron_capaware.config import CapawareConfig, CapawareConfigError
-from megatron_capaware.placement.replicas import even_slot_loads
+from megatron_capaware.placement.replicas import even_slot_loads, replica_choice, to_physical
 from megatron_capaware.policies.collectives import all_reduce_sum
 from megatron_capaware.refusals import raise_if_refused
 from megatron_capaware.registry import CAPACITY_DROP, CAPACITY_REROUTE, DECODE_PACK, EXPANDED_DROP, LASER, router_type
@@ -140,8 +140,13 @@ class CapawareRouter(TopKRouter):
         :class:`~megatron_capaware.adapters.guards.RoutingCollectiveError`
         naming the layer and the group.
         """
-        self.capaware_state.on(logits.device)  # its tensors on the router's device (built at install)
-        with routing_collectives(self.layer_number, self.capaware_state.load_group):
+        state = self.capaware_state.on(logits.device)  # its tensors on the router's device (built at install)
+        with routing_collectives(self.layer_number, state.load_group):
+            step = phases.current_composition()
+            if not router_type(state.config.router_type).is_vanilla:
+                if not phases.route_with_policy(step, state.phases, state.load_group):
+                    return self._topk_on_layout(logits, padding_mask, step)
+                phases.check_not_capturing(self.layer_number)
             probs, routing_map, decision = self._capaware_routing(logits, padding_mask)
             layout = self.capaware_layout
             slot_loads = None
@@ -155,6 +160,28 @@ class CapawareRouter(TopKRouter):
             if decision is not None:
                 self._record(decision, slot_loads)
             return probs, routing_map
+
+    def _topk_on_layout(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor], step):
+        """Megatron's top-k on the placement's layout (a phase outside ``phases``, or a captured step).
+
+        A captured step (``step.captured``) is capture-safe: replicas round-robin
+        by token index (no collective), no score check, no statistics.
+        """
+        probs, routing_map = TopKRouter.routing(self, logits, padding_mask=padding_mask)
+        decision = None
+        if not step.captured and self.capaware_stats is not None and self.capaware.record_stats:
+            decision = policies.map_decision(probs, routing_map, self._group())
+        layout, slot_loads = self.capaware_layout, None
+        if layout is not None and layout.placed:
+            table = layout.table
+            rule = "round-robin" if step.captured else layout.replica_policy
+            replica = replica_choice(routing_map, table, rule, self.capaware_load_group)
+            probs, routing_map = to_physical(probs, routing_map, table, replica)
+            if decision is not None:
+                slot_loads = slots.slot_loads(self.capaware_state, decision, routing_map)
+        if decision is not None:
+            self._record(decision, slot_loads)
+        return probs, routing_map
 
     def _decides_on_slots(self) -> bool:
         """Capacity per physical slot: the capacity routers under a plan with replicas decide on the ``S`` slots.
@@ -382,6 +409,7 @@ class CapawareRouter(TopKRouter):
             elif slot_loads is not None and layout.replica_policy == "least-loaded":
                 slot_loads = even_slot_loads(decision.global_loads, layout.table)
         self.capaware_stats.record_decision(decision, slot_loads)
+        phases.record_phase(self.capaware_state, decision, slot_loads)
 
 
 def _map_to_indices(scores: torch.Tensor, routing_map: torch.Tensor, k: int) -> torch.Tensor:

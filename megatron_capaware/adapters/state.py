@@ -13,7 +13,7 @@ call copies from the host, the first one included.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -63,6 +63,7 @@ class LayerRoutingState:
         score_check: the model's deferred score check (None: checked per layer).
         score_hook: optional callable receiving each call's scores ``[T, E]`` (calibration, traces).
         score_check_hook: the handle of the layer's forward hook that runs the deferred score check.
+        phase_stats: the dynamic engine's per-phase load recorders (:mod:`megatron_capaware.adapters.phases`).
         installed: whether the installer attached the state to a layer.
         device: where the tensors below live (the router's parameters' device).
         local_experts_t: ``[n]`` int64, :attr:`local_experts` checked (expanded-drop).
@@ -83,12 +84,25 @@ class LayerRoutingState:
     score_check: Any = None
     score_hook: Optional[Callable[[torch.Tensor], None]] = None
     score_check_hook: Any = None
+    phase_stats: Dict[str, LayerRoutingStats] = field(default_factory=dict)
     installed: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     local_experts_t: Optional[torch.Tensor] = None
     local_slots_t: Optional[torch.Tensor] = None
     expert_ranks: Optional[torch.Tensor] = None
     local_replica: Optional[torch.Tensor] = None
+
+    @property
+    def phases(self) -> Any:
+        """The dynamic engine's steps the policy applies to (parsed ``config.phases``, cached per value)."""
+        from megatron_capaware.policies.phases import parse_phases
+        from megatron_capaware.registry import router_type
+
+        text = self.config.phases or router_type(self.config.router_type).phases
+        if getattr(self, "_phases_text", None) != text:
+            self._phases = parse_phases(text)
+            self._phases_text = text
+        return self._phases
 
     @property
     def decides_on_slots(self) -> bool:

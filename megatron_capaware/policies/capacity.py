@@ -537,9 +537,12 @@ def local_experts_tensor(
         mark = getattr(local_experts, _VALIDATED_ATTR, None)
         if mark == (num_experts, local_experts._version) and local_experts.device == torch.device(device):
             return local_experts
-    ids = _check_local_experts(local_experts, num_experts).to(device)
-    if ids is local_experts:  # never mark the caller's own tensor as a side effect
-        ids = ids.clone()
+    # A normal tensor even under torch.inference_mode() (Megatron's dynamic engine runs in it):
+    # inference tensors have no version counter to recognise the tensor by.
+    with torch.inference_mode(False):
+        ids = _check_local_experts(local_experts, num_experts).to(device)
+        if ids is local_experts:  # never mark the caller's own tensor as a side effect
+            ids = ids.clone()
     setattr(ids, _VALIDATED_ATTR, (num_experts, ids._version))
     return ids
 

@@ -1,0 +1,140 @@
+"""Phase-aware routing in Megatron's dynamic inference engine: prefill, mixed and decode steps.
+
+Each ``DynamicInferenceContext`` step holds the new tokens of prefilling
+requests (whole prompts or chunks of them) and one token per decoding request.
+The measurements (``docs/decode.md``) say capacity at decode costs much more
+quality and buys no weight reads, while on prefill it pays. So a router here
+knows each step's **composition** and chooses where the configured policy
+applies (``CapawareConfig.phases`` / ``--capaware-phases``; default
+``prefill,mixed``):
+
+* ``prefill``: only prefill tokens; ``decode``: only decode tokens; ``mixed``:
+  both; ``idle``: no real token (an expert-parallel rank's dummy step).
+* A step outside ``phases`` is routed by ``topk`` on the placement's layout
+  (Megatron's top-k, then each expert's replica by the placement's rule).
+* A step that runs as a **captured CUDA graph**
+  (``context.using_cuda_graph_this_step()``) always takes the capture-safe
+  path: ``topk`` on the placement with ``round-robin`` replicas (a static slot
+  map, the replica given by token index: no collective, no host sync, no
+  data-dependent shape), and records no statistics (Python does not run when
+  a graph is replayed).
+
+The composition comes from the context's host-side bookkeeping
+(``active_token_count``, ``num_decode_requests``, ``num_speculative_tokens``,
+``using_cuda_graph_this_step()``, and ``_bookkeeping_no_real_work``, which
+0.19.2 sets on an idle rank's dummy step and on graph capture, the steps it
+publishes ``real_token_count = 0`` for): plain Python values the engine
+already holds, so reading them is no host sync.
+
+**Agreement across ranks.** The policies' collectives span the load group, so
+every rank of it must choose the same path in the same step, or they would
+wait on each other. Megatron agrees on the step only when it uses CUDA graphs
+(``match_graph_config`` all-reduces the batch dimensions over the EP group and
+runs a graph only when every rank is decode-only), so: a captured step (the
+same on every rank) takes the capture-safe path; an eager step chooses by its
+phase only when the load group is one rank; an eager step at EP > 1, whose
+ranks may be in different phases, runs the policy whatever the phase (a
+decode-only rank's capacity then is that of its tokens with the others',
+exactly as before this module). The per-phase statistics still label each
+call with its own rank's phase.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Optional, Tuple
+
+import torch
+
+from megatron_capaware.policies.phases import (  # noqa: F401  (re-exported)
+    DEFAULT_PHASES,
+    PHASES,
+    PhaseConfigError,
+    StepComposition,
+    parse_phases,
+    route_with_policy,
+)
+from megatron_capaware.adapters.inference_padding import current_step, step_composition  # noqa: F401
+from megatron_capaware.adapters.layers import moe_layers
+
+
+def current_composition() -> Optional[StepComposition]:
+    """The composition published for the MoE layer now running (by the ``_forward_mlp`` hook), or None."""
+    step = current_step()
+    return None if step is None else step.composition
+
+
+def check_not_capturing(layer_number: Any) -> None:
+    """Refuse to run a policy while a CUDA graph is being captured outside a marked dynamic step.
+
+    The dynamic engine marks the steps it captures (those take the capture-safe
+    path); any other capture (a static engine, a training graph) would record
+    the policy's data-dependent work. ``torch.cuda.is_current_stream_capturing``
+    is a host-side query (no sync).
+
+    Raises:
+        RuntimeError: naming the flags to change.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"MoE layer {layer_number}: a CUDA graph is being captured around a capaware routing policy "
+            "outside Megatron's dynamic inference engine (whose captured steps route by top-k); use "
+            "--cuda-graph-impl none there, or the dynamic engine, or --moe-router-type topk"
+        )
+
+
+# ---------------------------------------------------------------- statistics per phase
+
+def record_phase(state: Any, decision: Any, slot_loads: Optional[torch.Tensor]) -> None:
+    """Record one call's decision in the layer's per-phase stats too (device-side, no sync).
+
+    ``state``: the layer's :class:`~megatron_capaware.adapters.state.LayerRoutingState`.
+    """
+    step = current_composition()
+    phase = "static" if step is None else step.phase
+    per_phase: Dict[str, Any] = state.phase_stats
+    stats = per_phase.get(phase)
+    if stats is None:
+        base = state.stats
+        stats = type(base)(layer_number=base.layer_number, num_experts=base.num_experts, ep_size=base.ep_size,
+                           local_experts=list(base.local_experts), duplication=base.duplication,
+                           load_group=base.load_group)
+        per_phase[phase] = stats
+    stats.record_decision(decision, slot_loads)
+
+
+def _phase_records(layer: Any) -> Dict[str, Any]:
+    state = getattr(layer.router, "capaware_state", None)
+    return state.phase_stats if state is not None else {}
+
+
+def phase_stats(model: torch.nn.Module) -> Dict[str, Dict[int, Any]]:
+    """``{phase: {layer_number: LayerRoutingStats}}`` recorded since the routers' last reset.
+
+    Phases: ``prefill``, ``mixed``, ``decode``, ``idle``, and ``static`` (calls
+    outside a dynamic step: the static engine, evaluation).
+    """
+    out: Dict[str, Dict[int, Any]] = {}
+    for layer in moe_layers(model):
+        for phase, stats in _phase_records(layer).items():
+            out.setdefault(phase, {})[int(layer.layer_number)] = stats
+    return out
+
+
+def reset_phase_stats(model: torch.nn.Module) -> None:
+    """Forget the per-phase records (``adapters.reset_stats`` resets the totals)."""
+    for layer in moe_layers(model):
+        for stats in _phase_records(layer).values():
+            stats.reset()
+
+
+def phase_totals(model: torch.nn.Module) -> Dict[str, Dict[str, int]]:
+    """This rank's counts per phase, summed over layers: ``calls``, ``tokens``, ``requested``, ``dropped``, ``rerouted``."""
+    out: Dict[str, Dict[str, int]] = {}
+    for phase, layers in phase_stats(model).items():
+        totals = {"calls": 0, "tokens": 0, "requested": 0, "dropped": 0, "rerouted": 0}
+        for stats in layers.values():
+            totals["calls"] += stats.calls
+            for name in ("tokens", "requested", "dropped", "rerouted"):
+                totals[name] += stats.total(name)
+        out[phase] = totals
+    return out

@@ -1,0 +1,111 @@
+"""Functions run on spawned gloo ranks by the dynamic-engine tests (module level: picklable).
+
+They drive megatron-core 0.19.2's ``MegatronLLM`` (``megatron.core.inference.apis``)
+on the bundled 8x2 reference model, on CPU through the package's CPU support
+(:mod:`megatron_capaware._compat.dynamic_engine_cpu`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, List
+
+PROMPTS = [
+    "ROMEO:\nBut soft, what light",
+    "First Citizen:\nBefore we proceed any further, hear me speak.",
+    "KING:\n",
+    "Now is the winter of our discontent made glorious summer by this sun of York;",
+]
+
+
+def _setup(spec: Dict[str, Any]):
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    import torch
+
+    from megatron_capaware import parallel
+    from megatron_capaware._compat.cpu_shims import redirect_cuda_tensors_to_cpu
+    from megatron_capaware._compat.cpu_shims import enable_dynamic_engine_on_cpu
+
+    parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=spec.get("ep", 1)),
+                                timeout_s=spec.get("collective_timeout_s", 600))
+    enable_dynamic_engine_on_cpu()
+    redirect_cuda_tensors_to_cpu()
+    parallel.set_seed(0)
+    from megatron_capaware.megatron_lm.tokenizer import CapawareTokenizer
+    from megatron_capaware.models import checkpoint, reference_models
+
+    model, _ = checkpoint.load_model(reference_models.reference_model_dir(), expert_parallel=spec.get("ep", 1),
+                                     params_dtype=torch.float32)
+    tokenizer = CapawareTokenizer.from_file(reference_models.reference_model_dir() / "tokenizer")
+    return model.eval(), tokenizer
+
+
+def _inference_config(spec: Dict[str, Any]):
+    from megatron.core.inference.config import InferenceConfig
+
+    return InferenceConfig(
+        buffer_size_gb=0.02, block_size_tokens=16, max_sequence_length=128,
+        max_requests=spec.get("max_requests", 4), max_tokens=spec.get("max_tokens", None),
+        enable_chunked_prefill=spec.get("chunked_prefill", False), num_cuda_graphs=None,
+    )
+
+
+def megatron_llm_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Greedy ``MegatronLLM.generate`` with Megatron's router, then with each capaware config.
+
+    ``spec``: ``routers`` ``{label: CapawareConfig kwargs}`` (``"megatron"``: no install),
+    ``tokens`` to generate, ``ep``. At EP > 1 (coordinator mode) only the first
+    configuration runs (install it before the engine loop starts). Returns ``{label: {"tokens": [[...]], "text": [...],
+    "phases": {phase: {"calls": n, "tokens": n, "dropped": n, "requested": n}}}}``.
+    """
+    from megatron.core.inference.apis import MegatronLLM
+    from megatron.core.inference.sampling_params import SamplingParams
+
+    from megatron_capaware.adapters import install_capaware_routers, reset_stats
+    from megatron_capaware.adapters.phases import phase_totals
+    from megatron_capaware.config import CapawareConfig
+
+    start = time.perf_counter()
+    model, tokenizer = _setup(spec)
+    # The context allocates buffers for the inference-optimized EP dispatcher it expects at EP > 1:
+    # NVLS (symmetric memory, Hopper + NVLink) by default; this model's layers use the training
+    # alltoall dispatcher, so ask for the NCCL all-gather one's (plain tensors).
+    model.config.inference_moe_token_dispatcher_type = "nccl"
+    coordinator = spec.get("ep", 1) > 1  # MegatronLLM requires it at EP > 1
+    if coordinator:
+        # Install before the engine loops start: the install's rank-agreement collective must not
+        # interleave with the other ranks' engine steps (they run on a background thread).
+        label, cfg = next(iter(spec["routers"].items()))
+        spec = dict(spec, routers={label: cfg})
+        if cfg is not None:
+            install_capaware_routers(model, CapawareConfig(**cfg), placement=spec.get("placement"))
+    llm = MegatronLLM(model=model, tokenizer=tokenizer, inference_config=_inference_config(spec),
+                      use_coordinator=coordinator)
+    params = SamplingParams(num_tokens_to_generate=spec.get("tokens", 8), temperature=1.0, top_k=1,
+                            termination_id=-1)
+    out: Dict[str, Any] = {}
+    prompts: List[str] = spec.get("prompts", PROMPTS)
+    timings: Dict[str, float] = {"setup_s": time.perf_counter() - start}
+    for label, cfg in spec["routers"].items():
+        if cfg is not None and not coordinator:
+            install_capaware_routers(model, CapawareConfig(**cfg), placement=spec.get("placement"))
+            reset_stats(model)
+        result: Dict[str, Any] = {}
+        if llm.is_primary_rank:
+            t0 = time.perf_counter()
+            records = llm.generate(prompts, params)
+            timings[f"generate_{label}_s"] = time.perf_counter() - t0
+            result["tokens"] = [list(r.generated_tokens) for r in records]
+            result["text"] = [r.generated_text for r in records]
+        out[label] = result
+        if coordinator:
+            break  # one configuration per engine: the other ranks' engine loops run on their own
+        if cfg is not None:
+            result["phases"] = phase_totals(model)
+    if coordinator:
+        llm.shutdown()  # every rank's engine loop has stopped: its stats are complete
+        if cfg is not None:
+            out[label]["phases"] = phase_totals(model)
+    out["timings"] = timings
+    return out

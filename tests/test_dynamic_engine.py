@@ -1,0 +1,132 @@
+"""The routers inside megatron-core 0.19.2's dynamic inference engine (``MegatronLLM``), on CPU.
+
+Runs only where ``megatron.core.inference.apis`` imports (megatron-core >= 0.19;
+skipped with the reason on 0.16.1). Marked ``dynamic_engine``; CI's 0.19.2 leg
+selects it. The bundled 8x2 reference model generates greedily through
+``MegatronLLM.generate`` (direct mode at EP 1, coordinator mode at EP 2):
+
+- ``topk`` installed gives Megatron's tokens without the package, token for token;
+- every router generates, and its statistics are split by phase (prefill / decode);
+- under the default ``--capaware-phases prefill,mixed`` decode-only steps are routed
+  by top-k (nothing dropped at decode), and with ``all`` the policy drops there too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Dict
+
+import pytest
+
+from megatron_capaware._compat.launcher import run_distributed
+
+pytestmark = [
+    pytest.mark.dynamic_engine,
+    pytest.mark.skipif(
+        importlib.util.find_spec("megatron") is None
+        or importlib.util.find_spec("megatron.core.inference.apis") is None,
+        reason="needs megatron-core >= 0.19 (megatron.core.inference.apis: MegatronLLM); this is an older one",
+    ),
+]
+
+ROUTERS: Dict[str, Any] = {
+    "megatron": None,  # Megatron's TopKRouter, no package router installed
+    "topk": dict(router_type="topk"),
+    "drop": dict(router_type="capacity-drop", gamma=1.0),
+    "drop-every-step": dict(router_type="capacity-drop", gamma=1.0, phases="all"),
+    "reroute": dict(router_type="capacity-reroute", gamma=1.0, reroute_rounds=2),
+    "expanded": dict(router_type="expanded-drop", gamma=1.0),
+    "laser": dict(router_type="laser", laser_eps_high=0.9, laser_t_fix=0.3, laser_pool=4),
+}
+
+
+@pytest.fixture(scope="module")
+def ep1() -> Dict[str, Any]:
+    from tests.dynamic_engine_workers import megatron_llm_worker
+
+    return run_distributed(megatron_llm_worker, 1, dict(ep=1, tokens=8, routers=ROUTERS), timeout_s=600)[0]
+
+
+def test_topk_installed_equals_megatron_token_for_token(ep1) -> None:
+    assert ep1["megatron"]["tokens"] == ep1["topk"]["tokens"]
+    assert all(len(t) == 8 for t in ep1["megatron"]["tokens"])
+
+
+def test_every_router_generates_with_stats_split_by_phase(ep1) -> None:
+    for name in ROUTERS:
+        if name == "megatron":
+            continue
+        result = ep1[name]
+        assert all(len(t) == 8 for t in result["tokens"]), name
+        phases = result["phases"]
+        assert set(phases) == {"prefill", "decode"}, (name, phases)  # no chunking here: no mixed step
+        # 4 MoE layers x (1 prefill step + 7 decode steps); prefill holds the 4 prompts' real tokens.
+        assert phases["prefill"]["calls"] == 4 and phases["decode"]["calls"] == 4 * 7, (name, phases)
+
+
+def test_default_phases_route_decode_by_topk_and_all_applies_the_policy(ep1) -> None:
+    drop, every = ep1["drop"]["phases"], ep1["drop-every-step"]["phases"]
+    assert drop["prefill"]["dropped"] > 0  # gamma 1 on a popular expert: capacity bites at prefill
+    assert drop["decode"]["dropped"] == 0  # decode-only steps: top-k
+    assert every["decode"]["dropped"] > 0  # phases=all: the policy drops at decode too
+    assert drop["prefill"] == every["prefill"]  # the first step is the same prefill either way
+    # Prefill is the same decision, so the first generated token is the same.
+    assert [t[0] for t in ep1["drop"]["tokens"]] == [t[0] for t in ep1["drop-every-step"]["tokens"]]
+
+
+# ---------------------------------------------------------------- EP 2: MegatronLLM in coordinator mode
+
+EP2_RUNS: Dict[str, Any] = {
+    "megatron": None,
+    "topk": dict(router_type="topk"),
+    "drop": dict(router_type="capacity-drop", gamma=1.0),
+    "drop-placed": dict(router_type="capacity-drop", gamma=1.0),
+}
+_EP2: Dict[str, Any] = {}
+
+
+def _ep2(label: str) -> list:
+    """One MegatronLLM at EP 2 (2 gloo ranks + Megatron's coordinator process) per configuration."""
+    if label not in _EP2:
+        from megatron_capaware.models import reference_models
+        from tests.dynamic_engine_workers import megatron_llm_worker
+
+        spec: Dict[str, Any] = dict(ep=2, tokens=8, routers={label: EP2_RUNS[label]})
+        if label == "drop-placed":  # the bundled EP 2 plan with 2 replicas
+            spec["placement"] = str(reference_models.reference_model_dir() / "placement-ep2-r2.json")
+        pytest.importorskip("zmq", reason="MegatronLLM's coordinator mode (needed at EP > 1) needs pyzmq")
+        pytest.importorskip("msgpack", reason="MegatronLLM's coordinator mode (needed at EP > 1) needs msgpack")
+        _EP2[label] = run_distributed(megatron_llm_worker, 2, spec, timeout_s=600)
+    return _EP2[label]
+
+
+@pytest.mark.multirank
+def test_ep2_topk_equals_megatron_and_ep1(ep1) -> None:
+    megatron, topk = _ep2("megatron")[0]["megatron"], _ep2("topk")[0]["topk"]
+    assert topk["tokens"] == megatron["tokens"]
+    assert megatron["tokens"] == ep1["megatron"]["tokens"]  # EP changes nothing for top-k
+
+
+@pytest.mark.multirank
+def test_ep2_idle_dummy_steps_take_no_capacity(ep1) -> None:
+    """Rank 0 asks for all prompts; the coordinator spreads them, and a rank with nothing to do runs
+    dummy steps. Eager steps at EP 2 run the policy whatever their phase, with global capacity: the
+    decisions are EP 1's with the policy on every step, token for token, and dummy steps count nothing."""
+    ranks = _ep2("drop")
+    assert ranks[0]["drop"]["tokens"] == ep1["drop-every-step"]["tokens"]
+    every = ep1["drop-every-step"]["phases"]
+    for phase in ("prefill", "decode"):
+        per_rank = [r["drop"]["phases"][phase] for r in ranks]
+        assert per_rank[0]["tokens"] == every[phase]["tokens"], phase  # global T: the same real tokens
+        assert sum(p["dropped"] for p in per_rank) == every[phase]["dropped"], phase
+    for r in ranks:
+        idle = r["drop"]["phases"].get("idle", {"tokens": 0, "dropped": 0, "requested": 0})
+        assert idle["tokens"] == 0 and idle["requested"] == 0 and idle["dropped"] == 0
+
+
+@pytest.mark.multirank
+def test_ep2_with_a_placement_plan_generates() -> None:
+    ranks = _ep2("drop-placed")
+    result = ranks[0]["drop-placed"]
+    assert len(result["tokens"]) == 4 and all(len(t) == 8 for t in result["tokens"])
+    assert all(r["drop-placed"]["phases"]["prefill"]["calls"] > 0 for r in ranks)
