@@ -46,9 +46,44 @@ def _replacing_balancer(get: Getter) -> Optional[str]:
     return next((b for b in _balancers(get) if b in REPLACING_BALANCERS), None)
 
 
+#: Capture modules (``cuda_graph_modules``, before 0.19 ``cuda_graph_scope``) that include the MoE router.
+ROUTER_GRAPH_SCOPES = frozenset({"full", "moe", "moe_router", "moe_preprocess", "full_iteration",
+                                 "full_iteration_inference"})
+
+
+def _scope_names(value: Any) -> list:
+    """A scope setting (a name, an enum member, or a list of them) as lower-case names."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [str(getattr(item, "name", item)).lower() for item in items]
+
+
 def _cuda_graphs(get: Getter) -> bool:
+    """Whether the CUDA graphs the settings ask for capture the MoE router (whose routing is not capturable).
+
+    Whole-layer graphs (``--enable-cuda-graph``, ``--external-cuda-graph``,
+    ``--cuda-graph-impl full_iteration``, an empty or ``full`` scope) and the
+    scopes ``moe``, ``moe_router``, ``moe_preprocess`` do; ``attn``, ``mlp``
+    (dense layers only) and ``mamba`` alone do not. megatron-core >= 0.19
+    (which has ``cuda_graph_modules``) captures inference by
+    ``inference_cuda_graph_scope`` instead: with ``--cuda-graph-impl local``,
+    ``layer`` (the default) and ``block`` graph whole layers, router included.
+    """
+    if get("enable_cuda_graph") or get("external_cuda_graph"):
+        return True
     impl = get("cuda_graph_impl")
-    return bool((impl is not None and impl != "none") or get("enable_cuda_graph") or get("external_cuda_graph"))
+    if impl is None or impl == "none":
+        return False
+    if impl == "full_iteration":
+        return True
+    modules = get("cuda_graph_modules")
+    if modules is not None and impl == "local":
+        inference = _scope_names(get("inference_cuda_graph_scope"))
+        if inference != ["none"]:  # unset: Megatron derives "layer"
+            return True
+    names = _scope_names(modules if modules is not None else get("cuda_graph_scope"))
+    return not names or bool(set(names) & ROUTER_GRAPH_SCOPES)
 
 
 REFUSALS: Tuple[Refusal, ...] = (
@@ -137,8 +172,29 @@ REFUSALS: Tuple[Refusal, ...] = (
         "--cuda-graph-impl", NON_TOPK,
         _cuda_graphs,
         lambda name, get: (
-            f"{name} is not CUDA-graph capturable yet (its routing has data-dependent control flow); "
-            "use --cuda-graph-impl none (and no --enable-cuda-graph / --external-cuda-graph), or "
+            f"{name} is not CUDA-graph capturable yet (its routing has data-dependent control flow), and "
+            "these CUDA-graph settings capture the MoE router; use --cuda-graph-impl none, or capture "
+            "only what leaves the router out (--cuda-graph-modules attn / --cuda-graph-scope attn, and on "
+            "megatron-core >= 0.19 --inference-cuda-graph-scope none), or --moe-router-type topk"
+        ),
+    ),
+    Refusal(
+        "--moe-pad-experts-for-cuda-graph-inference", NON_TOPK,
+        lambda get: bool(get("moe_pad_experts_for_cuda_graph_inference")),
+        lambda name, get: (
+            f"{name} cannot be combined with --moe-pad-experts-for-cuda-graph-inference: Megatron's "
+            "inference engine then switches the router to drop-and-pad with a capacity factor on CUDA-graph "
+            "decode steps, after the capaware decision; unset it (capaware routers are not CUDA-graph "
+            "capturable), or use --moe-router-type topk"
+        ),
+    ),
+    Refusal(
+        "--mlp-chunks-for-prefill", NON_TOPK,
+        lambda get: (get("mlp_chunks_for_prefill") or 1) > 1,
+        lambda name, get: (
+            f"{name} cannot be combined with --mlp-chunks-for-prefill {get('mlp_chunks_for_prefill')}: prefill "
+            "ranks would route each layer in several chunks while decode-only and idle EP ranks route it once, "
+            "so the ranks' routing collectives would not match (a hang); use --mlp-chunks-for-prefill 1, or "
             "--moe-router-type topk"
         ),
     ),

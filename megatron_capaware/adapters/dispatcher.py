@@ -14,7 +14,7 @@ Installed by changing the class of the dispatcher instance the layer built
 
 from __future__ import annotations
 
-from typing import Any, Dict, Type
+from typing import Any, Dict, List, Type
 
 from megatron.core.transformer.moe.token_dispatcher import (
     MoEAllGatherTokenDispatcher,
@@ -33,6 +33,14 @@ class CapawareDispatcherMixin:
 
     capaware_stats: Any = None
     capaware_variable_counts: bool = False
+    #: The layer's router; LASER gives every token exactly k experts unless this call had
+    #: padding tokens (its ``capaware_padded``), so Megatron's own sync point stays otherwise.
+    capaware_router: Any = None
+
+    def _capaware_counts_vary(self) -> bool:
+        if self.capaware_variable_counts:
+            return True
+        return bool(getattr(self.capaware_router, "capaware_padded", False))
 
     def dispatch_postprocess(self, hidden_states, probs):  # type: ignore[override]
         result = super().dispatch_postprocess(hidden_states, probs)  # type: ignore[misc]
@@ -46,7 +54,7 @@ class CapawareAlltoAllTokenDispatcher(CapawareDispatcherMixin, MoEAlltoAllTokenD
 
     def preprocess(self, routing_map):  # type: ignore[override]
         tokens_per_local_expert = super().preprocess(routing_map)
-        if self.capaware_variable_counts and not self.drop_and_pad:
+        if self._capaware_counts_vary() and not self.drop_and_pad:
             # Buffer size from the map, not tokens * k (as Megatron's capacity mode does).
             self.num_out_tokens = routing_map.sum()
             self._maybe_update_cuda_sync_point("before_permutation_1")
@@ -88,3 +96,27 @@ def capaware_dispatcher_class(dispatcher: Any) -> Type[Any]:
             f"{type(dispatcher).__name__}; use --moe-token-dispatcher-type alltoall or allgather"
         )
     return cls
+
+
+#: Routers that may give a token other than k experts on any call. LASER moves
+#: assignments between a token's pool experts and keeps k per token; only padding
+#: tokens (no expert) change its count, which the router reports per call.
+VARIABLE_COUNT_ROUTERS = ("capacity-drop", "capacity-reroute", "expanded-drop")
+
+
+def adapt_dispatchers(dispatchers: List[Any], router: Any, router_type: str) -> List[Any]:
+    """Turn a layer's dispatchers into the capaware classes; returns those adapted.
+
+    ``topk`` under a dispatcher this package does not adapt (flex / DeepEP) keeps
+    Megatron's dispatcher unchanged (only the received-token counts go
+    unrecorded); the other routers were refused before (:func:`capaware_dispatcher_class`).
+    """
+    adapted = []
+    for dispatcher in dispatchers:
+        if type(dispatcher) not in CAPAWARE_DISPATCHERS and router_type == "topk":
+            continue
+        dispatcher.__class__ = capaware_dispatcher_class(dispatcher)
+        dispatcher.capaware_variable_counts = router_type in VARIABLE_COUNT_ROUTERS
+        dispatcher.capaware_router = router if router_type == "laser" else None  # only LASER's count follows padding
+        adapted.append(dispatcher)
+    return adapted

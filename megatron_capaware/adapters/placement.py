@@ -281,6 +281,7 @@ def place_layers(layers: Sequence[Any], plan: Optional[PlacementPlan], policy: s
 
 
 def _place_layers(layers: Sequence[Any], plan: Optional[PlacementPlan], policy: str, whole_model: bool) -> None:
+    from megatron_capaware.adapters.placement_checks import invalidate_weight_caches
     from megatron_capaware.adapters.swap import _dispatchers
 
     if policy not in REPLICA_POLICIES:
@@ -317,6 +318,7 @@ def _place_layers(layers: Sequence[Any], plan: Optional[PlacementPlan], policy: 
     for (layer, now, new, per_now, per_new), fresh in zip(targets, moved):
         if now != new:
             _set_expert_tensors(layer.experts, fresh)
+            invalidate_weight_caches(layer.experts)  # TE's cached (FP8) weights are the old experts'
         local = list(range(me * per_new, (me + 1) * per_new))
         layer.num_local_experts = per_new
         layer.local_expert_indices = local
@@ -343,6 +345,9 @@ def _targets(layers: Sequence[Any], plan: Optional[PlacementPlan], ep: int, whol
             raise PlacementError(f"the placement plan has no MoE layer {missing} (it covers {sorted(plan.layers)}): "
                                  "it was made for another model; run capaware-plan on this checkpoint")
         plan.check_model(sorted(plan.layers), config.num_moe_experts, ep)
+    from megatron_capaware.adapters.placement_checks import check_layer
+    from megatron_capaware.adapters.swap import _dispatchers
+
     targets = []
     for layer in layers:
         number = int(layer.layer_number)
@@ -353,6 +358,7 @@ def _targets(layers: Sequence[Any], plan: Optional[PlacementPlan], ep: int, whol
         now = current.slots if current is not None else contiguous_slots(config.num_moe_experts)
         new = plan.layers[number].slots if plan is not None else contiguous_slots(config.num_moe_experts)
         check_router_for_slots(layer.router.capaware, len(new), config.num_moe_experts)
+        check_layer(layer, _dispatchers(layer))  # FP8 parameters, single grouped weight, flex (issue 22)
         per_now, per_new = len(now) // ep, len(new) // ep
         _check_resizable(layer.experts, per_new, number)
         targets.append((layer, now, new, per_now, per_new))

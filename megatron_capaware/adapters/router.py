@@ -277,6 +277,7 @@ class CapawareRouter(TopKRouter):
         valid_tokens = None
         if padding_mask is not None:
             valid_tokens = ~padding_mask.reshape(-1).to(device=scores.device, dtype=torch.bool)
+        self.capaware_padded = valid_tokens is not None  # read by the dispatcher (LASER keeps k otherwise)
         if self.capaware_score_hook is not None:
             self.capaware_score_hook(scores)
         if capaware.check_scores:

@@ -78,8 +78,9 @@ def preflight_layer(layer: Any, capaware: CapawareConfig) -> None:
             "Megatron's TopKRouter only (inference-optimized routers are not supported)"
         )
     check_supported(layer.config, capaware)
-    for dispatcher in _dispatchers(layer):
-        capaware_dispatcher_class(dispatcher)
+    if capaware.router_type != "topk":  # topk (Megatron's routing) runs under any dispatcher
+        for dispatcher in _dispatchers(layer):
+            capaware_dispatcher_class(dispatcher)
     layout = getattr(router, "capaware_layout", None)
     if layout is not None:
         from megatron_capaware.adapters.placement import check_router_for_slots
@@ -106,9 +107,9 @@ def install_in_layer(layer: Any, capaware: CapawareConfig) -> LayerRoutingStats:
     router.__class__ = CapawareRouter
     router.capaware_setup(capaware)
     dispatchers = _dispatchers(layer)
-    for dispatcher in dispatchers:
-        dispatcher.__class__ = capaware_dispatcher_class(dispatcher)
-        dispatcher.capaware_variable_counts = capaware.router_type != "topk"
+    from megatron_capaware.adapters.dispatcher import adapt_dispatchers
+
+    dispatchers = adapt_dispatchers(dispatchers, router, capaware.router_type)
     load_group, copies = build_load_group(layer)
     ep_size = layer.config.expert_model_parallel_size
     # Logical experts this rank computes (under a placement: those of its slots).
