@@ -187,3 +187,63 @@ def test_the_sync_point_moves_only_when_the_count_can_change(router_type: str, p
     adapt_dispatchers([dispatcher], router, router_type)
     assert isinstance(dispatcher, CapawareAlltoAllTokenDispatcher)
     assert dispatcher._capaware_counts_vary() is varies
+
+
+# --------------------------------------------------------------------------- item 10: --capaware-no-stats / -score-check
+
+
+def test_no_stats_and_no_score_check_reach_the_config() -> None:
+    import argparse
+
+    from megatron_capaware.megatron_lm.arguments import add_capaware_args, config_from_args
+
+    parser = add_capaware_args(argparse.ArgumentParser())
+    default = config_from_args(parser.parse_args(["--moe-router-type", "capacity-drop"]))
+    assert default.record_stats and default.check_scores
+    args = parser.parse_args(["--moe-router-type", "capacity-drop", "--capaware-scope", "local",
+                              "--capaware-no-stats", "--capaware-no-score-check"])
+    config = config_from_args(args)
+    assert not config.record_stats and not config.check_scores
+
+
+def test_no_stats_contradicts_a_stats_file(capsys) -> None:
+    import argparse
+
+    from megatron_capaware.megatron_lm.arguments import add_capaware_args
+
+    parser = add_capaware_args(argparse.ArgumentParser())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--capaware-no-stats", "--capaware-stats-output", "s.json"])
+    assert "--capaware-no-stats and --capaware-stats-output contradict" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- item 2: MTP layers keep topk
+
+
+def test_mtp_layers_are_left_to_megatrons_topk() -> None:
+    """The installers, stats and placement walk moe_layers(): MTP layers are not in it (stand-in modules)."""
+    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+
+    from megatron_capaware.adapters.mtp import mtp_moe_layers
+    from megatron_capaware.adapters.swap import moe_layers
+
+    class FakeMoE(BaseMoELayer):
+        def __init__(self, mtp_flag: bool = False):
+            torch.nn.Module.__init__(self)
+            self.router = torch.nn.Module()
+            self.router.is_mtp_layer = mtp_flag
+
+        def forward(self, hidden):  # abstract in BaseMoELayer
+            return hidden
+
+    class MultiTokenPredictionBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([FakeMoE()])
+
+    model = torch.nn.Module()
+    model.decoder = torch.nn.ModuleList([FakeMoE(), FakeMoE()])
+    model.mtp = MultiTokenPredictionBlock()  # 0.16: found by its container
+    model.flagged = FakeMoE(mtp_flag=True)  # 0.19: found by the router's is_mtp_layer
+    assert moe_layers(model) == list(model.decoder)
+    assert mtp_moe_layers(model) == [model.mtp.layers[0], model.flagged]

@@ -359,6 +359,7 @@ def _targets(layers: Sequence[Any], plan: Optional[PlacementPlan], ep: int, whol
         new = plan.layers[number].slots if plan is not None else contiguous_slots(config.num_moe_experts)
         check_router_for_slots(layer.router.capaware, len(new), config.num_moe_experts)
         check_layer(layer, _dispatchers(layer))  # FP8 parameters, single grouped weight, flex (issue 22)
+        slot_table(new, ep, torch.device("cpu"))  # its refusals (two replicas on one rank) before anything moves
         per_now, per_new = len(now) // ep, len(new) // ep
         _check_resizable(layer.experts, per_new, number)
         targets.append((layer, now, new, per_now, per_new))

@@ -248,6 +248,9 @@ class CapawareRouter(TopKRouter):
 
     def _capaware_routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         capaware = self.capaware
+        if getattr(self, "is_mtp_layer", False):  # MTP layers keep Megatron's routing (adapters/mtp.py)
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+            return probs, routing_map, None
         if capaware.router_type == "topk":
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
             if self.capaware_score_hook is not None:

@@ -26,8 +26,16 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 
 def moe_layers(model: torch.nn.Module) -> List[Any]:
-    """The model's MoE layers, in module order."""
-    return [m for m in model.modules() if isinstance(m, BaseMoELayer)]
+    """The model's decoder MoE layers, in module order; MTP layers left out (issue 22, item 2).
+
+    Multi-token-prediction layers (``--mtp-num-layers``) keep Megatron's own
+    ``topk`` routing: no capaware router, no stats, no placement
+    (:func:`megatron_capaware.adapters.mtp.mtp_moe_layers`).
+    """
+    from megatron_capaware.adapters.mtp import mtp_moe_layers
+
+    mtp = {id(m) for m in mtp_moe_layers(model)}
+    return [m for m in model.modules() if isinstance(m, BaseMoELayer) and id(m) not in mtp]
 
 
 def build_load_group(layer: Any) -> Tuple[Optional[LoadGroup], int]:

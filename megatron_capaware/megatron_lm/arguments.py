@@ -172,7 +172,8 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     if getattr(parser, _MARK, False):
         return parser
     existing = {opt for action in parser._actions for opt in action.option_strings}
-    mine = ["--moe-router-type"] + [flag(d) for d in DEFAULTS] + ["--capaware-stats-output"] + PLACEMENT_FLAGS
+    mine = ["--moe-router-type"] + [flag(d) for d in DEFAULTS] + ["--capaware-stats-output"] + PLACEMENT_FLAGS + \
+        ["--capaware-no-stats", "--capaware-no-score-check"]
     clash = sorted(set(mine) & existing)
     if clash:
         raise argparse.ArgumentError(
@@ -312,6 +313,17 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "all-gather per layer) or round-robin (by token index, no collective). Default: "
         "least-loaded.",
     )
+    group.add_argument(
+        "--capaware-no-stats", action="store_true",
+        help="Record no per-layer load statistics (with --capaware-scope local this also drops the "
+        "per-layer all-reduce of the loads each forward). Cannot be combined with "
+        "--capaware-stats-output. Default: recorded.",
+    )
+    group.add_argument(
+        "--capaware-no-score-check", action="store_true",
+        help="Skip the group-wide NaN/Inf check of the router scores (one small all-gather per layer, "
+        "or one per model forward on CUDA). A NaN then routes silently. Default: checked.",
+    )
     _install_validation(parser)
     setattr(parser, _MARK, True)
     return parser
@@ -355,6 +367,10 @@ def resolve_args(args: Any) -> Any:
     if getattr(args, _RESOLVED, False):
         return args
     add_megatron_lm_aliases(args)
+    if getattr(args, "capaware_no_stats", False) and getattr(args, "capaware_stats_output", None):
+        raise CapawareConfigError(
+            "--capaware-no-stats and --capaware-stats-output contradict: the statistics file needs the "
+            "statistics; drop one of them")
     router = getattr(args, "moe_router_type", "topk") or "topk"
     if router not in ROUTER_TYPES:
         raise CapawareConfigError(
@@ -524,6 +540,8 @@ def config_from_args(args: Any) -> CapawareConfig:
         laser_load=get("capaware_laser_load"),
         seed=int(get("capaware_seed")),
         capacity_unit=get("capaware_capacity_unit"),
+        record_stats=not getattr(args, "capaware_no_stats", False),
+        check_scores=not getattr(args, "capaware_no_score_check", False),
     )
 
 

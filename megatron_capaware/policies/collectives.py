@@ -327,3 +327,41 @@ def all_to_all_rows(rows: torch.Tensor, send_counts: List[int], recv_counts: Lis
     dist.all_to_all_single(out, work, [n * row for n in recv_counts], [n * row for n in send_counts],
                            group=_process_group(group))
     return _on(out.reshape(sum(recv_counts), *rows.shape[1:]), rows.device)
+
+
+def backend_self_test(group: Optional[ProcessGroup] = None) -> Dict[str, Any]:
+    """Run each collective form the routing and the weight exchange use once, even on one rank.
+
+    The routing helpers skip their collectives on a group of one rank; the
+    one-GPU check (``tools/gpu_check.py``) calls this so that NCCL itself runs
+    ``all_gather_into_tensor`` (routing counts, int64), the list all-gather,
+    ``all_reduce`` and ``all_to_all_single`` (expert rows, bf16 on CUDA) on the
+    group's device. Returns each result's correctness, by form.
+    """
+    if not dist.is_initialized():
+        return {"initialized": False}
+    pg = _process_group(group)
+    size = dist.get_world_size(pg)
+    rank = dist.get_rank(pg)
+    device = group_device(group)
+    counts = torch.arange(6, dtype=torch.int64, device=device) + rank
+    expected = torch.stack([torch.arange(6, dtype=torch.int64, device=device) + r for r in range(size)])
+    out: Dict[str, Any] = {"world_size": size, "device": str(device)}
+    if gathers_into_tensor(group):
+        into = counts.new_empty((size, 6))
+        dist.all_gather_into_tensor(into, counts, group=pg)
+        out["all_gather_into_tensor"] = bool(torch.equal(into, expected))
+    parts = [torch.empty_like(counts) for _ in range(size)]
+    dist.all_gather(parts, counts, group=pg)
+    out["all_gather_list"] = bool(torch.equal(torch.stack(parts), expected))
+    total = counts.clone()
+    dist.all_reduce(total, group=pg)
+    out["all_reduce"] = bool(torch.equal(total, expected.sum(0)))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = torch.arange(size * 4, dtype=dtype, device=device).reshape(size, 4) + 100 * rank
+    got = torch.empty_like(rows)
+    dist.all_to_all_single(got, rows, group=pg)
+    want = torch.stack([torch.arange(4, dtype=dtype, device=device) + 4 * rank + 100 * r for r in range(size)])
+    out["all_to_all_single"] = bool(torch.equal(got, want))
+    out["ok"] = all(v for k, v in out.items() if isinstance(v, bool))
+    return out
