@@ -247,3 +247,39 @@ def test_mtp_layers_are_left_to_megatrons_topk() -> None:
     model.flagged = FakeMoE(mtp_flag=True)  # 0.19: found by the router's is_mtp_layer
     assert moe_layers(model) == list(model.decoder)
     assert mtp_moe_layers(model) == [model.mtp.layers[0], model.flagged]
+
+
+# --------------------------------------------------------------------------- item 5: idle-rank dummy steps
+
+
+def test_a_pre_019_dummy_forward_is_a_step_of_padding_rows() -> None:
+    from megatron_capaware.adapters import inference_padding as ip
+
+    class Wrapper:  # stand-in for AbstractModelInferenceWrapper (megatron-core < 0.19)
+        tp_size = 2
+
+        def dummy_forward(self):
+            return self.model()
+
+        def model(self):
+            return ip.step_padding_mask(2, torch.device("cpu"))
+
+    ip._wrap_dummy_forward(Wrapper)
+    ip._wrap_dummy_forward(Wrapper)  # idempotent
+    assert torch.equal(Wrapper().dummy_forward(), torch.tensor([True, True]))
+    assert ip.step_padding_mask(2, torch.device("cpu")) is None  # only inside the dummy step
+
+
+def test_the_dummy_step_hook_exists_where_megatron_has_the_method() -> None:
+    from megatron.core import __version__ as version
+
+    from megatron_capaware.adapters.inference_padding import install_dummy_step_hook
+
+    try:
+        from megatron.core.inference.model_inference_wrappers.abstract_model_inference_wrapper import (
+            AbstractModelInferenceWrapper,
+        )
+        has = "dummy_forward" in AbstractModelInferenceWrapper.__dict__
+    except ImportError:
+        has = False
+    assert install_dummy_step_hook() is has, version
