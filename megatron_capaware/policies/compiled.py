@@ -116,8 +116,8 @@ def _agree(ok: bool) -> bool:
 
     if group is None or group_size(group) == 1:
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=group_device(group))
-    return bool(all_reduce(flag, group, op="min").item())  # one host read, first call of a signature only
+    failed = torch.tensor([0 if ok else 1], dtype=torch.int32, device=group_device(group))
+    return not bool(all_reduce(failed, group, op="sum").item())  # one host read, first call of a signature only
 
 
 def _signature(args: Tuple[Any, ...]) -> Hashable:
