@@ -39,10 +39,11 @@ per layer are higher than that op count. Eager calls are counted op by op.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import types
 import warnings
-from typing import Any, Callable, ContextManager, Dict, Hashable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Hashable, Iterator, Optional, Tuple
 
 import torch
 
@@ -91,18 +92,18 @@ DYNAMIC_ENV = "CAPAWARE_COMPILE_DYNAMIC"  # "0": one static graph per token coun
 
 # The group whose ranks must agree on a region's first compiled call (set by the policy around its
 # regions, :func:`agreement_group`); None: this rank alone.
-_AGREEMENT_GROUP: List[Any] = [None]
+# A context variable: per thread (simulated ranks run as threads) and per task.
+_AGREEMENT_GROUP: "contextvars.ContextVar[Any]" = contextvars.ContextVar("capaware_agreement_group", default=None)
 
 
 @contextlib.contextmanager
 def agreement_group(group: Any) -> Iterator[None]:
     """Inside the block, a region's first call of a signature agrees over ``group`` (every rank enters it)."""
-    saved = _AGREEMENT_GROUP[0]
-    _AGREEMENT_GROUP[0] = group
+    token = _AGREEMENT_GROUP.set(group)
     try:
         yield
     finally:
-        _AGREEMENT_GROUP[0] = saved
+        _AGREEMENT_GROUP.reset(token)
 
 
 def _dynamic() -> bool:
@@ -111,7 +112,7 @@ def _dynamic() -> bool:
 
 def _agree(ok: bool) -> bool:
     """Whether every rank of the agreement group compiled (one all-reduce of one int; True alone)."""
-    group = _AGREEMENT_GROUP[0]
+    group = _AGREEMENT_GROUP.get()
     from megatron_capaware.policies.collectives import all_reduce, group_device, group_size
 
     if group is None or group_size(group) == 1:
