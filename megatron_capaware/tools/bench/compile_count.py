@@ -40,7 +40,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> dict:
+def run(argv: Optional[List[str]] = None) -> dict:
+    """Measure; returns the figures (also written to ``--json``)."""
     args = parse_args(argv)
     os.environ["CAPAWARE_DEVICE_PATH"] = "1"
     os.environ["CAPAWARE_COMPILE"] = args.backend
@@ -76,5 +77,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     return result
 
 
+def main(argv: Optional[List[str]] = None) -> int:
+    """Console entry point (``capaware-bench-compile``)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
