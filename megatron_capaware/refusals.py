@@ -52,12 +52,40 @@ def _replacing_balancer(get: Getter) -> Optional[str]:
 #: (``adapters.phases``: topk on the placement, no collective, no host sync).
 CAPTURE_SAFE_GRAPH_IMPLS = ("none", "local")
 
+#: Capture modules (``cuda_graph_modules``, before 0.19 ``cuda_graph_scope``) that include the MoE router.
+ROUTER_GRAPH_SCOPES = frozenset({"full", "moe", "moe_router", "moe_preprocess", "full_iteration",
+                                 "full_iteration_inference"})
+
+
+def _scope_names(value: Any) -> list:
+    """A scope setting (a name, an enum member, or a list of them) as lower-case names."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [str(getattr(item, "name", item)).lower() for item in items]
+
 
 def _cuda_graphs(get: Getter) -> bool:
-    """CUDA graphs that would capture a capaware policy itself (not the dynamic engine's marked steps)."""
+    """Whether the CUDA graphs the settings ask for would capture a capaware policy itself.
+
+    ``--cuda-graph-impl local`` is the dynamic engine's: the steps it captures are
+    marked and route capture-safe (top-k on the placement), eager steps run the
+    policy, so it is allowed (a capture outside a marked step raises at run time,
+    ``adapters.phases.check_not_capturing``). Whole-layer graphs of other
+    implementations (``--enable-cuda-graph``, ``--external-cuda-graph``,
+    ``--cuda-graph-impl full_iteration``, an empty or ``full`` scope) and the
+    scopes ``moe``, ``moe_router``, ``moe_preprocess`` capture the router;
+    ``attn``, ``mlp`` (dense layers only) and ``mamba`` alone do not.
+    """
+    if get("enable_cuda_graph") or get("external_cuda_graph"):
+        return True
     impl = get("cuda_graph_impl")
-    return bool((impl is not None and impl not in CAPTURE_SAFE_GRAPH_IMPLS)
-                or get("enable_cuda_graph") or get("external_cuda_graph"))
+    if impl is None or impl in CAPTURE_SAFE_GRAPH_IMPLS:
+        return False
+    if impl == "full_iteration":
+        return True
+    names = _scope_names(get("cuda_graph_modules") if get("cuda_graph_modules") is not None else get("cuda_graph_scope"))
+    return not names or bool(set(names) & ROUTER_GRAPH_SCOPES)
 
 
 REFUSALS: Tuple[Refusal, ...] = (
@@ -147,10 +175,32 @@ REFUSALS: Tuple[Refusal, ...] = (
         _cuda_graphs,
         lambda name, get: (
             f"{name}'s policy is not CUDA-graph capturable (data-dependent control flow and "
-            f"collectives); --cuda-graph-impl {get('cuda_graph_impl')} / --enable-cuda-graph / "
-            "--external-cuda-graph would capture it. Use --cuda-graph-impl local (Megatron's dynamic "
-            "inference engine: its captured steps route by top-k on the placement, eager steps by the "
-            "policy) or none, or --moe-router-type topk"
+            f"collectives), and these CUDA-graph settings capture the MoE router (--cuda-graph-impl "
+            f"{get('cuda_graph_impl')}, --enable-cuda-graph {bool(get('enable_cuda_graph'))}, "
+            f"--external-cuda-graph {bool(get('external_cuda_graph'))}); use --cuda-graph-impl local "
+            "(Megatron's dynamic inference engine: its captured steps route by top-k on the placement, eager "
+            "steps by the policy) or none, or capture only what leaves the router out (--cuda-graph-modules "
+            "attn / --cuda-graph-scope attn), or --moe-router-type topk"
+        ),
+    ),
+    Refusal(
+        "--moe-pad-experts-for-cuda-graph-inference", NON_TOPK,
+        lambda get: bool(get("moe_pad_experts_for_cuda_graph_inference")),
+        lambda name, get: (
+            f"{name} cannot be combined with --moe-pad-experts-for-cuda-graph-inference: Megatron's "
+            "inference engine then switches the router to drop-and-pad with a capacity factor on CUDA-graph "
+            "decode steps, after the capaware decision; unset it (capaware routers are not CUDA-graph "
+            "capturable), or use --moe-router-type topk"
+        ),
+    ),
+    Refusal(
+        "--mlp-chunks-for-prefill", NON_TOPK,
+        lambda get: (get("mlp_chunks_for_prefill") or 1) > 1,
+        lambda name, get: (
+            f"{name} cannot be combined with --mlp-chunks-for-prefill {get('mlp_chunks_for_prefill')}: prefill "
+            "ranks would route each layer in several chunks while decode-only and idle EP ranks route it once, "
+            "so the ranks' routing collectives would not match (a hang); use --mlp-chunks-for-prefill 1, or "
+            "--moe-router-type topk"
         ),
     ),
     Refusal(

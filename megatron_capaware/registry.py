@@ -46,7 +46,8 @@ class RouterType:
         expert_bias: supports ``--moe-router-enable-expert-bias``.
         token_copies: routes alike on TP ranks that hold copies of the same tokens (False: needs
             ``--sequence-parallel`` with TP > 1, its decision depends on the EP rank).
-        variable_counts: may give a token other than k experts (the dispatcher sizes from the map).
+        variable_counts: changes Megatron's decision at all (False: vanilla top-k).
+        keeps_k: gives every real token exactly k experts (the dispatcher keeps Megatron's sync point).
         marker: the matplotlib marker of its points in the pictures.
         phases: the dynamic engine's steps it applies to by default (``--capaware-phases``).
     """
@@ -62,6 +63,7 @@ class RouterType:
     expert_bias: bool = True
     token_copies: bool = True
     variable_counts: bool = True
+    keeps_k: bool = False
     marker: str = "o"
     phases: str = "prefill,mixed"
 
@@ -117,7 +119,7 @@ class Knob:
 
 ROUTER_TYPES: Dict[str, RouterType] = {r.name: r for r in (
     RouterType(TOPK, "Megatron's own routing, unchanged (also keeps Megatron's --moe-expert-capacity-factor "
-               "dropping)", variable_counts=False, marker="*"),
+               "dropping)", variable_counts=False, keeps_k=True, marker="*"),
     RouterType(CAPACITY_DROP, "each expert keeps at most C = ceil(gamma x T x k / E) assignments, its "
                "highest-scoring ones", capacity=True, rank_unit=True, drop_policies=True, marker="o"),
     RouterType(CAPACITY_REROUTE, "overflow goes to experts with spare capacity", capacity=True, rank_unit=True,
@@ -125,7 +127,7 @@ ROUTER_TYPES: Dict[str, RouterType] = {r.name: r for r in (
     RouterType(EXPANDED_DROP, "top-k plus the token's own EP rank's experts, then the capacity rule",
                capacity=True, adds_experts=True, token_copies=False, marker="^"),
     RouterType(LASER, "top-k for confident tokens, the least-loaded good-enough experts for the others",
-               replicas=False, group_limited=False, expert_bias=False, marker="D"),
+               replicas=False, group_limited=False, expert_bias=False, keeps_k=True, marker="D"),
     RouterType(DECODE_PACK, "(decode steps) each token keeps its best --capaware-decode-floor experts and fills the "
                "rest from experts already active, so the busiest EP rank activates as few experts as possible",
                adds_experts=True, replicas=False, marker="P", phases="decode"),

@@ -41,9 +41,18 @@ class CapawareDispatcherMixin:
 
     @property
     def capaware_variable_counts(self) -> bool:
-        """True when the router may give a token other than ``k`` experts (every type but vanilla top-k)."""
+        """True when this call may give a token other than ``k`` experts.
+
+        Every router but those that keep exactly k per token (vanilla top-k, LASER: it moves
+        assignments between a token's pool experts); LASER's count changes only on a call
+        with padding tokens (no expert), which its router notes in the state. Otherwise
+        Megatron's own sync point stays.
+        """
         state = self.capaware_state
-        return state is not None and router_type(state.config.router_type).variable_counts
+        if state is None:
+            return False
+        return not router_type(state.config.router_type).keeps_k or (
+            not router_type(state.config.router_type).is_vanilla and state.padded)
 
     def dispatch_postprocess(self, hidden_states, probs):  # type: ignore[override]
         result = super().dispatch_postprocess(hidden_states, probs)  # type: ignore[misc]
@@ -116,3 +125,20 @@ def retarget_dispatcher(dispatcher: Any, num_slots: int, local_slots: List[int])
         chunks = torch.arange(num_slots * dispatcher.tp_size, device=dispatcher.sort_input_by_local_experts.device)
         dispatcher.sort_input_by_local_experts = chunks.reshape(-1, len(local_slots)).T.ravel()
         dispatcher.restore_output_by_local_experts = chunks.reshape(len(local_slots), -1).T.ravel()
+
+
+def adapt_dispatchers(dispatchers: List[Any], state: Any) -> List[Any]:
+    """Turn a layer's dispatchers into the capaware classes reading ``state``; returns those adapted.
+
+    Vanilla ``topk`` under a dispatcher this package does not adapt (flex / DeepEP) keeps
+    Megatron's dispatcher unchanged (only the received-token counts go unrecorded); the
+    other routers were refused before (:func:`capaware_dispatcher_class`).
+    """
+    adapted = []
+    for dispatcher in dispatchers:
+        if type(dispatcher) not in CAPAWARE_DISPATCHERS and router_type(state.config.router_type).is_vanilla:
+            continue
+        dispatcher.__class__ = capaware_dispatcher_class(dispatcher)
+        dispatcher.capaware_state = state
+        adapted.append(dispatcher)
+    return adapted

@@ -65,10 +65,16 @@ def routing_collectives(layer_number: Optional[int], group: Any):
         pg = group.group if isinstance(group, LoadGroup) else group
         members = _global_ranks(group, range(group_size(group))) if pg is not None else []
         me = dist.get_rank() if dist.is_initialized() else 0
+        from megatron_capaware.policies.collectives import group_timeout_s
+
+        seconds = group_timeout_s(pg)  # the group's own (Megatron: --distributed-timeout-minutes)
         timeout = os.environ.get("CAPAWARE_COLLECTIVE_TIMEOUT_S")
-        limit = f"{float(timeout):g} s (CAPAWARE_COLLECTIVE_TIMEOUT_S)" if timeout else (
-            "the process group's timeout (CAPAWARE_COLLECTIVE_TIMEOUT_S; megatron-capaware's default "
-            "300 s)")
+        if seconds is not None:
+            limit = f"{seconds:g} s (this process group's timeout; Megatron sets it from --distributed-timeout-minutes)"
+        elif timeout:
+            limit = f"{float(timeout):g} s (CAPAWARE_COLLECTIVE_TIMEOUT_S)"
+        else:
+            limit = "the process group's timeout (Megatron: --distributed-timeout-minutes)"
         raise RoutingCollectiveError(
             f"MoE layer {layer_number}: a routing collective over the load group (ranks {members}) "
             f"failed on rank {me}: {err}. Another rank of the group most likely crashed, hung or "

@@ -161,6 +161,46 @@ def _wrap_forward_mlp(cls: Any) -> None:
     setattr(cls, "_forward_mlp", _forward_mlp)
 
 
+def _wrap_dummy_forward(cls: Any) -> None:
+    """Make ``cls.dummy_forward`` (megatron-core < 0.19) a step whose rows are all padding.
+
+    Before 0.19 an idle EP rank runs ``AbstractModelInferenceWrapper.dummy_forward``:
+    ``tp_size`` zero tokens through the model with no inference context and no
+    ``padding_mask``, routed as real tokens. Inside the wrapper the routers see
+    a step of ``tp_size`` rows, none real (issue 22, item 5).
+    """
+    original = cls.__dict__.get("dummy_forward")
+    if original is None or getattr(original, _HOOKED, False):
+        return
+
+    def dummy_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rows = int(getattr(self, "tp_size", 1) or 1)
+        with dynamic_step(StepPadding(real_count=0, padded_count=rows)):
+            return original(self, *args, **kwargs)
+
+    setattr(dummy_forward, _HOOKED, True)
+    dummy_forward.__wrapped__ = original  # type: ignore[attr-defined]
+    dummy_forward.__doc__ = original.__doc__
+    setattr(cls, "dummy_forward", dummy_forward)
+
+
+def install_dummy_step_hook() -> bool:
+    """Wrap the pre-0.19 idle-rank ``dummy_forward`` (idempotent); False where it does not exist (0.19+).
+
+    megatron-core >= 0.19 runs idle ranks' dummy steps in the dynamic context
+    (``real_token_count`` 0), which :func:`install_dynamic_padding_hook` reads.
+    """
+    try:
+        from megatron.core.inference.model_inference_wrappers import abstract_model_inference_wrapper as wrappers
+    except ImportError:
+        return False
+    cls = getattr(wrappers, "AbstractModelInferenceWrapper", None)
+    if not isinstance(cls, type) or "dummy_forward" not in cls.__dict__:
+        return False
+    _wrap_dummy_forward(cls)
+    return True
+
+
 def install_dynamic_padding_hook() -> bool:
     """Wrap ``_forward_mlp`` of ``TransformerLayer`` (and ``MoETransformerLayer``) so routers
     see the dynamic step's padding (idempotent).
@@ -184,4 +224,5 @@ def install_dynamic_padding_hook() -> bool:
         cls = getattr(transformer_layer, name, None)
         if isinstance(cls, type):
             _wrap_forward_mlp(cls)
+    install_dummy_step_hook()
     return True

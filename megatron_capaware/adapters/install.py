@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_capaware.adapters.dispatcher import capaware_dispatcher_class
+from megatron_capaware.adapters.dispatcher import adapt_dispatchers, capaware_dispatcher_class
 from megatron_capaware.adapters.guards import DeferredScoreCheck, check_rank_agreement
 from megatron_capaware.adapters.inference_padding import install_dynamic_padding_hook
 from megatron_capaware.adapters.layers import (
@@ -65,8 +65,9 @@ def preflight_layer(layer: Any, capaware: CapawareConfig) -> None:
             "Megatron's TopKRouter only (inference-optimized routers are not supported)"
         )
     check_supported(layer.config, capaware)
-    for dispatcher in dispatchers(layer):
-        capaware_dispatcher_class(dispatcher)
+    if not router_type(capaware.router_type).is_vanilla:  # topk (Megatron's routing) runs under any dispatcher
+        for dispatcher in dispatchers(layer):
+            capaware_dispatcher_class(dispatcher)
     layout = getattr(router, "capaware_layout", None) if isinstance(router, CapawareRouter) else None
     if layout is not None:
         check_router_for_slots(capaware, len(layout.slots), layer.config.num_moe_experts)
@@ -132,9 +133,7 @@ def _attach(layer: Any, name: str, capaware: CapawareConfig, score_check: Option
     state.build_tensors(router.weight.device)
     if state.score_check_hook is None:  # read the model's deferred score check after this layer's experts
         state.score_check_hook = layer.register_forward_hook(_after_moe_forward)
-    for dispatcher in dispatchers(layer):
-        dispatcher.__class__ = capaware_dispatcher_class(dispatcher)
-        dispatcher.capaware_state = state
+    adapt_dispatchers(dispatchers(layer), state)
     return state
 
 

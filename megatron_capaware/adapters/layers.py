@@ -12,21 +12,28 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 
+from megatron_capaware.adapters.mtp import mtp_moe_layers
 from megatron_capaware.policies.collectives import LoadGroup
 
 
 def moe_layers(model: torch.nn.Module) -> List[Any]:
-    """The model's MoE layers, in module order."""
-    return [m for m in model.modules() if isinstance(m, BaseMoELayer)]
+    """The model's decoder MoE layers, in module order; MTP layers left out (issue 22, item 2).
+
+    Multi-token-prediction layers (``--mtp-num-layers``) keep Megatron's own
+    ``topk`` routing: no capaware router, no stats, no placement
+    (:func:`megatron_capaware.adapters.mtp.mtp_moe_layers`).
+    """
+    return [layer for _, layer in named_moe_layers(model)]
 
 
 def named_moe_layers(model: torch.nn.Module) -> List[Tuple[str, Any]]:
-    """``(qualified module name, layer)`` of the model's MoE layers, in module order.
+    """``(qualified module name, layer)`` of the model's decoder MoE layers (MTP left out), in module order.
 
     The name identifies a layer: Megatron's ``layer_number`` restarts inside
     the Multi-Token-Prediction block, so two MoE layers can share it.
     """
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, BaseMoELayer)]
+    mtp = {id(m) for m in mtp_moe_layers(model)}
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, BaseMoELayer) and id(m) not in mtp]
 
 
 def dispatchers(layer: Any) -> List[Any]:

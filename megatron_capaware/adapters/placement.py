@@ -41,6 +41,7 @@ import torch
 
 from megatron_capaware.adapters.dispatcher import retarget_dispatcher
 from megatron_capaware.adapters.layers import dispatchers, moe_layers
+from megatron_capaware.adapters.placement_checks import check_layer, invalidate_weight_caches
 from megatron_capaware.adapters.state import LayerLayout
 from megatron_capaware.placement.plan_file import PlacementPlan
 from megatron_capaware.placement.planner import PlacementError, contiguous_slots
@@ -281,6 +282,7 @@ def _place_layers(layers: Sequence[Any], plan: Optional[PlacementPlan], policy: 
     for (layer, now, new, per_now, per_new), fresh in zip(targets, moved):
         if now != new:
             _set_expert_tensors(layer.experts, fresh)
+            invalidate_weight_caches(layer.experts)  # TE's cached (FP8) weights are the old experts'
         local = list(range(me * per_new, (me + 1) * per_new))
         layer.num_local_experts = per_new
         layer.local_expert_indices = local
@@ -307,6 +309,7 @@ def _targets(layers: Sequence[Any], plan: Optional[PlacementPlan], ep: int, whol
             raise PlacementError(f"the placement plan has no MoE layer {missing} (it covers {sorted(plan.layers)}): "
                                  "it was made for another model; run capaware-plan on this checkpoint")
         plan.check_model(sorted(plan.layers), config.num_moe_experts, ep)
+
     targets = []
     for layer in layers:
         number = int(layer.layer_number)
@@ -317,6 +320,8 @@ def _targets(layers: Sequence[Any], plan: Optional[PlacementPlan], ep: int, whol
         now = current.slots if current is not None else contiguous_slots(config.num_moe_experts)
         new = plan.layers[number].slots if plan is not None else contiguous_slots(config.num_moe_experts)
         check_router_for_slots(layer.router.capaware, len(new), config.num_moe_experts)
+        check_layer(layer, dispatchers(layer))  # FP8 parameters, single grouped weight, flex (issue 22)
+        slot_table(new, ep, torch.device("cpu"))  # its refusals (two replicas on one rank) before anything moves
         per_now, per_new = len(now) // ep, len(new) // ep
         _check_resizable(layer.experts, per_new, number)
         targets.append((layer, now, new, per_now, per_new))

@@ -19,7 +19,6 @@ from typing import Any, Optional
 
 import torch
 
-from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_capaware import policies
@@ -198,6 +197,9 @@ class CapawareRouter(TopKRouter):
 
     def _capaware_routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         capaware = self.capaware
+        if getattr(self, "is_mtp_layer", False):  # MTP layers keep Megatron's routing (adapters/mtp.py)
+            probs, routing_map = super().routing(logits, padding_mask=padding_mask)
+            return probs, routing_map, None
         if router_type(capaware.router_type).is_vanilla:
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
             if self.capaware_score_hook is not None:
@@ -226,6 +228,7 @@ class CapawareRouter(TopKRouter):
         valid_tokens = None
         if padding_mask is not None:
             valid_tokens = ~padding_mask.reshape(-1).to(device=scores.device, dtype=torch.bool)
+        state.padded = valid_tokens is not None  # read by the dispatcher (LASER keeps k otherwise)
         if state.score_hook is not None:
             state.score_hook(scores)
         if capaware.check_scores:
@@ -260,43 +263,17 @@ class CapawareRouter(TopKRouter):
         return probs.to(logits.dtype), decision.routing_map, recorded
 
     def _vanilla_topk(self, logits: torch.Tensor):
-        """Megatron's own top-k, computed once: ``(weights [T, k], experts [T, k], scores [T, E])``.
+        """Megatron's own top-k: ``(weights [T, k], experts [T, k], scores [T, E])``.
 
-        For plain routing (no group-limited top-k, no expert bias, no fused
-        kernel) these are the operations of Megatron's
-        ``topk_routing_with_score_function``, so the selection and the kept
-        weights are bit-identical to vanilla; otherwise Megatron's function
-        itself is called. ``scores`` is the full float32 score distribution
-        the policies rank by.
+        Megatron's ``topk_routing_with_score_function`` itself, on the installed
+        megatron-core (:mod:`megatron_capaware.adapters.megatron_topk`), so the
+        selection and the kept weights are vanilla's bit for bit, bf16 logits
+        included. ``scores`` is the full float32 score distribution the policies rank by.
         """
-        config, k = self.config, self.topk
-        plain = not (config.moe_router_num_groups or config.moe_router_group_topk) and (
-            self.expert_bias is None and not config.moe_router_fusion
-        )
-        if not plain:
-            probs, routing_map = topk_routing_with_score_function(
-                logits, k, use_pre_softmax=config.moe_router_pre_softmax,
-                num_groups=config.moe_router_num_groups, group_topk=config.moe_router_group_topk,
-                scaling_factor=config.moe_router_topk_scaling_factor, score_function=self.score_function,
-                expert_bias=self.expert_bias, fused=config.moe_router_fusion,
-            )
-            scores = self._scores(logits)
-            indices = _map_to_indices(scores, routing_map, k)
-            return probs.gather(1, indices), indices, scores
-        if self.score_function == "softmax":
-            scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
-            if config.moe_router_pre_softmax:
-                top, indices = torch.topk(scores.type_as(logits), k=k, dim=1)
-            else:
-                top_logits, indices = torch.topk(logits, k=k, dim=1)
-                top = torch.softmax(top_logits, dim=-1, dtype=torch.float32).type_as(logits)
-        else:
-            scores = torch.sigmoid(logits.float())
-            top, indices = torch.topk(scores.type_as(logits), k=k, dim=1)
-            if k > 1:
-                top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
-        if config.moe_router_topk_scaling_factor:
-            top = top * config.moe_router_topk_scaling_factor
+        from megatron_capaware.adapters.megatron_topk import vanilla_topk
+
+        scores = self._scores(logits)
+        top, indices = vanilla_topk(self, logits, scores)
         return top, indices, scores
 
     def _selected_groups(self, logits: torch.Tensor, indices: torch.Tensor) -> Optional[torch.Tensor]:
@@ -304,7 +281,8 @@ class CapawareRouter(TopKRouter):
 
         Megatron's group selection recomputed with its own operations on the
         tensor it ranks (``topk_routing_with_score_function``: the logits, the
-        pre-softmax probabilities, or the sigmoid scores plus expert bias), so
+        pre-softmax probabilities, or the sigmoid scores plus expert bias, in
+        the dtype of the installed version: ``megatron_topk.ranked_for_groups``), so
         on the unfused path it is Megatron's selection exactly. With the fused
         kernel (``moe_router_fusion``), which may break a tie between groups
         differently, a token whose top-k are not all inside the recomputed
@@ -316,13 +294,9 @@ class CapawareRouter(TopKRouter):
         num_groups, group_topk = config.moe_router_num_groups, config.moe_router_group_topk
         if not group_topk:
             return None
-        if self.score_function == "softmax":
-            ranked = torch.softmax(logits, dim=-1, dtype=torch.float32).type_as(logits) \
-                if config.moe_router_pre_softmax else logits
-        else:
-            ranked = torch.sigmoid(logits.float()).type_as(logits)
-            if self.expert_bias is not None:
-                ranked = ranked + self.expert_bias
+        from megatron_capaware.adapters.megatron_topk import ranked_for_groups
+
+        ranked = ranked_for_groups(self, logits)  # what the installed megatron-core ranks groups on
         allowed = policies.group_limited_mask(ranked, k, num_groups, group_topk)
         if not config.moe_router_fusion:
             return allowed
@@ -410,9 +384,4 @@ class CapawareRouter(TopKRouter):
                 slot_loads = even_slot_loads(decision.global_loads, layout.table)
         self.capaware_stats.record_decision(decision, slot_loads)
         phases.record_phase(self.capaware_state, decision, slot_loads)
-
-
-def _map_to_indices(scores: torch.Tensor, routing_map: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` experts of each row of a top-k map, best score first: ``[T, k]``."""
-    return torch.where(routing_map, scores, torch.full_like(scores, -1.0)).topk(k, dim=1).indices
 

@@ -63,6 +63,7 @@ class LayerRoutingState:
         score_check: the model's deferred score check (None: checked per layer).
         score_hook: optional callable receiving each call's scores ``[T, E]`` (calibration, traces).
         score_check_hook: the handle of the layer's forward hook that runs the deferred score check.
+        padded: whether the current routing call had padding tokens (host-side; read by the dispatcher).
         phase_stats: the dynamic engine's per-phase load recorders (:mod:`megatron_capaware.adapters.phases`).
         installed: whether the installer attached the state to a layer.
         device: where the tensors below live (the router's parameters' device).
@@ -85,6 +86,7 @@ class LayerRoutingState:
     score_hook: Optional[Callable[[torch.Tensor], None]] = None
     score_check_hook: Any = None
     phase_stats: Dict[str, LayerRoutingStats] = field(default_factory=dict)
+    padded: bool = False
     installed: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     local_experts_t: Optional[torch.Tensor] = None

@@ -156,7 +156,8 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     if getattr(parser, _MARK, False):
         return parser
     existing = {opt for action in parser._actions for opt in action.option_strings}
-    mine = ["--moe-router-type"] + [flag(d) for d in DEFAULTS] + ["--capaware-stats-output"] + PLACEMENT_FLAGS
+    mine = ["--moe-router-type"] + [flag(d) for d in DEFAULTS] + ["--capaware-stats-output"] + PLACEMENT_FLAGS + \
+        ["--capaware-no-stats", "--capaware-no-score-check"]
     clash = sorted(set(mine) & existing)
     if clash:
         raise argparse.ArgumentError(
@@ -198,6 +199,17 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "redundant experts: least-loaded (equal shares, exact over the EP group: one small "
         "all-gather per layer) or round-robin (by token index, no collective). Default: "
         "least-loaded.",
+    )
+    group.add_argument(
+        "--capaware-no-stats", action="store_true",
+        help="Record no per-layer load statistics (with --capaware-scope local this also drops the "
+        "per-layer all-reduce of the loads each forward). Cannot be combined with "
+        "--capaware-stats-output. Default: recorded.",
+    )
+    group.add_argument(
+        "--capaware-no-score-check", action="store_true",
+        help="Skip the group-wide NaN/Inf check of the router scores (one small all-gather per model "
+        "forward on the device path). A NaN then routes silently. Default: checked.",
     )
     _install_validation(parser)
     setattr(parser, _MARK, True)
@@ -242,6 +254,10 @@ def resolve_args(args: Any) -> Any:
     if getattr(args, _RESOLVED, False):
         return args
     add_megatron_lm_aliases(args)
+    if getattr(args, "capaware_no_stats", False) and getattr(args, "capaware_stats_output", None):
+        raise CapawareConfigError(
+            "--capaware-no-stats and --capaware-stats-output contradict: the statistics file needs the "
+            "statistics; drop one of them")
     router = getattr(args, "moe_router_type", TOPK) or TOPK
     if router not in ROUTER_TYPES:
         raise CapawareConfigError(
@@ -397,6 +413,8 @@ def config_from_args(args: Any) -> CapawareConfig:
             value = {"int": int, "float": float, "bool": bool}[knob.kind](value)
         values[knob.field] = value
     values["drop_policy"] = _effective_drop_policy(args)
+    values["record_stats"] = not getattr(args, "capaware_no_stats", False)
+    values["check_scores"] = not getattr(args, "capaware_no_score_check", False)
     return CapawareConfig(router_type=getattr(args, "moe_router_type", None) or TOPK, **values)
 
 

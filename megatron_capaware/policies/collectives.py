@@ -21,6 +21,7 @@ can leave a rank waiting in a collective. The tools use :func:`all_reduce`,
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -101,29 +102,73 @@ def _weighted(tensor: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tens
 
 
 _DEVICE_OF_BACKEND = {"nccl": "cuda", "xccl": "xpu"}
-_GROUP_DEVICES: Dict[int, torch.device] = {}
+# Per process group: (device kind, backend name). Keyed by the group object itself (weakly): a group
+# destroyed and re-created may reuse an id(), and must not inherit the old group's entry.
+_GROUP_INFO: "weakref.WeakKeyDictionary[Any, Tuple[torch.device, str]]" = weakref.WeakKeyDictionary()
+
+
+def _group_info(group: Optional[ProcessGroup]) -> Tuple[torch.device, str]:
+    """``(device kind, backend name)`` of ``group``'s collectives, cached per group object."""
+    pg = _process_group(group)
+    key = pg if pg is not None else dist.group.WORLD
+    try:
+        info = _GROUP_INFO.get(key) if key is not None else None
+    except TypeError:  # an object that cannot be weakly referenced
+        info = None
+    if info is None:
+        backend = str(dist.get_backend(pg)).lower()
+        kind = next((dev for name, dev in _DEVICE_OF_BACKEND.items() if name in backend), "cpu")
+        info = (torch.device(kind), backend)
+        try:
+            if key is not None:
+                _GROUP_INFO[key] = info
+        except TypeError:
+            pass
+    return info
 
 
 def group_device(group: Optional[ProcessGroup] = None) -> torch.device:
     """The device a collective over ``group`` takes its tensors on.
 
     NCCL: the current CUDA device; gloo (and any other CPU backend): the CPU.
-    ``group=None`` is the default group. Cached per group (the backend of a
-    group never changes; the current CUDA device is read at every call).
+    ``group=None`` is the default group. Cached per group object (the backend
+    of a group never changes; the current CUDA device is read at every call).
     """
-    pg = _process_group(group)
-    key = id(pg)
-    device = _GROUP_DEVICES.get(key)
-    if device is None:
-        if not dist.is_initialized():
-            return torch.device("cpu")
-        backend = str(dist.get_backend(pg)).lower()
-        kind = next((dev for name, dev in _DEVICE_OF_BACKEND.items() if name in backend), "cpu")
-        device = torch.device(kind)
-        _GROUP_DEVICES[key] = device
+    if not dist.is_initialized():
+        return torch.device("cpu")
+    device = _group_info(group)[0]
     if device.type == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def gathers_into_tensor(group: Optional[ProcessGroup]) -> bool:
+    """Whether :func:`all_gather_stack` uses ``all_gather_into_tensor`` on ``group`` (every backend but gloo).
+
+    NCCL's list all-gather costs a copy kernel per rank plus a stack; gloo's
+    ``all_gather_into_tensor`` aborts on torch 2.13 CPU, so gloo keeps the list form.
+    """
+    return dist.is_initialized() and "gloo" not in _group_info(group)[1]
+
+
+def group_timeout_s(group: Optional[ProcessGroup] = None) -> Optional[float]:
+    """The timeout, in seconds, of ``group``'s collectives (None when it cannot be read).
+
+    Megatron creates its groups with ``--distributed-timeout-minutes``; this
+    reads what the group actually has (its backend's options), not a default.
+    """
+    if not dist.is_initialized():
+        return None
+    pg = _process_group(group) or dist.group.WORLD
+    try:
+        for device in getattr(pg, "_device_types", []) or []:
+            options = getattr(pg._get_backend(device), "options", None)
+            timeout = getattr(options, "_timeout", None)
+            if timeout is not None:
+                return float(timeout.total_seconds())
+    except (RuntimeError, AttributeError, TypeError):
+        return None
+    return None
 
 
 def _on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -234,6 +279,10 @@ def all_gather_stack(tensor: torch.Tensor, group: Optional[ProcessGroup]) -> tor
     tensor = _weighted(tensor, group)
     _note("all_gather", tensor, group)
     work = _on(tensor, group_device(group)).contiguous()
+    if gathers_into_tensor(group):  # NCCL: one collective into the [W, *] output, no copies nor stack
+        out = work.new_empty((size, *work.shape))
+        dist.all_gather_into_tensor(out, work, group=_process_group(group))
+        return _on(out, tensor.device)
     # List all_gather: gloo's all_gather_into_tensor aborts on this torch (2.13 CPU).
     parts = [torch.empty_like(work) for _ in range(size)]
     dist.all_gather(parts, work, group=_process_group(group))
@@ -278,3 +327,41 @@ def all_to_all_rows(rows: torch.Tensor, send_counts: List[int], recv_counts: Lis
     dist.all_to_all_single(out, work, [n * row for n in recv_counts], [n * row for n in send_counts],
                            group=_process_group(group))
     return _on(out.reshape(sum(recv_counts), *rows.shape[1:]), rows.device)
+
+
+def backend_self_test(group: Optional[ProcessGroup] = None) -> Dict[str, Any]:
+    """Run each collective form the routing and the weight exchange use once, even on one rank.
+
+    The routing helpers skip their collectives on a group of one rank; the
+    one-GPU check (``tools/gpu_check.py``) calls this so that NCCL itself runs
+    ``all_gather_into_tensor`` (routing counts, int64), the list all-gather,
+    ``all_reduce`` and ``all_to_all_single`` (expert rows, bf16 on CUDA) on the
+    group's device. Returns each result's correctness, by form.
+    """
+    if not dist.is_initialized():
+        return {"initialized": False}
+    pg = _process_group(group)
+    size = dist.get_world_size(pg)
+    rank = dist.get_rank(pg)
+    device = group_device(group)
+    counts = torch.arange(6, dtype=torch.int64, device=device) + rank
+    expected = torch.stack([torch.arange(6, dtype=torch.int64, device=device) + r for r in range(size)])
+    out: Dict[str, Any] = {"world_size": size, "device": str(device)}
+    if gathers_into_tensor(group):
+        into = counts.new_empty((size, 6))
+        dist.all_gather_into_tensor(into, counts, group=pg)
+        out["all_gather_into_tensor"] = bool(torch.equal(into, expected))
+    parts = [torch.empty_like(counts) for _ in range(size)]
+    dist.all_gather(parts, counts, group=pg)
+    out["all_gather_list"] = bool(torch.equal(torch.stack(parts), expected))
+    total = counts.clone()
+    dist.all_reduce(total, group=pg)
+    out["all_reduce"] = bool(torch.equal(total, expected.sum(0)))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = torch.arange(size * 4, dtype=dtype, device=device).reshape(size, 4) + 100 * rank
+    got = torch.empty_like(rows)
+    dist.all_to_all_single(got, rows, group=pg)
+    want = torch.stack([torch.arange(4, dtype=dtype, device=device) + 4 * rank + 100 * r for r in range(size)])
+    out["all_to_all_single"] = bool(torch.equal(got, want))
+    out["ok"] = all(v for k, v in out.items() if isinstance(v, bool))
+    return out

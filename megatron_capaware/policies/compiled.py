@@ -2,10 +2,12 @@
 
 A :class:`Region` wraps a pure function (tensors and static Python values in,
 tensors out, no collective, no host read) and runs it either eagerly or as
-one ``torch.compile(fullgraph=True, dynamic=False)`` graph. ``fullgraph``
+one ``torch.compile(fullgraph=True, dynamic=True)`` graph. ``fullgraph``
 makes a graph break (a host read such as ``.item()``, a data-dependent shape)
-an error instead of a silent split; ``dynamic=False`` because the device path
-has static shapes (a new token count compiles once more).
+an error instead of a silent split; ``dynamic=True`` so that one graph serves
+every token count (a server sees a new count at almost every step: a graph
+per count meant a compile, seconds, stalling every EP rank, per new count).
+``CAPAWARE_COMPILE_DYNAMIC=0`` restores one static graph per shape.
 
 Which way (:func:`backend_for`):
 
@@ -16,16 +18,14 @@ Which way (:func:`backend_for`):
   ``aot_eager``, ``eager``): compiled on any device, CPU included (tests).
 
 Dynamo disabled (``TORCHDYNAMO_DISABLE=1``, which the CPU tools set) means
-eager. Each distinct call signature (tensor shapes and dtypes, which
-arguments are None, the static values: in practice one per token count and
-segment variant) gets its own copy of the function's code object, so its
-own dynamo cache holding one graph: dynamo's per-function recompile limit (8,
-which ``fullgraph=True`` turns into an error) never mixes shapes. At most
-:data:`MAX_SIGNATURES` signatures per region are compiled; beyond (a server
-seeing very many token counts: each one compiles once, seconds on a GPU) the
-new signatures run eagerly. If compiling fails in the backend, the region
-warns once and runs eagerly from then on. Eager gives the same decisions,
-only more launches. :data:`STATS` counts compiled calls and fallbacks
+eager. Each distinct call signature (tensor ranks and dtypes, which
+arguments are None, the static values: in practice one per segment variant)
+gets its own copy of the function's code object, so its own dynamo cache. At
+most :data:`MAX_SIGNATURES` signatures per region are compiled; beyond, new
+signatures run eagerly. Any exception while compiling or running a compiled
+graph falls back to eager (warned once, see :class:`Region`); the first call
+of a signature is agreed over the ranks of :func:`agreement_group`. Eager
+gives the same decisions, only more launches. :data:`STATS` counts compiled calls and fallbacks
 (``capaware-gpu-check`` reports them).
 
 Op counting (:mod:`megatron_capaware.tools.bench.launch_count`): a counter
@@ -39,10 +39,11 @@ per layer are higher than that op count. Eager calls are counted op by op.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import types
 import warnings
-from typing import Any, Callable, ContextManager, Dict, Hashable, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Hashable, Iterator, Optional, Tuple
 
 import torch
 
@@ -87,16 +88,60 @@ def backend_for(tensor: torch.Tensor) -> Optional[str]:
     return backend
 
 
-def _fallback_errors() -> tuple:
-    from torch._dynamo import exc
+DYNAMIC_ENV = "CAPAWARE_COMPILE_DYNAMIC"  # "0": one static graph per token count (the old behaviour)
 
-    return tuple(getattr(exc, name) for name in ("BackendCompilerFailed", "FailOnRecompileLimitHit")
-                 if hasattr(exc, name))
+# The group whose ranks must agree on a region's first compiled call (set by the policy around its
+# regions, :func:`agreement_group`); None: this rank alone.
+# A context variable: per thread (simulated ranks run as threads) and per task.
+_AGREEMENT_GROUP: "contextvars.ContextVar[Any]" = contextvars.ContextVar("capaware_agreement_group", default=None)
+
+
+@contextlib.contextmanager
+def agreement_group(group: Any) -> Iterator[None]:
+    """Inside the block, a region's first call of a signature agrees over ``group`` (every rank enters it)."""
+    token = _AGREEMENT_GROUP.set(group)
+    try:
+        yield
+    finally:
+        _AGREEMENT_GROUP.reset(token)
+
+
+def _dynamic() -> bool:
+    return os.environ.get(DYNAMIC_ENV, "1") != "0"
+
+
+def _agree(ok: bool) -> bool:
+    """Whether every rank of the agreement group compiled (one all-reduce of one int; True alone)."""
+    group = _AGREEMENT_GROUP.get()
+    from megatron_capaware.policies.collectives import all_reduce, group_device, group_size
+
+    if group is None or group_size(group) == 1:
+        return ok
+    failed = torch.tensor([0 if ok else 1], dtype=torch.int32, device=group_device(group))
+    return not bool(all_reduce(failed, group, op="sum").item())  # one host read, first call of a signature only
 
 
 def _signature(args: Tuple[Any, ...]) -> Hashable:
-    """What a graph compiled with ``dynamic=False`` is specialised on (dynamo's guards still check it)."""
-    return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+    """What a region's compiled graph is keyed on.
+
+    Shape-generic (the default): each tensor's rank, dtype and device (not its
+    sizes: the graph is compiled with ``dynamic=True``, one graph for every token
+    count; dynamo may add a specialised one for sizes 0 and 1), and the static
+    values. With ``CAPAWARE_COMPILE_DYNAMIC=0``: the full shapes (one graph each).
+    """
+    dynamic = _dynamic()
+    return (dynamic,) + tuple(
+        ((a.dim() if dynamic else tuple(a.shape)), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+        for a in args)
+
+
+def _describe(err: BaseException) -> str:
+    """``Type: first line``, and the cause's when dynamo wraps it (``BackendCompilerFailed``)."""
+    text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    inner = getattr(err, "inner_exception", None) or err.__cause__
+    if inner is not None and inner is not err:
+        text += f" {type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''}"
+    return text
 
 
 def _copy(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -110,46 +155,75 @@ class Region:
     """A pure segment run eagerly or compiled: ``region(backend, *args)`` (``backend=None``: eager).
 
     Positional arguments only: tensors, None, and static Python values (ints, bools).
+
+    Failures never end a rank: the first call of a signature runs the compiled
+    graph inside ``try``; on any exception (compiler, backend, dynamo) the
+    region warns once and runs that signature eagerly from then on. The ranks
+    of :func:`agreement_group` agree on that first call (one all-reduce):
+    if any rank failed, every rank discards its compiled result and takes the
+    eager path for the signature, so the group runs one implementation. A later
+    failure of a signature that compiled (a re-specialisation for 0 or 1 rows
+    on one rank) falls back on that rank for that call only: eager and compiled
+    decide alike (tests/test_device_path.py), and no collective is involved.
     """
 
     def __init__(self, fn: Callable[..., Any]):
         self.fn = fn
         self.name = fn.__name__
         self._compiled: Dict[Hashable, Callable[..., Any]] = {}
-        self._broken: Optional[str] = None
+        self._agreed: Dict[Hashable, bool] = {}  # signature -> every rank compiled its first call
+        self._warned = False
         self._full_warned = False
 
-    def _compiled_for(self, backend: Any, args: Tuple[Any, ...]) -> Optional[Callable[..., Any]]:
-        key = (backend, _signature(args))
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"capaware: {self.name}: {message}; running it eagerly (same decisions, more launches)",
+                          RuntimeWarning, stacklevel=3)
+
+    def _compiled_for(self, key: Hashable, backend: Any) -> Optional[Callable[..., Any]]:
         compiled = self._compiled.get(key)
         if compiled is None:
             if len(self._compiled) >= MAX_SIGNATURES:
                 if not self._full_warned:
                     self._full_warned = True
-                    warnings.warn(f"capaware: {self.name} has {MAX_SIGNATURES} compiled signatures (token counts); "
+                    warnings.warn(f"capaware: {self.name} has {MAX_SIGNATURES} compiled signatures; "
                                   "new ones run eagerly (same decisions, more launches)", RuntimeWarning,
                                   stacklevel=3)
                 return None
-            compiled = torch.compile(_copy(self.fn), fullgraph=True, dynamic=False, backend=backend)
+            compiled = torch.compile(_copy(self.fn), fullgraph=True, dynamic=_dynamic(), backend=backend)
             self._compiled[key] = compiled
         return compiled
 
-    def __call__(self, backend: Optional[str], *args: Any) -> Any:
-        compiled = None
-        if backend is not None and self._broken is None:
-            compiled = self._compiled_for(backend, args)
-        if compiled is None:
-            if backend is not None:
-                STATS["fallbacks"] += 1
-            return self.fn(*args)
+    def _run(self, compiled: Callable[..., Any], args: Tuple[Any, ...]) -> Tuple[Any, Optional[BaseException]]:
         region = region_hook(self.name) if region_hook is not None else contextlib.nullcontext()
         try:
             with region:
-                out = compiled(*args)
-        except _fallback_errors() as err:
-            self._broken = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            warnings.warn(f"capaware: compiling {self.name} failed ({self._broken}); running it eagerly from now on "
-                          "(same decisions, more launches)", RuntimeWarning, stacklevel=2)
+                return compiled(*args), None
+        except Exception as err:  # noqa: BLE001 - any compile/backend failure must not end the rank
+            return None, err
+
+    def __call__(self, backend: Optional[str], *args: Any) -> Any:
+        if backend is None:
+            return self.fn(*args)
+        key = (backend, _signature(args))
+        agreed = self._agreed.get(key)
+        compiled = self._compiled_for(key, backend) if agreed is not False else None
+        if compiled is None:
+            STATS["fallbacks"] += 1
+            return self.fn(*args)
+        out, err = self._run(compiled, args)
+        if agreed is None:  # first call of this signature: every rank of the group decides together
+            agreed = _agree(err is None)
+            self._agreed[key] = agreed
+            if not agreed:
+                self._compiled.pop(key, None)
+                why = _describe(err) if err is not None else "it failed on another rank of the group"
+                self._warn(f"compiling failed ({why})")
+                STATS["fallbacks"] += 1
+                return self.fn(*args)
+        if err is not None:
+            self._warn(f"a compiled call failed ({_describe(err)})")
             STATS["fallbacks"] += 1
             return self.fn(*args)
         STATS["compiled_calls"] += 1

@@ -420,10 +420,11 @@ def laser(
     single = group_size(group) == 1
     cand_ranks = None if expert_ranks is None else expert_ranks[cand]  # [T, c]
     if common.use_device_path(scores):
-        loads, chosen = _device_waves(
-            compiled.backend_for(scores), loads, None, cand, in_pool, wave_of, wave_stats, wave_units, position,
-            expert_ranks, cand_ranks, waves=waves, rounds=rounds, k=k, num_experts=num_experts, num_ranks=num_ranks,
-            rank=rank, single=single, group=group)
+        with compiled.agreement_group(group):  # a region's first compiled call: all ranks or none
+            loads, chosen = _device_waves(
+                compiled.backend_for(scores), loads, None, cand, in_pool, wave_of, wave_stats, wave_units, position,
+                expert_ranks, cand_ranks, waves=waves, rounds=rounds, k=k, num_experts=num_experts, num_ranks=num_ranks,
+                rank=rank, single=single, group=group)
     else:
         # This rank's tokens grouped by wave, token order kept inside a wave (one host read).
         order = torch.argsort(wave_of, stable=True)

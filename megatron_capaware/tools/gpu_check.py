@@ -54,12 +54,15 @@ def plan(args: argparse.Namespace) -> Dict[str, Any]:
     return {
         "device": args.device,
         "steps": {
-            "nccl": "NCCL group of world size 1; collectives and reduce_summaries / totals through it",
+            "nccl": "NCCL group of world size 1; collectives and reduce_summaries / totals through it; each "
+                    "collective form of the routing and the weight exchange run through NCCL once "
+                    "(collectives.backend_self_test; EP > 1 needs two GPUs: docs/gpu.md)",
             "routers": {"routers": ROUTERS, "layer": "MoELayer E=8 k=2 H=1024, bf16, alltoall dispatcher",
                         "sync_debug_mode": "error around the router forward (check_scores off); counted with it on"},
             "experts": "TEGroupedMLP when transformer_engine imports (moe_grouped_gemm), else SequentialMLP",
             "placement": "the same layer with its experts permuted by a plan (R = 0, EP 1): output equals "
-                         "the contiguous layer's, the placed router sync-free; then the layout restored",
+                         "the contiguous layer's, the placed router sync-free; then the layout restored; a plan "
+                         "with replicas at EP 1 refused before any weight moves (replicas need EP >= 2)",
             "router_time": {"shapes_T_E_k": TIME_SHAPES if args.device == "cuda" else [(256, 8, 2), (256, 16, 4)],
                             "routers": ROUTERS[1:], "baseline": "Megatron TopKRouter", "timer": "CUDA events"},
             "main_job": {"skipped": args.skip_main_job or args.device != "cuda", "ep": 1, "dtype": "bf16",
@@ -108,7 +111,10 @@ def step_nccl(device: str) -> Dict[str, Any]:
     collectives.barrier()
     stats = LayerRoutingStats(layer_number=1, num_experts=4, ep_size=1, local_experts=[0, 1, 2, 3])
     out["reduce_summaries_layers"] = sorted(reduce_summaries({1: stats}))
-    out["ok"] = out["all_reduce_cpu_tensor"] == [0.0, 1.0, 2.0, 3.0]
+    # The routing helpers skip their collectives at world size 1: run each form through the backend
+    # (EP > 1 on NCCL needs two GPUs: docs/gpu.md).
+    out["collective_forms"] = collectives.backend_self_test()
+    out["ok"] = out["all_reduce_cpu_tensor"] == [0.0, 1.0, 2.0, 3.0] and out["collective_forms"]["ok"]
     return out
 
 
@@ -147,10 +153,11 @@ def step_routers(device: str, tokens: int) -> Dict[str, Any]:
             install_capaware_routers(layer, cfg.replace(check_scores=False))
             stats = collect_stats(layer)[1]
             with torch.no_grad():
-                if cfg.router_type == "laser":  # compile its wave segments before the sync check
-                    start = time.perf_counter()
-                    layer.router(hidden)
-                    row["first_call_s"] = time.perf_counter() - start
+                # One call before the sync check: LASER compiles its wave segments, the others move
+                # their one-time tables (local experts, ...) host to device.
+                start = time.perf_counter()
+                layer.router(hidden)
+                row["first_call_s"] = time.perf_counter() - start
                 regions = compiled.STATS["compiled_calls"]
                 if device == "cuda":
                     torch.cuda.synchronize()
@@ -166,24 +173,39 @@ def step_routers(device: str, tokens: int) -> Dict[str, Any]:
             row["sync_free_router"] = device == "cuda"
             if cfg.router_type == "topk":
                 row["equals_vanilla"] = bool(torch.equal(routing_map, vanilla_map) and torch.equal(probs, vanilla_probs))
+            if cfg.router_type == "capacity-drop" and cfg.drop_policy == "score":
+                # Issue 22 item 1: on bf16 logits, gamma = inf keeps Megatron's top-k bit for bit.
+                install_capaware_routers(layer, cfg.replace(check_scores=False, gamma=float("inf")))
+                inf_probs, inf_map = layer.router(hidden)
+                row["gamma_inf_equals_vanilla"] = bool(torch.equal(inf_map, vanilla_map)
+                                                       and torch.equal(inf_probs, vanilla_probs))
+                install_capaware_routers(layer, cfg.replace(check_scores=False))
             received = stats.received[-1]
             cap = stats.capacity[-1]
             row["max_received"] = int(received.max())
             row["capacity"] = cap
             row["capacity_holds"] = cap is None or not cfg.uses_capacity or int(received.max()) <= cap
-            if device == "cuda":  # with the score check on: count what it costs
-                install_capaware_routers(layer, cfg)
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("warn")
+            if device == "cuda":  # what the score check costs: the layer's forward (its hook reads the
+                # deferred check there; calling the router alone never fires it), on minus off
                 import warnings
 
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
+                syncs = {}
+                for check in (False, True):
+                    install_capaware_routers(layer, cfg.replace(check_scores=check))
                     with torch.no_grad():
-                        layer.router(hidden)
-                torch.cuda.set_sync_debug_mode("default")
-                row["syncs_with_score_check"] = sum("synchroniz" in str(w.message) for w in caught)
-            row["ok"] = row.get("equals_vanilla", True) and row["capacity_holds"]
+                        layer(hidden)  # warm
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("warn")
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        with torch.no_grad():
+                            layer(hidden)
+                    torch.cuda.set_sync_debug_mode("default")
+                    syncs[check] = sum("synchroniz" in str(w.message) for w in caught)
+                row["layer_syncs_without_score_check"] = syncs[False]
+                row["syncs_with_score_check"] = syncs[True] - syncs[False]
+            row["ok"] = (row.get("equals_vanilla", True) and row.get("gamma_inf_equals_vanilla", True)
+                         and row["capacity_holds"])
         except Exception as err:  # record and go on: the JSON says what failed
             row.update(ok=False, error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-2000:])
             if device == "cuda":
@@ -228,9 +250,35 @@ def step_placement(device: str, tokens: int) -> Dict[str, Any]:
         restored, _ = layer(hidden)
     diff = float((placed.float() - contiguous.float()).abs().max())
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
-    return {"experts_class": type(layer.experts).__name__, "max_abs_diff": diff, "tolerance": tol,
-            "restored_equal": bool(torch.equal(restored, contiguous)), "sync_free_router": device == "cuda",
-            "ok": diff <= tol and bool(torch.equal(restored, contiguous))}
+    out = {"experts_class": type(layer.experts).__name__, "max_abs_diff": diff, "tolerance": tol,
+           "restored_equal": bool(torch.equal(restored, contiguous)), "sync_free_router": device == "cuda",
+           "ok": diff <= tol and bool(torch.equal(restored, contiguous))}
+    # A plan with replicas needs EP >= 2 (a rank never holds two replicas of one expert): two GPUs,
+    # docs/gpu.md. Its refusal at EP 1 must come before any weight moves:
+    out["replicas_at_ep1_refused_before_moving"] = _replicas_refused_first(device, number, tokens)
+    out["ok"] = out["ok"] and out["replicas_at_ep1_refused_before_moving"]
+    return out
+
+
+def _replicas_refused_first(device: str, number: int, tokens: int) -> bool:
+    import torch
+
+    from megatron_capaware.adapters import install_capaware_routers
+    from megatron_capaware.config import CapawareConfig
+    from megatron_capaware.placement.plan_file import PlacementPlan
+    from megatron_capaware.placement.planner import LayerPlacement, PlacementError
+
+    layer, _ = _layer(device, 8, 2, 1024 if device == "cuda" else 64, 512 if device == "cuda" else 32, False)
+    before = [p.detach().clone() for p in layer.experts.parameters()]
+    replicas = PlacementPlan(model={"num_moe_experts": 8, "moe_layer_numbers": [number]}, ep=1, redundant=2,
+                             layers={number: LayerPlacement([0, 1, 2, 3, 4, 5, 6, 7, 3, 5], 1, 0.0, 0.0)})
+    try:
+        install_capaware_routers(layer, CapawareConfig("topk", check_scores=False), placement=replicas)
+    except PlacementError:
+        return all(torch.equal(a, b) for a, b in zip(before, layer.experts.parameters())) and \
+            getattr(layer.router, "capaware_layout", None) is None
+    return False
+
 
 
 def _event_time(fn: Callable[[], Any], device: str, repeats: int) -> float:
