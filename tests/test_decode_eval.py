@@ -36,7 +36,7 @@ def test_decode_reports_active_experts_loads_and_quality(tiny_checkpoint) -> Non
     assert rank["decode_rank_peak_load"] <= 0.5 + 1e-9
     assert rank["decode_active_max"] <= topk["decode_active_max"]
     table = report.format_decode_table(records)
-    assert "active_max" in table and "capacity-drop(gamma=0.5,unit=rank)" in table
+    assert "active_max" in table and "drop(g0.5,rank)" in table
 
 
 @pytest.mark.parametrize("argv, fragment", [
