@@ -372,7 +372,8 @@ def slot_view(record: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 
 
 def heatmap_figures(records: Sequence[Dict[str, Any]], per_page: int = HEATMAPS_PER_PAGE) -> List[Any]:
-    """The expert-load heatmaps as matplotlib figures, ``per_page`` settings each.
+    """The expert-load heatmaps as matplotlib figures, ``per_page`` settings each (fewer where the
+    panels are large: a page stays about 16 inches tall).
 
     One panel per setting: left, rows = MoE layers, columns = physical slots
     grouped by EP rank (tick: the logical expert in the slot; a replicated
@@ -397,10 +398,11 @@ def heatmap_figures(records: Sequence[Dict[str, Any]], per_page: int = HEATMAPS_
     num_slots = max(v["loads"].shape[1] for _, v in views)
     num_ranks = max(v["ranks"] for _, v in views)
     num_layers = max(len(v["layers"]) for _, v in views)
-    slot_w = min(7.0, max(2.6, 0.32 * num_slots))
-    rank_w = 0.5 * num_ranks
+    slot_w = min(6.0, max(2.6, 0.32 * num_slots))
+    rank_w = max(0.9, 0.42 * num_ranks)
     panel_w, panel_h = slot_w + rank_w + 1.0, 1.3 + 0.32 * max(num_layers, 3)
-    cols = max(1, min(3, int(15.0 // panel_w), per_page))
+    cols = max(1, min(3, int(16.0 // panel_w), per_page))
+    per_page = max(1, min(per_page, cols * int(16.0 // panel_h)))  # pages about 16 in tall at most
     figures = []
     for first in range(0, len(views), per_page):
         page = list(range(first, min(first + per_page, len(views))))
