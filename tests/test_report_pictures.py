@@ -257,3 +257,21 @@ def test_quality_balance_labels_do_not_overlap(source, drawn_texts) -> None:
         assert any(text in {"1", "1.25", "1.01"} for text, _ in boxes), "some gamma labels remain"
     finally:
         plt.close(fig)
+
+
+def test_report_module_reprints_saved_records_and_refuses_other_files(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    run = lambda *argv: subprocess.run([sys.executable, "-m", "megatron_capaware.tools.report", *argv],  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    assert "records" in run("--help").stdout
+    ok = run(str(RESULTS / "reference_eval.json"), "--out", str(tmp_path / "out"), "--no-plots")
+    assert ok.returncode == 0, ok.stderr
+    assert max(len(line) for line in ok.stdout.splitlines()) <= report.TERMINAL_WIDTH
+    assert "drop(g1,w,rank)@ep2-r2*" in ok.stdout and (tmp_path / "out" / "results.md").exists()
+    (tmp_path / "bad.json").write_text('{"not": "records"}')
+    for bad, fragment in ((tmp_path / "bad.json", "is not a list of evaluation records"),
+                          (tmp_path / "missing.json", "cannot read")):
+        result = run(str(bad))
+        assert result.returncode == 2 and fragment in result.stderr, result.stderr

@@ -3,16 +3,21 @@
 A record is one router setting: ``router``, ``gamma`` (None where none),
 ``ppl``, ``accuracy``, ``i_agg``, ``rank_imbalance``, ``dropped_frac``,
 ``rerouted_frac`` and more (``label``, deltas against top-k, per-layer
-figures, mean expert loads per layer). ``capaware-eval --json`` writes a
-list of them; ``docs/results/reference_eval.json`` is one.
+figures, mean expert loads per layer, mean physical slot loads per layer).
+``capaware-eval --json`` writes a list of them; ``docs/results/reference_eval.json``
+is one. The tables and pictures again from saved records::
+
+    python -m megatron_capaware.tools.report docs/results/reference_eval.json --out OUT
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
 import re
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -449,7 +454,7 @@ def _heatmap_panel(sub: Any, record: Dict[str, Any], view: Dict[str, Any], slots
         ax.set_xticks(range(num_slots), [str(e) for e in experts[0]] if same else [""] * num_slots, fontsize=6)
         if not same:  # the slots hold different experts per layer: write them in the cells
             for (y, x), e in _cells(experts):
-                ax.text(x, y, str(e), ha="center", va="center", fontsize=5, color=ink(slots[y, x]))
+                ax.text(x, y, str(e), ha="center", va="center", fontsize=6, color=ink(slots[y, x]))
     else:
         ax.set_xticks([])
     if view["physical"] and ep > 1:
@@ -722,3 +727,43 @@ def format_placement(records: Sequence[Dict[str, Any]], width: Optional[int] = T
         )
         lines += textwrap.wrap(text, width=width, subsequent_indent="    ") if width else [text]
     return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Print the terminal tables of saved records and (``--out``) write results.md, results.csv and the PNGs."""
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_capaware.tools.report",
+        description="The evaluation's tables and pictures again, from records capaware-eval saved "
+                    "(results.json or --json; e.g. docs/results/reference_eval.json).")
+    parser.add_argument("records", type=Path, help="a records JSON file capaware-eval wrote")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for results.json, results.csv, results.md and the PNGs (default: print only)")
+    parser.add_argument("--no-plots", action="store_true", help="with --out: skip the PNGs")
+    parser.add_argument("--text-kind", choices=("held-out", "calibration"), default="held-out",
+                        help="which text the perplexities are on (the frontier's axis label)")
+    args = parser.parse_args(argv)
+    try:
+        records = json.loads(args.records.read_text(encoding="utf-8"))
+    except OSError as err:
+        parser.error(f"cannot read {args.records}: {err.strerror or err}")
+    except ValueError as err:
+        parser.error(f"{args.records} is not JSON ({err}): give a records file capaware-eval wrote (results.json)")
+    if not isinstance(records, list) or not records or not all(
+            isinstance(r, dict) and "label" in r and "router" in r for r in records):
+        parser.error(f"{args.records} is not a list of evaluation records (each with a label and a router): "
+                     "give the results.json or --json file capaware-eval wrote")
+    print(format_table(records))
+    if any(r.get("decode_ppl") is not None for r in records):
+        print()
+        print(format_decode_table(records))
+    placed = format_placement(records)
+    if placed:
+        print(placed)
+    if args.out is not None:
+        for path in write_outputs(records, args.out, plots=not args.no_plots, text_kind=args.text_kind):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
