@@ -181,7 +181,11 @@ def test_heatmap_texts_and_panels_do_not_overlap(n, experts, ep, drawn_texts) ->
             assert len(figures) == -(-n // 12)
         panels = 0
         for fig in figures:
-            assert overlaps(drawn_texts(fig)) == []
+            boxes = drawn_texts(fig)
+            assert overlaps(boxes) == []
+            page = fig.bbox
+            assert all(page.x0 - 1 <= b.x0 and b.x1 <= page.x1 + 1 and page.y0 - 1 <= b.y0 and b.y1 <= page.y1 + 1
+                       for _, b in boxes), "a text runs off the page"
             axes = _all_axes(fig)
             on_page = sum(1 for ax in axes if ax.get_label() != "<colorbar>") // 2
             assert 1 <= on_page <= 12 and fig.get_figheight() <= 20

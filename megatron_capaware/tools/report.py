@@ -383,8 +383,9 @@ def heatmap_figures(records: Sequence[Dict[str, Any]], per_page: int = HEATMAPS_
     One panel per setting: left, rows = MoE layers, columns = physical slots
     grouped by EP rank (tick: the logical expert in the slot; a replicated
     expert appears once per replica), colour = slot load / mean slot load of
-    the layer (white: a fair share, red above, blue below); right, each rank's load / mean rank load (the number in the
-    cell; the busiest rank sets the layer's latency). Every panel has a fixed
+    the layer (white: a fair share, red above, blue below); right, each
+    rank's load / mean rank load (the number in the cell; the busiest rank
+    sets the layer's latency). Every panel has a fixed
     size and the layout engine spaces them, so titles never overlap at any
     number of settings; one colour scale for all pages.
     """
@@ -406,7 +407,7 @@ def heatmap_figures(records: Sequence[Dict[str, Any]], per_page: int = HEATMAPS_
     slot_w = min(6.0, max(2.6, 0.32 * num_slots))
     rank_w = max(0.9, 0.42 * num_ranks)
     panel_w, panel_h = slot_w + rank_w + 1.0, 1.3 + 0.32 * max(num_layers, 3)
-    cols = max(1, min(3, int(16.0 // panel_w), per_page))
+    cols = max(1, min(3, int(16.0 // panel_w), per_page, len(views)))
     per_page = max(1, min(per_page, cols * int(16.0 // panel_h)))  # pages about 16 in tall at most
     figures = []
     for first in range(0, len(views), per_page):
@@ -427,9 +428,9 @@ def heatmap_figures(records: Sequence[Dict[str, Any]], per_page: int = HEATMAPS_
             bar_fig.colorbar(image, cax=cax, orientation="horizontal",
                              label="load / mean load of the layer's slots (left) or ranks (right)")
         pages = math.ceil(len(views) / per_page)
-        fig.suptitle("Per-layer load of each physical expert slot, grouped by EP rank, and each rank's load "
-                     f"(mean over forward calls){'' if pages == 1 else f'; page {first // per_page + 1} of {pages}'}",
-                     fontsize=10)
+        title = ("Per-layer load of each physical expert slot, grouped by EP rank, and each rank's load "
+                 f"(mean over forward calls){'' if pages == 1 else f'; page {first // per_page + 1} of {pages}'}")
+        fig.suptitle("\n".join(textwrap.wrap(title, width=int(cols * panel_w * 12))), fontsize=10)
         figures.append(fig)
     return figures
 
@@ -449,20 +450,21 @@ def _heatmap_panel(sub: Any, record: Dict[str, Any], view: Dict[str, Any], slots
     for r in range(1, ep):
         ax.axvline(r * per - 0.5, color="black", linewidth=2.0)
     ax.set_yticks(range(len(layers)), [f"L{l}" for l in layers], fontsize=7)
-    if num_slots <= 32:
-        same = all((experts[0] == row).all() for row in experts)
+    same = same_experts(experts)
+    if num_slots <= 32:  # name the expert in each slot: under the column, or in each cell where layers differ
         ax.set_xticks(range(num_slots), [str(e) for e in experts[0]] if same else [""] * num_slots, fontsize=6)
-        if not same:  # the slots hold different experts per layer: write them in the cells
+        if not same:
             for (y, x), e in _cells(experts):
                 ax.text(x, y, str(e), ha="center", va="center", fontsize=6, color=ink(slots[y, x]))
+        what = "slot (the expert it holds)" if same else "slot (expert in the cell)"
     else:
         ax.set_xticks([])
+        what = f"{num_slots} slots"
     if view["physical"] and ep > 1:
         top = ax.secondary_xaxis("top")
         top.set_xticks([r * per + (per - 1) / 2 for r in range(ep)], [f"rank {r}" for r in range(ep)], fontsize=7)
         top.tick_params(length=0)
-        ax.set_xlabel("slot (the expert it holds)" if same_experts(experts) else "slot (expert in the cell)",
-                      fontsize=7)
+        ax.set_xlabel(what, fontsize=7)
     else:
         ax.set_xlabel("expert" if view["physical"] else "logical expert (slot loads not recorded)", fontsize=7)
     if view["physical"]:
@@ -501,7 +503,7 @@ def plot_load_heatmaps(records: Sequence[Dict[str, Any]], path: Path,
     written = []
     for n, fig in enumerate(heatmap_figures(records, per_page), start=1):
         out = Path(path) if n == 1 else Path(path).with_name(f"{Path(path).stem}_{n}{Path(path).suffix}")
-        fig.savefig(out, dpi=110)
+        fig.savefig(out, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(out)
     return written
