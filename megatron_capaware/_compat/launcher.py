@@ -69,7 +69,7 @@ def _worker(
             results.put((rank, "user-error", pickle.dumps(err)))
         else:
             results.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
-        raise SystemExit(1)
+        raise SystemExit(1) from None  # reported through the queue above
     finally:
         try:
             import torch.distributed as dist

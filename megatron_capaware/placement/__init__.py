@@ -2,9 +2,12 @@
 
 :mod:`.planner` decides which experts share an EP rank (and which hot
 experts get replicas) from recorded expert loads; :mod:`.plan_file` reads and
-writes the versioned plan ``capaware-plan`` produces. The runtime that moves
-expert weights into a plan's layout inside Megatron-Core is not built yet:
-today a plan gives the predicted rank peak of a placement (docs/placement.md).
+writes the versioned plan ``capaware-plan`` produces; :mod:`.replicas` maps
+the router's logical experts to a plan's physical slots at routing time
+(:class:`~.replicas.SlotTable`, the replica choice). Moving the expert weights
+into a plan's layout inside Megatron-Core is
+:mod:`megatron_capaware.adapters.placement` (``capaware-eval --placement``,
+``--capaware-placement``; docs/placement.md).
 """
 
 from megatron_capaware.placement.plan_file import PLAN_FORMAT, PlacementPlan, load_plan

@@ -119,7 +119,8 @@ def _token_capacity(gamma: float, k: int, num_experts: int):
         return common.capacity_tensor(gamma, global_tokens * k, num_experts)
 
     # Where the token count is a host int (one process, no padding) the same float64 rule on the host.
-    capacity.from_count = lambda tokens: common.capacity_from_total(gamma, tokens * k, num_experts)
+    capacity.from_count = lambda tokens: common.capacity_from_total(  # type: ignore[attr-defined]
+        gamma, tokens * k, num_experts)
     return capacity
 
 
@@ -383,7 +384,9 @@ def capacity_reroute(
     # The capacity buckets: the experts, or (unit=rank) the ranks, bucket_of[e] = the rank of e.
     bucket_of, num_buckets = None, num_experts
     if unit == "rank":
-        bucket_of, num_buckets = _check_expert_ranks(expert_ranks, num_experts, num_ranks, scores.device), num_ranks
+        bucket_of = _check_expert_ranks(expert_ranks, num_experts, num_ranks, scores.device)
+        assert num_ranks is not None  # _check_expert_ranks raised otherwise
+        num_buckets = num_ranks
     settled = kept if valid_tokens is None else kept | ~valid_tokens.unsqueeze(1)  # padding loses nothing
     # Only tokens with a dropped slot take part; on the CPU work on those rows
     # alone (on the device all rows, masked: no host sync). Row order = token order.

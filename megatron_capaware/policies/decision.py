@@ -38,4 +38,12 @@ class RoutingDecision:
     flexible: Optional[torch.Tensor] = None
 
     def as_tuple(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(probs [T, E], routing_map [T, E])``, as the public functions return them.
+
+        Raises:
+            ValueError: the decision was made with ``weights=False`` (no ``probs``).
+        """
+        if self.probs is None:
+            raise ValueError("this RoutingDecision was made with weights=False and has no probs: "
+                             "call the policy with weights=True for (probs, routing_map)")
         return self.probs, self.routing_map

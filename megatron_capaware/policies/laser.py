@@ -384,6 +384,7 @@ def laser(
     common.check_choice("load", load, LOAD_UNITS)
     if load == "rank":
         expert_ranks = common.check_expert_ranks(expert_ranks, num_ranks, num_experts, device)
+        assert num_ranks is not None  # check_expert_ranks raised otherwise
     else:
         expert_ranks, num_ranks = None, 0
     rank = group_rank(group)

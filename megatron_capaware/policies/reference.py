@@ -18,12 +18,15 @@ real tokens alone and the padding rows come back empty.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
 
 import torch
 
 from megatron_capaware.policies import common
 from megatron_capaware.policies.capacity import hash_uniform
+
+# An item of _keep_top: (priority, global order, payload...).
+_Item = TypeVar("_Item", bound=Tuple[Any, ...])
 
 
 def _rows(scores: torch.Tensor) -> List[List[float]]:
@@ -91,7 +94,7 @@ def _priority(policy: str, rows: List[List[float]], tops: List[List[int]], t: in
     return float(hash_uniform(torch.tensor([t * num_experts + e]), seed)[0])
 
 
-def _keep_top(items: List[Tuple[float, int, int]], capacity: int) -> List[Tuple[float, int, int]]:
+def _keep_top(items: List[_Item], capacity: int) -> List[_Item]:
     """items: (priority, global order, payload); keep ``capacity`` by (-priority, order)."""
     return sorted(items, key=lambda it: (-it[0], it[1]))[: max(capacity, 0)]
 

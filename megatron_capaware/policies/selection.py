@@ -267,8 +267,13 @@ def select_top_per_expert_radix(
     kept_above = torch.zeros(num_items, dtype=torch.bool, device=device)
     # Compacted mode works on the positions of the still-undecided items only.
     position = None if sync_free else active.nonzero().squeeze(1)
-    need = offered = cap = global_items = None
-    last_hist = boundary = None
+    # Set by the first round (RADIX_SHIFTS is never empty).
+    need: torch.Tensor
+    offered: torch.Tensor
+    cap: torch.Tensor
+    global_items: torch.Tensor
+    last_hist: torch.Tensor
+    boundary: torch.Tensor
     for round_index, shift in enumerate(RADIX_SHIFTS):
         if position is None:
             item_keys, item_expert, weight = keys, expert, active.to(torch.int64)

@@ -113,6 +113,9 @@ class RouterResult:
     per_layer: Dict[int, Dict[str, float]]
     expert_loads: Dict[int, List[float]]
     seconds: float
+    # Per layer, the mean global load of each physical slot [S] (the experts themselves on Megatron's
+    # contiguous layout): what each EP rank computed, for the heatmaps.
+    slot_loads: Optional[Dict[int, List[float]]] = None
     placement: Optional[EvalPlacement] = None
     decode: Optional[Dict[str, Any]] = None
 
@@ -256,9 +259,11 @@ def evaluate_config(
     all_stats = collect_stats(model)
     per_layer = reduce_summaries(all_stats)
     loads = {layer: s.mean_loads().tolist() if s.calls else [] for layer, s in all_stats.items()}
+    slot_loads = {layer: torch.stack(s.slot_loads()).double().mean(0).tolist() if s.slot_loads() else []
+                  for layer, s in all_stats.items()}  # (the calls kept: the last max_records)
     result = RouterResult(
         config=config, nll=float(totals[0]), correct=int(totals[1]), tokens=int(totals[2]),
-        per_layer=per_layer, expert_loads=loads, seconds=time.perf_counter() - start,
+        per_layer=per_layer, expert_loads=loads, seconds=time.perf_counter() - start, slot_loads=slot_loads,
     )
     if session.options.decode_batch:
         result.decode = decode_config(session, config)

@@ -331,7 +331,7 @@ def step_router_time(device: str, shapes: List[tuple], repeats: int) -> Dict[str
                                        "share_of_layer": (seconds - row["megatron_topk_s"]) / row["layer_s"]}
             set_scores(None)
         rows.append(row)
-        del layer
+        layer = None  # free it before the next shape (not del: the closures above name it)
         if device == "cuda":
             torch.cuda.empty_cache()
     return {"rows": rows, "ok": True}

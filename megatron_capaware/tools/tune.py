@@ -136,7 +136,7 @@ def refinements(records: Sequence[Dict[str, Any]], configs: Dict[str, CapawareCo
             leaders.append((best["predicted_speedup"], fam, best, items))
     leaders.sort(key=lambda t: -t[0])
     out: List[CapawareConfig] = []
-    for _, fam, best, items in leaders[:families]:
+    for _, _fam, best, items in leaders[:families]:
         cfg = configs[best["label"]]
         faster = [r for r in items if r["predicted_speedup"] > best["predicted_speedup"] and r["delta_ppl_pct"] > budget]
         if faster:

@@ -128,7 +128,7 @@ def overhead_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
                     None if record["share_of_layer"] is None else record["share_of_layer"] <= share_goal
                 )
             records.append(record)
-        del layer
+        layer = None  # free it before the next shape (not del: the closures above name it)
     parallel.destroy()
     return records
 
