@@ -42,6 +42,7 @@ from typing import Any, Dict, List, Optional
 from megatron_capaware import megatron_lm
 from megatron_capaware._compat.cli import run_cli
 from megatron_capaware.adapters.guards import DeferredScoreCheck
+from megatron_capaware.registry import TOPK
 
 
 PROG = "python -m megatron_capaware.launch"
@@ -88,7 +89,7 @@ class LaunchSession:
         cfg = self.config()
         if cfg is None:
             return False
-        return cfg.router_type != "topk" or stats_requested(self.megatron_args()) or self.plan() is not None
+        return cfg.router_type != TOPK or stats_requested(self.megatron_args()) or self.plan() is not None
 
     def plan(self) -> Any:
         """The ``--capaware-placement`` plan (loaded once), or None."""
@@ -154,7 +155,7 @@ class LaunchSession:
         self.reported = True
         if not self.layers:
             cfg = self.config()
-            if cfg is not None and cfg.router_type != "topk" and not self.installed_elsewhere:
+            if cfg is not None and cfg.router_type != TOPK and not self.installed_elsewhere:
                 megatron_lm.print_rank0(
                     f"megatron-capaware: warning: --moe-router-type {cfg.router_type} was given "
                     "but no MoE layer ran a forward pass"

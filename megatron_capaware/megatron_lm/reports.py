@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from megatron_capaware.megatron_lm.compat import is_rank0, print_rank0
+from megatron_capaware.registry import TOPK
 
 STATS_FORMAT = "capaware-load-stats/1"
 
@@ -33,7 +34,7 @@ def install_from_args(model: Any, args: Any = None) -> Optional[Dict[int, Any]]:
         args = get_args()
     capaware = config_from_args(args)
     placement = placement_from_args(args)
-    if capaware.router_type == "topk" and not stats_requested(args) and not placement:
+    if capaware.router_type == TOPK and not stats_requested(args) and not placement:
         return None
     chunks = model if isinstance(model, (list, tuple)) else [model]
     stats: Dict[int, Any] = {}

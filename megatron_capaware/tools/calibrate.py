@@ -39,6 +39,7 @@ import torch
 from megatron_capaware._compat.cli import UserInputError, add_cli_flags, run_cli
 from megatron_capaware.config import Calibration, CapawareConfig, LaserParams
 from megatron_capaware.policies.collectives import all_gather_objects
+from megatron_capaware.registry import TOPK
 
 PROG = "capaware-calibrate"
 
@@ -81,7 +82,7 @@ def record_scores(
         checkpoint, expert_parallel=expert_parallel,
         params_dtype=dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32),
     )
-    install_capaware_routers(model, CapawareConfig("topk", record_stats=False))
+    install_capaware_routers(model, CapawareConfig(TOPK, record_stats=False))
     recorded: Dict[int, List[torch.Tensor]] = {}
     for layer in moe_layers(model):
         number = int(layer.router.layer_number or layer.layer_number)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
+from megatron_capaware.registry import TOPK
 
 
 @dataclass
@@ -69,7 +70,7 @@ def record_calls(options: "object") -> CallRecord:
         if session.dp_size != 1:
             raise ValueError("record_calls runs in one process (EP 1): top-k loads do not depend on the EP size")
         model, device = session.model, session.device
-        install_capaware_routers(model, CapawareConfig("topk"))
+        install_capaware_routers(model, CapawareConfig(TOPK))
         per_call: List[torch.Tensor] = []
         nll: List[float] = []
         tokens: List[int] = []

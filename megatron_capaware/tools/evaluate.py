@@ -37,15 +37,16 @@ from megatron_capaware._compat.cli import add_cli_flags, progress_enabled, run_c
 from megatron_capaware.config import CapawareConfig
 from megatron_capaware.tools import preflight
 from megatron_capaware.policies.collectives import all_reduce
+from megatron_capaware.registry import LASER, TOPK
 
 PROG = "capaware-eval"
 
 DEFAULT_ROUTER_SPECS = [
-    "topk",
+    TOPK,
     "capacity-drop:gamma=1.0|1.25|1.5|2.0",
     "capacity-reroute:gamma=1.0|1.25|1.5|2.0",
     "expanded-drop:gamma=1.0|1.25|1.5|2.0",
-    "laser",
+    LASER,
     # Beyond the paper: drop by share of the token's top-k mass.
     "capacity-drop:gamma=1.0|1.25|1.5|2.0,drop_policy=weight",
     "capacity-reroute:gamma=1.0|1.25,drop_policy=weight",
@@ -56,7 +57,7 @@ CALIBRATION_FILE = "laser_calibration.json"
 # Plans shipped beside a checkpoint (capaware-plan on its calibration text): placement-ep{EP}-r{R}.json.
 PLACEMENT_GLOB = "placement-ep{ep}-r*.json"
 # What runs on a placed model by default: top-k (placement alone), and with R = 0 the rank-unit drop.
-DEFAULT_PLACED_ROUTER_SPECS = ["topk", "capacity-drop:gamma=1.0,unit=rank,drop_policy=weight"]
+DEFAULT_PLACED_ROUTER_SPECS = [TOPK, "capacity-drop:gamma=1.0,unit=rank,drop_policy=weight"]
 
 
 @dataclass
@@ -298,7 +299,7 @@ def decode_config(session: EvalSession, config: CapawareConfig) -> Dict[str, Any
             f"--decode {opts.decode_batch} sequences; lower --decode, --decode-prompt-len or --decode-steps"
         )
     nll, correct, scored = 0.0, 0, 0
-    topk = CapawareConfig("topk", record_stats=False)
+    topk = CapawareConfig(TOPK, record_stats=False)
     # Per layer, over every decode call of every round: global loads [E], requested, local drops / reroutes.
     calls: Dict[int, Dict[str, list]] = {}
     start = time.perf_counter()

@@ -41,12 +41,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from megatron_capaware._compat.cli import add_cli_flags, run_cli
+from megatron_capaware.registry import CAPACITY_DROP, LASER, TOPK
 
 PROG = "python -m megatron_capaware.tools.gpu_check"
-ROUTERS = ["topk", "capacity-drop:gamma=1.25", "capacity-drop:gamma=1.25,policy=weight",
-           "capacity-reroute:gamma=1.25", "expanded-drop:gamma=1.25", "laser"]
+ROUTERS = [TOPK, "capacity-drop:gamma=1.25", "capacity-drop:gamma=1.25,policy=weight",
+           "capacity-reroute:gamma=1.25", "expanded-drop:gamma=1.25", LASER]
 TIME_SHAPES = [(t, e, k) for t in (4096, 16384) for e in (8, 64, 128) for k in (2, 8)]
-MAIN_JOB_ROUTERS = ["topk", "capacity-drop:gamma=1.25", "capacity-reroute:gamma=1.25", "laser"]
+MAIN_JOB_ROUTERS = [TOPK, "capacity-drop:gamma=1.25", "capacity-reroute:gamma=1.25", LASER]
 CPU_REFERENCE = Path("docs/results/reference_eval.json")
 
 
@@ -171,9 +172,9 @@ def step_routers(device: str, tokens: int) -> Dict[str, Any]:
                 row["compiled_regions"] = compiled.STATS["compiled_calls"] - regions
                 layer(hidden)
             row["sync_free_router"] = device == "cuda"
-            if cfg.router_type == "topk":
+            if cfg.router_type == TOPK:
                 row["equals_vanilla"] = bool(torch.equal(routing_map, vanilla_map) and torch.equal(probs, vanilla_probs))
-            if cfg.router_type == "capacity-drop" and cfg.drop_policy == "score":
+            if cfg.router_type == CAPACITY_DROP and cfg.drop_policy == "score":
                 # Issue 22 item 1: on bf16 logits, gamma = inf keeps Megatron's top-k bit for bit.
                 install_capaware_routers(layer, cfg.replace(check_scores=False, gamma=float("inf")))
                 inf_probs, inf_map = layer.router(hidden)
@@ -233,10 +234,10 @@ def step_placement(device: str, tokens: int) -> Dict[str, Any]:
     number = int(layer.layer_number)
     plan = PlacementPlan(model={"num_moe_experts": 8, "moe_layer_numbers": [number]}, ep=1, redundant=0,
                          layers={number: LayerPlacement(slots, 1, 0.0, 0.0)})
-    install_capaware_routers(layer, CapawareConfig("topk", check_scores=False))
+    install_capaware_routers(layer, CapawareConfig(TOPK, check_scores=False))
     with torch.no_grad():
         contiguous, _ = layer(hidden)
-        install_capaware_routers(layer, CapawareConfig("topk", check_scores=False), placement=plan)
+        install_capaware_routers(layer, CapawareConfig(TOPK, check_scores=False), placement=plan)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
@@ -273,7 +274,7 @@ def _replicas_refused_first(device: str, number: int, tokens: int) -> bool:
     replicas = PlacementPlan(model={"num_moe_experts": 8, "moe_layer_numbers": [number]}, ep=1, redundant=2,
                              layers={number: LayerPlacement([0, 1, 2, 3, 4, 5, 6, 7, 3, 5], 1, 0.0, 0.0)})
     try:
-        install_capaware_routers(layer, CapawareConfig("topk", check_scores=False), placement=replicas)
+        install_capaware_routers(layer, CapawareConfig(TOPK, check_scores=False), placement=replicas)
     except PlacementError:
         return all(torch.equal(a, b) for a, b in zip(before, layer.experts.parameters())) and \
             getattr(layer.router, "capaware_layout", None) is None
@@ -318,7 +319,7 @@ def step_router_time(device: str, shapes: List[tuple], repeats: int) -> Dict[str
         scores = skewed_scores(tokens, experts, 1.0, seed=0).to(dev)
         set_scores = inject_scores(layer.router, experts)
         original = type(layer.router)
-        row: Dict[str, Any] = {"tokens": tokens, "experts": experts, "topk": k}
+        row: Dict[str, Any] = {"tokens": tokens, "experts": experts, TOPK: k}
         with torch.no_grad():
             set_scores(scores)
             row["megatron_topk_s"] = _event_time(lambda: layer.router(hidden), device, repeats)

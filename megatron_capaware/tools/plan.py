@@ -36,6 +36,7 @@ from typing import List, Optional
 import torch
 
 from megatron_capaware._compat.cli import UserInputError, add_cli_flags, run_cli
+from megatron_capaware.registry import TOPK
 
 PROG = "capaware-plan"
 
@@ -92,7 +93,7 @@ def _main(argv: List[str]) -> int:
 
     checkpoint, text = reference_models.checkpoint_and_text(args.checkpoint, args.text,
                                                             reference_models.CALIBRATION_TEXT, model=args.model)
-    topk = CapawareConfig("topk")
+    topk = CapawareConfig(TOPK)
     preflight.check_run(checkpoint, text, args.tokenizer, [topk], ep=1, tp=1, etp=1, seq_len=args.seq_len,
                         sequences_per_rank=args.sequences_per_rank)
     model_args = load_model_args(checkpoint)

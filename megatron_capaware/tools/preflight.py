@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence
 
 from megatron_capaware._compat.cli import UserInputError
 from megatron_capaware.config import CapawareConfig, load_calibration
+from megatron_capaware.registry import LASER
 
 
 def _divisors(n: int) -> str:
@@ -86,7 +87,7 @@ def check_routers(routers: Sequence[CapawareConfig], model_args) -> None:
     for cfg in routers:
         cfg.validate(num_experts=model_args.num_moe_experts, topk=model_args.moe_router_topk,
                      score_function=model_args.moe_router_score_function)
-        if cfg.router_type == "laser" and cfg.laser_calibration:
+        if cfg.router_type == LASER and cfg.laser_calibration:
             load_calibration(cfg.laser_calibration).check_model(
                 layers, model_args.num_moe_experts, model_args.moe_router_topk
             )

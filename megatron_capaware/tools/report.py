@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from megatron_capaware import metrics
-from megatron_capaware.registry import DECODE_PACK, ROUTER_TYPES
+from megatron_capaware.registry import CAPACITY_DROP, CAPACITY_REROUTE, DECODE_PACK, LASER, ROUTER_TYPES, TOPK
 
 #: The marker of each router type's points (the registry's).
 MARKERS: Dict[str, str] = {name: entry.marker for name, entry in ROUTER_TYPES.items()}
@@ -157,7 +157,7 @@ def make_records(results: Sequence[Any], options: Any) -> List[Dict[str, Any]]:
             **(getattr(result, "decode", None) or {}),
         })
     # The baseline: top-k on Megatron's contiguous layout.
-    baseline = next((r for r in records if r["router"] == "topk" and not r.get("placement")), None)
+    baseline = next((r for r in records if r["router"] == TOPK and not r.get("placement")), None)
     for record in records:
         ranks = [1.0 / l["rank_imbalance"] for l in record["per_layer"].values() if l.get("rank_imbalance")]
         record["balancedness"] = sum(ranks) / len(ranks) if ranks else None
@@ -524,7 +524,7 @@ def _family(record: Dict[str, Any]) -> str:
     config = record.get("config") or {}
     family = record["router"]
     extra = []
-    if record["router"] in ("capacity-drop", "capacity-reroute") and config.get("drop_policy", "score") != "score":
+    if record["router"] in (CAPACITY_DROP, CAPACITY_REROUTE) and config.get("drop_policy", "score") != "score":
         extra.append(f"drop={config['drop_policy']}")
     if config.get("capacity_unit") == "rank":
         extra.append("unit=rank")
@@ -569,7 +569,7 @@ def quality_balance_figure(records: Sequence[Dict[str, Any]]) -> Any:
                 label=family, linestyle=("--" if family != items[0]["router"] else "-") if len(items) > 1 else "")
         for r in items:
             text = f"{r['gamma']:g}" if r.get("gamma") is not None else (
-                ("cal" if "calibrated" in r["label"] else "default") if r["router"] == "laser" else None)
+                ("cal" if "calibrated" in r["label"] else "default") if r["router"] == LASER else None)
             if text:
                 notes.append(ax.annotate(text, (r["i_agg"], r["ppl"]), fontsize=7, xytext=(3, 3),
                                          textcoords="offset points"))
@@ -721,7 +721,7 @@ def plot_frontier(records: Sequence[Dict[str, Any]], path: Path, text_kind: str 
 def format_placement(records: Sequence[Dict[str, Any]], width: Optional[int] = TERMINAL_WIDTH) -> str:
     """The placed settings against top-k on the contiguous layout: measured perplexity and busiest rank
     (short labels; each setting's lines at most ``width`` wide)."""
-    base = next((r for r in records if r["router"] == "topk" and not r.get("placement")), None)
+    base = next((r for r in records if r["router"] == TOPK and not r.get("placement")), None)
     lines = []
     for record in records:
         p = record.get("placement")
@@ -775,15 +775,15 @@ def plot_decode_frontier(records: Sequence[Dict[str, Any]], path: Path) -> List[
     families: Dict[str, List[Dict[str, Any]]] = {}
     for record in usable:
         family = _family(record)
-        if record["router"] == "decode-pack" and not (record.get("config") or {}).get("decode_rank_aware", True):
+        if record["router"] == DECODE_PACK and not (record.get("config") or {}).get("decode_rank_aware", True):
             family = "decode-pack (oea)"
         families.setdefault(family, []).append(record)
     for family, items in families.items():
         items = sorted(items, key=lambda r: r["decode_active_speedup"])
         ax.plot([r["decode_active_speedup"] for r in items], [r["decode_delta_ppl_pct"] for r in items],
                 marker=markers.get(family, markers.get(items[0]["router"], "o")), label=family, alpha=0.85,
-                linestyle="-" if family.startswith("decode-pack") and len(items) > 1 else "")
-        if family.startswith("decode-pack"):
+                linestyle="-" if family.startswith(DECODE_PACK) and len(items) > 1 else "")
+        if family.startswith(DECODE_PACK):
             for r in items:
                 short = r["label"].replace("decode-pack(", "").rstrip(")").replace("oea,", "")
                 ax.annotate(short, (r["decode_active_speedup"], r["decode_delta_ppl_pct"]), fontsize=6,

@@ -20,6 +20,7 @@ import torch
 
 from megatron_capaware._compat.cli import add_cli_flags, run_cli
 from megatron_capaware.policies.collectives import all_reduce
+from megatron_capaware.registry import CAPACITY_DROP, CAPACITY_REROUTE, EXPANDED_DROP, LASER, TOPK
 
 PROG = "python -m megatron_capaware.tools.selfcheck"
 
@@ -78,13 +79,13 @@ def _main(argv: List[str]) -> int:
     hidden = (torch.randn(args.tokens, 1, args.hidden, generator=g) + skew).to(device, config.params_dtype)
 
     routers = [
-        CapawareConfig("topk"),
-        CapawareConfig("capacity-drop", gamma=args.gamma),
-        CapawareConfig("capacity-reroute", gamma=args.gamma, reroute_rounds=2),
-        CapawareConfig("laser", laser_eps_high=0.9, laser_t_fix=0.3, laser_pool=2 * args.topk),
+        CapawareConfig(TOPK),
+        CapawareConfig(CAPACITY_DROP, gamma=args.gamma),
+        CapawareConfig(CAPACITY_REROUTE, gamma=args.gamma, reroute_rounds=2),
+        CapawareConfig(LASER, laser_eps_high=0.9, laser_t_fix=0.3, laser_pool=2 * args.topk),
     ]
     if args.tp == 1:
-        routers.insert(3, CapawareConfig("expanded-drop", gamma=args.gamma))
+        routers.insert(3, CapawareConfig(EXPANDED_DROP, gamma=args.gamma))
     failures: List[str] = []
     rows = []
     for cfg in routers:

@@ -46,12 +46,13 @@ import torch
 
 from megatron_capaware._compat.cli import UserInputError, add_cli_flags, run_cli, run_torchrun
 from megatron_capaware.config import Calibration, CapawareConfig, LaserParams
+from megatron_capaware.registry import LASER, TOPK
 
 PROG = "capaware-tune"
 
 #: The coarse grid (router spec strings; ``|`` sweeps).
 COARSE_SPECS = [
-    "topk",
+    TOPK,
     "capacity-drop:gamma=1.0|1.25|1.5|2.0,drop_policy=weight",
     "capacity-drop:gamma=1.25|1.5",
     "capacity-drop:gamma=0.8|0.9|1.0|1.1|1.25,unit=rank,drop_policy=weight",
@@ -62,7 +63,7 @@ COARSE_SPECS = [
 ]
 #: On each placement plan (shipped beside the checkpoint, or --placement): top-k and the rank unit.
 PLACED_SPECS = [
-    "topk",
+    TOPK,
     "capacity-drop:gamma=0.75|0.8|0.9|1.0|1.1|1.2,unit=rank,drop_policy=weight",
 ]
 #: LASER rungs per layer, least to most aggressive: (eps_high, t_fix). Rung -1 is top-k (eps_high 0).
@@ -104,17 +105,17 @@ def choose_validated(records: Sequence[Dict[str, Any]], validation: Dict[str, Di
         check = validation.get(record["label"])
         if check is None:
             continue
-        if check["delta_ppl_pct"] <= budget * (1 - margin) or record["router"] == "topk":
+        if check["delta_ppl_pct"] <= budget * (1 - margin) or record["router"] == TOPK:
             return record, check, rejected
         rejected.append(record["label"])
-    topk = next(r for r in records if r["router"] == "topk" and not r.get("placement"))
+    topk = next(r for r in records if r["router"] == TOPK and not r.get("placement"))
     return topk, validation.get(topk["label"]), rejected
 
 
 def validation_candidates(records: Sequence[Dict[str, Any]], budget: float, count: int) -> List[str]:
     """Labels of the ``count`` fastest search records within ``budget`` (the order :func:`choose_validated` tries)."""
     feasible = [r for r in records if r.get("predicted_speedup") is not None and r["delta_ppl_pct"] <= budget
-                and r["router"] != "topk"]
+                and r["router"] != TOPK]
     feasible.sort(key=lambda r: (-round(r["predicted_speedup"], 9), r["ppl"]))
     return [r["label"] for r in feasible[:count]]
 
@@ -172,7 +173,7 @@ class Sweep:
         if self.placement is not None:
             remove_placement(self.session.model)
         if placement is not None:
-            install_capaware_routers(self.session.model, CapawareConfig("topk"), placement=placement.plan,
+            install_capaware_routers(self.session.model, CapawareConfig(TOPK), placement=placement.plan,
                                      replica_policy=placement.replica_policy)
         self.placement = placement
 
@@ -197,7 +198,7 @@ class Sweep:
     def label(self, cfg: CapawareConfig, placement: Any = "current") -> str:
         """The setting's label; ``placement``: the layout it ran on (default: the current one)."""
         placement = self.placement if placement == "current" else placement
-        base = laser_label(cfg) if cfg.router_type == "laser" and cfg.layer_params else cfg.describe()
+        base = laser_label(cfg) if cfg.router_type == LASER and cfg.layer_params else cfg.describe()
         return base + (f" @{placement.describe()}" if placement is not None else "")
 
     def records(self) -> List[Dict[str, Any]]:
@@ -222,7 +223,7 @@ def laser_config(state: Dict[int, int], pool: int) -> CapawareConfig:
     for layer, rung in state.items():
         eps, t_fix = (0.0, 0.5) if rung < 0 else LASER_LADDER[rung]
         params[layer] = LaserParams(eps_high=eps, t_fix=t_fix, pool=pool)
-    return CapawareConfig("laser", layer_params=params)
+    return CapawareConfig(LASER, layer_params=params)
 
 
 def laser_greedy(sweep: Sweep, probe: List[torch.Tensor], *, steps: int, max_dppl: float) -> List[CapawareConfig]:
@@ -241,7 +242,7 @@ def laser_greedy(sweep: Sweep, probe: List[torch.Tensor], *, steps: int, max_dpp
     session = sweep.session
     layers = sorted(int(n) for n in session.model_args.moe_layer_numbers)
     pool = 2 * int(session.model_args.moe_router_topk)
-    base = evaluate_config(session, CapawareConfig("topk"), batches=probe)
+    base = evaluate_config(session, CapawareConfig(TOPK), batches=probe)
     base_nll = base.nll / base.tokens
     # profile[layer] = [(cost, gain, rung)] with rung -1 = top-k
     profile: Dict[int, List[Tuple[float, float, int]]] = {}
@@ -407,7 +408,7 @@ def validate_choices(sweep: "Sweep", records: List[Dict[str, Any]], budgets: Seq
         out = report.make_records(results, sweep.session.options)
         return {label: record for label, record in zip(labels, out)}
 
-    topk = next(r["label"] for r in records if r["router"] == "topk" and not r.get("placement"))
+    topk = next(r["label"] for r in records if r["router"] == TOPK and not r.get("placement"))
     log(f"{PROG}: validation split ({len(batches)} batches per rank): candidates per budget, fastest first")
     run(topk)
     chosen: Dict[float, Any] = {}
@@ -442,7 +443,7 @@ def summarize(records: List[Dict[str, Any]], configs: Dict[str, CapawareConfig],
             record = choose(records, budget)
         cfg = configs[record["label"]]
         calibration = None
-        if cfg.router_type == "laser" and cfg.layer_params:
+        if cfg.router_type == LASER and cfg.layer_params:
             calibration = (out_dir / f"laser_calibration_budget_{budget:g}.json").resolve()
             Calibration(layer_params=cfg.layer_params, model=model or {},
                         rule={"name": "capaware-tune greedy (speedup per calibration NLL)",
@@ -466,9 +467,9 @@ def summarize(records: List[Dict[str, Any]], configs: Dict[str, CapawareConfig],
             "rejected_on_validation": rejected,
         })
     frontier = sorted((r for r in records if r["frontier"] == "yes"), key=lambda r: r["predicted_speedup"])
-    lasers = [r for r in records if r["router"] == "laser"]
+    lasers = [r for r in records if r["router"] == LASER]
     laser_on = [r for r in lasers if r["frontier"] == "yes"]
-    chosen_laser = [c["budget_pct"] for c in choices if c["config"]["router_type"] == "laser"]
+    chosen_laser = [c["budget_pct"] for c in choices if c["config"]["router_type"] == LASER]
     if not lasers:
         note = "LASER was not searched (--laser-steps 0, or no layer setting gained balance)"
     else:

@@ -27,6 +27,7 @@ import torch
 from megatron_capaware.tools.bench.common import skewed_scores, summarize_times, timed
 
 from megatron_capaware._compat.cli import add_cli_flags, run_cli
+from megatron_capaware.registry import LASER, TOPK
 
 PROG = "capaware-bench-overhead"
 
@@ -34,9 +35,9 @@ DEFAULT_ROUTERS = [
     "capacity-drop:gamma=1.25",
     "capacity-reroute:gamma=1.25",
     "expanded-drop:gamma=1.25",
-    "laser",
+    LASER,
 ]
-GOALS = {"capacity": (1.5, 0.03), "laser": (2.0, 0.05)}
+GOALS = {"capacity": (1.5, 0.03), LASER: (2.0, 0.05)}
 
 
 def overhead_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -55,7 +56,7 @@ def overhead_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     records: List[Dict[str, Any]] = []
     hidden_size = options["hidden"]
     for shape in options["shapes"]:
-        tokens, experts, k = shape["tokens"], shape["experts"], shape["topk"]
+        tokens, experts, k = shape["tokens"], shape["experts"], shape[TOPK]
         ffn = max(8, options["active_ffn"] // k)
         args = MoEModelArgs(
             num_layers=1, hidden_size=hidden_size, num_attention_heads=8, num_moe_experts=experts,
@@ -96,7 +97,7 @@ def overhead_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
                         samples[label].append(seconds)
             measure_layer = tokens in options["layer_tokens"]
             if measure_layer:
-                install_capaware_routers(layer, parse_router_specs(["topk"], record_stats=False)[0])
+                install_capaware_routers(layer, parse_router_specs([TOPK], record_stats=False)[0])
                 for repeat in range(options["layer_warmup"] + options["layer_repeats"]):
                     set_scores(scores)
                     seconds = timed(lambda: layer(hidden))
@@ -108,11 +109,11 @@ def overhead_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
         for label, cfg in zip(labels, [None] + routers):
             t = summarize_times(samples[label])
             router_type = "megatron-topk" if cfg is None else cfg.router_type
-            family = "laser" if router_type == "laser" else "capacity"
+            family = LASER if router_type == LASER else "capacity"
             ratio_goal, share_goal = GOALS[family] if cfg is not None else (None, None)
             extra = t["median_s"] - base
             record = {
-                "router": router_type, "label": label, "tokens": tokens, "experts": experts, "topk": k,
+                "router": router_type, "label": label, "tokens": tokens, "experts": experts, TOPK: k,
                 "hidden": hidden_size, "ffn": ffn, "ep": ep,
                 "router_ms": 1e3 * t["median_s"], "router_ms_min": 1e3 * t["min_s"],
                 "router_ms_max": 1e3 * t["max_s"], "ratio_vs_topk_router": t["median_s"] / base,
@@ -134,7 +135,7 @@ def overhead_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def default_shapes(tokens: List[int], experts: List[int], topks: List[int]) -> List[Dict[str, int]]:
-    return [{"tokens": t, "experts": e, "topk": k} for t in tokens for e in experts for k in topks if k <= e]
+    return [{"tokens": t, "experts": e, TOPK: k} for t in tokens for e in experts for k in topks if k <= e]
 
 
 def format_table(records: List[Dict[str, Any]]) -> str:

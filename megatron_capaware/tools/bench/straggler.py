@@ -33,19 +33,20 @@ import torch
 from megatron_capaware.tools.bench.common import geometric_mean, inject_scores, skewed_scores, summarize_times, timed
 
 from megatron_capaware._compat.cli import add_cli_flags, run_cli
+from megatron_capaware.registry import LASER, TOPK
 
 PROG = "capaware-bench-straggler"
 
 DEFAULT_ROUTERS = [
-    "topk",
+    TOPK,
     "capacity-drop:gamma=1.25",
     "capacity-reroute:gamma=1.25",
     "expanded-drop:gamma=1.25",
-    "laser",
+    LASER,
     # The best rank-unit setting of the main job (frontier at EP 2 and 4).
     "capacity-drop:gamma=1.0,unit=rank,drop_policy=weight",
 ]
-PLACED_ROUTERS = ["topk", "capacity-drop:gamma=1.0,unit=rank,drop_policy=weight"]
+PLACED_ROUTERS = [TOPK, "capacity-drop:gamma=1.0,unit=rank,drop_policy=weight"]
 
 
 def _cases(options: Dict[str, Any], tokens_per_rank: int, ep: int, rank: int) -> List[Dict[str, Any]]:
@@ -111,7 +112,7 @@ def straggler_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     rank = dist.get_rank()
     args = MoEModelArgs(
         num_layers=1, hidden_size=options["hidden"], num_attention_heads=8,
-        num_moe_experts=options["experts"], moe_router_topk=options["topk"],
+        num_moe_experts=options["experts"], moe_router_topk=options[TOPK],
         moe_ffn_hidden_size=options["ffn"], vocab_size=8, max_sequence_length=8,
     )
     config = build_transformer_config(args, expert_parallel=ep, dispatcher=options["dispatcher"],
@@ -131,11 +132,11 @@ def straggler_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
         trace_layer = case.get("layer")
         for name, plan in plans:
             if trace_layer is not None and trace_layer in plan.layers:
-                for r in parse_router_specs(options.get("placed_routers") or ["topk"], record_stats=False):
+                for r in parse_router_specs(options.get("placed_routers") or [TOPK], record_stats=False):
                     if r.router_type in SLOT_ROUTERS or not plan.redundant:
                         settings.append((f"{r.describe()} @placed:{name}", r, plan.layers[trace_layer].slots, False))
         if options.get("force_balance"):
-            settings.append(("topk (force_load_balancing)", routers[0].replace(router_type="topk"), None, True))
+            settings.append(("topk (force_load_balancing)", routers[0].replace(router_type=TOPK), None, True))
         labels = [s[0] for s in settings]
         set_scores(case["scores"].to(device))
         loads: Dict[str, Dict[str, float]] = {}
@@ -176,7 +177,7 @@ def straggler_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
                 "placement": slots, "force_load_balancing": force,
                 "case": case["name"], "ep": ep, "oversubscribed": ep > (os.cpu_count() or 1),
                 "tokens_per_rank": tokens, "hidden": options["hidden"], "ffn": options["ffn"],
-                "experts": options["experts"], "topk": options["topk"],
+                "experts": options["experts"], TOPK: options[TOPK],
                 "layer_ms": 1e3 * t["median_s"], "layer_ms_min": 1e3 * t["min_s"], "layer_ms_max": 1e3 * t["max_s"],
                 "repeats": options["repeats"], "speedup": speedup,
                 "i_rank": loads[label]["rank_imbalance"], "i_rank_topk": loads[base]["rank_imbalance"],
