@@ -44,7 +44,11 @@ _EXPORTS = {
     "load_plan": "megatron_capaware.placement",
 }
 
-__all__ = sorted(_EXPORTS) + ["enable_cpu_support"]
+__all__ = [
+    "CapawareConfig", "CapawareConfigError", "CapawareError", "LayerRoutingStats", "PlacementPlan", "ROUTER_TYPES",
+    "capaware_spec", "collect_stats", "enable_cpu_support", "install_capaware_routers", "load_calibration",
+    "load_model", "load_plan", "plan", "reduce_summaries", "remove_placement", "reset_stats", "save_checkpoint",
+]
 
 
 def enable_cpu_support() -> bool:

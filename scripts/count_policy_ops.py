@@ -3,7 +3,7 @@
 T = 2,048 tokens per rank, E = 64, k = 8, the policy call as the router makes
 it (``tests/test_device_path.py``, whose budget test counts the same way), on
 CPU tensors with ``CAPAWARE_DEVICE_PATH=1``: alone (EP = 1) and on 2 simulated
-EP ranks (``tests/sim_dist.py``), where each collective counts as one op and
+EP ranks (``megatron_capaware/tools/bench/sim_dist.py``), where each collective counts as one op and
 the simulation's own tensor work is not counted. It imports whichever
 ``megatron_capaware`` comes first on ``sys.path``, so the same script counts
 an older checkout:
@@ -28,8 +28,8 @@ from torch.utils._python_dispatch import _disable_current_modes  # noqa: E402
 
 from megatron_capaware import policies as P
 from megatron_capaware.tools.bench.launch_count import count_call, count_device_work
-from tests import sim_dist
-from tests.sim_dist import run_ranks
+from megatron_capaware.tools.bench import sim_dist
+from megatron_capaware.tools.bench.sim_dist import run_ranks
 T, E, K = 2048, 64, 8
 
 

@@ -32,7 +32,7 @@ def segment_means(result: Dict[str, Any], peaks: List[float]) -> Dict[str, float
 def policy_table(data: Dict[str, Any], result: Dict[str, Any], shown: List[str] = SHOWN) -> str:
     ep = result["ep"]
     segs = list(dict.fromkeys(w["segment"] for w in result["windows"]))
-    lines = [f"| policy | R | " + " | ".join(f"busiest, {s}" for s in segs)
+    lines = ["| policy | R | " + " | ".join(f"busiest, {s}" for s in segs)
              + " | stream | mean regret | worst window | calls to within 5% after each switch | moves | "
                "experts moved / move | MB / move (bf16) |",
              "|---|---|" + "---|" * len(segs) + "---|---|---|---|---|---|---|"]
@@ -67,7 +67,7 @@ def guard_table(data: Dict[str, Any]) -> str:
     lines = ["| model | EP | asked R | written R | text | written plan <= contiguous (layers) | "
              "unguarded plan <= contiguous | written <= replica-free | unguarded replicas <= replica-free |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for path, d in data.items():
+    for d in data.values():
         for result in d["results"]:
             for r, texts in result["guard"].items():
                 if r == "r0-per-call":
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--brief", action="store_true", help="the policies docs/placement.md shows")
     args = parser.parse_args()
     data = {str(f): json.loads(f.read_text()) for f in args.files}
-    for path, d in data.items():
+    for d in data.values():
         for result in d["results"]:
             print(f"\n#### {Path(d['checkpoint']).name}, EP {result['ep']} ({result['calls']} calls of "
                   f"{d['call_sequences']} x {d['seq_len']} tokens; segments {d['segments']})\n")

@@ -23,7 +23,7 @@ from megatron_capaware.megatron_lm.arguments import (
     with_capaware_args,
 )
 from megatron_capaware.config import CapawareConfig, CapawareConfigError
-from tests.megatron_training_support import needs_megatron_training
+from tests.helpers.megatron_training_support import needs_megatron_training
 
 
 def parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 Never a crash deep inside Megatron or torch, never a silent fallback to top-k.
 Pure inputs (policies, configuration, router specs, calibration files) are
 tried in this process; Megatron-, checkpoint- and tokenizer-level ones on one
-spawned rank (``tests/reliability_workers.py: catalogue_worker``).
+spawned rank (``tests/helpers/reliability_workers.py: catalogue_worker``).
 docs/reliability.md lists them all with their messages; regenerate that
 table with ``CAPAWARE_WRITE_CATALOGUE=catalogue.md python -m pytest tests/test_bad_input.py``.
 """
@@ -248,7 +248,7 @@ SPAWNED: List[Tuple[str, Optional[str], str]] = [
 
 @pytest.fixture(scope="module")
 def spawned(tiny_checkpoint, tmp_path_factory) -> Dict[str, Any]:
-    from tests.reliability_workers import catalogue_worker
+    from tests.helpers.reliability_workers import catalogue_worker
 
     tmp = tmp_path_factory.mktemp("catalogue")
     return run_distributed(catalogue_worker, 1, tiny_checkpoint, str(tmp), timeout_s=420)[0]

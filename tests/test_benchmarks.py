@@ -44,7 +44,7 @@ def test_overhead_benchmark_runs_on_tiny_shapes(tmp_path) -> None:
 
 def test_straggler_benchmark_times_placed_layouts_and_the_forced_balance(tmp_path) -> None:
     from megatron_capaware.tools.bench.common import skewed_scores
-    from tests.placement_workers import make_plan
+    from tests.helpers.placement_workers import make_plan
 
     trace = tmp_path / "trace.pt"
     torch.save({"layers": {3: [skewed_scores(256, 8, 1.5, seed=3)]}, "model": {}, "source": "test"}, trace)

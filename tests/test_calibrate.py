@@ -8,8 +8,8 @@ import torch
 from megatron_capaware.tools.calibrate import _calibrate_worker, build_calibration, calibrate_layer
 from megatron_capaware.config import CapawareConfig, CapawareConfigError, load_calibration
 from megatron_capaware._compat.launcher import run_distributed
-from tests.eval_workers import evaluate_worker
-from tests.policy_cases import make_scores
+from tests.helpers.eval_workers import evaluate_worker
+from tests.helpers.policy_cases import make_scores
 
 
 def test_balanced_layer_gets_no_flexibility_and_skewed_layer_meets_its_target() -> None:

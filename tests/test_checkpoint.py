@@ -2,7 +2,7 @@
 
 A tiny random MoE is saved at EP=2 (two gloo processes) and loaded at EP=1,
 2 and 4; every load must give the saver's logits. The multi-process parts
-run ``tests/_ckpt_worker.py`` under torchrun so that this pytest process
+run ``tests/helpers/_ckpt_worker.py`` under torchrun so that this pytest process
 never initialises torch.distributed or Megatron's groups.
 """
 
@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from megatron_capaware.models import checkpoint
-from tests.megatron_training_support import subprocess_env
+from tests.helpers.megatron_training_support import subprocess_env
 
-WORKER = Path(__file__).with_name("_ckpt_worker.py")
+WORKER = Path(__file__).parent / "helpers" / "_ckpt_worker.py"
 
 
 def run_worker(nproc: int, *args: str, timeout: float = 150) -> None:

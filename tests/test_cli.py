@@ -21,8 +21,8 @@ import pytest
 
 from megatron_capaware.megatron_lm.arguments import add_capaware_args, config_from_args
 from megatron_capaware._compat.launcher import run_distributed
-from tests.cli_workers import make_tiny_checkpoint, reference_greedy
-from tests.megatron_training_support import ROOT, needs_megatron_training, run_cli, torchrun
+from tests.helpers.cli_workers import make_tiny_checkpoint, reference_greedy
+from tests.helpers.megatron_training_support import ROOT, needs_megatron_training, run_cli, torchrun
 
 pytestmark = needs_megatron_training
 
@@ -250,7 +250,7 @@ def test_example_script_and_launcher_leave_a_scripts_own_routers_alone(tiny_ckpt
 @pytest.mark.parametrize("entry", ["generate", "launch"])
 def test_placement_flag_moves_experts_and_keeps_the_text(entry, tiny_ckpt, reference, tmp_path) -> None:
     """--capaware-placement at EP 2 (replicated plan): the greedy text of the unplaced model at EP 1."""
-    from tests.placement_workers import make_plan
+    from tests.helpers.placement_workers import make_plan
 
     plan = make_plan([1, 2], 8, 2, redundant=2, seed=3)
     plan.save(tmp_path / "plan.json")

@@ -18,7 +18,7 @@ from typing import List
 
 import pytest
 
-from tests.megatron_training_support import subprocess_env
+from tests.helpers.megatron_training_support import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "megatron_capaware/models/reference_models/shakespeare-moe-8x2/laser_calibration.json"
@@ -125,7 +125,7 @@ def test_an_error_inside_the_ranks_is_printed_once(tiny_checkpoint, tmp_path) ->
 def test_convert_prints_its_result_and_nothing_else(tmp_path) -> None:
     pytest.importorskip("transformers")
     sys.path.insert(0, str(ROOT))
-    from tests.hf_workers import build_hf
+    from tests.helpers.hf_workers import build_hf
 
     build_hf("mixtral", tmp_path / "hf")
     result = run([script("capaware-convert"), str(tmp_path / "hf"), str(tmp_path / "out")])

@@ -2,7 +2,7 @@
 
 Every generated case runs both code paths (``CAPAWARE_DEVICE_PATH=0/1``), with
 padding, group masks, any expert -> rank map and degenerate scores, and the
-same batch split over simulated EP ranks (``tests/sim_dist.py``, TP copies
+same batch split over simulated EP ranks (``megatron_capaware/tools/bench/sim_dist.py``, TP copies
 included) must give each rank its slice of the reference on the
 concatenation.
 """
@@ -20,7 +20,7 @@ from megatron_capaware import policies as P
 from megatron_capaware.policies import common
 from megatron_capaware.policies import reference as R
 from megatron_capaware.tools.bench.launch_count import count_call
-from tests.sim_dist import run_ranks
+from megatron_capaware.tools.bench.sim_dist import run_ranks
 from tests.test_properties import SYNC_MODES, assert_same, score_matrices, split_of, sync_free
 
 
@@ -146,8 +146,9 @@ def test_floor_k_is_topk_and_rank_aware_keeps_more_at_the_same_busiest_rank(case
     # kept score is at least OEA's (and it keeps at least as many experts).
     assert _rank_active(aware, ranks, num_ranks).max() == _rank_active(oea, ranks, num_ranks).max()
     assert torch.all(aware.sum(1) >= oea.sum(1))
-    kept = lambda m: torch.sort(torch.where(m, scores.double(), torch.full_like(scores.double(), -1.0)), 1,
-                                descending=True).values  # noqa: E731
+    def kept(m):
+        return torch.sort(torch.where(m, scores.double(), torch.full_like(scores.double(), -1.0)), 1,
+                          descending=True).values
     assert torch.all(kept(aware) >= kept(oea))
 
 

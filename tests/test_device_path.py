@@ -154,7 +154,7 @@ def test_laser_waves_are_fixed_shape_on_the_device_path(monkeypatch) -> None:
 
 from megatron_capaware.policies import collectives  # noqa: E402
 from megatron_capaware.policies.selection import select_top_per_expert, select_top_per_expert_radix  # noqa: E402
-from tests.sim_dist import run_ranks  # noqa: E402
+from megatron_capaware.tools.bench.sim_dist import run_ranks  # noqa: E402
 
 _SPECIAL = torch.tensor([0.0, -0.0, 1e-45, 1e-38, 0.25, 0.5, 1.0, 3.0e38, float("inf")])
 
@@ -255,7 +255,7 @@ def _count_policy_ops(world: int, masks: str = "none") -> dict:
     """
     from torch.utils._python_dispatch import _disable_current_modes
 
-    from tests import sim_dist
+    from megatron_capaware.tools.bench import sim_dist
 
     def calls_for(rank: int, group):
         scores = _scores(rank)

@@ -23,7 +23,7 @@ def dispatcher_order_worker(dtoh_point: str) -> Dict[str, Any]:
     from megatron_capaware import parallel
     from megatron_capaware.adapters import install_capaware_routers
     from megatron_capaware.config import CapawareConfig
-    from tests.mp_workers import build_moe_layer, deterministic_tokens
+    from tests.helpers.mp_workers import build_moe_layer, deterministic_tokens
 
     parallel.init_model_parallel(parallel.ParallelSizes())
     spec = dict(experts=4, hidden=16, ffn=8, k=2, tp=1, ep=1, etp=1, dispatcher="alltoall", seed=0)

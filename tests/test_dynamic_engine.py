@@ -42,7 +42,7 @@ ROUTERS: Dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def ep1() -> Dict[str, Any]:
-    from tests.dynamic_engine_workers import megatron_llm_worker
+    from tests.helpers.dynamic_engine_workers import megatron_llm_worker
 
     return run_distributed(megatron_llm_worker, 1, dict(ep=1, tokens=8, routers=ROUTERS), timeout_s=600)[0]
 
@@ -89,7 +89,7 @@ def _ep2(label: str) -> list:
     """One MegatronLLM at EP 2 (2 gloo ranks + Megatron's coordinator process) per configuration."""
     if label not in _EP2:
         from megatron_capaware.models import reference_models
-        from tests.dynamic_engine_workers import megatron_llm_worker
+        from tests.helpers.dynamic_engine_workers import megatron_llm_worker
 
         spec: Dict[str, Any] = dict(ep=2, tokens=8, routers={label: EP2_RUNS[label]})
         if label == "drop-placed":  # the bundled EP 2 plan with 2 replicas

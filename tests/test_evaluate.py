@@ -9,7 +9,7 @@ import pytest
 
 from megatron_capaware.tools import report
 from megatron_capaware._compat.launcher import run_distributed
-from tests.eval_workers import evaluate_worker
+from tests.helpers.eval_workers import evaluate_worker
 
 pytestmark = pytest.mark.multirank
 

@@ -27,7 +27,7 @@ from typing import Any, Dict, List
 import pytest
 
 from megatron_capaware._compat.launcher import DistributedRunError, run_distributed
-from tests.reliability_workers import fault_worker
+from tests.helpers.reliability_workers import fault_worker
 
 pytestmark = pytest.mark.multirank
 SLOW = os.environ.get("CAPAWARE_SLOW_TESTS") == "1"

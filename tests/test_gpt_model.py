@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_capaware._compat.launcher import run_distributed
-from tests.mp_workers import gpt_worker
+from tests.helpers.mp_workers import gpt_worker
 
 pytestmark = pytest.mark.multirank
 
@@ -41,7 +41,7 @@ def test_gpt_moe_with_swapped_routers_at_ep2(tmp_path, dispatcher: str) -> None:
 
 def test_checkpoint_loads_across_norm_key_spellings(tmp_path) -> None:
     """A local-spec checkpoint loads into a model with TE-style (separate) norm keys."""
-    from tests.mp_workers import te_style_keys_worker
+    from tests.helpers.mp_workers import te_style_keys_worker
 
     out = run_distributed(te_style_keys_worker, 1, str(tmp_path / "ckpt"), timeout_s=300)[0]
     assert any("pre_mlp_layernorm.weight" in k for k in out["te_style_keys"]), "test must use the other spelling"

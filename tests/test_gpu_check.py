@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.megatron_training_support import subprocess_env
+from tests.helpers.megatron_training_support import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from megatron_capaware._compat.launcher import run_distributed
-from tests import hf_workers
-from tests.hf_workers import GAMMA, perplexity
+from tests.helpers import hf_workers
+from tests.helpers.hf_workers import GAMMA, perplexity
 
 pytest.importorskip("transformers")
 

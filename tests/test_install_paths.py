@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_capaware._compat.launcher import run_distributed
-from tests.install_path_workers import PATHS, install_path_worker
+from tests.helpers.install_path_workers import PATHS, install_path_worker
 
 pytestmark = pytest.mark.multirank
 

@@ -21,7 +21,7 @@ import torch
 from megatron_capaware import policies as P
 from megatron_capaware.policies import reference as R
 from megatron_capaware._compat.launcher import run_distributed
-from tests.mp_workers import deterministic_tokens, deterministic_weights, moe_layer_worker
+from tests.helpers.mp_workers import deterministic_tokens, deterministic_weights, moe_layer_worker
 
 pytestmark = pytest.mark.multirank
 

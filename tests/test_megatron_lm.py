@@ -14,8 +14,8 @@ import torch
 from megatron_capaware import megatron_lm
 from megatron_capaware.models.builder import MoEModelArgs
 from megatron_capaware._compat.launcher import run_distributed
-from tests.cli_workers import EOT, TEXT, make_tiny_checkpoint, train_tokenizer
-from tests.megatron_training_support import HAVE_MEGATRON_TRAINING, needs_megatron_training, run_cli
+from tests.helpers.cli_workers import EOT, TEXT, make_tiny_checkpoint, train_tokenizer
+from tests.helpers.megatron_training_support import HAVE_MEGATRON_TRAINING, needs_megatron_training, run_cli
 
 
 def write_model_args(root: Path, **changes) -> Path:

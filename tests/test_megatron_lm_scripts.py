@@ -39,8 +39,8 @@ import pytest
 import torch
 
 from megatron_capaware._compat.launcher import free_port, run_distributed
-from tests.cli_workers import make_tiny_checkpoint
-from tests.megatron_training_support import ROOT, megatron_lm_checkout, needs_megatron_training, subprocess_env
+from tests.helpers.cli_workers import make_tiny_checkpoint
+from tests.helpers.megatron_training_support import ROOT, megatron_lm_checkout, needs_megatron_training, subprocess_env
 from tests.test_patches import PATCHES, REFS, patch_tag, patched_files
 
 pytestmark = needs_megatron_training

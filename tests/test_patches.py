@@ -22,7 +22,7 @@ from typing import List, Optional
 import pytest
 
 from megatron_capaware import megatron_lm
-from tests.megatron_training_support import ROOT, megatron_lm_checkout
+from tests.helpers.megatron_training_support import ROOT, megatron_lm_checkout
 
 PATCHES = sorted((ROOT / "patches").glob("*.patch"))
 SCRIPTS = {

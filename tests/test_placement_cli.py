@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megatron_capaware import placement as P
-from tests.megatron_training_support import subprocess_env
+from tests.helpers.megatron_training_support import subprocess_env
 from tests.test_cli_errors import assert_one_line, script
 
 ROOT = Path(__file__).resolve().parents[1]

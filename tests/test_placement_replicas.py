@@ -15,7 +15,7 @@ from megatron_capaware.placement.replicas import (
     to_physical,
     to_physical_reference,
 )
-from tests.sim_dist import run_ranks
+from megatron_capaware.tools.bench.sim_dist import run_ranks
 
 
 def random_decision(num_tokens: int, num_experts: int, k: int, seed: int, pad_every: int = 0):

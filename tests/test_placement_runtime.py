@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_capaware._compat.launcher import run_distributed
-from tests.placement_workers import placed_gpt_worker
+from tests.helpers.placement_workers import placed_gpt_worker
 
 pytestmark = pytest.mark.multirank
 
@@ -111,7 +111,7 @@ def test_placement_keeps_topk_logits_and_restores_the_logical_layout(tp, ep, dis
 
 @pytest.mark.parametrize("redundant", [0, 2])
 def test_online_replanning_moves_experts_between_forwards_without_changing_logits(redundant, tmp_path) -> None:
-    from tests.placement_workers import replan_worker
+    from tests.helpers.placement_workers import replan_worker
 
     spec = {"ep": 2, "redundant": redundant, "ckpt": str(tmp_path / "ckpt")}
     results = run_distributed(replan_worker, 2, spec, timeout_s=420)

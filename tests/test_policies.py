@@ -10,7 +10,7 @@ import torch
 from megatron_capaware import policies as P
 from megatron_capaware.policies import common
 from megatron_capaware.policies import reference as R
-from tests.policy_cases import Case, make_scores, random_cases
+from tests.helpers.policy_cases import Case, make_scores, random_cases
 
 CASES = list(random_cases(240, seed=11))
 

@@ -7,7 +7,7 @@ compacts and stops early; ``=1``: the sync-free device path), over arbitrary
 zeros, exactly equal values, one-hot rows, 1.0s, denormals, values near the
 float32 limit, ties from a tiny value set.
 
-Multi-rank behaviour is simulated with threads (``tests/sim_dist.py``): the
+Multi-rank behaviour is simulated with threads (``megatron_capaware/tools/bench/sim_dist.py``): the
 same global batch split over W ranks in any way (empty ranks included, TP
 copies included) must give, rank by rank, the slice of the reference run on
 the concatenation.
@@ -36,7 +36,7 @@ from megatron_capaware import policies as P
 from megatron_capaware.policies import common
 from megatron_capaware.policies import reference as R
 from megatron_capaware.policies.common import DEVICE_PATH_ENV
-from tests.sim_dist import run_ranks
+from megatron_capaware.tools.bench.sim_dist import run_ranks
 
 # pytest-timeout's 600 s per test (pyproject.toml) fits the ci profile; a
 # nightly property runs 15,000 cases and may take much longer.

@@ -63,7 +63,7 @@ def test_rank_unit_needs_the_layout() -> None:
 
 @pytest.mark.parametrize("sizes", [[20, 20], [0, 33], [7, 1]])
 def test_rank_unit_over_simulated_ranks_equals_the_reference_on_the_concatenation(sizes) -> None:
-    from tests.sim_dist import run_ranks
+    from megatron_capaware.tools.bench.sim_dist import run_ranks
 
     E, W, k, gamma = 8, 2, 2, 1.0
     scores = synthetic_scores(sum(sizes), E, "skewed", torch.Generator().manual_seed(sum(sizes)))

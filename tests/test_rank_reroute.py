@@ -23,7 +23,7 @@ from megatron_capaware import policies as P
 from megatron_capaware.policies import collectives, common
 from megatron_capaware.policies import reference as R
 from megatron_capaware.tools.bench.common import synthetic_scores
-from tests.sim_dist import run_ranks
+from megatron_capaware.tools.bench.sim_dist import run_ranks
 from tests.test_properties import SYNC_MODES, assert_same, grouped_case, split_of, sync_free, topk_case
 
 

@@ -19,8 +19,8 @@ import torch
 from megatron_capaware import policies as P
 from megatron_capaware.policies import reference as R
 from megatron_capaware._compat.launcher import run_distributed
-from tests.reliability_workers import E, K, ROUTERS, ep2_worker
-from tests.sim_dist import run_ranks
+from tests.helpers.reliability_workers import E, K, ROUTERS, ep2_worker
+from megatron_capaware.tools.bench.sim_dist import run_ranks
 
 pytestmark = pytest.mark.multirank
 

@@ -22,7 +22,7 @@ def deferred_check_worker() -> Dict[str, Any]:
     from megatron_capaware.adapters import install_capaware_routers
     from megatron_capaware.config import CapawareConfig
     from megatron_capaware.tools.bench.launch_count import count_call
-    from tests.mp_workers import build_moe_layer, deterministic_tokens
+    from tests.helpers.mp_workers import build_moe_layer, deterministic_tokens
 
     parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=2), timeout_s=60)
     rank = torch.distributed.get_rank()

@@ -6,7 +6,7 @@ land under layer 0 (megatron-core 0.16.1 and 0.19.2 alike).
 """
 
 from megatron_capaware._compat.launcher import run_distributed
-from tests.cli_workers import spec_built_layer_numbers
+from tests.helpers.cli_workers import spec_built_layer_numbers
 
 
 def test_spec_built_layers_record_under_their_layer_numbers() -> None:

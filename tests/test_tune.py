@@ -100,7 +100,7 @@ def test_tune_refuses_short_and_held_out_texts(tmp_path) -> None:
 @pytest.mark.multirank
 def test_tune_search_on_the_tiny_model_writes_usable_choices(tiny_checkpoint, tmp_path) -> None:
     from megatron_capaware._compat.launcher import run_distributed
-    from tests.eval_workers import tune_worker
+    from tests.helpers.eval_workers import tune_worker
 
     out = run_distributed(tune_worker, 2, tiny_checkpoint, 2, [0.01, 1.0], str(tmp_path), timeout_s=600)
     records, summary = out[0]["records"], out[0]["summary"]

@@ -58,7 +58,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import sys
 import types
 from typing import Any, List, Optional
 

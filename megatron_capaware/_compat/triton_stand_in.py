@@ -7,12 +7,11 @@ without an import circle. Nothing happens on import.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import sys
 import types
-from typing import Any, List, Optional
+from typing import Any
 import torch
 
 

@@ -41,7 +41,7 @@ call with its own rank's phase.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 

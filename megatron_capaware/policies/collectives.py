@@ -160,6 +160,8 @@ def group_timeout_s(group: Optional[ProcessGroup] = None) -> Optional[float]:
     if not dist.is_initialized():
         return None
     pg = _process_group(group) or dist.group.WORLD
+    if pg is None:
+        return None
     try:
         for device in getattr(pg, "_device_types", []) or []:
             options = getattr(pg._get_backend(device), "options", None)

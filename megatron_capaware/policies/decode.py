@@ -185,6 +185,7 @@ def decode_pack(
 
     active = floor_count > 0  # A0 [E]
     if rank_aware:
+        assert num_ranks is not None  # set with expert_ranks, checked above
         per_rank = torch.zeros(2, num_ranks, dtype=torch.int64, device=device).index_add_(
             1, expert_ranks, torch.stack([active, top_count > 0]).to(torch.int64))
         target = torch.minimum(per_rank[0].max() + slack, per_rank[1].max())

@@ -33,7 +33,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
-import torch
 
 from megatron_capaware._compat.cli import UserInputError, add_cli_flags, run_cli
 from megatron_capaware.registry import TOPK

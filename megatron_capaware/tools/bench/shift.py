@@ -174,7 +174,7 @@ def analyse(calib: Any, segments: List[Tuple[str, Any]], ep: int, redundants: Se
             layouts, moves = S.replanner_layouts(stream, ep, every, window, r, initial=free, objective=objective)
             add(f"replan-r{r}-w{window}-e{every}" + ("-pc" if objective == "per-call" else ""), r, layouts, moves)
         add(f"oracle-r{r}", r, S.oracle_layouts(stream, ep, [(a, b) for a, b, _ in windows], r))
-    for name, p in policies.items():
+    for p in policies.values():
         key = f"oracle-r{p['redundant']}"
         oracle = policies[key if key in policies else "oracle-r0"]
         p["regret"] = [a / b for a, b in zip(p["peaks"], oracle["peaks"])]

@@ -8,7 +8,7 @@ from typing import Any, Dict, List
 import torch
 
 from megatron_capaware import parallel
-from tests.mp_workers import TINY_GPT
+from tests.helpers.mp_workers import TINY_GPT
 
 PATHS = ("installer", "spec", "launcher")
 ROUTING_CODE = ("adapters/", "policies/", "placement/", "config.py", "registry.py")

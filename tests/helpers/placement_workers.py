@@ -8,7 +8,7 @@ from typing import Any, Dict, List
 import torch
 
 from megatron_capaware import parallel
-from tests.mp_workers import TINY_GPT
+from tests.helpers.mp_workers import TINY_GPT
 
 
 def make_plan(layer_numbers: List[int], num_experts: int, ep: int, redundant: int, seed: int, k: int = 2):

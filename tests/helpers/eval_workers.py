@@ -60,7 +60,7 @@ def tune_worker(paths: Dict[str, str], ep: int, budgets: List[float], out_dir: s
 
     from megatron_capaware.placement import load_plan
     from megatron_capaware.tools.evaluate import EvalPlacement
-    from tests.placement_workers import make_plan
+    from tests.helpers.placement_workers import make_plan
 
     options = EvalOptions(checkpoint=Path(paths["checkpoint"]), text=Path(paths["calibration"]), seq_len=32,
                           sequences_per_rank=8, expert_parallel=ep, progress=False)

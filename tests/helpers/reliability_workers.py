@@ -12,7 +12,7 @@ from typing import Any, Dict, List
 import torch
 
 from megatron_capaware import parallel
-from tests.mp_workers import build_moe_layer, deterministic_tokens
+from tests.helpers.mp_workers import build_moe_layer, deterministic_tokens
 
 E, K, H, F, SEED = 8, 2, 32, 16, 4321
 
@@ -117,7 +117,7 @@ def ep2_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         layer.router.weight.copy_(saved)
         out["forward_after_nan"] = layer(hidden)[0].clone()
 
-    # --- the pure policies on the real gloo group (checks tests/sim_dist.py's simulation).
+    # --- the pure policies on the real gloo group (checks megatron_capaware/tools/bench/sim_dist.py's simulation).
     group = ps.get_expert_model_parallel_group()
     real: List[Dict[str, Any]] = []
     for case in spec["policy_cases"]:
