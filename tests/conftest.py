@@ -44,7 +44,7 @@ def _device_path_setting_does_not_leak():
     assert os.environ.get("CAPAWARE_DEVICE_PATH") == before, "a test left CAPAWARE_DEVICE_PATH changed"
 
 
-_SLOW_TIERS = ("multirank", "slow", "slurm", "megatron_training")
+_SLOW_TIERS = ("multirank", "slow", "slurm", "megatron_training", "dynamic_engine")
 
 
 def pytest_collection_modifyitems(config, items):
