@@ -319,7 +319,7 @@ def step_router_time(device: str, shapes: List[tuple], repeats: int) -> Dict[str
         scores = skewed_scores(tokens, experts, 1.0, seed=0).to(dev)
         set_scores = inject_scores(layer.router, experts)
         original = type(layer.router)
-        row: Dict[str, Any] = {"tokens": tokens, "experts": experts, TOPK: k}
+        row: Dict[str, Any] = {"tokens": tokens, "experts": experts, "topk": k}
         with torch.no_grad():
             set_scores(scores)
             row["megatron_topk_s"] = _event_time(lambda: layer.router(hidden), device, repeats)

@@ -23,7 +23,6 @@ import os
 import random
 import time
 from typing import List, Optional
-from megatron_capaware.registry import TOPK
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -60,7 +59,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     counts = rng.sample(range(args.min_tokens, args.max_tokens + 1), args.counts)
     gen = torch.Generator().manual_seed(args.seed)
     result = {"mode": "static (one graph per shape)" if args.static else "dynamic (shape-generic)",
-              "backend": args.backend, "experts": args.experts, TOPK: args.topk, "counts": [],
+              "backend": args.backend, "experts": args.experts, "topk": args.topk, "counts": [],
               "graphs": [], "eager_calls": [], "seconds": []}
     start = time.perf_counter()
     for tokens in counts:

@@ -86,7 +86,7 @@ def decode_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     rank = dist.get_rank()
     args = MoEModelArgs(
         num_layers=1, hidden_size=options["hidden"], num_attention_heads=8, num_moe_experts=options["experts"],
-        moe_router_topk=options[TOPK], moe_ffn_hidden_size=options["ffn"], vocab_size=8, max_sequence_length=8,
+        moe_router_topk=options["topk"], moe_ffn_hidden_size=options["ffn"], vocab_size=8, max_sequence_length=8,
     )
     config = build_transformer_config(args, expert_parallel=ep, dispatcher="alltoall")
     layer = build_moe_layer(config).eval()
@@ -133,7 +133,7 @@ def decode_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
             records.append({
                 "label": label, "router": cfg.router_type, "batch": batch, "ep": ep, "case": options["case"],
                 "steps": len(steps), "repeats": options["repeats"], "hidden": options["hidden"],
-                "ffn": options["ffn"], "experts": options["experts"], TOPK: options[TOPK],
+                "ffn": options["ffn"], "experts": options["experts"], "topk": options["topk"],
                 "layer_ms": 1e3 * statistics.median(per_step),
                 "time_ratio_topk": statistics.median(ratios),  # median over steps of topk's time / this
                 "time_ratio_total": sum(base_step) / sum(per_step),

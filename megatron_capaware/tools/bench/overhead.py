@@ -56,7 +56,7 @@ def overhead_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     records: List[Dict[str, Any]] = []
     hidden_size = options["hidden"]
     for shape in options["shapes"]:
-        tokens, experts, k = shape["tokens"], shape["experts"], shape[TOPK]
+        tokens, experts, k = shape["tokens"], shape["experts"], shape["topk"]
         ffn = max(8, options["active_ffn"] // k)
         args = MoEModelArgs(
             num_layers=1, hidden_size=hidden_size, num_attention_heads=8, num_moe_experts=experts,
@@ -113,7 +113,7 @@ def overhead_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
             ratio_goal, share_goal = GOALS[family] if cfg is not None else (None, None)
             extra = t["median_s"] - base
             record = {
-                "router": router_type, "label": label, "tokens": tokens, "experts": experts, TOPK: k,
+                "router": router_type, "label": label, "tokens": tokens, "experts": experts, "topk": k,
                 "hidden": hidden_size, "ffn": ffn, "ep": ep,
                 "router_ms": 1e3 * t["median_s"], "router_ms_min": 1e3 * t["min_s"],
                 "router_ms_max": 1e3 * t["max_s"], "ratio_vs_topk_router": t["median_s"] / base,
@@ -135,7 +135,7 @@ def overhead_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def default_shapes(tokens: List[int], experts: List[int], topks: List[int]) -> List[Dict[str, int]]:
-    return [{"tokens": t, "experts": e, TOPK: k} for t in tokens for e in experts for k in topks if k <= e]
+    return [{"tokens": t, "experts": e, "topk": k} for t in tokens for e in experts for k in topks if k <= e]
 
 
 def format_table(records: List[Dict[str, Any]]) -> str:

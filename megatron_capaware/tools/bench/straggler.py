@@ -112,7 +112,7 @@ def straggler_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     rank = dist.get_rank()
     args = MoEModelArgs(
         num_layers=1, hidden_size=options["hidden"], num_attention_heads=8,
-        num_moe_experts=options["experts"], moe_router_topk=options[TOPK],
+        num_moe_experts=options["experts"], moe_router_topk=options["topk"],
         moe_ffn_hidden_size=options["ffn"], vocab_size=8, max_sequence_length=8,
     )
     config = build_transformer_config(args, expert_parallel=ep, dispatcher=options["dispatcher"],
@@ -177,7 +177,7 @@ def straggler_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
                 "placement": slots, "force_load_balancing": force,
                 "case": case["name"], "ep": ep, "oversubscribed": ep > (os.cpu_count() or 1),
                 "tokens_per_rank": tokens, "hidden": options["hidden"], "ffn": options["ffn"],
-                "experts": options["experts"], TOPK: options[TOPK],
+                "experts": options["experts"], "topk": options["topk"],
                 "layer_ms": 1e3 * t["median_s"], "layer_ms_min": 1e3 * t["min_s"], "layer_ms_max": 1e3 * t["max_s"],
                 "repeats": options["repeats"], "speedup": speedup,
                 "i_rank": loads[label]["rank_imbalance"], "i_rank_topk": loads[base]["rank_imbalance"],
