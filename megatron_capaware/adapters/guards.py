@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from megatron_capaware.config import CapawareConfig, CapawareConfigError
 from megatron_capaware.policies.common import RoutingInputError, score_value_flags
+from megatron_capaware.policies.collectives import group_timeout_s
 from megatron_capaware.policies.collectives import LoadGroup, all_gather_stack, group_size
 
 # ----------------------------------------------------------------------------- failed collectives
@@ -65,8 +66,6 @@ def routing_collectives(layer_number: Optional[int], group: Any):
         pg = group.group if isinstance(group, LoadGroup) else group
         members = _global_ranks(group, range(group_size(group))) if pg is not None else []
         me = dist.get_rank() if dist.is_initialized() else 0
-        from megatron_capaware.policies.collectives import group_timeout_s
-
         seconds = group_timeout_s(pg)  # the group's own (Megatron: --distributed-timeout-minutes)
         timeout = os.environ.get("CAPAWARE_COLLECTIVE_TIMEOUT_S")
         if seconds is not None:

@@ -38,6 +38,7 @@ import dataclasses
 from typing import Any, Iterator, Optional, Union
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_capaware.policies.phases import StepComposition
 
@@ -102,8 +103,6 @@ def _tp(config: Any) -> tuple:
     if not getattr(config, "sequence_parallel", False):
         return 0, 1
     try:
-        from megatron.core import parallel_state
-
         return (parallel_state.get_tensor_model_parallel_rank(),
                 parallel_state.get_tensor_model_parallel_world_size())
     except (AssertionError, ImportError, RuntimeError):
@@ -190,7 +189,7 @@ def install_dummy_step_hook() -> bool:
     megatron-core >= 0.19 runs idle ranks' dummy steps in the dynamic context
     (``real_token_count`` 0), which :func:`install_dynamic_padding_hook` reads.
     """
-    try:
+    try:  # absent in some megatron-core releases: then there is nothing to wrap
         from megatron.core.inference.model_inference_wrappers import abstract_model_inference_wrapper as wrappers
     except ImportError:
         return False
@@ -213,7 +212,7 @@ def install_dynamic_padding_hook() -> bool:
         True when the hook is in place; False when this Megatron-Core has no
         ``TransformerLayer._forward_mlp`` (then nothing is changed).
     """
-    try:
+    try:  # a megatron-core without it has no dynamic engine to hook
         from megatron.core.transformer import transformer_layer
     except ImportError:
         return False

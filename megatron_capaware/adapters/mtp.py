@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, List
 
 import torch
+from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 
 #: Module classes (by name, every megatron-core release) that hold the MTP layers.
 MTP_CONTAINERS = ("MultiTokenPredictionBlock", "MultiTokenPredictionLayer")
@@ -24,8 +25,6 @@ MTP_CONTAINERS = ("MultiTokenPredictionBlock", "MultiTokenPredictionLayer")
 
 def mtp_moe_layers(model: torch.nn.Module) -> List[Any]:
     """The MoE layers inside ``model``'s MTP block(s), or whose router says it is an MTP layer (0.19+)."""
-    from megatron.core.transformer.moe.moe_layer import BaseMoELayer
-
     found: List[Any] = []
     seen = set()
     for module in model.modules():

@@ -38,12 +38,14 @@ import json
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_capaware.adapters.dispatcher import retarget_dispatcher
 from megatron_capaware.adapters.layers import dispatchers, moe_layers
 from megatron_capaware.adapters.placement_checks import check_layer, invalidate_weight_caches
 from megatron_capaware.adapters.state import LayerLayout
 from megatron_capaware.placement.plan_file import PlacementPlan
+from megatron_capaware.placement.planner import LayerPlacement
 from megatron_capaware.placement.planner import PlacementError, contiguous_slots
 from megatron_capaware.placement.replicas import REPLICA_POLICIES, slot_table
 from megatron_capaware.registry import router_names
@@ -212,8 +214,6 @@ def _plan_digest(plan: Optional[PlacementPlan], policy: str) -> str:
 def _ep_group(layer: Any) -> Any:
     group = getattr(layer.experts, "ep_group", None)
     if group is None:
-        from megatron.core import parallel_state
-
         group = parallel_state.get_expert_model_parallel_group() if layer.config.expert_model_parallel_size > 1 \
             else None
     return group if group is not None and group_size(group) > 1 else None
@@ -351,8 +351,6 @@ def remove_placement(model: torch.nn.Module) -> None:
 
 def current_plan(model: torch.nn.Module) -> Optional[PlacementPlan]:
     """The placement in effect as a plan (None: Megatron's contiguous layout everywhere)."""
-    from megatron_capaware.placement.planner import LayerPlacement
-
     layouts = layer_layouts(model)
     if not any(layout.placed for layout in layouts.values()):
         return None

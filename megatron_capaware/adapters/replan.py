@@ -18,13 +18,18 @@ forwards (as Megatron's inference does, idle ranks included).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from megatron_capaware.placement.plan_file import PlacementPlan
 from megatron_capaware.placement.planner import PlacementError, plan_layer
+from megatron_capaware.adapters.install import collect_stats, moe_layers
+from megatron_capaware.adapters.placement import apply_placement, layer_layouts
+from megatron_capaware.placement.planner import contiguous_slots
+from megatron_capaware.placement.shift import align_ranks, transfers
+from megatron_capaware.placement.validate import fit_layer
 
 
 @dataclass
@@ -86,8 +91,6 @@ class OnlineReplanner:
 
     def attach(self, model: torch.nn.Module) -> "OnlineReplanner":
         """Hook ``model``'s forward (its routers must be installed with ``record_stats``)."""
-        from megatron_capaware.adapters.install import collect_stats
-
         if not collect_stats(model):
             raise PlacementError("online re-planning reads the routers' load statistics: install the routers "
                                  "with record_stats=True first (install_capaware_routers)")
@@ -111,14 +114,6 @@ class OnlineReplanner:
 
     def replan(self, model: torch.nn.Module) -> ReplanEvent:
         """Plan from the recent loads and move the experts now (every EP rank, between forwards)."""
-        from dataclasses import replace
-
-        from megatron_capaware.adapters.placement import apply_placement, layer_layouts
-        from megatron_capaware.adapters.install import collect_stats, moe_layers
-        from megatron_capaware.placement.planner import contiguous_slots
-        from megatron_capaware.placement.shift import align_ranks, transfers
-        from megatron_capaware.placement.validate import fit_layer
-
         start = time.perf_counter()
         stats = collect_stats(model)
         layers = moe_layers(model)

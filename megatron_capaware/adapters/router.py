@@ -25,6 +25,8 @@ from megatron_capaware import policies
 from megatron_capaware.adapters import phases, slots
 from megatron_capaware.adapters.guards import check_scores_over_group, routing_collectives
 from megatron_capaware.adapters.inference_padding import step_padding_mask
+from megatron_capaware.adapters.megatron_topk import vanilla_topk
+from megatron_capaware.adapters.megatron_topk import ranked_for_groups
 from megatron_capaware.adapters.state import LayerRoutingState
 from megatron_capaware.config import CapawareConfig, CapawareConfigError
 from megatron_capaware.placement.replicas import even_slot_loads, replica_choice, to_physical
@@ -270,8 +272,6 @@ class CapawareRouter(TopKRouter):
         selection and the kept weights are vanilla's bit for bit, bf16 logits
         included. ``scores`` is the full float32 score distribution the policies rank by.
         """
-        from megatron_capaware.adapters.megatron_topk import vanilla_topk
-
         scores = self._scores(logits)
         top, indices = vanilla_topk(self, logits, scores)
         return top, indices, scores
@@ -294,8 +294,6 @@ class CapawareRouter(TopKRouter):
         num_groups, group_topk = config.moe_router_num_groups, config.moe_router_group_topk
         if not group_topk:
             return None
-        from megatron_capaware.adapters.megatron_topk import ranked_for_groups
-
         ranked = ranked_for_groups(self, logits)  # what the installed megatron-core ranks groups on
         allowed = policies.group_limited_mask(ranked, k, num_groups, group_topk)
         if not config.moe_router_fusion:

@@ -22,6 +22,8 @@ from megatron_capaware.config import CapawareConfig
 from megatron_capaware.placement.planner import contiguous_slots
 from megatron_capaware.placement.replicas import SlotTable
 from megatron_capaware.policies.capacity import expert_rank_map, local_experts_tensor
+from megatron_capaware.policies.phases import parse_phases
+from megatron_capaware.registry import router_type
 
 
 @dataclass
@@ -97,9 +99,6 @@ class LayerRoutingState:
     @property
     def phases(self) -> Any:
         """The dynamic engine's steps the policy applies to (parsed ``config.phases``, cached per value)."""
-        from megatron_capaware.policies.phases import parse_phases
-        from megatron_capaware.registry import router_type
-
         text = self.config.phases or router_type(self.config.router_type).phases
         if getattr(self, "_phases_text", None) != text:
             self._phases = parse_phases(text)
@@ -109,8 +108,6 @@ class LayerRoutingState:
     @property
     def decides_on_slots(self) -> bool:
         """Capacity routers under a plan with replicas decide on the ``S`` physical slots."""
-        from megatron_capaware.registry import router_type
-
         return (self.layout is not None and self.layout.table.num_slots > self.layout.table.num_experts
                 and router_type(self.config.router_type).capacity)
 

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from megatron_capaware import metrics
+from megatron_capaware.policies.collectives import all_reduce_sum
 
 # Per-layer records kept one per call; older calls are folded into running
 # totals so a long-lived server's memory stays bounded while every summary
@@ -231,8 +232,6 @@ def reduce_summaries(all_stats: Dict[int, LayerRoutingStats]) -> Dict[int, Dict[
     summed over the layer's load group (copies of tokens counted once). Every
     rank of the group must call this (it issues one all-reduce per layer).
     """
-    from megatron_capaware.policies.collectives import all_reduce_sum
-
     out: Dict[int, Dict[str, float]] = {}
     for layer, stats in sorted(all_stats.items()):
         summary = stats.summary()
