@@ -45,9 +45,11 @@ def test_any_compile_error_falls_back_to_eager_once(dynamo_on, error) -> None:
         assert torch.equal(region(boom, x, 3), _affine(x, 3))
 
 
-def test_one_graph_serves_every_token_count(dynamo_on) -> None:
+def test_one_graph_serves_every_token_count(dynamo_on, monkeypatch) -> None:
     """dynamic=True: 30 distinct token counts compile one graph (plus at most dynamo's 0/1 specialisations)."""
     from megatron_capaware.policies import compiled
+
+    monkeypatch.setenv(compiled.DYNAMIC_ENV, "1")
 
     graphs = []
 
@@ -103,8 +105,9 @@ def fallback_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
 @pytest.mark.multirank
 @pytest.mark.parametrize("failing", [(1,), ()])
 def test_a_compile_failure_on_one_rank_sends_every_rank_to_eager(failing) -> None:
+    # Shape-generic compile (one graph for the three token counts below): the opt-in path.
     ranks = run_distributed(fallback_worker, 2, {"failing_ranks": list(failing)}, timeout_s=540,
-                            extra_env={"TORCHDYNAMO_DISABLE": "0"})
+                            extra_env={"TORCHDYNAMO_DISABLE": "0", "CAPAWARE_COMPILE_DYNAMIC": "1"})
     for out in ranks:
         assert out["correct"], out
         if failing:

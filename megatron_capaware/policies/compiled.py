@@ -2,12 +2,16 @@
 
 A :class:`Region` wraps a pure function (tensors and static Python values in,
 tensors out, no collective, no host read) and runs it either eagerly or as
-one ``torch.compile(fullgraph=True, dynamic=True)`` graph. ``fullgraph``
-makes a graph break (a host read such as ``.item()``, a data-dependent shape)
-an error instead of a silent split; ``dynamic=True`` so that one graph serves
-every token count (a server sees a new count at almost every step: a graph
-per count meant a compile, seconds, stalling every EP rank, per new count).
-``CAPAWARE_COMPILE_DYNAMIC=0`` restores one static graph per shape.
+one ``torch.compile(fullgraph=True)`` graph. ``fullgraph`` makes a graph
+break (a host read such as ``.item()``, a data-dependent shape) an error
+instead of a silent split. ``CAPAWARE_COMPILE_DYNAMIC=1`` compiles with
+``dynamic=True``, so that one graph serves every token count (a server sees a
+new count at almost every step; a graph per count is a compile, seconds,
+stalling every EP rank): measured 5 graphs for 100 counts (docs/benchmarks.md).
+It is opt-in: on torch 2.13 (CPU, aot_eager) one of LASER's wave segments in
+the full router hits a dynamo guard error under dynamic shapes ("sources must
+not be empty for symbol") and falls back to eager; the default stays one
+static graph per shape until the dynamic path is checked on a GPU.
 
 Which way (:func:`backend_for`):
 
@@ -88,7 +92,7 @@ def backend_for(tensor: torch.Tensor) -> Optional[str]:
     return backend
 
 
-DYNAMIC_ENV = "CAPAWARE_COMPILE_DYNAMIC"  # "0": one static graph per token count (the old behaviour)
+DYNAMIC_ENV = "CAPAWARE_COMPILE_DYNAMIC"  # "1": one shape-generic graph (opt-in); default: a graph per shape
 
 # The group whose ranks must agree on a region's first compiled call (set by the policy around its
 # regions, :func:`agreement_group`); None: this rank alone.
@@ -107,7 +111,7 @@ def agreement_group(group: Any) -> Iterator[None]:
 
 
 def _dynamic() -> bool:
-    return os.environ.get(DYNAMIC_ENV, "1") != "0"
+    return os.environ.get(DYNAMIC_ENV, "0") == "1"
 
 
 def _agree(ok: bool) -> bool:
