@@ -63,12 +63,13 @@ TERMINAL_COLUMNS: Tuple[Column, ...] = (
     ("rerouted_frac", "rerouted%", "{:.2%}"),
 )
 # What the short labels abbreviate (printed under the terminal table; results.md has the full labels).
-LABEL_KEY = ("drop / reroute / xdrop = capacity-drop / capacity-reroute / expanded-drop; g = gamma; "
+LABEL_KEY = ("drop / reroute / xdrop / pack = capacity-drop / capacity-reroute / expanded-drop / decode-pack "
+             "(f = floor); g = gamma; "
              "w = drop_policy=weight; rank = unit=rank; rN = rounds=N (1 not shown); e, t, p = LASER eps, "
              "t_fix, pool; cal = calibrated; @ep2-r2 = placed by placement-ep2-r2.json. "
              "Full labels and every column: results.md.")
 
-_SHORT_KEYS = {"gamma": "g", "eps": "e", "t_fix": "t", "pool": "p", "rounds": "r"}
+_SHORT_KEYS = {"gamma": "g", "eps": "e", "t_fix": "t", "pool": "p", "rounds": "r", "floor": "f"}
 _SHORT_FLAGS = {"drop=weight": "w", "unit=rank": "rank", "calibrated": "cal", "rounds=1": ""}
 
 
@@ -93,7 +94,7 @@ def short_label(label: str) -> str:
             else:
                 parts.append(arg)
         base = f"{name}({','.join(p for p in parts if p)})"
-    base = base.replace("capacity-", "").replace("expanded-", "x")
+    base = base.replace("capacity-", "").replace("expanded-", "x").replace("decode-pack", "pack")
     if placed:
         placed = placed.replace("placed:", "").replace("placement-", "").replace(".json", "")
         placed = placed.replace(",round-robin", ",rr")
@@ -195,7 +196,9 @@ DECODE_COLUMNS: Tuple[Column, ...] = (
 # The terminal's decode table: short labels, "speedup" is active_topk/active (results.md has the full names).
 DECODE_TERMINAL_COLUMNS: Tuple[Column, ...] = (
     ("short_label", "setting (* frontier)", "{}"),
-    *((k, "speedup" if k == "decode_active_speedup" else h, f) for k, h, f in DECODE_COLUMNS[1:]),
+    # the frontier is the label's star here
+    *((k, "speedup" if k == "decode_active_speedup" else h, f) for k, h, f in DECODE_COLUMNS[1:]
+      if k != "decode_frontier"),
 )
 DECODE_CSV_FIELDS = tuple(key for key, _, _ in DECODE_COLUMNS[1:]) + (
     "decode_active_total", "decode_batch", "decode_prompt_len", "decode_steps", "decode_rounds", "decode_tokens")
@@ -205,7 +208,8 @@ def format_decode_table(records: Sequence[Dict[str, Any]], width: Optional[int] 
     """The ``--decode`` figures: per router, activated experts per EP rank per decode step (max and mean
     over ranks, averaged over steps and layers) beside the token loads and the decoded positions' quality
     (lines at most ``width`` wide; ``speedup`` is ``active_topk/active``)."""
-    rows = [r for r in records if r.get("decode_ppl") is not None]
+    # The star marks the decode frontier here.
+    rows = [dict(r, frontier=r.get("decode_frontier")) for r in records if r.get("decode_ppl") is not None]
     if not rows:
         return ""
     first = rows[0]
