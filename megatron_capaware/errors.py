@@ -50,8 +50,12 @@ class MegatronTrainingUnavailable(CapawareError, ImportError):
     """``megatron.training`` (Megatron-LM's argument parser) is not importable in this environment."""
 
 
-class RoutingCollectiveError(CapawareError, RuntimeError):
-    """A routing collective failed on this rank: another rank of the group crashed, hung or raised."""
+class RoutingCollectiveError(RuntimeError):
+    """A routing collective failed on this rank: another rank of the group crashed, hung or raised.
+
+    A fault, not the user's mistake, so not a :class:`CapawareError`: the launcher reports it with
+    every rank's traceback (the other rank's log has the cause).
+    """
 
 
 __all__ = [

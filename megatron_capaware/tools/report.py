@@ -94,7 +94,7 @@ def short_label(label: str) -> str:
             else:
                 parts.append(arg)
         base = f"{name}({','.join(p for p in parts if p)})"
-    base = base.replace("capacity-", "").replace("expanded-", "x").replace("decode-pack", "pack")
+    base = base.replace("capacity-", "").replace("expanded-", "x").replace(DECODE_PACK, "pack")
     if placed:
         placed = placed.replace("placed:", "").replace("placement-", "").replace(".json", "")
         placed = placed.replace(",round-robin", ",rr")
