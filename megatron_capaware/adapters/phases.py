@@ -85,12 +85,17 @@ def check_not_capturing(layer_number: Any) -> None:
 # ---------------------------------------------------------------- statistics per phase
 
 def record_phase(state: Any, decision: Any, slot_loads: Optional[torch.Tensor]) -> None:
-    """Record one call's decision in the layer's per-phase stats too (device-side, no sync).
+    """Record one call of a dynamic step in the layer's per-phase stats too (device-side, no sync).
 
-    ``state``: the layer's :class:`~megatron_capaware.adapters.state.LayerRoutingState`.
+    ``state``: the layer's :class:`~megatron_capaware.adapters.state.LayerRoutingState`. A call
+    outside a dynamic step (the static engine, evaluation) records nothing here: its figures are
+    the totals (``collect_stats``) already, and recording them twice doubled the stats work of
+    every such call.
     """
     step = current_composition()
-    phase = "static" if step is None else step.phase
+    if step is None:
+        return
+    phase = step.phase
     per_phase: Dict[str, Any] = state.phase_stats
     stats = per_phase.get(phase)
     if stats is None:
@@ -110,8 +115,8 @@ def _phase_records(layer: Any) -> Dict[str, Any]:
 def phase_stats(model: torch.nn.Module) -> Dict[str, Dict[int, Any]]:
     """``{phase: {layer_number: LayerRoutingStats}}`` recorded since the routers' last reset.
 
-    Phases: ``prefill``, ``mixed``, ``decode``, ``idle``, and ``static`` (calls
-    outside a dynamic step: the static engine, evaluation).
+    Phases: ``prefill``, ``mixed``, ``decode``, ``idle`` (calls outside a dynamic step are in
+    the totals only: ``collect_stats``).
     """
     out: Dict[str, Dict[int, Any]] = {}
     for layer in moe_layers(model):
