@@ -7,7 +7,7 @@ import statistics
 import time
 import types
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from megatron_capaware.policies.collectives import all_reduce, barrier
@@ -83,6 +83,26 @@ def inject_scores(router: torch.nn.Module, num_experts: int) -> Callable[[Option
         state["logits"] = None if scores is None else torch.log(scores.float().clamp_min(1e-30))
 
     return setter
+
+
+def bench_moe_layer(options: Dict[str, Any], ep: int, dispatcher: str = "alltoall", grouped_gemm: bool = False
+                    ) -> Tuple[Any, Any, torch.device, Callable[[Optional[torch.Tensor]], None]]:
+    """One Megatron MoE layer of the benchmarks' shape (``options``: hidden, experts, topk, ffn) on this rank.
+
+    Returns ``(config, layer in eval mode, its device, set_scores)``, ``set_scores`` from
+    :func:`inject_scores`. Call on every EP rank after the model-parallel groups exist.
+    """
+    # Megatron is imported here, inside the rank workers (after the CPU switch), not by the CLI.
+    from megatron_capaware.models.builder import MoEModelArgs, build_moe_layer, build_transformer_config
+
+    args = MoEModelArgs(
+        num_layers=1, hidden_size=options["hidden"], num_attention_heads=8, num_moe_experts=options["experts"],
+        moe_router_topk=options["topk"], moe_ffn_hidden_size=options["ffn"], vocab_size=8, max_sequence_length=8,
+    )
+    config = build_transformer_config(args, expert_parallel=ep, dispatcher=dispatcher, grouped_gemm=grouped_gemm)
+    layer = build_moe_layer(config).eval()
+    device = next(layer.parameters()).device
+    return config, layer, device, inject_scores(layer.router, options["experts"])
 
 
 def timed(fn: Callable[[], Any], group: Any = None) -> float:

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from megatron_capaware._compat.cli import add_cli_flags, run_cli
-from megatron_capaware.tools.bench.common import inject_scores, timed
+from megatron_capaware.tools.bench.common import bench_moe_layer, timed
 from megatron_capaware.registry import TOPK
 
 PROG = "capaware-bench-decode"
@@ -76,7 +76,6 @@ def decode_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Run on every EP rank; returns the per-(batch, router) records (identical on every rank)."""
     from megatron_capaware import parallel
     from megatron_capaware.adapters import collect_stats, install_capaware_routers
-    from megatron_capaware.models.builder import MoEModelArgs, build_moe_layer, build_transformer_config
     from megatron_capaware.tools.router_specs import parse_router_specs
     import torch.distributed as dist
 
@@ -84,14 +83,7 @@ def decode_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=ep))
     parallel.set_seed(0)
     rank = dist.get_rank()
-    args = MoEModelArgs(
-        num_layers=1, hidden_size=options["hidden"], num_attention_heads=8, num_moe_experts=options["experts"],
-        moe_router_topk=options["topk"], moe_ffn_hidden_size=options["ffn"], vocab_size=8, max_sequence_length=8,
-    )
-    config = build_transformer_config(args, expert_parallel=ep, dispatcher="alltoall")
-    layer = build_moe_layer(config).eval()
-    device = next(layer.parameters()).device
-    set_scores = inject_scores(layer.router, options["experts"])
+    config, layer, device, set_scores = bench_moe_layer(options, ep)
     per_expert = sum(p.numel() * p.element_size() for p in layer.experts.parameters()) // max(
         1, options["experts"] // ep)  # bytes of one expert's weights
     routers = parse_router_specs(options["routers"], record_stats=False)

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from megatron_capaware.tools.bench.common import geometric_mean, inject_scores, skewed_scores, summarize_times, timed
+from megatron_capaware.tools.bench.common import bench_moe_layer, geometric_mean, skewed_scores, summarize_times, timed
 
 from megatron_capaware._compat.cli import add_cli_flags, run_cli
 from megatron_capaware.registry import LASER, TOPK
@@ -99,7 +99,6 @@ def straggler_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Run on every EP rank; returns the records (identical on every rank)."""
     from megatron_capaware import metrics, parallel
     from megatron_capaware.adapters import collect_stats, install_capaware_routers, reduce_summaries
-    from megatron_capaware.models.builder import MoEModelArgs, build_moe_layer, build_transformer_config
     from megatron_capaware.adapters.placement import SLOT_ROUTERS
     from megatron_capaware.placement import load_plan
     from megatron_capaware.tools.router_specs import parse_router_specs
@@ -110,16 +109,8 @@ def straggler_worker(options: Dict[str, Any]) -> List[Dict[str, Any]]:
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    args = MoEModelArgs(
-        num_layers=1, hidden_size=options["hidden"], num_attention_heads=8,
-        num_moe_experts=options["experts"], moe_router_topk=options["topk"],
-        moe_ffn_hidden_size=options["ffn"], vocab_size=8, max_sequence_length=8,
-    )
-    config = build_transformer_config(args, expert_parallel=ep, dispatcher=options["dispatcher"],
-                                      grouped_gemm=options.get("grouped_gemm", False))
-    layer = build_moe_layer(config).eval()
-    device = next(layer.parameters()).device
-    set_scores = inject_scores(layer.router, options["experts"])
+    config, layer, device, set_scores = bench_moe_layer(options, ep, options["dispatcher"],
+                                                        options.get("grouped_gemm", False))
     tokens = options["tokens_per_rank"]
     g = torch.Generator().manual_seed(rank)
     hidden = torch.randn(tokens, 1, options["hidden"], generator=g).to(device, config.params_dtype)
