@@ -343,17 +343,21 @@ class Calibration:
         }
         Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
-    def check_model(self, num_moe_layers: Sequence[int], num_experts: int, topk: int) -> None:
-        """Raise if this file was made for another model (layers, experts, top-k)."""
+    def check_model(self, num_moe_layers: Optional[Sequence[int]], num_experts: int, topk: int) -> None:
+        """Raise if this file was made for another model (layers, experts, top-k).
+
+        ``num_moe_layers`` None: the model's layer set is not known (installation layer by layer),
+        only the experts and top-k are checked.
+        """
         expected = sorted(int(x) for x in self.model.get("moe_layer_numbers", self.layer_params.keys()))
-        if sorted(num_moe_layers) != expected:
+        if num_moe_layers is not None and sorted(num_moe_layers) != expected:
             raise CapawareConfigError(
                 f"LASER calibration is for MoE layers {expected} but the model's MoE layers are "
                 f"{sorted(num_moe_layers)}: it was made for a different model; run "
                 "capaware-calibrate on this checkpoint"
             )
         for key, actual in (("num_moe_experts", num_experts), ("moe_router_topk", topk)):
-            if key in self.model and int(self.model[key]) != actual:
+            if key in self.model and int(self.model[key]) != int(actual):
                 raise CapawareConfigError(
                     f"LASER calibration has {key}={self.model[key]} but the model has {actual}: "
                     "it was made for a different model; run capaware-calibrate on this checkpoint"
