@@ -157,15 +157,21 @@ class TEGroupedMLP(torch.nn.Module):
             self.linear_fc2.register_parameter(f"weight{i}", torch.nn.Parameter(torch.randn(hidden, ffn)))
 
 
-def test_grouped_mlp_experts_move_and_replicate_with_their_function() -> None:
-    from megatron_capaware.adapters.placement import _set_expert_tensors, expert_tensors
+def relayout(experts, now, new) -> None:
+    """Move one module's experts from slots ``now`` to ``new`` at EP 1 (the placement's layer move)."""
+    from types import SimpleNamespace
 
+    from megatron_capaware.adapters.placement import _move_layer
+
+    _move_layer(SimpleNamespace(layer_number=1, experts=experts), now, new, 1, 0, None)
+
+
+def test_grouped_mlp_experts_move_and_replicate_with_their_function() -> None:
     experts = GroupedMLP(4, hidden=6, ffn=5, seed=0)
     x = torch.randn(3, 6)
     before = [experts.expert(i, x) for i in range(4)]
     order = [2, 0, 3, 2, 1]  # a permutation plus one replica: 5 local experts
-    tensors = expert_tensors(experts)
-    _set_expert_tensors(experts, [[t.clone() for t in tensors[i]] for i in order])
+    relayout(experts, [0, 1, 2, 3], order)
     assert experts.num_local_experts == 5 and experts.weight1.shape == (6, 25)
     assert experts.weight1.allreduce is False  # Megatron's parameter attributes survive the rebuild
     for slot, e in enumerate(order):
@@ -173,13 +179,13 @@ def test_grouped_mlp_experts_move_and_replicate_with_their_function() -> None:
 
 
 def test_te_grouped_experts_permute_in_place_and_refuse_replicas() -> None:
-    from megatron_capaware.adapters.placement import _check_resizable, _set_expert_tensors, expert_tensors
+    from megatron_capaware.adapters.placement import _check_resizable, expert_tensors
 
     experts = TEGroupedMLP(3, hidden=4, ffn=2)
     tensors = [[t.clone() for t in ts] for ts in expert_tensors(experts)]
     assert len(tensors[0]) == 3  # fc1 weight, fc1 bias, fc2 weight
     storage = experts.linear_fc1.weight0.data_ptr()
-    _set_expert_tensors(experts, [tensors[2], tensors[0], tensors[1]])
+    relayout(experts, [0, 1, 2], [2, 0, 1])
     assert experts.linear_fc1.weight0.data_ptr() == storage  # in place: TE's buffers stay registered
     assert torch.equal(experts.linear_fc1.weight0, tensors[2][0]) and torch.equal(experts.linear_fc1.bias1,
                                                                                    tensors[0][1])

@@ -4,10 +4,14 @@ A model is built and loaded as usual (Megatron's contiguous, *logical*
 layout: expert ``e`` on EP rank ``e // (E / W)``). :func:`apply_placement`
 then, per MoE layer:
 
-1. moves expert weights over the EP group into the plan's *physical* layout
-   (one all-to-all of the experts' rows per dtype; no disk round trip), so
-   rank ``r`` holds the ``S / W`` slots ``r*S/W ..`` of the plan (with ``R``
-   redundant slots, ``S = E + R``; a replica is a copy of its expert);
+1. moves expert weights over the EP group into the plan's *physical* layout,
+   one layer at a time (no disk round trip): experts whose slot keeps its
+   expert do not move, experts already on the rank are copied locally, and
+   one all-to-all per dtype carries only the rows that change rank; the new
+   experts are written in place into the existing parameters (their identity
+   is kept where the slot count is unchanged). Rank ``r`` ends holding the
+   ``S / W`` slots ``r*S/W ..`` of the plan (with ``R`` redundant slots,
+   ``S = E + R``; a replica is a copy of its expert);
 2. points the token dispatcher at the ``S`` slots (``S / W`` local ones);
 3. gives the router the layer's :class:`~megatron_capaware.placement.replicas.SlotTable`:
    the gate keeps its ``E`` outputs and its state-dict keys, the routing
@@ -23,10 +27,26 @@ Expert modules: ``SequentialMLP`` (any ``R``), ``GroupedMLP`` (any ``R``),
 would change its GEMM count, refused). Expert tensor parallelism needs
 nothing more: each expert-TP rank moves its own shards over its EP group.
 
-Atomic: every check runs before any collective, every layer's new weights
-are exchanged before any layer is changed, and the ranks agree on the plan
-first (one all-gather): a refused or failed placement leaves the model as it
-was on every rank, or raises on every rank.
+What "atomic" means (issue 22, item 6; docs/placement.md, "Memory and failures"):
+
+* every check, and a memory pre-check, runs before any weight moves, and the
+  ranks agree on the verdicts, the plan and the memory in one all-gather: a
+  refusal raises the same error on every rank with nothing changed;
+* the peak extra memory is one layer's buffers
+  (:func:`~megatron_capaware.placement.moves.transient_rows` x one expert's
+  bytes, at most 2 x a layer's local expert bytes without replicas), not a
+  copy of the model's experts;
+* each layer's move is agreed on by every rank (before its exchange and after
+  its writes); a failure raised on any rank (an exception in Python, a bad
+  tensor...) makes every rank restore that layer from its snapshot and move
+  the layers already moved back by the same mechanism, then raise the same
+  error: one consistent layout on every rank, the layout, slot tables and
+  dispatcher committed only after every layer moved.
+
+A collective that fails or never returns (an NCCL error or timeout, an OOM
+inside the all-to-all, a dead rank) cannot be recovered by the package: the
+process group is then unusable (NCCL's watchdog ends the processes). The
+pre-check exists to make an OOM there unlikely.
 """
 
 from __future__ import annotations
@@ -46,6 +66,7 @@ from megatron_capaware.adapters.placement_checks import check_layer, invalidate_
 from megatron_capaware.adapters.state import LayerLayout
 from megatron_capaware.placement.plan_file import PlacementPlan
 from megatron_capaware.placement.planner import LayerPlacement
+from megatron_capaware.placement.moves import PlacementMemoryError, layer_moves, transient_rows
 from megatron_capaware.placement.planner import PlacementError, contiguous_slots
 from megatron_capaware.placement.replicas import REPLICA_POLICIES, slot_table
 from megatron_capaware.registry import router_names
@@ -117,77 +138,254 @@ def _clone_expert(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _set_expert_tensors(experts: Any, new: List[List[torch.Tensor]]) -> None:
-    """Make the module hold exactly the experts ``new`` (values copied; count may change)."""
-    kind, count = _kind(experts), len(new)
-    if count == experts.num_local_experts:
-        with torch.no_grad():
-            for old, values in zip(expert_tensors(experts), new):
-                for dst, src in zip(old, values):
-                    dst.copy_(src)
-        return
-    if kind == "SequentialMLP":
-        modules = list(experts.local_experts)
-        while len(modules) < count:
-            modules.append(_clone_expert(modules[0]))
-        experts.local_experts = torch.nn.ModuleList(modules[:count])
-        experts.num_local_experts = count
-        with torch.no_grad():
-            for old, values in zip(expert_tensors(experts), new):
-                for dst, src in zip(old, values):
-                    dst.copy_(src)
-        return
-    # GroupedMLP: rebuild the two stacked parameters, keeping their attributes (allreduce, sharding).
-    hidden = experts.config.hidden_size
-    for name, stacked in (("weight1", torch.stack([v[0] for v in new]).reshape(count * hidden, -1)),
-                          ("weight2", torch.stack([v[1] for v in new]).reshape(-1, hidden))):
-        old = getattr(experts, name)
-        if name == "weight1":  # [n, H, F] viewed as [H, n*F] by Megatron: same memory order as its view
-            stacked = stacked.reshape(hidden, -1)
-        param = torch.nn.Parameter(stacked.to(old.dtype).contiguous(), requires_grad=old.requires_grad)
-        param.__dict__.update({k: v for k, v in old.__dict__.items() if not k.startswith("_")})
-        setattr(experts, name, param)
-    experts.num_local_experts = count
+# --- the layer-by-layer move (issue 22, item 6) ---------------------------------------------------------------
+#
+# One layer at a time, on every EP rank in step: (A) pack the rows this rank sends into one buffer, and build
+# the new tensors if the slot count changes; the ranks agree (one all-gather of a verdict); (B) one all-to-all
+# of rows per dtype (only the experts that change rank), snapshot what the writes overwrite, write the new
+# experts in place into the existing parameters, and the ranks agree again. A failure on any rank in (A)
+# changes nothing; in (B) every rank restores its overwritten slots from the snapshot and the layers already
+# moved are moved back by the same mechanism (placement.moves.transient_rows counts the buffers).
 
 
-# --- the exchange ----------------------------------------------------------------------------------------------
+class _StepFailed(PlacementError):
+    """Some rank failed a step of the move (the same message on every rank)."""
 
 
-def _exchange(tensors: List[List[torch.Tensor]], holders: List[List[int]], wants: List[List[int]],
-              group: Any) -> List[List[torch.Tensor]]:
-    """Move expert tensors so rank ``r`` ends with the experts ``wants[r]`` (in that order).
+def _agree(error: Optional[BaseException], group: Any, what: str) -> None:
+    """Every rank's verdict for one step (one all-gather); raises :class:`_StepFailed` on every rank if any failed."""
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    seen = all_gather_objects(mine, group) if group is not None else [mine]
+    failed = [f"rank {rank}: {message}" for rank, message in enumerate(seen) if message is not None]
+    if failed:
+        raise _StepFailed(f"{what} failed on " + "; ".join(failed)) from error
 
-    ``holders[r]``: the experts rank ``r`` holds now, in local order (the
-    first holder of an expert sends it). ``tensors``: this rank's, ``[len(holders[me])][n]``.
-    Returns ``[len(wants[me])][n]`` new tensors. One all-to-all per dtype.
-    """
-    me, size = group_rank(group), group_size(group)
-    source: Dict[int, Tuple[int, int]] = {}
-    for rank, held in enumerate(holders):
-        for local, expert in enumerate(held):
-            source.setdefault(expert, (rank, local))
-    send = [[source[e][1] for e in wants[d] if source[e][0] == me] for d in range(size)]
-    recv_from = [source[e][0] for e in wants[me]]
-    recv_counts = [recv_from.count(s) for s in range(size)]
-    # Received rows come grouped by source, each group in this rank's wanted order.
-    order = sorted(range(len(wants[me])), key=lambda i: (recv_from[i], i))
-    position = {slot: row for row, slot in enumerate(order)}
-    num = len(tensors[0]) if tensors else 0
-    out: List[List[Optional[torch.Tensor]]] = [[None] * num for _ in wants[me]]
+
+def _dtype_groups(expert: List[torch.Tensor]) -> List[Tuple[List[int], List[int]]]:
+    """The expert's tensors grouped by dtype: ``(tensor indices, their numels)`` per dtype (one row each)."""
     by_dtype: Dict[torch.dtype, List[int]] = {}
-    for j in range(num):
-        by_dtype.setdefault(tensors[0][j].dtype, []).append(j)
-    for dtype, members in by_dtype.items():
-        sizes = [tensors[0][j].numel() for j in members]
-        rows = torch.stack([torch.cat([tensors[i][j].reshape(-1) for j in members])
-                            for d in range(size) for i in send[d]]) if any(send) else \
-            tensors[0][members[0]].new_zeros((0, sum(sizes)))
-        got = all_to_all_rows(rows, [len(s) for s in send], recv_counts, group)
-        for slot in range(len(wants[me])):
-            parts = got[position[slot]].split(sizes)
-            for j, part in zip(members, parts):
-                out[slot][j] = part.reshape(tensors[0][j].shape).clone()
-    return out  # type: ignore[return-value]
+    for j, tensor in enumerate(expert):
+        by_dtype.setdefault(tensor.dtype, []).append(j)
+    return [(members, [expert[j].numel() for j in members]) for members in by_dtype.values()]
+
+
+def _pack(expert: List[torch.Tensor], members: List[int], sizes: List[int], row: torch.Tensor) -> None:
+    """Copy one expert's tensors of one dtype into ``row`` ``[sum(sizes)]`` (no temporary)."""
+    offset = 0
+    for j, size in zip(members, sizes):
+        row[offset:offset + size].view(expert[j].shape).copy_(expert[j])
+        offset += size
+
+
+def _write_row(layer_number: int, expert: List[torch.Tensor], members: List[int], sizes: List[int],
+               row: torch.Tensor) -> None:
+    """Write ``row`` (one dtype's tensors of one expert, packed) into ``expert``'s tensors in place."""
+    offset = 0
+    for j, size in zip(members, sizes):
+        expert[j].copy_(row[offset:offset + size].view(expert[j].shape))
+        offset += size
+
+
+class _Target:
+    """The tensors a layer's new slots are written into, and how to make them the module's.
+
+    Same slot count: the existing parameters (written in place, identity kept:
+    optimizer, TE and CUDA-graph references stay valid). A ``SequentialMLP``
+    whose count changes: its first ``min(now, new)`` experts in place, new
+    experts cloned from the first. A ``GroupedMLP`` whose count changes: two
+    new stacked parameters (its parameter attributes copied), installed by
+    :meth:`commit`.
+    """
+
+    def __init__(self, experts: Any, old: List[List[torch.Tensor]], per_now: int, per_new: int) -> None:
+        self.experts, self.per_new = experts, per_new
+        kind = _kind(experts)
+        self.modules: Optional[torch.nn.ModuleList] = None
+        self.params: Dict[str, torch.Tensor] = {}
+        if per_now == per_new:
+            self.dst, self.aliased = old, per_now
+        elif kind == "SequentialMLP":
+            modules = list(experts.local_experts)[:per_new]
+            while len(modules) < per_new:
+                modules.append(_clone_expert(experts.local_experts[0]))
+            self.modules = torch.nn.ModuleList(modules)
+            self.dst = [[p for _, p in sorted(m.named_parameters())] for m in modules]
+            self.aliased = min(per_now, per_new)
+        else:  # GroupedMLP (TEGroupedMLP's count never changes: refused in _targets)
+            hidden = experts.config.hidden_size
+            w1, w2 = experts.weight1, experts.weight2
+            self.params = {"weight1": w1.new_empty((hidden, w1.shape[1] // per_now * per_new)),
+                           "weight2": w2.new_empty((w2.shape[0] // per_now * per_new, hidden))}
+            v1 = self.params["weight1"].view(per_new, hidden, -1)
+            v2 = self.params["weight2"].view(per_new, -1, hidden)
+            self.dst, self.aliased = [[v1[i], v2[i]] for i in range(per_new)], 0
+
+    def commit(self) -> None:
+        """Make the new tensors the module's (nothing to do when written in place)."""
+        experts = self.experts
+        if self.modules is not None:
+            experts.local_experts = self.modules
+        for name, value in self.params.items():
+            old = getattr(experts, name)
+            param = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+            param.__dict__.update({k: v for k, v in old.__dict__.items() if not k.startswith("_")})
+            setattr(experts, name, param)
+        experts.num_local_experts = self.per_new
+
+
+@torch.no_grad()
+def _move_layer(layer: Any, now: List[int], new: List[int], ep: int, me: int, group: Any) -> None:
+    """Move one layer's expert weights from slots ``now`` to ``new`` (every EP rank; weights only).
+
+    Raises :class:`_StepFailed` on every rank when any rank failed; this
+    rank's weights of this layer are then as before.
+    """
+    number = int(layer.layer_number)
+    experts = layer.experts
+    moves = layer_moves(now, new, ep, me)
+    error: Optional[BaseException] = None
+    sends: List[torch.Tensor] = []
+    try:  # (A) local: the send buffers and the new tensors
+        old = expert_tensors(experts)
+        groups = _dtype_groups(old[0])
+        target = _Target(experts, old, moves.per_now, moves.per_new)
+        sent = [pos for rows in moves.send for pos in rows]
+        for members, sizes in groups:
+            buffer = old[0][members[0]].new_empty((len(sent), sum(sizes)))
+            for k, pos in enumerate(sent):
+                _pack(old[pos], members, sizes, buffer[k])
+            sends.append(buffer)
+    except Exception as err:  # noqa: BLE001 - any local failure is agreed on, then re-raised on every rank
+        error = err
+    _agree(error, group, f"preparing the move of MoE layer {number}")
+
+    backups: Dict[int, List[torch.Tensor]] = {}
+    try:  # (B) the exchange, the snapshot, the writes
+        send_counts = [len(rows) for rows in moves.send]
+        received = [all_to_all_rows(buffer, send_counts, moves.recv_counts, group) if moves.network_rows
+                    else buffer for buffer in sends]
+        written = set(moves.recv_slots) | {slot for slot, _ in moves.local}
+        sent_at = {pos: k for k, pos in reversed(list(enumerate(sent)))}
+        for slot in sorted(s for s in written if s < target.aliased):  # what the writes overwrite
+            if slot in sent_at:
+                backups[slot] = [buffer[sent_at[slot]] for buffer in sends]
+            else:
+                backups[slot] = []
+                for members, sizes in groups:
+                    row = old[slot][members[0]].new_empty(sum(sizes))
+                    _pack(old[slot], members, sizes, row)
+                    backups[slot].append(row)
+        for k, slot in enumerate(moves.recv_slots):
+            for (members, sizes), rows in zip(groups, received):
+                _write_row(number, target.dst[slot], members, sizes, rows[k])
+        copies = list(moves.local) + ([] if target.aliased else [(slot, slot) for slot in moves.stay])
+        for slot, pos in copies:
+            if pos in backups:  # its old value is overwritten by now: read the snapshot
+                for (members, sizes), row in zip(groups, backups[pos]):
+                    _write_row(number, target.dst[slot], members, sizes, row)
+            else:
+                for dst, src in zip(target.dst[slot], old[pos]):
+                    dst.copy_(src)
+        del received
+    except Exception as err:  # noqa: BLE001
+        error = err
+    try:
+        _agree(error, group, f"moving MoE layer {number}")
+    except _StepFailed:
+        for slot, rows in backups.items():  # every overwritten slot back to its old expert
+            for (members, sizes), row in zip(groups, rows):
+                _write_row(number, old[slot], members, sizes, row)
+        raise
+    target.commit()
+    invalidate_weight_caches(experts)  # TE's cached (FP8) weights are the old experts'
+
+
+def _move_weights(targets: Sequence[Tuple[Any, List[int], List[int], int, int]], ep: int, me: int,
+                  group: Any) -> None:
+    """Move every target layer's weights, one layer at a time; on a failure move the moved ones back."""
+    moved: List[Tuple[Any, List[int], List[int]]] = []
+    for layer, now, new, _, _ in targets:
+        if now == new:
+            continue
+        try:
+            _move_layer(layer, now, new, ep, me, group)
+        except _StepFailed as failure:
+            for done, before, after in reversed(moved):
+                try:
+                    _move_layer(done, after, before, ep, me, group)
+                except _StepFailed as again:
+                    raise PlacementError(
+                        f"placement failed ({failure}) and moving MoE layer {int(done.layer_number)} back "
+                        f"failed too ({again}): the experts are in no consistent layout; reload the checkpoint"
+                    ) from again
+            raise PlacementError(
+                f"placement failed: {failure}. The {len(moved)} MoE layer(s) moved before were moved back: every "
+                "rank has its previous layout, slot tables and dispatcher (nothing was committed)") from failure
+        moved.append((layer, now, new))
+
+
+# --- the memory pre-check -------------------------------------------------------------------------------------
+
+
+def expert_bytes(experts: Any) -> int:
+    """Bytes of one local expert of a layer (all its tensors)."""
+    return sum(t.numel() * t.element_size() for t in expert_tensors(experts)[0])
+
+
+def transient_bytes(targets: Sequence[Tuple[Any, List[int], List[int], int, int]], ep: int, me: int) -> int:
+    """This rank's peak extra bytes for moving ``targets`` (and for moving them back on a rollback).
+
+    ``max over layers and both directions of transient_rows x expert bytes``
+    (:func:`megatron_capaware.placement.moves.transient_rows`).
+    """
+    need = 0
+    for layer, now, new, _, _ in targets:
+        if now == new:
+            continue
+        size = expert_bytes(layer.experts)
+        sequential = _kind(layer.experts) == "SequentialMLP"
+        for a, b in ((now, new), (new, now)):
+            in_place = len(a) == len(b) or sequential
+            need = max(need, transient_rows(layer_moves(a, b, ep, me), in_place) * size)
+    return need
+
+
+def free_bytes(device: torch.device) -> Tuple[Optional[int], str]:
+    """Memory this rank can still allocate on ``device``, and where the figure comes from (None: unknown).
+
+    CUDA: ``torch.cuda.mem_get_info``'s free bytes plus the caching
+    allocator's reserved-but-unallocated bytes. CPU: ``MemAvailable`` of
+    ``/proc/meminfo`` (None where there is no such file: the check is skipped).
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached), "torch.cuda.mem_get_info + the caching allocator's free blocks"
+    if device.type != "cpu":
+        return None, f"no free-memory figure for {device.type} tensors: check skipped"
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable of /proc/meminfo"
+    except OSError:
+        pass
+    return None, "no /proc/meminfo MemAvailable: check skipped"
+
+
+def _memory_refusal(seen: List[Tuple[Any, ...]]) -> Optional[str]:
+    """The refusal every rank raises when some rank's transient buffers would not fit (None: all fit)."""
+    short = [(rank, need, free, how) for rank, (_, _, need, free, how) in enumerate(seen)
+             if free is not None and need > free]
+    if not short:
+        return None
+    mib = 2 ** 20
+    where = "; ".join(f"rank {rank} needs {need / mib:.1f} MiB and has {free / mib:.1f} MiB free ({how})"
+                      for rank, need, free, how in short)
+    return (f"placement refused before any weight moved: {where}. It moves one MoE layer at a time and needs, "
+            "per rank, (rows sent + rows received + overwritten rows kept for a rollback) x one expert's bytes "
+            "for its largest layer (docs/placement.md, 'Memory'). Free memory on that rank (place before the KV "
+            "cache is allocated, or make it smaller), or use a plan that moves fewer experts")
 
 
 def check_router_for_slots(capaware: Any, num_slots: int, num_experts: int) -> None:
@@ -258,31 +456,34 @@ def _place_layers(layers: Sequence[Any], plan: Optional[PlacementPlan], policy: 
         targets = _targets(layers, plan, ep, whole_model)
     except PlacementError as err:
         error = str(err)
-    # Every rank of the EP group learns every rank's verdict and plan before anything moves:
-    # all raise together, and ranks given different plans never meet in a mismatched exchange.
+    # Every rank of the EP group learns every rank's verdict, plan and memory before anything moves (one
+    # all-gather): all raise together, and ranks given different plans never meet in a mismatched exchange.
     group = _ep_group(layers[0])
-    mine = (_plan_digest(plan, policy), error)
+    me = group_rank(group) if group is not None else 0
+    need, free, how = 0, None, "not checked (refused)"
+    if error is None:
+        try:
+            need = transient_bytes(targets, ep, me)
+            if need:
+                free, how = free_bytes(expert_tensors(layers[0].experts)[0][0].device)
+        except Exception as err:  # noqa: BLE001 - agreed on below like any refusal
+            error = f"the memory pre-check failed on EP rank {me}: {type(err).__name__}: {err}"
+    mine = (_plan_digest(plan, policy), error, need, free, how)
     seen = all_gather_objects(mine, group) if group is not None else [mine]
-    failed = next((e for _, e in seen if e is not None), None)
+    failed = next((entry[1] for entry in seen if entry[1] is not None), None)
     if failed is not None:
         raise PlacementError(failed)
-    if len({d for d, _ in seen}) != 1:
+    if len({entry[0] for entry in seen}) != 1:
         raise PlacementError(f"EP ranks were given different placement plans or replica policies "
-                             f"({[d for d, _ in seen]}): pass the same --capaware-placement file and policy to "
-                             "every rank")
+                             f"({[entry[0] for entry in seen]}): pass the same --capaware-placement file and "
+                             "policy to every rank")
+    refusal = _memory_refusal(seen)
+    if refusal is not None:
+        raise PlacementMemoryError(refusal)
     me = group_rank(group) if group is not None else 0
-    moved = []
+    _move_weights(targets, ep, me, group)
+    # Commit the layouts: every layer's weights moved, on every rank (agreed per layer).
     for layer, now, new, per_now, per_new in targets:
-        holders = [now[r * per_now:(r + 1) * per_now] for r in range(ep)]
-        wants = [new[r * per_new:(r + 1) * per_new] for r in range(ep)]
-        tensors = expert_tensors(layer.experts)
-        fresh = tensors if now == new else _exchange(tensors, holders, wants, group)
-        moved.append(fresh)
-    # Commit: nothing above changed the model.
-    for (layer, now, new, per_now, per_new), fresh in zip(targets, moved):
-        if now != new:
-            _set_expert_tensors(layer.experts, fresh)
-            invalidate_weight_caches(layer.experts)  # TE's cached (FP8) weights are the old experts'
         local = list(range(me * per_new, (me + 1) * per_new))
         layer.num_local_experts = per_new
         layer.local_expert_indices = local

@@ -147,3 +147,83 @@ def replan_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     out["calls"] = {n: s.calls for n, s in collect_stats(model).items()}
     parallel.destroy()
     return out
+
+
+def placement_fault_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """A 6-MoE-layer tiny GPT at EP 2: placements refused by the memory pre-check or failing inside layer 3.
+
+    ``spec["faults"]``: the scenarios, in order, each ``{"kind": "memory" | "write", "rank": r,
+    "redundant": R}``; ``memory``: rank r reports 1 KiB free; ``write``: rank r raises while writing
+    the second expert row of MoE layer 3 (layers 1 and 2 moved already, layer 3 half-written).
+    After each scenario: the error, whether the expert weights are bit-equal to before, the layouts,
+    and the logits. Finally the same plan applied without a fault, and removed.
+    """
+    from megatron_capaware.adapters import apply_placement, install_capaware_routers, layer_layouts
+    from megatron_capaware.adapters import placement as placement_module
+    from megatron_capaware.adapters import remove_placement
+    from megatron_capaware.config import CapawareConfig
+    from megatron_capaware.models.builder import MoEModelArgs, build_gpt_model, build_transformer_config
+    from megatron_capaware.placement import PlacementError
+
+    ep = 2
+    parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=ep))
+    parallel.set_seed(7)
+    args = MoEModelArgs(**{**TINY_GPT, "num_layers": 6})
+    model = build_gpt_model(args, build_transformer_config(args, expert_parallel=ep))
+    install_capaware_routers(model, CapawareConfig("topk"))
+    rank = torch.distributed.get_rank()
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(0, args.vocab_size, (2, 16), generator=g)
+    pos = torch.arange(16).unsqueeze(0).expand(2, 16)
+
+    def experts() -> Dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in model.state_dict().items() if ".experts." in k and torch.is_tensor(v)}
+
+    def same(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> bool:
+        return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    layers = list(range(1, 7))
+    out: Dict[str, Any] = {"rank": rank, "scenarios": []}
+    with torch.no_grad():
+        before = experts()
+        logits_before = model(ids, pos, attention_mask=None).clone()
+        write_row, free_bytes = placement_module._write_row, placement_module.free_bytes
+        for fault in spec["faults"]:
+            plan = make_plan(layers, args.num_moe_experts, ep, fault["redundant"], seed=21)
+            calls = {"n": 0}
+
+            def failing_write(layer_number, *rest):
+                if layer_number == 3:
+                    calls["n"] += 1
+                    if calls["n"] == 2:
+                        raise RuntimeError("injected failure writing MoE layer 3")
+                return write_row(layer_number, *rest)
+
+            if rank == fault["rank"]:
+                if fault["kind"] == "memory":
+                    placement_module.free_bytes = lambda device: (1024, "injected")
+                else:
+                    placement_module._write_row = failing_write
+            try:
+                apply_placement(model, plan)
+                error = None
+            except PlacementError as err:
+                error = f"{type(err).__name__}: {err}"
+            finally:
+                placement_module._write_row, placement_module.free_bytes = write_row, free_bytes
+            out["scenarios"].append({
+                "fault": fault, "error": error, "bit_equal": same(before, experts()),
+                "placed": any(layout.placed for layout in layer_layouts(model).values()),
+                "num_local_experts": [layer.experts.num_local_experts for layer in _moe_layers(model)],
+                "logits_equal": torch.equal(model(ids, pos, attention_mask=None), logits_before),
+            })
+        plan = make_plan(layers, args.num_moe_experts, ep, 2, seed=21)
+        apply_placement(model, plan)
+        out["placed_after"] = {n: l.slots for n, l in layer_layouts(model).items()}
+        out["plan"] = {n: p.slots for n, p in plan.layers.items()}
+        out["placed_logits_close"] = torch.allclose(model(ids, pos, attention_mask=None), logits_before,
+                                                    rtol=1e-5, atol=1e-5)
+        remove_placement(model)
+        out["restored"] = same(before, experts())
+    parallel.destroy()
+    return out
