@@ -26,10 +26,12 @@ def test_peak_extra_memory_is_about_one_layer_not_the_whole_model() -> None:
         assert rank["restored_bit_equal"] and rank["restored_bit_equal_after_replicas"]
         for name, step in rank["steps"].items():
             bound = rank["formula_mib"][name]
-            # The formula (placement.moves.transient_rows) is what is allocated, plus small index tensors.
-            assert step["tracked_mib"] <= bound + 1.0, (rank["rank"], name, step, bound)
-            assert step["tracked_mib"] <= 2.75 * layer + 1.0, (rank["rank"], name, step)
-            assert step["tracked_mib"] < 0.5 * 8 * layer  # the old placement held a second copy of all 8 layers
+            # The formula (placement.moves.transient_rows) is what is allocated, plus small index tensors;
+            # a plan with replicas also keeps the replicas' weights (kept: the model grows by R / W experts a layer).
+            transient = step["tracked_mib"] - step["kept_mib"]
+            assert step["tracked_mib"] <= bound + step["kept_mib"] + 1.0, (rank["rank"], name, step, bound)
+            assert transient <= 2.5 * layer + 1.0, (rank["rank"], name, step)
+            assert transient < 0.5 * 8 * layer  # the old placement held a second copy of all 8 layers
         # A plan without replicas moving every expert: sent + received rows, 2 x the layer.
         assert rank["steps"]["apply"]["tracked_mib"] >= 1.9 * layer  # the measurement sees the buffers
 
@@ -41,7 +43,7 @@ def test_memory_precheck_refuses_on_every_rank_before_anything_moves() -> None:
     errors = [r["scenarios"][0]["error"] for r in results]
     assert errors[0] is not None and errors[0] == errors[1], errors  # the same error on both ranks
     assert errors[0].startswith("PlacementMemoryError") and "rank 1 needs" in errors[0]
-    assert "has 0.0 MiB free (injected)" in errors[0] and "nothing" not in errors[0].split(".")[0]
+    assert "(1024 bytes) free (injected)" in errors[0] and "before any weight moved" in errors[0]
     for r in results:
         scenario = r["scenarios"][0]
         assert scenario["bit_equal"] and not scenario["placed"] and scenario["logits_equal"]

@@ -380,11 +380,12 @@ def _memory_refusal(seen: List[Tuple[Any, ...]]) -> Optional[str]:
     if not short:
         return None
     mib = 2 ** 20
-    where = "; ".join(f"rank {rank} needs {need / mib:.1f} MiB and has {free / mib:.1f} MiB free ({how})"
+    where = "; ".join(f"rank {rank} needs {need / mib:.1f} MiB ({need} bytes) and has {free / mib:.1f} MiB "
+                      f"({free} bytes) free ({how})"
                       for rank, need, free, how in short)
     return (f"placement refused before any weight moved: {where}. It moves one MoE layer at a time and needs, "
             "per rank, (rows sent + rows received + overwritten rows kept for a rollback) x one expert's bytes "
-            "for its largest layer (docs/placement.md, 'Memory'). Free memory on that rank (place before the KV "
+            "for its largest layer (docs/placement.md, 'Memory and failures'). Free memory on that rank (place before the KV "
             "cache is allocated, or make it smaller), or use a plan that moves fewer experts")
 
 

@@ -15,7 +15,13 @@ rank measures, around each placement step:
 * ``rss``: the rise of the process's resident-set high-water mark
   (``VmHWM``, reset through ``/proc/self/clear_refs`` before the step) over
   the resident set before it: a cross-check that sees everything (also
-  gloo's buffers and Python objects) but also the allocator's reuse.
+  gloo's buffers and Python objects). glibc keeps freed heap memory resident
+  and moves its mmap threshold up as large blocks are freed, so the ranks run
+  with a fixed ``MALLOC_MMAP_THRESHOLD_`` (``--malloc-mmap-threshold``):
+  large buffers are then mapped and unmapped and the RSS follows the live bytes.
+* ``kept``: the expert weights the step added for good (a plan with replicas
+  grows the model: ``R / W`` experts per layer per rank); they count in the
+  peak but are not transient.
 
 Steps: ``apply`` (a plan that moves every expert to the other rank and
 shuffles them, every layer), ``remove`` (back to the logical layout), and
@@ -182,13 +188,21 @@ def memory_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
                            "steps": {}}
     out["formula_mib"] = _formula(plans, list(range(1, spec["layers"] + 1)), spec["experts"], ep,
                                   local_bytes // (spec["experts"] // ep))
+    def expert_mib() -> float:  # the model's local expert weights now (replicas add some)
+        return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n) / MIB
+
+    def step(name: str, fn: Any) -> None:
+        start = expert_mib()
+        out["steps"][name] = measure(fn)
+        out["steps"][name]["kept_mib"] = expert_mib() - start  # new weights that stay (replicas), not transient
+
     with torch.no_grad():
-        out["steps"]["apply"] = measure(lambda: apply_placement(model, plans["apply"]))
-        out["steps"]["remove"] = measure(lambda: remove_placement(model))
+        step("apply", lambda: apply_placement(model, plans["apply"]))
+        step("remove", lambda: remove_placement(model))
         state = model.state_dict()
         out["restored_bit_equal"] = all(torch.equal(state[k], before[k]) for k in expert_keys)
         del state
-        out["steps"]["apply-replicas"] = measure(lambda: apply_placement(model, plans["apply-replicas"]))
+        step("apply-replicas", lambda: apply_placement(model, plans["apply-replicas"]))
         remove_placement(model)
         state = model.state_dict()
         out["restored_bit_equal_after_replicas"] = all(torch.equal(state[k], before[k]) for k in expert_keys)
@@ -204,6 +218,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ffn", type=int, default=1024, help="expert FFN size (gated: fc1 is 2 x ffn)")
     parser.add_argument("--ep", type=int, default=2, help="EP ranks (gloo processes)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=131072,
+                        help="glibc's MALLOC_MMAP_THRESHOLD_ for the ranks (a fixed threshold: large buffers are "
+                        "mapped and unmapped, so the RSS high-water follows the live bytes; 0: glibc's default)")
     parser.add_argument("--label", default="", help="a name for this tree in the output (e.g. before / after)")
     parser.add_argument("--json", default=None, help="write the figures here")
     return parser.parse_args(argv)
@@ -215,6 +232,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     args = parse_args(argv)
     spec = {k: getattr(args, k) for k in ("layers", "experts", "hidden", "ffn", "ep", "seed")}
+    if args.malloc_mmap_threshold:  # read by glibc when the spawned ranks start
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     ranks = run_distributed(memory_worker, args.ep, spec, timeout_s=900, collective_timeout_s=600)
     layer = ranks[0]["layer_local_expert_mib"]
     result = {"label": args.label, "spec": spec, "layer_local_expert_mib": layer,
@@ -227,7 +246,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             formula = f", formula {bound:6.1f} MiB" if bound is not None else ""
             print(f"  rank {rank['rank']} {name:15s} peak extra: tracked {step['tracked_mib']:7.1f} MiB "
                   f"({step['tracked_mib'] / layer:.2f} x layer), RSS high-water {step['rss_mib']:7.1f} MiB "
-                  f"({step['rss_mib'] / layer:.2f} x layer){formula}")
+                  f"({step['rss_mib'] / layer:.2f} x layer){formula}, kept (replica weights) {step['kept_mib']:.1f} MiB")
         print(f"  rank {rank['rank']} weights bit-equal after remove_placement: {rank['restored_bit_equal']}, "
               f"after the replicated plan: {rank['restored_bit_equal_after_replicas']}")
     if args.json:
