@@ -210,3 +210,21 @@ def test_slot_mapping_is_host_sync_free_and_launch_light_on_the_device_path(poli
     work = count_call(placed)
     print(f"placement, {policy}: syncs={work.syncs} ops={work.ops}")
     assert work.syncs == 0 and work.ops <= 30
+
+
+def test_free_memory_figures_and_the_transient_bytes_of_a_move() -> None:
+    """The pre-check's inputs: free bytes on CPU (MemAvailable) or unknown (skipped), the formula's bytes."""
+    from types import SimpleNamespace
+
+    from megatron_capaware.adapters.placement import free_bytes, transient_bytes
+
+    free, how = free_bytes(torch.device("cpu"))
+    assert (free is None and "skipped" in how) or (free > 0 and "MemAvailable" in how)
+    assert free_bytes(torch.device("meta")) == (None, "no free-memory figure for meta tensors: check skipped")
+    experts = GroupedMLP(4, hidden=6, ffn=5, seed=0)  # 2 x 6 x 5 fp32 = 240 bytes an expert
+    layer = SimpleNamespace(layer_number=1, experts=experts)
+    assert transient_bytes([(layer, [0, 1, 2, 3], [0, 1, 2, 3], 4, 4)], 1, 0) == 0  # nothing moves
+    # a cycle of 3 at EP 1: 3 local sources overwritten, snapshotted
+    assert transient_bytes([(layer, [0, 1, 2, 3], [1, 2, 0, 3], 4, 4)], 1, 0) == 3 * 240
+    # a new stacked tensor (4 -> 5 slots): 5 experts, either way (the rollback moves back)
+    assert transient_bytes([(layer, [0, 1, 2, 3], [0, 1, 2, 3, 2], 4, 5)], 1, 0) == 5 * 240

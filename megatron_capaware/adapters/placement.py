@@ -234,12 +234,15 @@ class _Target:
 
 
 @torch.no_grad()
-def _move_layer(layer: Any, now: List[int], new: List[int], ep: int, me: int, group: Any) -> None:
+def _move_layer(layer: Any, now: List[int], new: List[int], ep: int, me: int, group: Any,
+                agree: Any = None) -> None:
     """Move one layer's expert weights from slots ``now`` to ``new`` (every EP rank; weights only).
 
-    Raises :class:`_StepFailed` on every rank when any rank failed; this
-    rank's weights of this layer are then as before.
+    ``group``: the EP group (the exchange); ``agree``: the ranks that agree on
+    each step (default ``group``). Raises :class:`_StepFailed` on every rank
+    when any rank failed; this rank's weights of this layer are then as before.
     """
+    agree = group if agree is None else agree
     number = int(layer.layer_number)
     experts = layer.experts
     moves = layer_moves(now, new, ep, me)
@@ -257,7 +260,7 @@ def _move_layer(layer: Any, now: List[int], new: List[int], ep: int, me: int, gr
             sends.append(buffer)
     except Exception as err:  # noqa: BLE001 - any local failure is agreed on, then re-raised on every rank
         error = err
-    _agree(error, group, f"preparing the move of MoE layer {number}")
+    _agree(error, agree, f"preparing the move of MoE layer {number}")
 
     backups: Dict[int, List[torch.Tensor]] = {}
     try:  # (B) the exchange, the snapshot, the writes
@@ -290,7 +293,7 @@ def _move_layer(layer: Any, now: List[int], new: List[int], ep: int, me: int, gr
     except Exception as err:  # noqa: BLE001
         error = err
     try:
-        _agree(error, group, f"moving MoE layer {number}")
+        _agree(error, agree, f"moving MoE layer {number}")
     except _StepFailed:
         for slot, rows in backups.items():  # every overwritten slot back to its old expert
             for (members, sizes), row in zip(groups, rows):
@@ -301,18 +304,18 @@ def _move_layer(layer: Any, now: List[int], new: List[int], ep: int, me: int, gr
 
 
 def _move_weights(targets: Sequence[Tuple[Any, List[int], List[int], int, int]], ep: int, me: int,
-                  group: Any) -> None:
+                  group: Any, agree: Any) -> None:
     """Move every target layer's weights, one layer at a time; on a failure move the moved ones back."""
     moved: List[Tuple[Any, List[int], List[int]]] = []
     for layer, now, new, _, _ in targets:
         if now == new:
             continue
         try:
-            _move_layer(layer, now, new, ep, me, group)
+            _move_layer(layer, now, new, ep, me, group, agree)
         except _StepFailed as failure:
             for done, before, after in reversed(moved):
                 try:
-                    _move_layer(done, after, before, ep, me, group)
+                    _move_layer(done, after, before, ep, me, group, agree)
                 except _StepFailed as again:
                     raise PlacementError(
                         f"placement failed ({failure}) and moving MoE layer {int(done.layer_number)} back "
@@ -418,6 +421,23 @@ def _ep_group(layer: Any) -> Any:
     return group if group is not None and group_size(group) > 1 else None
 
 
+def _agreement_group(ep_group: Any) -> Any:
+    """The ranks that must agree on a placement: the expert tensor-and-model-parallel group.
+
+    With expert TP each EP group moves its own shards, and Megatron's
+    dispatcher exchanges tokens over EP x expert-TP: every such rank takes part
+    in each verdict, so one EP group cannot commit while another rolls back.
+    Without expert TP it is the EP group.
+    """
+    try:
+        wide = parallel_state.get_expert_tensor_and_model_parallel_group(check_initialized=False)
+    except (AttributeError, AssertionError, RuntimeError):
+        wide = None
+    if wide is not None and group_size(wide) > (group_size(ep_group) if ep_group is not None else 1):
+        return wide
+    return ep_group
+
+
 def layer_layouts(model: torch.nn.Module) -> Dict[int, LayerLayout]:
     """The current layout of every installed MoE layer, by layer number."""
     return {int(l.layer_number): l.router.capaware_layout for l in moe_layers(model)
@@ -470,7 +490,8 @@ def _place_layers(layers: Sequence[Any], plan: Optional[PlacementPlan], policy: 
         except Exception as err:  # noqa: BLE001 - agreed on below like any refusal
             error = f"the memory pre-check failed on EP rank {me}: {type(err).__name__}: {err}"
     mine = (_plan_digest(plan, policy), error, need, free, how)
-    seen = all_gather_objects(mine, group) if group is not None else [mine]
+    agree = _agreement_group(group)
+    seen = all_gather_objects(mine, agree) if agree is not None else [mine]
     failed = next((entry[1] for entry in seen if entry[1] is not None), None)
     if failed is not None:
         raise PlacementError(failed)
@@ -482,7 +503,7 @@ def _place_layers(layers: Sequence[Any], plan: Optional[PlacementPlan], policy: 
     if refusal is not None:
         raise PlacementMemoryError(refusal)
     me = group_rank(group) if group is not None else 0
-    _move_weights(targets, ep, me, group)
+    _move_weights(targets, ep, me, group, agree)
     # Commit the layouts: every layer's weights moved, on every rank (agreed per layer).
     for layer, now, new, per_now, per_new in targets:
         local = list(range(me * per_new, (me + 1) * per_new))
