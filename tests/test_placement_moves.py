@@ -8,8 +8,6 @@ import pytest
 
 from megatron_capaware.placement.moves import layer_moves, transient_rows
 
-pytestmark = pytest.mark.fast
-
 
 def simulate(now, new, ranks):
     """Apply every rank's moves to lists of expert ids: the new layout, rows over the network, buffer rows."""

@@ -170,6 +170,7 @@ def memory_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     from megatron_capaware.adapters import apply_placement, install_capaware_routers, remove_placement
     from megatron_capaware.config import CapawareConfig
     from megatron_capaware.models.builder import MoEModelArgs, build_gpt_model, build_transformer_config
+    from megatron_capaware.registry import TOPK
 
     ep = spec["ep"]
     parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=ep))
@@ -179,7 +180,7 @@ def memory_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
                         vocab_size=64, max_sequence_length=16)
     config = build_transformer_config(args, expert_parallel=ep)
     model = build_gpt_model(args, config)
-    install_capaware_routers(model, CapawareConfig(router_type="topk"))
+    install_capaware_routers(model, CapawareConfig(router_type=TOPK))
     expert_keys = [k for k, v in model.state_dict().items() if ".experts." in k and torch.is_tensor(v)]
     before = {k: model.state_dict()[k].clone() for k in expert_keys}
     local_bytes = sum(v.numel() * v.element_size() for v in before.values()) // spec["layers"]
