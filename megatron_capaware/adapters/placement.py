@@ -179,7 +179,10 @@ def _pack(expert: List[torch.Tensor], members: List[int], sizes: List[int], row:
 
 def _write_row(layer_number: int, expert: List[torch.Tensor], members: List[int], sizes: List[int],
                row: torch.Tensor) -> None:
-    """Write ``row`` (one dtype's tensors of one expert, packed) into ``expert``'s tensors in place."""
+    """Write ``row`` (one dtype's tensors of one expert, packed) into ``expert``'s tensors in place.
+
+    Every write of a move goes through here (tests inject a failure in a given layer by replacing it).
+    """
     offset = 0
     for j, size in zip(members, sizes):
         expert[j].copy_(row[offset:offset + size].view(expert[j].shape))

@@ -10,6 +10,7 @@ into a plan's layout inside Megatron-Core is
 ``--capaware-placement``; docs/placement.md).
 """
 
+from megatron_capaware.placement.moves import PlacementMemoryError
 from megatron_capaware.placement.plan_file import PLAN_FORMAT, PlacementPlan, load_plan
 from megatron_capaware.placement.planner import (
     LayerPlacement,
@@ -27,6 +28,7 @@ __all__ = [
     "LayerPlacement",
     "PLAN_FORMAT",
     "PlacementError",
+    "PlacementMemoryError",
     "PlacementPlan",
     "best_placement_exhaustive",
     "contiguous_slots",
