@@ -37,6 +37,8 @@ ROUTERS: Dict[str, Any] = {
     "reroute": dict(router_type="capacity-reroute", gamma=1.0, reroute_rounds=2),
     "expanded": dict(router_type="expanded-drop", gamma=1.0),
     "laser": dict(router_type="laser", laser_eps_high=0.9, laser_t_fix=0.3, laser_pool=4),
+    # One router per phase: capacity-drop on prefill / mixed steps, decode-pack (floor 1) on decode-only steps.
+    "drop+pack": dict(router_type="capacity-drop", gamma=1.0, decode_router="decode-pack", decode_floor=1),
 }
 
 
@@ -74,6 +76,25 @@ def test_default_phases_route_decode_by_topk_and_all_applies_the_policy(ep1) -> 
     assert [t[0] for t in ep1["drop"]["tokens"]] == [t[0] for t in ep1["drop-every-step"]["tokens"]]
 
 
+def test_one_router_per_phase_capacity_on_prefill_decode_pack_on_decode(ep1) -> None:
+    """``--capaware-decode-router decode-pack``: prefill is capacity-drop's decision (the same as
+    capacity-drop alone: same stats, same first token), decode-only steps are decode-pack's (it drops
+    the second choices of tokens whose second expert it does not keep active; capacity-drop's default
+    phases drop nothing at decode), and each phase's statistics name its router."""
+    both, drop = ep1["drop+pack"], ep1["drop"]
+    assert all(len(t) == 8 for t in both["tokens"]) and all(both["text"])
+    phases = both["phases"]
+    assert phases["prefill"]["routers"] == ["capacity-drop"], phases
+    assert phases["decode"]["routers"] == ["decode-pack"], phases
+    assert drop["phases"]["decode"]["routers"] == ["topk"]
+    assert {k: v for k, v in phases["prefill"].items()} == drop["phases"]["prefill"]
+    assert [t[0] for t in both["tokens"]] == [t[0] for t in drop["tokens"]]
+    decode = phases["decode"]
+    assert decode["requested"] == 2 * decode["tokens"] and decode["tokens"] == 4 * 4 * 7  # 4 layers, 4 requests
+    assert decode["dropped"] > 0 and decode["rerouted"] == 0
+    assert drop["phases"]["decode"]["dropped"] == 0
+
+
 # ---------------------------------------------------------------- EP 2: MegatronLLM in coordinator mode
 
 EP2_RUNS: Dict[str, Any] = {
@@ -81,6 +102,7 @@ EP2_RUNS: Dict[str, Any] = {
     "topk": dict(router_type="topk"),
     "drop": dict(router_type="capacity-drop", gamma=1.0),
     "drop-placed": dict(router_type="capacity-drop", gamma=1.0),
+    "drop+pack": dict(router_type="capacity-drop", gamma=1.0, decode_router="decode-pack", decode_floor=1),
 }
 _EP2: Dict[str, Any] = {}
 
@@ -130,3 +152,24 @@ def test_ep2_with_a_placement_plan_generates() -> None:
     result = ranks[0]["drop-placed"]
     assert len(result["tokens"]) == 4 and all(len(t) == 8 for t in result["tokens"])
     assert all(r["drop-placed"]["phases"]["prefill"]["calls"] > 0 for r in ranks)
+
+
+@pytest.mark.multirank
+def test_ep2_one_router_per_phase(ep1) -> None:
+    """At EP 2 the ranks agree on each eager step's phase (one all-reduce per step): steps that are
+    decode-only on both ranks go to decode-pack, the rest to capacity-drop. capacity-drop's global
+    capacity makes the prefill EP 1's (the same first tokens, the same drops); decode-pack packs per
+    EP rank, so its decode decisions depend on the EP size (not compared with EP 1)."""
+    ranks = _ep2("drop+pack")
+    result = ranks[0]["drop+pack"]
+    assert len(result["tokens"]) == 4 and all(len(t) == 8 for t in result["tokens"]) and all(result["text"])
+    assert [t[0] for t in result["tokens"]] == [t[0] for t in ep1["drop"]["tokens"]]
+    prefill = [r["drop+pack"]["phases"]["prefill"] for r in ranks]
+    assert sum(p["dropped"] for p in prefill) == ep1["drop"]["phases"]["prefill"]["dropped"]
+    for r in ranks:
+        phases = r["drop+pack"]["phases"]
+        assert phases["prefill"]["routers"] == ["capacity-drop"], phases
+        assert "decode-pack" in phases["decode"]["routers"], phases
+        idle = phases.get("idle", {"tokens": 0, "requested": 0})
+        assert idle["tokens"] == 0 and idle["requested"] == 0
+    assert sum(r["drop+pack"]["phases"]["decode"]["dropped"] for r in ranks) > 0

@@ -55,11 +55,15 @@ def megatron_llm_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Greedy ``MegatronLLM.generate`` with Megatron's router, then with each capaware config.
 
     ``spec``: ``routers`` ``{label: CapawareConfig kwargs}`` (``"megatron"``: no install),
-    ``tokens`` to generate, ``ep``. At EP > 1 (coordinator mode) only the first
+    ``tokens`` to generate, ``ep``, ``api`` (``sync``: ``MegatronLLM``; ``async``: ``MegatronAsyncLLM``,
+    coordinator mode at every EP), ``max_tokens`` / ``chunked_prefill`` (the engine's step budget and
+    Megatron's chunked prefill). In coordinator mode only the first
     configuration runs (install it before the engine loop starts). Returns ``{label: {"tokens": [[...]], "text": [...],
     "phases": {phase: {"calls": n, "tokens": n, "dropped": n, "requested": n}}}}``.
     """
-    from megatron.core.inference.apis import MegatronLLM
+    import asyncio
+
+    from megatron.core.inference.apis import MegatronAsyncLLM, MegatronLLM
     from megatron.core.inference.sampling_params import SamplingParams
 
     from megatron_capaware.adapters import install_capaware_routers, reset_stats
@@ -72,7 +76,9 @@ def megatron_llm_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     # NVLS (symmetric memory, Hopper + NVLink) by default; this model's layers use the training
     # alltoall dispatcher, so ask for the NCCL all-gather one's (plain tensors).
     model.config.inference_moe_token_dispatcher_type = "nccl"
-    coordinator = spec.get("ep", 1) > 1  # MegatronLLM requires it at EP > 1
+    use_async = spec.get("api", "sync") == "async"
+    # MegatronLLM requires the coordinator at EP > 1; MegatronAsyncLLM always does.
+    coordinator = spec.get("ep", 1) > 1 or use_async
     if coordinator:
         # Install before the engine loops start: the install's rank-agreement collective must not
         # interleave with the other ranks' engine steps (they run on a background thread).
@@ -80,8 +86,8 @@ def megatron_llm_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         spec = dict(spec, routers={label: cfg})
         if cfg is not None:
             install_capaware_routers(model, CapawareConfig(**cfg), placement=spec.get("placement"))
-    llm = MegatronLLM(model=model, tokenizer=tokenizer, inference_config=_inference_config(spec),
-                      use_coordinator=coordinator)
+    api = MegatronAsyncLLM if use_async else MegatronLLM
+    llm = api(model=model, tokenizer=tokenizer, inference_config=_inference_config(spec), use_coordinator=coordinator)
     params = SamplingParams(num_tokens_to_generate=spec.get("tokens", 8), temperature=1.0, top_k=1,
                             termination_id=-1)
     out: Dict[str, Any] = {}
@@ -94,17 +100,21 @@ def megatron_llm_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         result: Dict[str, Any] = {}
         if llm.is_primary_rank:
             t0 = time.perf_counter()
-            records = llm.generate(prompts, params)
+            records = asyncio.run(llm.generate(prompts, params)) if use_async else llm.generate(prompts, params)
             timings[f"generate_{label}_s"] = time.perf_counter() - t0
             result["tokens"] = [list(r.generated_tokens) for r in records]
             result["text"] = [r.generated_text for r in records]
+            result["prompt_lengths"] = [len(tokenizer.tokenize(p)) for p in prompts]
         out[label] = result
         if coordinator:
             break  # one configuration per engine: the other ranks' engine loops run on their own
         if cfg is not None:
             result["phases"] = phase_totals(model)
     if coordinator:
-        llm.shutdown()  # every rank's engine loop has stopped: its stats are complete
+        if use_async:
+            asyncio.run(llm.shutdown())
+        else:
+            llm.shutdown()  # every rank's engine loop has stopped: its stats are complete
         if cfg is not None:
             out[label]["phases"] = phase_totals(model)
     out["timings"] = timings
