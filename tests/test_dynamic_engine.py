@@ -8,7 +8,10 @@ selects it. The bundled 8x2 reference model generates greedily through
 - ``topk`` installed gives Megatron's tokens without the package, token for token;
 - every router generates, and its statistics are split by phase (prefill / decode);
 - under the default ``--capaware-phases prefill,mixed`` decode-only steps are routed
-  by top-k (nothing dropped at decode), and with ``all`` the policy drops there too.
+  by top-k (nothing dropped at decode), and with ``all`` the policy drops there too;
+- one router per phase (``--capaware-decode-router decode-pack``) at EP 1 and EP 2;
+- ``MegatronAsyncLLM`` (coordinator mode at every EP): topk equals Megatron at EP 1 and EP 2;
+- chunked prefill (a 64-token step budget): mixed steps reported, padded rows take no capacity.
 """
 
 from __future__ import annotations
@@ -173,3 +176,86 @@ def test_ep2_one_router_per_phase(ep1) -> None:
         idle = phases.get("idle", {"tokens": 0, "requested": 0})
         assert idle["tokens"] == 0 and idle["requested"] == 0
     assert sum(r["drop+pack"]["phases"]["decode"]["dropped"] for r in ranks) > 0
+
+
+# ---------------------------------------------------------------- MegatronAsyncLLM (coordinator mode at every EP)
+
+_ASYNC: Dict[Any, Any] = {}
+
+
+def _async(label: str, ep: int) -> list:
+    """``MegatronAsyncLLM.generate`` (awaited) with one configuration on ``ep`` gloo ranks."""
+    if (label, ep) not in _ASYNC:
+        from tests.helpers.dynamic_engine_workers import megatron_llm_worker
+
+        pytest.importorskip("zmq", reason="MegatronAsyncLLM needs the coordinator (pyzmq)")
+        pytest.importorskip("msgpack", reason="MegatronAsyncLLM needs the coordinator (msgpack)")
+        spec = dict(ep=ep, tokens=8, api="async", routers={label: ROUTERS[label]})
+        _ASYNC[(label, ep)] = run_distributed(megatron_llm_worker, ep, spec, timeout_s=600)
+    return _ASYNC[(label, ep)]
+
+
+def test_async_api_topk_equals_megatron(ep1) -> None:
+    """MegatronAsyncLLM at EP 1 with the routers installed: topk's text is Megatron's (without the package),
+    which is also the sync API's; a capacity router generates there too."""
+    megatron, topk = _async("megatron", 1)[0]["megatron"], _async("topk", 1)[0]["topk"]
+    assert topk["tokens"] == megatron["tokens"] == ep1["megatron"]["tokens"]
+    drop = _async("drop+pack", 1)[0]["drop+pack"]
+    assert all(len(t) == 8 for t in drop["tokens"])
+    assert drop["phases"]["prefill"]["routers"] == ["capacity-drop"]
+
+
+@pytest.mark.multirank
+def test_async_api_ep2_topk_equals_megatron(ep1) -> None:
+    ranks = _async("topk", 2)
+    assert ranks[0]["topk"]["tokens"] == ep1["megatron"]["tokens"]
+    assert all("decode" in r["topk"]["phases"] for r in ranks)
+
+
+# ---------------------------------------------------------------- chunked prefill: mixed steps
+
+CHUNKED: Dict[str, Any] = {
+    "megatron": None,
+    "topk": dict(router_type="topk"),
+    "drop": dict(router_type="capacity-drop", gamma=1.0),
+}
+
+
+@pytest.fixture(scope="module")
+def chunked() -> Dict[str, Any]:
+    """Megatron's chunked prefill with a 64-token step budget (the smallest: 0.19.2 pads a step to a
+    multiple of 64 tokens) and a 92-token prompt among three short ones: its prefill spans two steps,
+    and the second mixes its chunk with the other requests' decode tokens."""
+    from tests.helpers.dynamic_engine_workers import LONG_PROMPT, PROMPTS, megatron_llm_worker
+
+    prompts = [PROMPTS[0], LONG_PROMPT, PROMPTS[2], PROMPTS[1]]
+    spec = dict(ep=1, tokens=8, routers=CHUNKED, max_tokens=64, chunked_prefill=True, prompts=prompts)
+    return run_distributed(megatron_llm_worker, 1, spec, timeout_s=600)[0]
+
+
+def test_chunked_prefill_topk_equals_megatron_and_mixed_steps_are_reported(chunked) -> None:
+    assert chunked["topk"]["tokens"] == chunked["megatron"]["tokens"]
+    assert all(len(t) == 8 for t in chunked["megatron"]["tokens"])
+    lengths = chunked["drop"]["prompt_lengths"]
+    assert max(lengths) > 64  # a prompt longer than the step budget: its prefill is chunked
+    for name in ("topk", "drop"):
+        phases = chunked[name]["phases"]
+        assert phases.get("mixed", {}).get("calls", 0) > 0, (name, phases)  # chunk + decode tokens in one step
+    # capacity-drop routes each prefill / mixed step's real tokens (the context's active_token_count) once per
+    # MoE layer (4); the padded rows (a step is padded to a multiple of 64 tokens) take no expert and no
+    # capacity. Top-k (decode-only steps here, and the topk router) is Megatron's routing unchanged: it
+    # routes the padded rows too, as Megatron does, and the statistics count what it routes.
+    drop, steps = chunked["drop"]["phases"], chunked["drop"]["steps"]
+    policy_steps = [(r, p) for r, p, prefill in steps if prefill]
+    real, padded = sum(r for r, _ in policy_steps), sum(p for _, p in policy_steps)
+    assert padded > real  # the policy's steps have padded rows
+    assert drop["prefill"]["tokens"] + drop["mixed"]["tokens"] == 4 * real, (drop, steps)
+    assert drop["prefill"]["requested"] + drop["mixed"]["requested"] == 2 * 4 * real
+    assert real == sum(lengths) + sum(r - prefill for r, _, prefill in steps if prefill)  # every prompt token
+    assert drop["decode"]["tokens"] == 4 * sum(p for _, p, prefill in steps if not prefill and p)
+    topk_padded = sum(p for _, p, _ in chunked["topk"]["steps"])
+    assert sum(p["tokens"] for p in chunked["topk"]["phases"].values()) == 4 * topk_padded
+    assert drop["mixed"]["routers"] == ["capacity-drop"]  # the policy on mixed steps (default phases)
+    assert drop["decode"]["routers"] == ["topk"] and drop["decode"]["dropped"] == 0
+    assert drop["mixed"]["dropped"] + drop["prefill"]["dropped"] > 0
+    assert all(len(t) == 8 for t in chunked["drop"]["tokens"])

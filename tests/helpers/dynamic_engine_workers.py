@@ -18,6 +18,12 @@ PROMPTS = [
     "Now is the winter of our discontent made glorious summer by this sun of York;",
 ]
 
+#: A prompt of 92 tokens (longer than a 64-token step budget: its prefill is chunked).
+LONG_PROMPT = ("Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds "
+               "that lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound with "
+               "victorious wreaths; our bruised arms hung up for monuments; our stern alarums changed to merry "
+               "meetings, our dreadful marches to delightful measures.")
+
 
 def _setup(spec: Dict[str, Any]):
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -88,6 +94,18 @@ def megatron_llm_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
             install_capaware_routers(model, CapawareConfig(**cfg), placement=spec.get("placement"))
     api = MegatronAsyncLLM if use_async else MegatronLLM
     llm = api(model=model, tokenizer=tokenizer, inference_config=_inference_config(spec), use_coordinator=coordinator)
+    steps: List[Any] = []  # per engine step: (real, padded, prefill tokens), from the context's host bookkeeping
+    context = llm.context
+    initialize = context.initialize_attention_state
+
+    def initialize_and_record(*args: Any, **kwargs: Any) -> Any:
+        out = initialize(*args, **kwargs)
+        real = 0 if getattr(context, "_bookkeeping_no_real_work", False) else int(context.active_token_count)
+        decode = min(real, int(context.num_decode_requests))
+        steps.append((real, int(context.padded_active_token_count), real - decode))
+        return out
+
+    context.initialize_attention_state = initialize_and_record
     params = SamplingParams(num_tokens_to_generate=spec.get("tokens", 8), temperature=1.0, top_k=1,
                             termination_id=-1)
     out: Dict[str, Any] = {}
@@ -105,6 +123,8 @@ def megatron_llm_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
             result["tokens"] = [list(r.generated_tokens) for r in records]
             result["text"] = [r.generated_text for r in records]
             result["prompt_lengths"] = [len(tokenizer.tokenize(p)) for p in prompts]
+            result["steps"] = list(steps)
+        steps.clear()
         out[label] = result
         if coordinator:
             break  # one configuration per engine: the other ranks' engine loops run on their own
