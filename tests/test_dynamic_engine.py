@@ -11,7 +11,8 @@ selects it. The bundled 8x2 reference model generates greedily through
   by top-k (nothing dropped at decode), and with ``all`` the policy drops there too;
 - one router per phase (``--capaware-decode-router decode-pack``) at EP 1 and EP 2;
 - ``MegatronAsyncLLM`` (coordinator mode at every EP): topk equals Megatron at EP 1 and EP 2;
-- chunked prefill (a 64-token step budget): mixed steps reported, padded rows take no capacity.
+- chunked prefill (a 64-token step budget): mixed steps reported, padded rows take no capacity;
+- TP 2 x EP 2 (4 ranks): every router but expanded-drop generates, topk equals Megatron, TP ranks agree.
 """
 
 from __future__ import annotations
@@ -259,3 +260,46 @@ def test_chunked_prefill_topk_equals_megatron_and_mixed_steps_are_reported(chunk
     assert drop["decode"]["routers"] == ["topk"] and drop["decode"]["dropped"] == 0
     assert drop["mixed"]["dropped"] + drop["prefill"]["dropped"] > 0
     assert all(len(t) == 8 for t in chunked["drop"]["tokens"])
+
+
+# ---------------------------------------------------------------- TP 2 x EP 2: 4 gloo ranks, coordinator mode
+
+TP2_EP2: Dict[str, Any] = {
+    "megatron": None,
+    "topk": dict(router_type="topk"),
+    "drop": dict(router_type="capacity-drop", gamma=1.0),
+    "reroute": dict(router_type="capacity-reroute", gamma=1.0, reroute_rounds=2),
+    "laser": dict(router_type="laser", laser_eps_high=0.9, laser_t_fix=0.3, laser_pool=4),
+    "drop+pack": dict(router_type="capacity-drop", gamma=1.0, decode_router="decode-pack", decode_floor=1),
+}
+
+
+@pytest.mark.multirank
+def test_tp2_ep2_every_router_generates_and_tp_ranks_agree() -> None:
+    """TP 2 x EP 2 on 4 ranks (Megatron's layout: two data-parallel engines of two TP ranks, which are
+    also the MoE layers' EP group). One short prompt, 4 tokens; the configurations run one after the
+    other in the same engines (paused and resumed between them, Megatron's RL weight-update path).
+    expanded-drop is left out: it decides by the token's own EP rank, so at TP > 1 it needs
+    --sequence-parallel (refused without it: refusals.py, tests/test_arguments.py), which the dynamic engine's
+    CPU path here does not run."""
+    from tests.helpers.dynamic_engine_workers import PROMPTS, megatron_llm_worker
+
+    pytest.importorskip("zmq", reason="MegatronLLM's coordinator mode (needed at EP > 1) needs pyzmq")
+    pytest.importorskip("msgpack", reason="MegatronLLM's coordinator mode (needed at EP > 1) needs msgpack")
+    spec = dict(ep=2, tp=2, tokens=4, prompts=[PROMPTS[0]], routers=TP2_EP2)
+    ranks = run_distributed(megatron_llm_worker, 4, spec, timeout_s=600)
+    primary = ranks[0]
+    assert primary["topk"]["tokens"] == primary["megatron"]["tokens"]
+    for name in TP2_EP2:
+        assert len(primary[name]["tokens"]) == 1 and len(primary[name]["tokens"][0]) == 4, name
+    # The engine that served the prompt: its two TP ranks hold the same tokens and record the same stats.
+    serving = [r for r in ranks if r["drop"].get("phases")]
+    assert len(serving) == 2, [bool(r["drop"].get("phases")) for r in ranks]
+    for name, cfg in TP2_EP2.items():
+        if cfg is None:
+            continue
+        assert serving[0][name]["phases"] == serving[1][name]["phases"], name
+        assert serving[0][name]["phases"]["prefill"]["tokens"] > 0, name
+    both = serving[0]["drop+pack"]["phases"]
+    assert both["prefill"]["routers"] == ["capacity-drop"] and both["decode"]["routers"] == ["decode-pack"]
+    assert serving[0]["drop"]["phases"]["prefill"]["dropped"] > 0

@@ -33,7 +33,8 @@ def _setup(spec: Dict[str, Any]):
     from megatron_capaware._compat.cpu_shims import redirect_cuda_tensors_to_cpu
     from megatron_capaware._compat.cpu_shims import enable_dynamic_engine_on_cpu
 
-    parallel.init_model_parallel(parallel.ParallelSizes(expert_parallel=spec.get("ep", 1)),
+    parallel.init_model_parallel(parallel.ParallelSizes(tensor_parallel=spec.get("tp", 1),
+                                                        expert_parallel=spec.get("ep", 1)),
                                 timeout_s=spec.get("collective_timeout_s", 600))
     enable_dynamic_engine_on_cpu()
     redirect_cuda_tensors_to_cpu()
@@ -41,8 +42,9 @@ def _setup(spec: Dict[str, Any]):
     from megatron_capaware.megatron_lm.tokenizer import CapawareTokenizer
     from megatron_capaware.models import checkpoint, reference_models
 
-    model, _ = checkpoint.load_model(reference_models.reference_model_dir(), expert_parallel=spec.get("ep", 1),
-                                     params_dtype=torch.float32)
+    model, _ = checkpoint.load_model(reference_models.reference_model_dir(), tensor_parallel=spec.get("tp", 1),
+                                     expert_parallel=spec.get("ep", 1), params_dtype=torch.float32,
+                                     **({"sequence_parallel": True} if spec.get("sequence_parallel") else {}))
     tokenizer = CapawareTokenizer.from_file(reference_models.reference_model_dir() / "tokenizer")
     return model.eval(), tokenizer
 
@@ -63,7 +65,9 @@ def megatron_llm_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     ``spec``: ``routers`` ``{label: CapawareConfig kwargs}`` (``"megatron"``: no install),
     ``tokens`` to generate, ``ep``, ``api`` (``sync``: ``MegatronLLM``; ``async``: ``MegatronAsyncLLM``,
     coordinator mode at every EP), ``max_tokens`` / ``chunked_prefill`` (the engine's step budget and
-    Megatron's chunked prefill). In coordinator mode only the first
+    Megatron's chunked prefill), ``tp``. In coordinator mode with ``MegatronLLM`` the configurations
+    run one after the other in the same engines (paused and resumed between them; Megatron's own
+    router, None, only first); with ``MegatronAsyncLLM`` only the first
     configuration runs (install it before the engine loop starts). Returns ``{label: {"tokens": [[...]], "text": [...],
     "phases": {phase: {"calls": n, "tokens": n, "dropped": n, "requested": n}}}}``.
     """
@@ -84,14 +88,22 @@ def megatron_llm_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     model.config.inference_moe_token_dispatcher_type = "nccl"
     use_async = spec.get("api", "sync") == "async"
     # MegatronLLM requires the coordinator at EP > 1; MegatronAsyncLLM always does.
-    coordinator = spec.get("ep", 1) > 1 or use_async
-    if coordinator:
+    coordinator = spec.get("ep", 1) > 1 or spec.get("tp", 1) > 1 or use_async
+    routers = list(spec["routers"].items())
+    switch = coordinator and len(routers) > 1 and not use_async
+    if switch and any(cfg is None for _, cfg in routers[1:]):
+        raise ValueError("in coordinator mode Megatron's own router (None) can only be the first configuration")
+    sync_group = None
+    if switch:  # made before the engine threads start: only the main threads ever use it
+        import torch.distributed as dist
+
+        sync_group = dist.new_group(backend="gloo")
+    if coordinator and routers[0][1] is not None:
         # Install before the engine loops start: the install's rank-agreement collective must not
         # interleave with the other ranks' engine steps (they run on a background thread).
-        label, cfg = next(iter(spec["routers"].items()))
-        spec = dict(spec, routers={label: cfg})
-        if cfg is not None:
-            install_capaware_routers(model, CapawareConfig(**cfg), placement=spec.get("placement"))
+        install_capaware_routers(model, CapawareConfig(**routers[0][1]), placement=spec.get("placement"))
+    if coordinator and not switch:
+        routers = routers[:1]
     api = MegatronAsyncLLM if use_async else MegatronLLM
     llm = api(model=model, tokenizer=tokenizer, inference_config=_inference_config(spec), use_coordinator=coordinator)
     steps: List[Any] = []  # per engine step: (real, padded, prefill tokens), from the context's host bookkeeping
@@ -111,8 +123,22 @@ def megatron_llm_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     prompts: List[str] = spec.get("prompts", PROMPTS)
     timings: Dict[str, float] = {"setup_s": time.perf_counter() - start}
-    for label, cfg in spec["routers"].items():
-        if cfg is not None and not coordinator:
+    previous = None
+    for label, cfg in routers:
+        if switch and previous is not None:
+            # Another configuration in the same engines: pause them all (Megatron's RL weight-update
+            # path), read the previous configuration's stats, reinstall (its collectives run while the
+            # engine threads are paused), wait for every rank, and resume.
+            llm.pause()
+            if previous[1] is not None:
+                out[previous[0]]["phases"] = phase_totals(model)
+            install_capaware_routers(model, CapawareConfig(**cfg), placement=spec.get("placement"))
+            reset_stats(model)
+            import torch.distributed as dist
+
+            dist.barrier(group=sync_group)
+            llm.unpause()
+        elif cfg is not None and not coordinator:
             install_capaware_routers(model, CapawareConfig(**cfg), placement=spec.get("placement"))
             reset_stats(model)
         result: Dict[str, Any] = {}
@@ -126,15 +152,15 @@ def megatron_llm_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
             result["steps"] = list(steps)
         steps.clear()
         out[label] = result
-        if coordinator:
-            break  # one configuration per engine: the other ranks' engine loops run on their own
-        if cfg is not None:
+        previous = (label, cfg)
+        if cfg is not None and not coordinator:
             result["phases"] = phase_totals(model)
     if coordinator:
         if use_async:
             asyncio.run(llm.shutdown())
         else:
             llm.shutdown()  # every rank's engine loop has stopped: its stats are complete
+        label, cfg = previous
         if cfg is not None:
             out[label]["phases"] = phase_totals(model)
     out["timings"] = timings
