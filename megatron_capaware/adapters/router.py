@@ -144,7 +144,8 @@ class CapawareRouter(TopKRouter):
         state = self.capaware_state.on(logits.device)  # its tensors on the router's device (built at install)
         with routing_collectives(self.layer_number, state.load_group):
             cfg = state.config
-            if not router_type(cfg.router_type).is_vanilla:
+            # MTP layers keep Megatron's routing (adapters/mtp.py) and run outside the dynamic step.
+            if not router_type(cfg.router_type).is_vanilla and not getattr(self, "is_mtp_layer", False):
                 route = phases.choose_route(state, logits.device)
                 if route == phases.TOPK_ON_LAYOUT:
                     return self._topk_on_layout(logits, padding_mask, phases.current_composition())
