@@ -261,3 +261,32 @@ def test_decode_only_steps_take_the_decode_router() -> None:
     assert out["phases"]["decode"]["routers"] == ["decode-pack"]
     assert out["phases"]["prefill"]["routers"] == ["capacity-drop"]
     assert "dynamic inference engine" in out["outside"] and "drop the flag" in out["outside"]
+
+
+def test_phase_split_composes_each_deployment_from_its_routers_records() -> None:
+    """scripts/phase_split.py: prefill figures from the policy's record, decode figures from the record
+    of the router that routes decode-only steps in each deployment."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "phase_split.py"
+    spec = importlib.util.spec_from_file_location("phase_split", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def record(label, ppl, speed, dppl_decode, active, peak=1.0):
+        return dict(label=label, ppl=ppl, predicted_speedup=speed, dropped_frac=0.0, decode_ppl=dppl_decode,
+                    decode_active_speedup=active, decode_rank_peak_load=peak, decode_dropped_frac=0.0)
+
+    drop = CapawareConfig(router_type="capacity-drop", gamma=1.0).describe()
+    pack = CapawareConfig(router_type="decode-pack", decode_floor=1).describe()
+    records = {"topk": record("topk", 10.0, 1.0, 20.0, 1.0), drop: record(drop, 11.0, 1.3, 30.0, 0.9, 0.8),
+               pack: record(pack, 10.0, 1.0, 21.0, 1.5)}
+    rows = module.compose(records, ["capacity-drop:gamma=1"], "decode-pack:floor=1")
+    assert [r["decode_router"] for r in rows] == ["topk", drop, "topk", pack]
+    every, default, with_pack = rows[1:]
+    assert every["prefill_dppl"] == default["prefill_dppl"] == with_pack["prefill_dppl"] == pytest.approx(10.0)
+    assert every["decode_dppl"] == pytest.approx(50.0) and every["decode_speedup"] == 0.9
+    assert default["decode_dppl"] == 0.0 and default["decode_speedup"] == 1.0
+    assert with_pack["decode_dppl"] == pytest.approx(5.0) and with_pack["decode_speedup"] == 1.5
+    assert "| capacity-drop(gamma=1) |" in module.table(rows, 16)
