@@ -290,3 +290,30 @@ def test_phase_split_composes_each_deployment_from_its_routers_records() -> None
     assert default["decode_dppl"] == 0.0 and default["decode_speedup"] == 1.0
     assert with_pack["decode_dppl"] == pytest.approx(5.0) and with_pack["decode_speedup"] == 1.5
     assert "| capacity-drop(gamma=1) |" in module.table(rows, 16)
+
+
+def test_a_decode_router_makes_laser_calls_variable_for_the_dispatcher() -> None:
+    """LASER keeps k per token (Megatron's sync point stays); decode-pack on its decode steps may not."""
+    pytest.importorskip("megatron.core")
+    from megatron_capaware.adapters.dispatcher import CapawareDispatcherMixin
+
+    def variable(cfg, padded=False):
+        stub = types.SimpleNamespace(capaware_state=types.SimpleNamespace(config=cfg, padded=padded))
+        return CapawareDispatcherMixin.capaware_variable_counts.fget(stub)
+
+    assert not variable(CapawareConfig(router_type="laser"))
+    assert variable(CapawareConfig(router_type="laser"), padded=True)
+    assert variable(CapawareConfig(router_type="laser", decode_router="decode-pack"))
+    assert variable(CapawareConfig(router_type="capacity-drop", decode_router="decode-pack"))
+    assert not variable(CapawareConfig(router_type="topk"))
+
+
+def test_a_decode_router_is_refused_under_a_plan_with_replicas() -> None:
+    pytest.importorskip("megatron.core")
+    from megatron_capaware.adapters.placement import check_router_for_slots
+    from megatron_capaware.placement import PlacementError
+
+    cfg = CapawareConfig(router_type="capacity-drop", decode_router="decode-pack")
+    check_router_for_slots(cfg, 8, 8)  # no replica: fine
+    with pytest.raises(PlacementError, match="--capaware-decode-router decode-pack"):
+        check_router_for_slots(cfg, 10, 8)
