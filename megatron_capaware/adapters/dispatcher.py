@@ -52,7 +52,7 @@ class CapawareDispatcherMixin:
         state = self.capaware_state
         if state is None:
             return False
-        decode = state.config.decode_router  # a decode router (decode-only steps) may keep fewer than k
+        decode = getattr(state.config, "decode_router", None)  # a decode router may keep fewer than k
         return not router_type(state.config.router_type).keeps_k or (
             not router_type(state.config.router_type).is_vanilla and state.padded) or (
             decode is not None and not router_type(decode).keeps_k)
