@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
 from megatron_capaware.policies.common import CAPACITY_UNITS, DROP_POLICIES, LASER_LOADS, REROUTE_POLICIES
-from megatron_capaware.registry import CAPACITY_REROUTE, DECODE_PACK, LASER, SCOPES, TOPK, router_names, router_type
+from megatron_capaware.registry import (
+    CAPACITY_REROUTE,
+    DECODE_PACK,
+    DECODE_ROUTERS,
+    KNOBS_BY_FIELD,
+    LASER,
+    SCOPES,
+    TOPK,
+    router_names,
+    router_type,
+)
 
 #: Every registered router type (megatron_capaware.registry), in table order.
 ROUTER_TYPES = router_names()
@@ -79,13 +89,14 @@ def check_decode_knobs(cfg: "CapawareConfig", topk: Optional[int]) -> None:
                                   "scoring >= t_fix x the token's best)")
     if not isinstance(cfg.decode_rank_aware, bool):
         raise CapawareConfigError(f"decode rank_aware={cfg.decode_rank_aware!r} must be true or false")
-    if cfg.router_type != DECODE_PACK:
+    if DECODE_PACK not in (cfg.router_type, cfg.decode_router):
         changed = [name for name, default in (("decode_floor", None), ("decode_t_fix", 1.0), ("decode_pool", None),
                                               ("decode_slack", 0), ("decode_rank_aware", True))
                    if getattr(cfg, name) != default]
         if changed:
             raise CapawareConfigError(f"{', '.join(changed)} are decode-pack options, not {cfg.router_type}'s; use "
-                                      "--moe-router-type decode-pack or leave them unset")
+                                      "--moe-router-type decode-pack (or --capaware-decode-router decode-pack) or "
+                                      "leave them unset")
     if topk is not None:
         if cfg.decode_floor is not None and cfg.decode_floor > topk:
             raise CapawareConfigError(f"decode floor={cfg.decode_floor} exceeds the model's top-k={topk}; use "
@@ -110,6 +121,39 @@ def decode_label(cfg: "CapawareConfig") -> str:
     return f"{DECODE_PACK}({','.join(parts)})"
 
 
+def check_decode_router(cfg: "CapawareConfig") -> None:
+    """``decode_router`` (``--capaware-decode-router``): a decode router, on a router that hands it decode steps.
+
+    Raises:
+        CapawareConfigError: naming the flag and the fix.
+    """
+    name = cfg.decode_router
+    if name is None:
+        return
+    if name not in DECODE_ROUTERS:
+        what = "a router type" if name in ROUTER_TYPES else "not a router type"
+        raise CapawareConfigError(
+            f"--capaware-decode-router {name!r} is {what} but not a decode router: use "
+            f"{' or '.join(DECODE_ROUTERS)} (it routes the dynamic engine's decode-only steps), or leave it unset "
+            "(top-k on decode-only steps)")
+    if cfg.router_type not in KNOBS_BY_FIELD["decode_router"].routers:
+        if router_type(cfg.router_type).is_vanilla:
+            fix = f"use --moe-router-type {name} alone (it routes decode-only steps and leaves the rest to top-k)"
+        else:
+            fix = f"--moe-router-type {cfg.router_type} is a decode router itself; use it alone"
+        raise CapawareConfigError(
+            f"--capaware-decode-router {name} needs a router for prefill and mixed steps (one of "
+            f"{', '.join(KNOBS_BY_FIELD['decode_router'].routers)}): {fix}")
+    if cfg.phases is not None:
+        from megatron_capaware.policies.phases import parse_phases
+
+        if "decode" in parse_phases(cfg.phases):
+            raise CapawareConfigError(
+                f"--capaware-phases {cfg.phases} applies {cfg.router_type} to decode-only steps, and "
+                f"--capaware-decode-router {name} routes them too: remove decode from --capaware-phases or drop "
+                "--capaware-decode-router")
+
+
 def _check_phases(phases: str) -> None:
     from megatron_capaware.policies.phases import PhaseConfigError, parse_phases
 
@@ -117,6 +161,11 @@ def _check_phases(phases: str) -> None:
         parse_phases(phases)
     except PhaseConfigError as err:
         raise CapawareConfigError(str(err)) from None
+
+
+#: decode-pack's knob defaults (a host router's label leaves its decode router's knobs out).
+_DECODE_DEFAULTS: Dict[str, Any] = dict(decode_floor=None, decode_t_fix=1.0, decode_pool=None, decode_slack=0,
+                                        decode_rank_aware=True)
 
 
 @dataclass
@@ -161,6 +210,8 @@ class CapawareConfig:
             ``idle``; other steps are routed by ``topk`` on the placement. None: the router
             type's default (:attr:`megatron_capaware.registry.RouterType.phases`: ``prefill,mixed``,
             ``decode`` for ``decode-pack``).
+        decode_router: a decode router (``decode-pack``) for the dynamic engine's decode-only
+            steps instead of top-k (``--capaware-decode-router``); its ``decode_*`` knobs apply.
     """
 
     router_type: str = TOPK
@@ -189,6 +240,7 @@ class CapawareConfig:
     check_scores: bool = True
     layer_params: Dict[int, LaserParams] = field(default_factory=dict)
     phases: Optional[str] = None
+    decode_router: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.laser_calibration and not self.layer_params:
@@ -240,6 +292,7 @@ class CapawareConfig:
             )
         if self.phases is not None:
             _check_phases(self.phases)
+        check_decode_router(self)
         if self.reroute_policy not in REROUTE_POLICIES:
             raise CapawareConfigError(
                 f"reroute policy {self.reroute_policy!r} must be one of {', '.join(REROUTE_POLICIES)}"
@@ -277,6 +330,25 @@ class CapawareConfig:
         if topk is not None and num_experts is not None and topk > num_experts:
             raise CapawareConfigError(f"top-k={topk} exceeds the number of experts {num_experts}")
 
+    def decode_config(self) -> "Optional[CapawareConfig]":
+        """The configuration of the decode router (``decode_router``) for decode-only steps, or None.
+
+        Its own knobs (``decode_*``) and the shared ones (renormalize, scope, stats, score check)
+        carry over; the host router's capacity or LASER knobs do not apply to it.
+        """
+        if self.decode_router is None:
+            return None
+        values = dict(router_type=self.decode_router, decode_floor=self.decode_floor,
+                      decode_t_fix=self.decode_t_fix, decode_pool=self.decode_pool, decode_slack=self.decode_slack,
+                      decode_rank_aware=self.decode_rank_aware, renormalize=self.renormalize, scope=self.scope,
+                      record_stats=self.record_stats, check_scores=self.check_scores)
+        key = tuple(values.values())
+        cached = self.__dict__.get("_decode_config")  # (key, config): built once per setting, not per call
+        if cached is None or cached[0] != key:
+            cached = (key, CapawareConfig(**values))
+            self.__dict__["_decode_config"] = cached
+        return cached[1]
+
     def decode_floor_for(self, topk: int) -> int:
         """decode-pack's floor for a model's top-k (``decode_floor``, default ``ceil(k / 2)``)."""
         return self.decode_floor if self.decode_floor is not None else (topk + 1) // 2
@@ -289,7 +361,14 @@ class CapawareConfig:
         return LaserParams(self.laser_eps_high, self.laser_t_fix, pool)
 
     def describe(self) -> str:
-        """A short label for tables: ``capacity-drop(gamma=1.25)``, ``laser(cal)``..."""
+        """A short label for tables: ``capacity-drop(gamma=1.25)``, ``laser(cal)``...; with a decode
+        router: ``capacity-drop(gamma=1)+decode:decode-pack(floor=k/2)``."""
+        decode = self.decode_config()
+        if decode is not None:
+            return f"{self.replace(decode_router=None, **_DECODE_DEFAULTS)._describe()}+decode:{decode.describe()}"
+        return self._describe()
+
+    def _describe(self) -> str:
         if router_type(self.router_type).is_vanilla:
             return self.router_type
         if self.router_type == DECODE_PACK:

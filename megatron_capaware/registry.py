@@ -139,6 +139,10 @@ _NON_VANILLA = tuple(n for n, r in ROUTER_TYPES.items() if not r.is_vanilla)
 _REROUTE = (CAPACITY_REROUTE,)
 _LASER = (LASER,)
 _DECODE = (DECODE_PACK,)
+#: Routers of decode-only steps (``--capaware-decode-router``): their default phases are decode only.
+DECODE_ROUTERS = tuple(n for n, r in ROUTER_TYPES.items() if r.phases == "decode")
+#: Routers that may hand decode-only steps to a decode router (not top-k, not a decode router itself).
+_TAKES_DECODE_ROUTER = tuple(n for n, r in ROUTER_TYPES.items() if not r.is_vanilla and n not in DECODE_ROUTERS)
 
 KNOBS: Tuple[Knob, ...] = (
     Knob("gamma", ("gamma",), "float", 1.25, _CAPACITY, check="positive", shown=_CAPACITY, metavar="GAMMA",
@@ -198,20 +202,27 @@ KNOBS: Tuple[Knob, ...] = (
          "prefill, mixed, decode, idle; other steps are routed by top-k on the placement's layout (steps "
          "captured as CUDA graphs always are). Eager steps at EP > 1 run the policy whatever their phase "
          "(ranks may differ). Default: prefill,mixed (decode-pack: decode)."),
+    Knob("decode_router", ("decode_router",), "str", None, _TAKES_DECODE_ROUTER, choices=DECODE_ROUTERS,
+         metavar="ROUTER",
+         help="Megatron's dynamic inference engine: route decode-only steps by this decode router (its "
+         "--capaware-decode-* knobs apply) instead of top-k, while the policy keeps prefill and mixed steps: one "
+         "router per phase in one run. Needs the dynamic engine and --capaware-phases without decode. At EP > 1 "
+         "the ranks agree on each eager step's phase (one all-reduce of one integer per step). Default: none "
+         "(top-k on decode-only steps)."),
     Knob("seed", ("seed",), "int", 0, _DROPPING, check="int>=0", metavar="SEED",
          help="Seed of the random drop policy (independent of Megatron's --seed)."),
-    Knob("decode_floor", ("floor",), "int", None, _DECODE, check="int>=1", metavar="K0",
+    Knob("decode_floor", ("floor", "decode_floor"), "int", None, _DECODE, check="int>=1", metavar="K0",
          help="Every token keeps its K0 best experts (1 <= K0 <= --moe-router-topk; K0 = top-k is top-k). "
          "Default: ceil(top-k / 2)."),
-    Knob("decode_pool", ("pool",), "int", None, _DECODE, check="int>=1", metavar="C",
+    Knob("decode_pool", ("pool", "decode_pool"), "int", None, _DECODE, check="int>=1", metavar="C",
          help="A token fills its other slots from at most C candidates: its top-k, then experts scoring >= "
          "--capaware-decode-t-fix x its best (C >= top-k). Default: top-k."),
-    Knob("decode_t_fix", ("t_fix",), "float", 1.0, _DECODE, check="unit", metavar="T",
+    Knob("decode_t_fix", ("t_fix", "decode_t_fix"), "float", 1.0, _DECODE, check="unit", metavar="T",
          help="Candidates beyond the top-k score >= T x the token's best (a ratio in (0, 1])."),
-    Knob("decode_slack", ("slack",), "int", 0, _DECODE, check="int>=0", metavar="N",
+    Knob("decode_slack", ("slack", "decode_slack"), "int", 0, _DECODE, check="int>=0", metavar="N",
          help="Each EP rank may activate up to N experts beyond what the floor activates on the busiest rank "
          "(never beyond top-k's busiest rank)."),
-    Knob("decode_rank_aware", ("rank",), "bool", True, _DECODE, flag_name="decode_oea", inverted=True,
+    Knob("decode_rank_aware", ("rank", "decode_rank"), "bool", True, _DECODE, flag_name="decode_oea", inverted=True,
          help="OEA's rule (arXiv 2511.02237): fill only from experts the floor already activates, no rank "
          "awareness (the outside baseline). Default: off (rank-aware)."),
 )
@@ -248,12 +259,23 @@ def knobs_for(name: str) -> Tuple[Knob, ...]:
 
 def spec_key(key: str, router: str) -> Optional[Knob]:
     """The knob a spec key names for ``router`` (``policy`` is the drop policy except for reroute;
-    a key two types share, like ``pool``, names the one ``router`` reads)."""
+    a key two types share, like ``pool``, names the one ``router`` reads; the decode router's
+    knobs have ``decode_*`` keys of their own for the routers that take ``decode_router``)."""
     if key == "policy" and router not in _REROUTE:
         return KNOBS_BY_FIELD["drop_policy"]
     named = [k for k in KNOBS if key in k.keys]
     return next((k for k in named if router in k.routers), named[0] if named else None)
 
 
-__all__ = ["CALIBRATED_FIELDS", "CAPACITY_DROP", "DECODE_PACK", "CAPACITY_REROUTE", "EXPANDED_DROP", "LASER", "TOPK", "KNOBS", "KNOBS_BY_FIELD", "Knob", "ROUTER_TYPES", "RouterType", "SCOPES", "knobs_for", "router_names",
+def decode_router_knobs(decode_router: Optional[str]) -> Tuple[Knob, ...]:
+    """The knobs a ``--capaware-decode-router`` reads besides its host router's (none without one)."""
+    return knobs_for(decode_router) if decode_router else ()
+
+
+def knob_applies(knob: Knob, router: str, decode_router: Optional[str] = None) -> bool:
+    """Whether router type ``router`` (with ``decode_router`` on decode-only steps) reads ``knob``."""
+    return router in knob.routers or (decode_router is not None and decode_router in knob.routers)
+
+
+__all__ = ["CALIBRATED_FIELDS", "CAPACITY_DROP", "DECODE_PACK", "DECODE_ROUTERS", "decode_router_knobs", "knob_applies", "CAPACITY_REROUTE", "EXPANDED_DROP", "LASER", "TOPK", "KNOBS", "KNOBS_BY_FIELD", "Knob", "ROUTER_TYPES", "RouterType", "SCOPES", "knobs_for", "router_names",
            "router_type", "spec_key"]

@@ -157,3 +157,163 @@ def test_cuda_graph_refusal_is_narrowed() -> None:
         assert row.refused(get(unsafe)), unsafe
     message = row.message("capacity-drop", get({"cuda_graph_impl": "transformer_engine"}))
     assert "--cuda-graph-impl local" in message and "transformer_engine" in message
+
+
+# ---------------------------------------------------------------- one router per phase (--capaware-decode-router)
+
+def test_step_route_with_a_decode_router() -> None:
+    from megatron_capaware.policies.phases import DECODE, POLICY, TOPK_ON_LAYOUT, step_route
+
+    default = parse_phases("prefill,mixed")
+    assert step_route(StepComposition(0, 4), default, 1, decode_router=True) == DECODE
+    assert step_route(StepComposition(0, 4), default, 1) == TOPK_ON_LAYOUT
+    assert step_route(StepComposition(8, 0), default, 1, decode_router=True) == POLICY
+    assert step_route(StepComposition(8, 2), default, 1, decode_router=True) == POLICY
+    assert step_route(StepComposition(0, 4, captured=True), default, 1, decode_router=True) == TOPK_ON_LAYOUT
+    # EP > 1: the ranks' agreement decides; not agreed (None) or a prefill somewhere: the policy.
+    assert step_route(StepComposition(0, 4), default, 2, True, group_decode_only=True) == DECODE
+    assert step_route(StepComposition(0, 0), default, 2, True, group_decode_only=True) == DECODE  # idle rank
+    assert step_route(StepComposition(0, 4), default, 2, True, group_decode_only=False) == POLICY
+    assert step_route(StepComposition(0, 4), default, 2, True, group_decode_only=None) == POLICY
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(router_type="topk", decode_router="decode-pack"), "use --moe-router-type decode-pack alone"),
+    (dict(router_type="decode-pack", decode_router="decode-pack"), "is a decode router itself"),
+    (dict(router_type="capacity-drop", decode_router="laser"), "not a decode router"),
+    (dict(router_type="capacity-drop", decode_router="nope"), "not a router type"),
+    (dict(router_type="capacity-drop", decode_router="decode-pack", phases="all"), "remove decode from"),
+    (dict(router_type="capacity-drop", decode_floor=1), "--capaware-decode-router decode-pack"),
+])
+def test_decode_router_refusals(kwargs, match) -> None:
+    with pytest.raises(CapawareConfigError, match=match):
+        CapawareConfig(**kwargs)
+
+
+def test_decode_router_through_spec_flags_and_label(capsys) -> None:
+    import argparse
+
+    from megatron_capaware.megatron_lm.arguments import add_capaware_args, config_from_args
+    from megatron_capaware.tools.router_specs import format_router_spec, megatron_flags, parse_router_spec
+
+    cases = [CapawareConfig(router_type="capacity-drop", gamma=1.0, decode_router="decode-pack"),
+             CapawareConfig(router_type="capacity-drop", gamma=1.0, decode_router="decode-pack", decode_floor=1),
+             CapawareConfig(router_type="laser", decode_router="decode-pack", decode_pool=4, laser_pool=6)]
+    for cfg in cases:
+        spec = format_router_spec(cfg)
+        assert parse_router_spec(spec)[0] == cfg, spec
+        parser = add_capaware_args(argparse.ArgumentParser())
+        args = parser.parse_args(megatron_flags(cfg))  # checked: the decode router's knobs apply here
+        assert config_from_args(args) == cfg, megatron_flags(cfg)
+    assert format_router_spec(cases[2]) == "laser:eps_high=0.6,t_fix=0.5,pool=6,decode_router=decode-pack,decode_pool=4"
+    assert cases[1].describe() == "capacity-drop(gamma=1)+decode:decode-pack(floor=1)"
+    assert cases[1].decode_config().router_type == "decode-pack" and cases[1].decode_config().decode_floor == 1
+    parser = add_capaware_args(argparse.ArgumentParser())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--moe-router-type", "capacity-drop", "--capaware-decode-floor", "1"])
+    assert "--capaware-decode-floor has no effect" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--moe-router-type", "capacity-drop", "--capaware-decode-router", "laser"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def _decode_router_worker(spec):
+    from megatron_capaware import parallel, policies
+    from megatron_capaware.adapters import install_capaware_routers
+    from megatron_capaware.adapters.inference_padding import dynamic_step, step_padding
+    from megatron_capaware.adapters.phases import phase_totals
+    from megatron_capaware.errors import CapawareConfigError as UserError
+    from tests.test_router_inputs import _layer
+
+    parallel.init_model_parallel(parallel.ParallelSizes(), timeout_s=60)
+    parallel.set_seed(0)
+    layer = _layer(E=8, k=2)
+    logits = torch.randn(16, 1, 8, generator=torch.Generator().manual_seed(5))
+    logits[..., 0] += 3.0
+    install_capaware_routers(layer, CapawareConfig(router_type="capacity-drop", gamma=0.5,
+                                                   decode_router="decode-pack", decode_floor=1))
+    router = layer.router
+    out = {}
+    with torch.no_grad():
+        scores = torch.softmax(logits.reshape(16, 8).float(), dim=-1)
+        out["pack"] = policies.decode_pack(scores, 2, 1, return_decision=True).routing_map
+        out["drop"] = policies.capacity_drop(scores, 2, 0.5, return_decision=True).routing_map
+        with dynamic_step(step_padding(FakeContext(0, 16, 16))):
+            out["decode"] = router.routing(logits)[1]
+        with dynamic_step(step_padding(FakeContext(16, 0, 16))):
+            out["prefill"] = router.routing(logits)[1]
+        try:
+            router.routing(logits)  # outside a dynamic step: refused
+        except UserError as err:
+            out["outside"] = str(err)
+    out["phases"] = phase_totals(layer)
+    return out
+
+
+def test_decode_only_steps_take_the_decode_router() -> None:
+    pytest.importorskip("megatron.core")
+    from megatron_capaware._compat.launcher import run_distributed
+
+    out = run_distributed(_decode_router_worker, 1, {}, timeout_s=300)[0]
+    assert torch.equal(out["decode"], out["pack"])  # decode-pack's decision, as the policy gives it
+    assert torch.equal(out["prefill"], out["drop"])  # capacity-drop's
+    assert not torch.equal(out["pack"], out["drop"])
+    assert out["phases"]["decode"]["routers"] == ["decode-pack"]
+    assert out["phases"]["prefill"]["routers"] == ["capacity-drop"]
+    assert "dynamic inference engine" in out["outside"] and "drop the flag" in out["outside"]
+
+
+def test_phase_split_composes_each_deployment_from_its_routers_records() -> None:
+    """scripts/phase_split.py: prefill figures from the policy's record, decode figures from the record
+    of the router that routes decode-only steps in each deployment."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "phase_split.py"
+    spec = importlib.util.spec_from_file_location("phase_split", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def record(label, ppl, speed, dppl_decode, active, peak=1.0):
+        return dict(label=label, ppl=ppl, predicted_speedup=speed, dropped_frac=0.0, decode_ppl=dppl_decode,
+                    decode_active_speedup=active, decode_rank_peak_load=peak, decode_dropped_frac=0.0)
+
+    drop = CapawareConfig(router_type="capacity-drop", gamma=1.0).describe()
+    pack = CapawareConfig(router_type="decode-pack", decode_floor=1).describe()
+    records = {"topk": record("topk", 10.0, 1.0, 20.0, 1.0), drop: record(drop, 11.0, 1.3, 30.0, 0.9, 0.8),
+               pack: record(pack, 10.0, 1.0, 21.0, 1.5)}
+    rows = module.compose(records, ["capacity-drop:gamma=1"], "decode-pack:floor=1")
+    assert [r["decode_router"] for r in rows] == ["topk", drop, "topk", pack]
+    every, default, with_pack = rows[1:]
+    assert every["prefill_dppl"] == default["prefill_dppl"] == with_pack["prefill_dppl"] == pytest.approx(10.0)
+    assert every["decode_dppl"] == pytest.approx(50.0) and every["decode_speedup"] == 0.9
+    assert default["decode_dppl"] == 0.0 and default["decode_speedup"] == 1.0
+    assert with_pack["decode_dppl"] == pytest.approx(5.0) and with_pack["decode_speedup"] == 1.5
+    assert "| capacity-drop(gamma=1) |" in module.table(rows, 16)
+
+
+def test_a_decode_router_makes_laser_calls_variable_for_the_dispatcher() -> None:
+    """LASER keeps k per token (Megatron's sync point stays); decode-pack on its decode steps may not."""
+    pytest.importorskip("megatron.core")
+    from megatron_capaware.adapters.dispatcher import CapawareDispatcherMixin
+
+    def variable(cfg, padded=False):
+        stub = types.SimpleNamespace(capaware_state=types.SimpleNamespace(config=cfg, padded=padded))
+        return CapawareDispatcherMixin.capaware_variable_counts.fget(stub)
+
+    assert not variable(CapawareConfig(router_type="laser"))
+    assert variable(CapawareConfig(router_type="laser"), padded=True)
+    assert variable(CapawareConfig(router_type="laser", decode_router="decode-pack"))
+    assert variable(CapawareConfig(router_type="capacity-drop", decode_router="decode-pack"))
+    assert not variable(CapawareConfig(router_type="topk"))
+
+
+def test_a_decode_router_is_refused_under_a_plan_with_replicas() -> None:
+    pytest.importorskip("megatron.core")
+    from megatron_capaware.adapters.placement import check_router_for_slots
+    from megatron_capaware.placement import PlacementError
+
+    cfg = CapawareConfig(router_type="capacity-drop", decode_router="decode-pack")
+    check_router_for_slots(cfg, 8, 8)  # no replica: fine
+    with pytest.raises(PlacementError, match="--capaware-decode-router decode-pack"):
+        check_router_for_slots(cfg, 10, 8)

@@ -45,14 +45,17 @@ class CapawareDispatcherMixin:
 
         Every router but those that keep exactly k per token (vanilla top-k, LASER: it moves
         assignments between a token's pool experts); LASER's count changes only on a call
-        with padding tokens (no expert), which its router notes in the state. Otherwise
-        Megatron's own sync point stays.
+        with padding tokens (no expert), which its router notes in the state; with a decode
+        router that may keep fewer (``--capaware-decode-router decode-pack``) every call
+        counts as variable. Otherwise Megatron's own sync point stays.
         """
         state = self.capaware_state
         if state is None:
             return False
+        decode = getattr(state.config, "decode_router", None)  # a decode router may keep fewer than k
         return not router_type(state.config.router_type).keeps_k or (
-            not router_type(state.config.router_type).is_vanilla and state.padded)
+            not router_type(state.config.router_type).is_vanilla and state.padded) or (
+            decode is not None and not router_type(decode).keeps_k)
 
     def dispatch_postprocess(self, hidden_states, probs):  # type: ignore[override]
         result = super().dispatch_postprocess(hidden_states, probs)  # type: ignore[misc]

@@ -45,12 +45,14 @@ from megatron_capaware.policies.phases import StepComposition
 
 @dataclasses.dataclass(frozen=True)
 class StepPadding:
-    """One dynamic step: its real token count (``[1]`` tensor or int), padded count, and
-    composition (:class:`megatron_capaware.adapters.phases.StepComposition`, or None)."""
+    """One dynamic step: its real token count (``[1]`` tensor or int), padded count,
+    composition (:class:`megatron_capaware.adapters.phases.StepComposition`, or None) and the
+    inference context it was read from (the phases' per-step agreement is cached on it)."""
 
     real_count: Union[torch.Tensor, int]
     padded_count: int
     composition: Any = None
+    context: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 _STEP: contextvars.ContextVar[Optional[StepPadding]] = contextvars.ContextVar("capaware_dynamic_step", default=None)
@@ -64,7 +66,7 @@ def step_padding(context: Any) -> Optional[StepPadding]:
     real = getattr(getattr(context, "gpu_view", None), "real_token_count", None)
     if real is None:  # a context without the device-side count: the host one
         real = int(getattr(context, "active_token_count", 0) or 0)
-    return StepPadding(real_count=real, padded_count=padded, composition=step_composition(context))
+    return StepPadding(real_count=real, padded_count=padded, composition=step_composition(context), context=context)
 
 
 def step_composition(context: Any) -> Optional[StepComposition]:

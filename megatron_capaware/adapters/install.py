@@ -251,3 +251,4 @@ def reset_stats(model: torch.nn.Module) -> None:
     for state in layer_states(model):
         for stats in ([state.stats] if state.stats is not None else []) + list(state.phase_stats.values()):
             stats.reset()
+        state.phase_routers.clear()

@@ -41,17 +41,22 @@ call with its own rank's phase.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
+from megatron_capaware.policies.collectives import all_reduce_sum, group_size
 from megatron_capaware.policies.phases import (  # noqa: F401  (re-exported)
+    DECODE,
     DEFAULT_PHASES,
     PHASES,
+    POLICY,
+    TOPK_ON_LAYOUT,
     PhaseConfigError,
     StepComposition,
     parse_phases,
     route_with_policy,
+    step_route,
 )
 from megatron_capaware.adapters.inference_padding import current_step, step_composition  # noqa: F401
 from megatron_capaware.adapters.layers import moe_layers
@@ -61,6 +66,57 @@ def current_composition() -> Optional[StepComposition]:
     """The composition published for the MoE layer now running (by the ``_forward_mlp`` hook), or None."""
     step = current_step()
     return None if step is None else step.composition
+
+
+_AGREED = "_capaware_group_decode_only"
+
+
+def group_decode_only(load_group: Any, device: torch.device) -> bool:
+    """Whether the current dynamic step is decode-only (or idle) on every rank of ``load_group``.
+
+    The ranks agree once per step (at the first routed MoE layer; cached on the
+    inference context, keyed by the step's ``batch_dimensions`` object, which
+    ``initialize_attention_state`` makes anew each step): one all-reduce of one
+    integer (the ranks with prefill tokens) and one host read of it, the same
+    exchange Megatron's CUDA-graph matching (``adjust_batch_dims_for_expert_parallelism``)
+    makes each step. Only a decode router at EP > 1 asks for it.
+    """
+    padding = current_step()
+    step = None if padding is None else padding.composition
+    if step is None:
+        return False
+    context = padding.context
+    key = getattr(context, "batch_dimensions", None)
+    cached = getattr(context, _AGREED, None)
+    if key is not None and cached is not None and cached[0] is key:
+        return bool(cached[1])
+    with_prefill = torch.tensor([1 if step.prefill_tokens else 0], dtype=torch.int64, device=device)
+    agreed = int(all_reduce_sum(with_prefill, load_group).item()) == 0  # one read per step
+    if key is not None and context is not None:
+        setattr(context, _AGREED, (key, agreed))
+    return agreed
+
+
+def choose_route(state: Any, device: torch.device) -> str:
+    """:data:`POLICY`, :data:`DECODE` or :data:`TOPK_ON_LAYOUT` for a routed call of the layer with ``state``.
+
+    Raises:
+        CapawareConfigError: a decode router outside Megatron's dynamic engine (no decode step to route).
+    """
+    step = current_composition()
+    decode_router = state.config.decode_router is not None
+    if decode_router and step is None:
+        from megatron_capaware.errors import CapawareConfigError
+
+        raise CapawareConfigError(
+            f"--capaware-decode-router {state.config.decode_router} routes the decode-only steps of Megatron's "
+            "dynamic inference engine, and this forward runs outside one (the static engine, training or "
+            "evaluation): use the dynamic engine (MegatronLLM, gpt_dynamic_inference.py), or drop the flag")
+    size = group_size(state.load_group)
+    agreed = None
+    if decode_router and size > 1 and step is not None and not step.captured:
+        agreed = group_decode_only(state.load_group, device)
+    return step_route(step, state.phases, size, decode_router, agreed)
 
 
 def check_not_capturing(layer_number: Any) -> None:
@@ -84,13 +140,14 @@ def check_not_capturing(layer_number: Any) -> None:
 
 # ---------------------------------------------------------------- statistics per phase
 
-def record_phase(state: Any, decision: Any, slot_loads: Optional[torch.Tensor]) -> None:
+def record_phase(state: Any, decision: Any, slot_loads: Optional[torch.Tensor], router: str = "") -> None:
     """Record one call of a dynamic step in the layer's per-phase stats too (device-side, no sync).
 
     ``state``: the layer's :class:`~megatron_capaware.adapters.state.LayerRoutingState`. A call
     outside a dynamic step (the static engine, evaluation) records nothing here: its figures are
     the totals (``collect_stats``) already, and recording them twice doubled the stats work of
-    every such call.
+    every such call. ``router``: the label of the router that made the decision (the phase's
+    statistics name every router that routed it).
     """
     step = current_composition()
     if step is None:
@@ -105,6 +162,10 @@ def record_phase(state: Any, decision: Any, slot_loads: Optional[torch.Tensor]) 
                            load_group=base.load_group)
         per_phase[phase] = stats
     stats.record_decision(decision, slot_loads)
+    if router:
+        routers = state.phase_routers.setdefault(phase, [])
+        if router not in routers:
+            routers.append(router)
 
 
 def _phase_records(layer: Any) -> Dict[str, Any]:
@@ -130,16 +191,33 @@ def reset_phase_stats(model: torch.nn.Module) -> None:
     for layer in moe_layers(model):
         for stats in _phase_records(layer).values():
             stats.reset()
+        state = getattr(layer.router, "capaware_state", None)
+        if state is not None:
+            state.phase_routers.clear()
 
 
-def phase_totals(model: torch.nn.Module) -> Dict[str, Dict[str, int]]:
-    """This rank's counts per phase, summed over layers: ``calls``, ``tokens``, ``requested``, ``dropped``, ``rerouted``."""
-    out: Dict[str, Dict[str, int]] = {}
+def phase_routers(model: torch.nn.Module) -> Dict[str, List[str]]:
+    """``{phase: [router label, ...]}``: which routers routed each phase on this rank (in first-use order)."""
+    out: Dict[str, List[str]] = {}
+    for layer in moe_layers(model):
+        state = getattr(layer.router, "capaware_state", None)
+        for phase, routers in (state.phase_routers.items() if state is not None else ()):
+            seen = out.setdefault(phase, [])
+            seen.extend(r for r in routers if r not in seen)
+    return out
+
+
+def phase_totals(model: torch.nn.Module) -> Dict[str, Dict[str, Any]]:
+    """This rank's counts per phase, summed over layers: ``calls``, ``tokens``, ``requested``, ``dropped``,
+    ``rerouted``, and ``routers``: the labels of the routers that routed the phase."""
+    out: Dict[str, Dict[str, Any]] = {}
+    labels = phase_routers(model)
     for phase, layers in phase_stats(model).items():
-        totals = {"calls": 0, "tokens": 0, "requested": 0, "dropped": 0, "rerouted": 0}
+        totals: Dict[str, Any] = {"calls": 0, "tokens": 0, "requested": 0, "dropped": 0, "rerouted": 0}
         for stats in layers.values():
             totals["calls"] += stats.calls
             for name in ("tokens", "requested", "dropped", "rerouted"):
                 totals[name] += stats.total(name)
+        totals["routers"] = labels.get(phase, [])
         out[phase] = totals
     return out

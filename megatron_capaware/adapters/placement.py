@@ -408,6 +408,12 @@ def check_router_for_slots(capaware: Any, num_slots: int, num_experts: int) -> N
             "redundant experts is not supported yet (replica-aware candidate pools): use a plan made with "
             f"--redundant-experts 0, or {' / '.join(SLOT_ROUTERS)} with this plan"
         )
+    decode = capaware.decode_router
+    if num_slots > num_experts and decode is not None and decode not in SLOT_ROUTERS:
+        raise PlacementError(
+            f"--capaware-decode-router {decode} with a placement that has {num_slots - num_experts} redundant "
+            "experts is not supported yet: use a plan made with --redundant-experts 0, or drop the decode router"
+        )
 
 
 def _plan_digest(plan: Optional[PlacementPlan], policy: str) -> str:

@@ -32,7 +32,7 @@ from megatron_capaware.config import CapawareConfig, CapawareConfigError
 from megatron_capaware.placement.replicas import even_slot_loads, replica_choice, to_physical
 from megatron_capaware.policies.collectives import all_reduce_sum
 from megatron_capaware.refusals import raise_if_refused
-from megatron_capaware.registry import CAPACITY_DROP, CAPACITY_REROUTE, DECODE_PACK, EXPANDED_DROP, LASER, router_type
+from megatron_capaware.registry import CAPACITY_DROP, CAPACITY_REROUTE, DECODE_PACK, EXPANDED_DROP, LASER, TOPK, router_type
 
 
 def check_supported(config: Any, capaware: CapawareConfig) -> None:
@@ -143,23 +143,27 @@ class CapawareRouter(TopKRouter):
         """
         state = self.capaware_state.on(logits.device)  # its tensors on the router's device (built at install)
         with routing_collectives(self.layer_number, state.load_group):
-            step = phases.current_composition()
-            if not router_type(state.config.router_type).is_vanilla:
-                if not phases.route_with_policy(step, state.phases, state.load_group):
-                    return self._topk_on_layout(logits, padding_mask, step)
+            cfg = state.config
+            # MTP layers keep Megatron's routing (adapters/mtp.py) and run outside the dynamic step.
+            if not router_type(cfg.router_type).is_vanilla and not getattr(self, "is_mtp_layer", False):
+                route = phases.choose_route(state, logits.device)
+                if route == phases.TOPK_ON_LAYOUT:
+                    return self._topk_on_layout(logits, padding_mask, phases.current_composition())
+                if route == phases.DECODE:  # --capaware-decode-router on a decode-only step
+                    cfg = cfg.decode_config()
                 phases.check_not_capturing(self.layer_number)
-            probs, routing_map, decision = self._capaware_routing(logits, padding_mask)
+            probs, routing_map, decision = self._capaware_routing(logits, padding_mask, cfg)
             layout = self.capaware_layout
             slot_loads = None
             if layout is not None and layout.placed:
-                if self._decides_on_slots():
+                if self._decides_on_slots() and router_type(cfg.router_type).capacity:
                     slot_loads, decision = slots.logical_decision(self.capaware_state, decision)
                 else:
                     probs, routing_map = slots.to_slots(self.capaware_state, probs, routing_map)
                     if decision is not None:
                         slot_loads = slots.slot_loads(self.capaware_state, decision, routing_map)
             if decision is not None:
-                self._record(decision, slot_loads)
+                self._record(decision, slot_loads, cfg.router_type)
             return probs, routing_map
 
     def _topk_on_layout(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor], step):
@@ -181,7 +185,7 @@ class CapawareRouter(TopKRouter):
             if decision is not None:
                 slot_loads = slots.slot_loads(self.capaware_state, decision, routing_map)
         if decision is not None:
-            self._record(decision, slot_loads)
+            self._record(decision, slot_loads, TOPK)
         return probs, routing_map
 
     def _decides_on_slots(self) -> bool:
@@ -197,8 +201,11 @@ class CapawareRouter(TopKRouter):
         """
         return self.capaware_state.decides_on_slots
 
-    def _capaware_routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
-        capaware = self.capaware
+    def _capaware_routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor],
+                          capaware: Optional[CapawareConfig] = None):
+        """``(probs [T, E], routing_map [T, E], decision or None)`` under ``capaware`` (default: the
+        layer's configuration; a decode router's on decode-only steps)."""
+        capaware = capaware if capaware is not None else self.capaware
         if getattr(self, "is_mtp_layer", False):  # MTP layers keep Megatron's routing (adapters/mtp.py)
             probs, routing_map = super().routing(logits, padding_mask=padding_mask)
             return probs, routing_map, None
@@ -242,12 +249,13 @@ class CapawareRouter(TopKRouter):
                 deferred.note(self.layer_number, scores, key=id(state))
             else:
                 check_scores_over_group(scores, state.load_group, self.layer_number)
-        if self._decides_on_slots():
+        on_slots = self._decides_on_slots() and router_type(capaware.router_type).capacity
+        if on_slots:
             logical = indices
             indices, scores = slots.slot_choice(state, scores, indices)  # [T, k] slots, [T, S]
             if router_type(capaware.router_type).adds_experts:
                 allowed = slots.slot_allowed(state, allowed, logical, indices)  # [T, S]
-        decision = self._decide(scores, indices, valid_tokens, allowed)
+        decision = self._decide(scores, indices, valid_tokens, allowed, capaware)
         scaling = self.config.moe_router_topk_scaling_factor or 1.0
         if capaware.renormalize:
             probs = decision.probs * scaling
@@ -313,8 +321,8 @@ class CapawareRouter(TopKRouter):
         return torch.sigmoid(logits.float())
 
     def _decide(self, scores: torch.Tensor, indices: torch.Tensor, valid_tokens: Optional[torch.Tensor] = None,
-                allowed: Optional[torch.Tensor] = None):
-        capaware = self.capaware
+                allowed: Optional[torch.Tensor] = None, capaware: Optional[CapawareConfig] = None):
+        capaware = capaware if capaware is not None else self.capaware
         k = self.topk
         group = self._group()
         normalize = model_normalizes(self.config)
@@ -361,8 +369,9 @@ class CapawareRouter(TopKRouter):
             return policies.expanded_drop(scores, k, capaware.gamma, local, allowed=allowed, **common)
         raise CapawareConfigError(f"unknown router type {capaware.router_type!r}")
 
-    def _record(self, decision, slot_loads: Optional[torch.Tensor] = None) -> None:
-        """Keep one call's figures; ``slot_loads [S]``: under a placement, the physical slots' loads."""
+    def _record(self, decision, slot_loads: Optional[torch.Tensor] = None, router: str = "") -> None:
+        """Keep one call's figures; ``slot_loads [S]``: under a placement, the physical slots' loads;
+        ``router``: the label of the router that decided (the per-phase statistics name it)."""
         if self.capaware.scope == "local" and self.capaware_load_group is not None:
             # The decision only saw this rank's tokens; the stats report what the
             # experts process, so sum the loads over the ranks that feed them.
@@ -381,5 +390,5 @@ class CapawareRouter(TopKRouter):
             elif slot_loads is not None and layout.replica_policy == "least-loaded":
                 slot_loads = even_slot_loads(decision.global_loads, layout.table)
         self.capaware_stats.record_decision(decision, slot_loads)
-        phases.record_phase(self.capaware_state, decision, slot_loads)
+        phases.record_phase(self.capaware_state, decision, slot_loads, router)
 

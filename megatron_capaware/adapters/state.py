@@ -67,6 +67,7 @@ class LayerRoutingState:
         score_check_hook: the handle of the layer's forward hook that runs the deferred score check.
         padded: whether the current routing call had padding tokens (host-side; read by the dispatcher).
         phase_stats: the dynamic engine's per-phase load recorders (:mod:`megatron_capaware.adapters.phases`).
+        phase_routers: per phase, the labels of the routers that routed it (a decode router's on decode steps).
         installed: whether the installer attached the state to a layer.
         device: where the tensors below live (the router's parameters' device).
         local_experts_t: ``[n]`` int64, :attr:`local_experts` checked (expanded-drop).
@@ -88,6 +89,7 @@ class LayerRoutingState:
     score_hook: Optional[Callable[[torch.Tensor], None]] = None
     score_check_hook: Any = None
     phase_stats: Dict[str, LayerRoutingStats] = field(default_factory=dict)
+    phase_routers: Dict[str, List[str]] = field(default_factory=dict)
     padded: bool = False
     installed: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))

@@ -264,7 +264,7 @@ def resolve_args(args: Any) -> Any:
             f"--moe-router-type {router!r} is unknown; choose from {', '.join(ROUTER_TYPES)}"
         )
     given = {d for d in DEFAULTS if getattr(args, d, None) is not None}
-    _check_knobs_apply(router, given)
+    _check_knobs_apply(router, given, getattr(args, "capaware_decode_router", None))
     _check_megatron(args, router, given)
     drop = _effective_drop_policy(args)
     cfg = config_from_args(args)  # the dataclass's own checks (ranges, calibration file)
@@ -314,6 +314,12 @@ def _resolve_placement(args: Any, cfg: CapawareConfig) -> None:
                 f"--moe-router-type {cfg.router_type} with a placement that has {plan.redundant} redundant experts is not "
                 "supported yet: use a plan made with --redundant-experts 0, or another router"
             )
+        decode = getattr(cfg, "decode_router", None)
+        if plan.redundant and decode is not None and not REGISTERED[decode].replicas:
+            raise PlacementError(
+                f"--capaware-decode-router {decode} with a placement that has {plan.redundant} redundant experts is "
+                "not supported yet: use a plan made with --redundant-experts 0, or drop the decode router"
+            )
     except PlacementError as err:
         raise CapawareConfigError(f"--capaware-placement {plan_path}: {err}") from None
 
@@ -354,10 +360,10 @@ def _effective_drop_policy(args: Any) -> str:
     return drop
 
 
-def _check_knobs_apply(router: str, given: set) -> None:
+def _check_knobs_apply(router: str, given: set, decode_router: Optional[str] = None) -> None:
     for dest in sorted(given):
         users = KNOB_ROUTERS[dest]
-        if router not in users:
+        if router not in users and decode_router not in users:  # a decode router's knobs apply to it
             raise CapawareConfigError(
                 f"{flag(dest)} has no effect with --moe-router-type {router}; it applies to "
                 f"--moe-router-type {' / '.join(users)}. Remove it or choose one of those routers"

@@ -65,6 +65,41 @@ class StepComposition:
         return "idle"
 
 
+#: What routes a call (:func:`step_route`): the configured policy, the decode router, or top-k.
+POLICY, DECODE, TOPK_ON_LAYOUT = "policy", "decode", "top-k on the layout"
+
+
+def step_route(step: Optional[StepComposition], phases: Iterable[str], group_size: int,
+               decode_router: bool = False, group_decode_only: Optional[bool] = None) -> str:
+    """Which router a call of the dynamic engine runs: :data:`POLICY`, :data:`DECODE` or :data:`TOPK_ON_LAYOUT`.
+
+    Args:
+        step: the current step's composition (None: outside a dynamic step: the policy).
+        phases: the phases the policy applies to.
+        group_size: ranks of the router's load group.
+        decode_router: whether a decode router (``--capaware-decode-router``) takes decode-only steps.
+        group_decode_only: at ``group_size > 1``, whether the step is decode-only (or idle) on every rank
+            of the group, as the ranks agreed (None: not agreed).
+
+    One rank (``group_size == 1``) chooses by its own phase. At EP > 1 the ranks
+    must choose alike (the routers' collectives span the group): an eager step
+    runs the policy whatever its phase, except that with a decode router a step
+    the ranks agreed is decode-only everywhere runs the decode router. A captured
+    step is top-k (capture-safe).
+    """
+    if step is None:
+        return POLICY
+    if step.captured:
+        return TOPK_ON_LAYOUT
+    if group_size <= 1:
+        if step.phase in tuple(phases):
+            return POLICY
+        return DECODE if decode_router and step.phase == "decode" else TOPK_ON_LAYOUT
+    if decode_router and group_decode_only:
+        return DECODE
+    return POLICY  # eager at EP > 1: ranks may differ in phase; keep the collectives
+
+
 def route_with_policy(step: Optional[StepComposition], phases: Iterable[str], load_group: Any) -> bool:
     """Whether this call runs the configured policy (else ``topk`` on the placement).
 
@@ -73,14 +108,8 @@ def route_with_policy(step: Optional[StepComposition], phases: Iterable[str], lo
         phases: the phases the policy applies to.
         load_group: the router's load group (its size decides whether ranks can choose alone).
     """
-    if step is None:
-        return True
-    if step.captured:
-        return False
-    if step.phase in tuple(phases):
-        return True
     from megatron_capaware.policies.collectives import group_size
 
-    return group_size(load_group) > 1  # eager at EP > 1: ranks may differ in phase; keep the collectives
+    return step_route(step, phases, group_size(load_group)) == POLICY
 
 

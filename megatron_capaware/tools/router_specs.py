@@ -13,7 +13,7 @@ import math
 from typing import Any, Dict, List, Tuple
 
 from megatron_capaware.config import ROUTER_TYPES, CapawareConfig, CapawareConfigError
-from megatron_capaware.registry import CALIBRATED_FIELDS, KNOBS, Knob, knobs_for, spec_key
+from megatron_capaware.registry import CALIBRATED_FIELDS, KNOBS, Knob, decode_router_knobs, knobs_for, spec_key
 
 #: Every spec key (``policy`` depends on the router type: :func:`~megatron_capaware.registry.spec_key`).
 _KEYS = sorted({key for knob in KNOBS for key in knob.keys} | {"policy"})
@@ -87,6 +87,7 @@ def _shown(cfg: CapawareConfig, calibration: Any, what: str) -> List[Tuple[Knob,
     """
     calibration = calibration if calibration is not None else cfg.laser_calibration
     knobs = knobs_for(cfg.router_type)
+    knobs += tuple(k for k in decode_router_knobs(cfg.decode_router) if k not in knobs)
     if any(k.field == "laser_calibration" for k in knobs) and calibration is None and cfg.layer_params:
         raise CapawareConfigError(f"per-layer LASER parameters need a calibration file to be written as {what}")
     out: List[Tuple[Knob, Any]] = []
@@ -97,6 +98,12 @@ def _shown(cfg: CapawareConfig, calibration: Any, what: str) -> List[Tuple[Knob,
         if cfg.router_type in knob.shown or (value is not None and value != knob.default):
             out.append((knob, value))
     return out
+
+
+def _key(knob: Knob, router: str) -> str:
+    """The first of ``knob``'s spec keys that names it for ``router`` (a decode router's knobs on a
+    capacity router or LASER: ``decode_pool``, since ``pool`` is LASER's there)."""
+    return next((key for key in knob.keys if spec_key(key, router) is knob), knob.keys[-1])
 
 
 def _text(knob: Knob, value: Any) -> str:
@@ -113,7 +120,7 @@ def format_router_spec(cfg: CapawareConfig, calibration: Any = None) -> str:
     ``calibration``: the file a LASER configuration's per-layer parameters were saved to (written as
     ``calibration=PATH``); per-layer parameters without a file cannot be written as a spec.
     """
-    parts = [f"{knob.keys[0]}={_text(knob, value)}" for knob, value in _shown(cfg, calibration, "a spec")]
+    parts = [f"{_key(knob, cfg.router_type)}={_text(knob, value)}" for knob, value in _shown(cfg, calibration, "a spec")]
     return cfg.router_type + (":" + ",".join(parts) if parts else "")
 
 
