@@ -144,7 +144,8 @@ def _same(a, b) -> bool:
 def test_compiled_laser_compiles_once_for_every_token_count(dynamo_on, monkeypatch) -> None:
     """Issue 22, item 9, the default: LASER's wave segments compiled at 8 distinct token counts compile
     their graphs at the first count only (dynamo's graph counter), never fall back to eager, and decide
-    bit for bit as eager at every count (padding rows, 3 waves, 2 quota rounds: every segment variant)."""
+    bit for bit as eager at every count (padding rows, 3 waves, 2 quota rounds: every segment variant);
+    counts 1 and 0 add one specialised set each, once."""
     import torch._dynamo
 
     from megatron_capaware.policies import compiled
@@ -166,6 +167,19 @@ def test_compiled_laser_compiles_once_for_every_token_count(dynamo_on, monkeypat
     assert compiled.STATS["fallbacks"] == before["fallbacks"], "a segment fell back to eager"
     assert compiled.STATS["compiled_calls"] - before["compiled_calls"] == len(LASER_COUNTS) * (3 * 3 + 1)
     assert new == [0] * len(new), f"recompiled at a new token count: {dict(zip(LASER_COUNTS[1:], new))}"
+    # Dynamo specialises sizes 0 and 1 (a decode step of one token, an idle rank): one graph set
+    # each, the first time only; still no fallback, still bit-equal.
+    tail = (1, 0, 1, 0, 77)
+    monkeypatch.setenv(compiled.COMPILE_ENV, "0")
+    eager = {t: _laser_at(t) for t in tail}
+    monkeypatch.setenv(compiled.COMPILE_ENV, "aot_eager")
+    for tokens in tail:
+        assert _same(eager[tokens], _laser_at(tokens)), tokens
+        graphs.append(int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
+    first = graphs[len(LASER_COUNTS) - 1]
+    print(f"then at {tail}: {graphs[len(LASER_COUNTS):]}")
+    assert graphs[-3:] == [graphs[-4]] * 3 and graphs[-4] <= 3 * first, graphs  # repeats and 77 compile nothing
+    assert compiled.STATS["fallbacks"] == before["fallbacks"], "a segment fell back to eager"
 
 
 def test_laser_segments_get_no_aliased_views(dynamo_on, monkeypatch) -> None:
