@@ -13,8 +13,9 @@ token count (``CAPAWARE_COMPILE_DYNAMIC=0``).
 
 Example::
 
-    python -m megatron_capaware.tools.bench.compile_count --counts 100 --json dynamic.json
-    python -m megatron_capaware.tools.bench.compile_count --counts 100 --static --json static.json
+    capaware-bench-compile --counts 100 --max-tokens 1024 --json dynamic.json
+    capaware-bench-compile --counts 5 --max-tokens 1024 --static --json static.json
+    capaware-bench-compile --counts 10 --max-tokens 1024 --backend inductor --warm --json inductor.json
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--topk", type=int, default=8, help="k")
     parser.add_argument("--backend", default="aot_eager", help="CAPAWARE_COMPILE backend")
     parser.add_argument("--static", action="store_true", help="one graph per shape (CAPAWARE_COMPILE_DYNAMIC=0)")
+    parser.add_argument("--warm", action="store_true", help="call twice per count and time the second call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the figures here (after every count)")
     return parser.parse_args(argv)
@@ -63,7 +65,7 @@ def run(argv: Optional[List[str]] = None) -> dict:
     result: dict = {"mode": "static (one graph per shape)" if args.static else "dynamic (shape-generic)",
                     "backend": args.backend, "experts": args.experts, "topk": args.topk, "waves": 8, "rounds": 1,
                     "torch": torch.__version__, "counts": [], "graphs": [], "eager_calls": [], "seconds": [],
-                    "compile_seconds": [], "call_seconds": []}
+                    "compile_seconds": [], "call_seconds": [], "warm_call_seconds": []}
     metrics = torch._dynamo.utils.compilation_time_metrics
 
     def compile_total() -> float:
@@ -76,6 +78,10 @@ def run(argv: Optional[List[str]] = None) -> dict:
         before, t0 = compile_total(), time.perf_counter()
         policies.laser(scores, args.topk, 0.9, 0.3, 2 * args.topk, waves=8, rounds=1)
         result["call_seconds"].append(round(time.perf_counter() - t0, 3))
+        if args.warm:
+            t1 = time.perf_counter()
+            policies.laser(scores, args.topk, 0.9, 0.3, 2 * args.topk, waves=8, rounds=1)
+            result["warm_call_seconds"].append(round(time.perf_counter() - t1, 4))
         result["compile_seconds"].append(round(compile_total() - before, 3))
         result["counts"].append(tokens)
         result["graphs"].append(int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
@@ -104,6 +110,8 @@ def summary(result: dict) -> dict:
             "compile_s_per_compiling_count": round(sum(compiling) / len(compiling), 3) if compiling else 0.0,
             "later_counts_compile_s_total": round(sum(later), 3),
             "later_counts_median_call_s": sorted(result["call_seconds"][1:])[len(later) // 2] if later else None,
+            "median_warm_call_s": (sorted(result["warm_call_seconds"])[len(result["warm_call_seconds"]) // 2]
+                                   if result.get("warm_call_seconds") else None),
             "wall_s": result["seconds"][-1]}
 
 
