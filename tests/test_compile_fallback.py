@@ -240,14 +240,14 @@ print(json.dumps({"raw_ok": raw_ok, "equal": all(torch.equal(a, b) for a, b in z
 def test_a_region_given_a_view_of_another_argument_compiles(dynamo_on) -> None:
     """torch 2.13 under dynamic=True: a graph given a compiled output and a view of it fails guard
     creation ("sources must not be empty for symbol"), depending on PYTHONHASHSEED (seeds 1 and 3
-    fail on 2.13). Region copies such a view: it compiles under every seed tried, no fallback."""
+    fail on 2.13, 0 and 2 pass). Region copies such a view: it compiles under both, no fallback."""
     import json
     import os
     import subprocess
     import sys
 
     raw = []
-    for seed in ("1", "3", "0"):
+    for seed in ("1", "3"):
         env = dict(os.environ, PYTHONHASHSEED=seed, CAPAWARE_COMPILE_DYNAMIC="1")
         env.pop("TORCHDYNAMO_DISABLE", None)
         proc = subprocess.run([sys.executable, "-c", _ALIAS_SCRIPT], env=env, capture_output=True, text=True,
@@ -256,4 +256,4 @@ def test_a_region_given_a_view_of_another_argument_compiles(dynamo_on) -> None:
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         assert out["equal"] and out["fallbacks"] == 0 and out["warnings"] == [], (seed, out)
         raw.append(out["raw_ok"])
-    print(f"\nplain torch.compile on the aliased inputs, PYTHONHASHSEED 1, 3, 0: {raw}")
+    print(f"\nplain torch.compile on the aliased inputs, PYTHONHASHSEED 1, 3: {raw}")
