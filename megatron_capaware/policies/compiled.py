@@ -4,14 +4,15 @@ A :class:`Region` wraps a pure function (tensors and static Python values in,
 tensors out, no collective, no host read) and runs it either eagerly or as
 one ``torch.compile(fullgraph=True)`` graph. ``fullgraph`` makes a graph
 break (a host read such as ``.item()``, a data-dependent shape) an error
-instead of a silent split. ``CAPAWARE_COMPILE_DYNAMIC=1`` compiles with
-``dynamic=True``, so that one graph serves every token count (a server sees a
-new count at almost every step; a graph per count is a compile, seconds,
-stalling every EP rank): measured 5 graphs for 100 counts (docs/benchmarks.md).
-It is opt-in: on torch 2.13 (CPU, aot_eager) one of LASER's wave segments in
-the full router hits a dynamo guard error under dynamic shapes ("sources must
-not be empty for symbol") and falls back to eager; the default stays one
-static graph per shape until the dynamic path is checked on a GPU.
+instead of a silent split. Graphs are shape-generic (``dynamic=True``): one
+graph serves every token count (a server sees a new count at almost every
+step; a graph per count is a compile, seconds, stalling every EP rank):
+measured 5 graphs for 100 counts, all at the first count
+(docs/benchmarks.md, ``capaware-bench-compile``). ``CAPAWARE_COMPILE_DYNAMIC=0``
+compiles one static graph per shape instead (the previous behaviour).
+A known torch 2.13 failure under dynamic shapes (two inputs aliasing one
+storage, see :func:`_unaliased`) is avoided by LASER's segments and copied
+away for any other.
 
 Which way (:func:`backend_for`):
 
@@ -92,7 +93,7 @@ def backend_for(tensor: torch.Tensor) -> Optional[str]:
     return backend
 
 
-DYNAMIC_ENV = "CAPAWARE_COMPILE_DYNAMIC"  # "1": one shape-generic graph (opt-in); default: a graph per shape
+DYNAMIC_ENV = "CAPAWARE_COMPILE_DYNAMIC"  # "1" (default): one shape-generic graph; "0": a graph per shape
 
 # The group whose ranks must agree on a region's first compiled call (set by the policy around its
 # regions, :func:`agreement_group`); None: this rank alone.
@@ -111,7 +112,12 @@ def agreement_group(group: Any) -> Iterator[None]:
 
 
 def _dynamic() -> bool:
-    return os.environ.get(DYNAMIC_ENV, "0") == "1"
+    """Shape-generic graphs (the default); ``CAPAWARE_COMPILE_DYNAMIC=0``: one graph per shape."""
+    value = os.environ.get(DYNAMIC_ENV, "1")
+    if value not in ("0", "1"):
+        raise RoutingInputError(f"{DYNAMIC_ENV}={value!r} must be 1 (one shape-generic graph, the default) "
+                                "or 0 (one graph per shape)")
+    return value == "1"
 
 
 def _agree(ok: bool) -> bool:
@@ -137,6 +143,29 @@ def _signature(args: Tuple[Any, ...]) -> Hashable:
     return (dynamic,) + tuple(
         ((a.dim() if dynamic else tuple(a.shape)), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
         for a in args)
+
+
+def _unaliased(args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """``args`` with every tensor view that shares storage with another tensor argument copied.
+
+    Under ``dynamic=True`` on torch 2.13, a graph given two inputs where one is
+    a view of the other, both outputs of an earlier compiled graph (AOTAutograd
+    regenerates an output view from its base), fails dynamo's guard creation
+    ("sources must not be empty for symbol"): AOTAutograd gives the view's base
+    size symbols that no input source names. Whether it fails depends on set
+    order (``PYTHONHASHSEED``). A copy breaks the aliasing (one copy kernel per
+    such argument; the package's segments pass none: LASER's single-rank round
+    reads its total from ``running`` itself). Host metadata only, no sync.
+    """
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not any(t._is_view() for t in tensors):
+        return args
+    storages: Dict[int, int] = {}
+    for t in tensors:
+        key = t.untyped_storage().data_ptr()
+        storages[key] = storages.get(key, 0) + 1
+    return tuple(a.clone() if isinstance(a, torch.Tensor) and a._is_view()
+                 and storages[a.untyped_storage().data_ptr()] > 1 else a for a in args)
 
 
 def _describe(err: BaseException) -> str:
@@ -216,7 +245,7 @@ class Region:
         if compiled is None:
             STATS["fallbacks"] += 1
             return self.fn(*args)
-        out, err = self._run(compiled, args)
+        out, err = self._run(compiled, _unaliased(args) if _dynamic() else args)
         if agreed is None:  # first call of this signature: every rank of the group decides together
             agreed = _agree(err is None)
             self._agreed[key] = agreed

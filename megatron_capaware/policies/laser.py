@@ -213,17 +213,33 @@ def _propose(loads, quota, cand, closed, w_chosen, k: int, position, num_experts
     experts = cand.gather(1, positions)
     proposed = torch.zeros(cand.shape[0], num_experts, dtype=torch.bool, device=cand.device)
     running = torch.cumsum(proposed.scatter_(1, experts, fresh), 0)  # proposals up to this token
-    last = running[-1] if running.shape[0] else running.sum(0)
-    return positions, fresh, experts, running, last
+    return positions, fresh, experts, running, _last_row(running)
+
+
+def _last_row(running):
+    """``[E]``: the last row of ``running [n, E]`` (zeros when ``n = 0``)."""
+    return running[-1] if running.shape[0] else running.sum(0)
 
 
 def _accept(loads, quota, closed, w_chosen, positions, fresh, experts, running, per_rank, rank: int, single: bool):
-    """An expert accepts proposals in (rank, token) order up to its quota; ``per_rank [ranks, E]`` gathered."""
+    """An expert accepts proposals in (rank, token) order up to its quota.
+
+    ``per_rank [ranks, E]``: the gathered proposal totals; or None for a rank
+    alone (``single``, ``rank`` 0), whose total is ``running``'s last row. The
+    device path passes None there: the gather of one rank is a view of
+    ``running``, and a compiled segment given two inputs where one is a view of
+    the other (both outputs of an earlier compiled segment) fails dynamo's
+    guard creation under ``dynamic=True`` on torch 2.13 (policies/compiled.py).
+    """
     limit = quota - per_rank[:rank].sum(0) if rank else quota  # what earlier ranks left
     accepted = fresh & (running <= limit).gather(1, experts)
     newly = torch.zeros_like(closed).scatter_(1, positions, accepted)
     w_chosen = newly if w_chosen is None else w_chosen | newly
-    taken = torch.minimum(per_rank[0] if single else per_rank.sum(0), quota)
+    if per_rank is None:
+        total = _last_row(running)
+    else:
+        total = per_rank[0] if single else per_rank.sum(0)
+    taken = torch.minimum(total, quota)
     return loads + taken, quota - taken, closed | newly, w_chosen
 
 
@@ -305,7 +321,7 @@ def _device_waves(backend, loads, chosen, cand, in_pool, wave_of, wave_stats, wa
             loads, chosen, quota, closed, positions, fresh, experts, running, last = out
             w_chosen = None
             for r in range(rounds):
-                per_rank = all_gather_stack(last, group)  # [ranks, E]
+                per_rank = None if single else all_gather_stack(last, group)  # [ranks, E]; alone: `running`'s
                 out = _ROUND(backend, loads, quota, closed, w_chosen, positions, fresh, experts, running, per_rank,
                              cand, position, expert_ranks, cand_ranks, rank, single, k, num_experts, num_ranks,
                              r + 1 < rounds)
