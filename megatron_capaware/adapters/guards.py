@@ -166,7 +166,8 @@ class DeferredScoreCheck:
         if not self.pending:
             return
         layers = [number for _, number, _ in self.pending]
-        local = torch.stack([flags for _, _, flags in self.pending])  # [L, 2]
+        flags = [flags for _, _, flags in self.pending]
+        local = flags[0].unsqueeze(0) if len(flags) == 1 else torch.stack(flags)  # [L, 2]
         self.pending = []
         gathered = all_gather_stack(local, self.group) if group_size(self.group) > 1 else local.unsqueeze(0)
         if not bool(gathered.any()):  # the one host read of the forward
