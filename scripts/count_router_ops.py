@@ -97,6 +97,8 @@ def _rank_router(router: Any, rank: int, world: int, group: Any) -> Any:
     if state.stats is not None:
         new.stats = LayerRoutingStats(layer_number=state.stats.layer_number, num_experts=E, ep_size=world,
                                       local_experts=new.local_experts, load_group=new.load_group)
+        if hasattr(state.stats, "reduce_group") and state.config.scope == "local":  # as the installer sets it
+            new.stats.reduce_group = new.load_group
     if state.score_check is not None:
         new.score_check = DeferredScoreCheck(new.load_group, 1)
     for name in ("phase_stats",):
@@ -115,7 +117,9 @@ def _call(router: Any, hidden: torch.Tensor) -> None:
         check.maybe_check()  # the layer's forward hook (adapters/install.py)
 
 
-def count(parsed: argparse.Namespace) -> Dict[str, Dict[str, int]]:
+def count(parsed: argparse.Namespace, collectives: Any = None) -> Dict[str, Dict[str, int]]:
+    """``{router: {"EP=w": ops}}`` (the largest rank's); ``collectives``: a dict filled the same way with
+    the collectives per call (needs an initialised default process group of one rank, or makes one)."""
     from megatron_capaware import parallel
     from megatron_capaware.adapters import install_capaware_routers
     from megatron_capaware.config import CapawareConfig
@@ -123,7 +127,11 @@ def count(parsed: argparse.Namespace) -> Dict[str, Dict[str, int]]:
     from megatron_capaware.tools.bench.launch_count import count_call, count_device_work
     from megatron_capaware.tools.bench.sim_dist import run_ranks
 
-    parallel.init_model_parallel(parallel.ParallelSizes(), timeout_s=120)
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        parallel.init_model_parallel(parallel.ParallelSizes(), timeout_s=120)
     parallel.set_seed(0)
     layer = _layer()
     out: Dict[str, Dict[str, int]] = {}
@@ -160,8 +168,8 @@ def count(parsed: argparse.Namespace) -> Dict[str, Dict[str, int]]:
     for world in parsed.ep:
         copies: List[Dict[str, Any]] = [{} for _ in range(world)]
 
-        def rank_fn(rank: int, group: Any) -> Dict[str, int]:
-            result = {}
+        def rank_fn(rank: int, group: Any) -> Dict[str, Any]:
+            result: Dict[str, Any] = {}
             hidden = _hidden(rank)
             with torch.no_grad():
                 for name, router in routers.items():
@@ -172,36 +180,42 @@ def count(parsed: argparse.Namespace) -> Dict[str, Dict[str, int]]:
                         works[rank] = work
                         _call(mine, hidden)
                     works.pop(rank, None)
-                    result[name] = work.ops
+                    result[name] = (work.ops, sum(n.startswith("collective:") for n in work.op_names))
                     if parsed.names and rank == 0 and world == parsed.ep[0]:
                         print(f"{name}:", " ".join(work.op_names))
             return result
 
         per_rank = run_ranks(rank_fn, world, timeout_s=600)
         for name in routers:
-            out.setdefault(name, {})[f"EP={world}"] = max(r[name] for r in per_rank)
+            out.setdefault(name, {})[f"EP={world}"] = max(r[name][0] for r in per_rank)
+            if collectives is not None:
+                collectives.setdefault(name, {})[f"EP={world}"] = max(r[name][1] for r in per_rank)
     for n in real:
         setattr(sim_dist._SimDist, n, staticmethod(real[n]))
-    parallel.destroy()
+    if owned:
+        parallel.destroy()
     return out
 
 
 def main(argv: Any = None) -> int:
     parsed = build_parser().parse_args(argv)
-    table = count(parsed)
+    calls: Dict[str, Dict[str, int]] = {}
+    table = count(parsed, calls)
     compile_mode = os.environ.get("CAPAWARE_COMPILE", "")
     print(f"ATen ops per MoE layer, whole router forward, T={T} E={E} k={K}, scope={parsed.scope}, "
           f"stats={'off' if parsed.no_stats else 'on'}, score check={'off' if parsed.no_score_check else 'on'}, "
           f"CAPAWARE_COMPILE={compile_mode!r}")
     heads = [f"EP={w}" for w in parsed.ep]
-    print(f"| router | {' | '.join(heads)} |")
-    print("|---|" + "---|" * len(heads))
+    print(f"| router | {' | '.join(heads)} | collectives per call at {' / '.join(heads)} |")
+    print("|---|" + "---|" * (len(heads) + 1))
     for name, row in table.items():
-        print(f"| {name} | {' | '.join(str(row[h]) for h in heads)} |")
+        coll = " / ".join(str(calls.get(name, {}).get(h, 0)) for h in heads)
+        print(f"| {name} | {' | '.join(str(row[h]) for h in heads)} | {coll} |")
     if parsed.json:
         with open(parsed.json, "w") as f:
             json.dump({"T": T, "E": E, "k": K, "scope": parsed.scope, "stats": not parsed.no_stats,
-                       "score_check": not parsed.no_score_check, "compile": compile_mode, "ops": table}, f, indent=1)
+                       "score_check": not parsed.no_score_check, "compile": compile_mode, "ops": table,
+                       "collectives": calls}, f, indent=1)
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from megatron_capaware import metrics
-from megatron_capaware.policies.collectives import all_reduce_sum
+from megatron_capaware.policies.collectives import all_reduce, all_reduce_sum
 
 # Per-layer records kept one per call; older calls are folded into running
 # totals so a long-lived server's memory stays bounded while every summary
@@ -153,7 +153,8 @@ class LayerRoutingStats:
             self._reduced_rows = self._ring_rows
             return
         device = self._ring.device if self._ring is not None else torch.device("cpu")
-        agree = all_reduce_sum(torch.tensor([n, n * n], dtype=torch.int64, device=device), group).tolist()
+        # Unweighted (all_reduce, not all_reduce_sum): ranks holding copies of tokens count here too.
+        agree = all_reduce(torch.tensor([n, n * n], dtype=torch.int64, device=device), group).tolist()
         if agree[0] * agree[0] != size * agree[1]:
             raise RuntimeError(
                 f"MoE layer {self.layer_number}: the ranks of the load group recorded different numbers of "
