@@ -253,18 +253,30 @@ class CapawareRouter(TopKRouter):
         else:
             # Kept assignments: vanilla's weights bit for bit. New ones (rerouted,
             # moved, added): s[t, e] under the model's normalisation and scaling.
-            factor = torch.full((scores.shape[0], 1), scaling, dtype=scores.dtype, device=scores.device)
+            # New weights: scores * (scaling / sum of the token's top-k scores) when the model normalises,
+            # else scores * scaling. The 0-d scaling tensor is built once per device and dtype (the
+            # division is the same IEEE division per element as with a [T, 1] tensor of it).
             if model_normalizes(self.config):
-                factor = factor / scores.gather(1, indices).sum(dim=1, keepdim=True).clamp_min(
-                    torch.finfo(scores.dtype).tiny)
+                new = scores * (self._constant(scaling, scores) / scores.gather(1, indices).sum(
+                    dim=1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny))
+            else:
+                new = scores if scaling == 1.0 else scores * self._constant(scaling, scores)
             if on_slots:  # Megatron's weights moved to the chosen slots ([T, S])
                 vanilla = torch.zeros_like(scores).scatter_(1, indices, vanilla_probs.gather(1, logical).float())
                 vanilla_map = torch.zeros_like(decision.routing_map).scatter_(1, indices, True)
             else:  # Megatron's own [T, E] outputs (zero off its map)
                 vanilla = vanilla_probs.float()
-            probs = torch.where(vanilla_map, vanilla, scores * factor) * decision.routing_map
+            probs = torch.where(vanilla_map, vanilla, new) * decision.routing_map
         recorded = decision if self.capaware_stats is not None and capaware.record_stats else None
         return probs.to(logits.dtype), decision.routing_map, recorded
+
+    def _constant(self, value: float, like: torch.Tensor) -> torch.Tensor:
+        """A 0-d tensor holding ``value`` in ``like``'s dtype and device, made once (no op per call)."""
+        cache = self.__dict__.setdefault("_capaware_constants", {})
+        key = (value, like.dtype, like.device)
+        if key not in cache:
+            cache[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+        return cache[key]
 
     def _vanilla_topk(self, logits: torch.Tensor):
         """Megatron's own top-k: ``(probs [T, E], routing_map [T, E], experts [T, k], scores [T, E])``.

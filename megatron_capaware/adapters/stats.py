@@ -9,7 +9,7 @@ after dispatch, which is what the capacity guarantee is checked against.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 

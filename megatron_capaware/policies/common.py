@@ -60,18 +60,20 @@ def check_scores(scores: torch.Tensor, k: int, *, check_values: bool = True) -> 
 
 
 def score_value_flags(scores: torch.Tensor) -> torch.Tensor:
-    """``[2]`` int64 on the scores' device: (any NaN / Inf, any negative score).
+    """``[2]`` in the scores' dtype, on their device; nonzero means bad: (NaN / Inf, negative).
 
-    One ``aminmax`` pass (it propagates NaN) and no host sync, so callers can
-    all-gather the flags before reading them. The first flag takes precedence
-    (a -inf minimum sets both). Eight small ops: ``x * 0`` is 0 for a finite
-    ``x`` and NaN for NaN or +-inf, so ``lo * 0 + hi * 0 != 0`` says "not finite"
-    without ``isfinite`` (four ops per call on CPU) and without an overflow.
+    Element 0 is NaN when any score is NaN or +-inf, else 0; element 1 is
+    ``min(min score, 0)``, nonzero when a score is negative. Test them with
+    ``!= 0`` / ``.any()`` (NaN counts as nonzero), never by summing. The first
+    takes precedence (a -inf minimum sets both). One ``aminmax`` pass (it
+    propagates NaN) and five small ops, no host sync, so callers can all-gather
+    the flags before reading them: ``x * 0`` is 0 for a finite ``x`` and NaN for
+    NaN or +-inf (no ``isfinite``, four ops each on CPU, and no overflow).
     """
     if not scores.numel():
-        return torch.zeros(2, dtype=torch.int64, device=scores.device)
+        return torch.zeros(2, dtype=scores.dtype, device=scores.device)
     lo, hi = torch.aminmax(scores)
-    return torch.stack([lo * 0 + hi * 0 != 0, lo < 0]).to(torch.int64)
+    return torch.stack([lo * 0 + hi * 0, lo.clamp(max=0)])
 
 
 def check_gamma(gamma: float) -> float:
