@@ -34,10 +34,10 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "count_router
 #: ATen ops of the whole router per MoE layer (global scope, stats and score check on, eager),
 #: the figures measured after issue 22 (docs/benchmarks.md) plus a small margin.
 BUDGET = {
-    "EP=1": {"TopKRouter (Megatron)": 9, "topk": 18, "capacity-drop": 60, "capacity-reroute": 100,
-             "expanded-drop": 74, "laser": 660, "decode-pack": 110},
-    "EP=2": {"TopKRouter (Megatron)": 9, "topk": 20, "capacity-drop": 110, "capacity-reroute": 192,
-             "expanded-drop": 124, "laser": 735, "decode-pack": 116},
+    "EP=1": {"TopKRouter (Megatron)": 9, "topk": 17, "capacity-drop": 57, "capacity-reroute": 98,
+             "expanded-drop": 71, "laser": 658, "decode-pack": 107},
+    "EP=2": {"TopKRouter (Megatron)": 9, "topk": 19, "capacity-drop": 107, "capacity-reroute": 188,
+             "expanded-drop": 121, "laser": 732, "decode-pack": 113},
 }
 
 
