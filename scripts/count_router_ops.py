@@ -120,6 +120,10 @@ def _call(router: Any, hidden: torch.Tensor) -> None:
 def count(parsed: argparse.Namespace, collectives: Any = None) -> Dict[str, Dict[str, int]]:
     """``{router: {"EP=w": ops}}`` (the largest rank's); ``collectives``: a dict filled the same way with
     the collectives per call (needs an initialised default process group of one rank, or makes one)."""
+    import megatron_capaware
+
+    if hasattr(megatron_capaware, "enable_cpu_support"):  # megatron-core 0.19 imports triton (an older
+        megatron_capaware.enable_cpu_support()  # checkout without it runs on 0.16 only)
     from megatron_capaware import parallel
     from megatron_capaware.adapters import install_capaware_routers
     from megatron_capaware.config import CapawareConfig
