@@ -287,7 +287,7 @@ def ranked_experts(
         where fewer than ``count`` experts are available.
     """
     num_experts = scores.shape[1]
-    key = expert_keys(scores, spare).masked_fill(~available, -1)
+    key = expert_keys(scores, spare).masked_fill_(~available, -1)  # in place: the keys are this call's own
     values, experts = torch.topk(key, min(count, num_experts), dim=1)
     return experts, values >= 0
 
