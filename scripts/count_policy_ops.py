@@ -1,5 +1,8 @@
 """ATen ops per MoE layer of each routing policy on the device path (docs/benchmarks.md).
 
+The policy call alone; ``scripts/count_router_ops.py`` counts the whole router (Megatron's top-k,
+weights, stats, score check) at EP 1, 2 and 8.
+
 T = 2,048 tokens per rank, E = 64, k = 8, the policy call as the router makes
 it (``tests/test_device_path.py``, whose budget test counts the same way), on
 CPU tensors with ``CAPAWARE_DEVICE_PATH=1``: alone (EP = 1) and on 2 simulated

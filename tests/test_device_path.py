@@ -49,7 +49,7 @@ def test_recording_stats_costs_no_sync() -> None:
     received = decision.global_loads[:8].clone()
     work = count_call(lambda: (stats.record_decision(decision), stats.record_received(received)))
     assert work.syncs == 0, work.sync_sites
-    assert len(stats.pending) == 1 and stats.calls == 1
+    assert stats.pending == 1 and stats.calls == 1
     # Reading copies the pending records to the host, once.
     assert torch.equal(stats.global_loads[-1], decision.global_loads) and not stats.pending
     assert stats.capacity[-1] == int(decision.capacity) and stats.dropped[-1] == int(decision.dropped)

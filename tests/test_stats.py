@@ -46,3 +46,64 @@ def test_peak_load_is_relative_to_topk_mean_load():
     assert skewed["peak_load"] == skewed["imbalance"] == 2.5  # no drops: same mean
     assert skewed["rank_peak_load"] == skewed["rank_imbalance"] == 1.5
     assert "peak_load" not in metrics.load_metrics(torch.tensor([1, 1]))
+
+
+def test_the_device_ring_keeps_every_call_and_its_slot_loads():
+    """Issue 22, item 12: each call is copied into a preallocated ring (no per-call stack / clone); what is
+    read back is every call's figures, with its own slot loads where given (a change of S flushes first)."""
+    stats = LayerRoutingStats(layer_number=1, num_experts=8, ep_size=2, local_experts=list(range(4)))
+    decisions = list(_decisions(5))
+    for i, decision in enumerate(decisions):
+        slots = None if i < 2 else torch.arange(8 + (i >= 4) * 2, dtype=torch.int64) * i  # S = 8, then 10
+        stats.record_decision(decision, slots)
+    assert stats.pending == 1 and stats.calls == 5  # S changed at call 5: the first 4 were copied then
+    for i, decision in enumerate(decisions):
+        assert torch.equal(stats.global_loads[i], decision.global_loads)
+        assert stats.dropped[i] == int(decision.dropped) and stats.capacity[i] == int(decision.capacity)
+        assert stats.tokens[i] == int(decision.global_tokens)
+        expected = decision.global_loads if i < 2 else torch.arange(8 + (i >= 4) * 2) * i
+        assert torch.equal(stats.slot_loads()[i], expected), i
+    assert stats.pending == 0
+
+
+def test_local_scope_records_are_summed_at_report_time_and_never_read_unsummed():
+    """Issue 22, item 10: with a reduce group (--capaware-scope local) each rank records its own figures (no
+    collective per call); reduce_pending sums them over the group (the loads, requested and tokens; dropped
+    stays per rank for reduce_summaries; no capacity); reading before that raises; ranks whose call counts
+    differ all raise instead of one waiting (simulated ranks)."""
+    import pytest
+
+    from megatron_capaware.tools.bench.sim_dist import run_ranks
+
+    gen = torch.Generator().manual_seed(1)
+    scores = [torch.rand(64, 8, generator=gen).softmax(-1) for _ in range(6)]  # [rank * 3 + call]
+
+    def rank_fn(rank: int, group, calls=(3, 3)):
+        stats = LayerRoutingStats(layer_number=1, num_experts=8, ep_size=2, local_experts=[], load_group=group,
+                                  reduce_group=group)
+        local = [policies.capacity_drop(scores[rank * 3 + c], 2, 1.0, return_decision=True)
+                 for c in range(calls[rank])]
+        for decision in local:
+            stats.record_decision(decision)
+        with pytest.raises(RuntimeError, match="collect_stats"):
+            stats.global_loads  # noqa: B018
+        stats.reduce_pending()
+        return stats, local
+
+    (a, local_a), (b, local_b) = run_ranks(rank_fn, 2)
+    for c in range(3):
+        loads = local_a[c].global_loads + local_b[c].global_loads
+        for stats in (a, b):
+            assert torch.equal(stats.global_loads[c], loads)
+            assert stats.requested[c] == 2 * 64 * 2 and stats.tokens[c] == 128 and stats.capacity[c] is None
+        assert a.dropped[c] == int(local_a[c].dropped) and b.dropped[c] == int(local_b[c].dropped)
+
+    def mismatched(rank: int, group):
+        try:
+            rank_fn(rank, group, calls=(3, 2))
+        except RuntimeError as err:
+            return str(err)
+        return None
+
+    errors = run_ranks(mismatched, 2)  # every rank raises (run_ranks fails on a simulated hang)
+    assert all(e is not None and "different numbers of routing calls" in e for e in errors), errors

@@ -108,7 +108,7 @@ def check_scores_over_group(scores: torch.Tensor, group: Any, layer_number: Opti
         f" on rank(s) {ranks} of the load group (every rank of the group raises this error, so "
         "none is left waiting in a collective)"
     )
-    if int(gathered[:, 0].sum()):
+    if bool((gathered[:, 0] != 0).any()):  # flag 0: NaN / Inf (nonzero, NaN included)
         detail = ""
         nonfinite = ~torch.isfinite(scores)
         if bool(nonfinite.any()):
@@ -147,7 +147,7 @@ class DeferredScoreCheck:
         self.pending: List[Tuple[Any, Optional[int], torch.Tensor]] = []
 
     def note(self, layer_number: Optional[int], scores: torch.Tensor, key: Any = None) -> None:
-        """Record one layer's ``[2]`` flags; check when the forward is complete."""
+        """Record one layer's ``[2]`` flags (``score_value_flags``); check when the forward is complete."""
         key = layer_number if key is None else key
         if any(seen == key for seen, _, _ in self.pending):
             self.check()
@@ -166,7 +166,8 @@ class DeferredScoreCheck:
         if not self.pending:
             return
         layers = [number for _, number, _ in self.pending]
-        local = torch.stack([flags for _, _, flags in self.pending])  # [L, 2]
+        flags = [flags for _, _, flags in self.pending]
+        local = flags[0].unsqueeze(0) if len(flags) == 1 else torch.stack(flags)  # [L, 2]
         self.pending = []
         gathered = all_gather_stack(local, self.group) if group_size(self.group) > 1 else local.unsqueeze(0)
         if not bool(gathered.any()):  # the one host read of the forward
@@ -179,7 +180,7 @@ class DeferredScoreCheck:
             f" on rank(s) {ranks} of the load group (every rank of the group raises this error, so "
             "none is left waiting in a collective)"
         )
-        if int(gathered[:, first, 0].sum()):
+        if bool((gathered[:, first, 0] != 0).any()):  # flag 0: NaN / Inf
             raise RoutingInputError(
                 f"{where}router scores contain NaN or Inf{others}. The gate produced non-finite "
                 "logits: check the model weights (a bad checkpoint or an overflow in a low-precision "

@@ -115,6 +115,8 @@ def _attach(layer: Any, name: str, capaware: CapawareConfig, score_check: Option
         local_experts=local_experts,
         duplication=copies,
         load_group=load_group,
+        # Local scope: each call's figures are this rank's, summed over the group when reported.
+        reduce_group=load_group if capaware.scope == "local" else None,
     )
     state.name = name or state.name
     state.load_group = load_group
@@ -238,10 +240,18 @@ def layer_states(model: torch.nn.Module) -> List[LayerRoutingState]:
 
 
 def collect_stats(model: torch.nn.Module) -> Dict[int, LayerRoutingStats]:
-    """The stats recorders of an installed model, by layer number."""
+    """The stats recorders of an installed model, by layer number.
+
+    With ``--capaware-scope local`` the recorded figures are this rank's until reported: this
+    function then sums the pending records of every layer over its load group
+    (``LayerRoutingStats.reduce_pending``: two all-reduces per layer with pending records), so it
+    is COLLECTIVE at local scope: every rank of the group must call it at the same point (as
+    :func:`reduce_summaries`). At global scope it issues nothing.
+    """
     out: Dict[int, LayerRoutingStats] = {}
     for state in layer_states(model):
         if state.stats is not None:
+            state.stats.reduce_pending()
             out[state.stats.layer_number] = state.stats
     return out
 

@@ -89,22 +89,26 @@ def map_to_indices(scores: torch.Tensor, routing_map: torch.Tensor, k: int) -> t
     """The ``k`` experts of each row of a top-k map, best ``scores`` first: ``[T, k]`` int64.
 
     A function of the chosen set only (not of the order Megatron's ``torch.topk``
-    returned it in, which is unsorted under ``no_grad`` since 0.19).
+    returned it in, which is unsorted under ``no_grad`` since 0.19). ``scores``
+    are >= 0 (softmax or sigmoid; the score check catches NaN), so the ``-1``
+    outside the map never outranks a chosen expert. Two ops: a ``where`` with a
+    scalar and a ``topk``.
     """
-    return torch.where(routing_map, scores, torch.full_like(scores, -1.0)).topk(k, dim=1).indices
+    return torch.where(routing_map, scores, -1.0).topk(k, dim=1).indices
 
 
 def vanilla_topk(router: Any, logits: torch.Tensor, scores: torch.Tensor
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Megatron's choice as ``(weights [T, k], experts [T, k])``, experts best ``scores`` first.
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Megatron's choice as ``(probs [T, E], routing_map [T, E] bool, experts [T, k])``.
 
-    ``scores [T, E]`` float32: the model's score distribution, used only to
-    order each token's k experts. ``weights`` are Megatron's probabilities
-    (normalisation and scaling factor included) in the logits' dtype.
+    ``probs`` and ``routing_map`` are Megatron's own outputs (its probabilities, with
+    normalisation and scaling factor, in the logits' dtype, zero off the map), so a caller
+    keeping Megatron's weights reads them as they are (no gather and scatter back).
+    ``experts`` are each token's k experts, best ``scores [T, E]`` (float32, the model's
+    score distribution) first: the policies' ``topk_indices``.
     """
     probs, routing_map = megatron_topk(router, logits)
-    indices = map_to_indices(scores, routing_map, router.topk)
-    return probs.gather(1, indices), indices
+    return probs, routing_map, map_to_indices(scores, routing_map, router.topk)
 
 
 def ranked_for_groups(router: Any, logits: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ own normalisation and scaling. ``router_type="topk"`` is vanilla exactly.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 import torch
@@ -29,8 +28,7 @@ from megatron_capaware.adapters.megatron_topk import vanilla_topk
 from megatron_capaware.adapters.megatron_topk import ranked_for_groups
 from megatron_capaware.adapters.state import LayerRoutingState
 from megatron_capaware.config import CapawareConfig, CapawareConfigError
-from megatron_capaware.placement.replicas import even_slot_loads, replica_choice, to_physical
-from megatron_capaware.policies.collectives import all_reduce_sum
+from megatron_capaware.placement.replicas import replica_choice, to_physical
 from megatron_capaware.refusals import raise_if_refused
 from megatron_capaware.registry import CAPACITY_DROP, CAPACITY_REROUTE, DECODE_PACK, EXPANDED_DROP, LASER, TOPK, router_type
 
@@ -229,7 +227,7 @@ class CapawareRouter(TopKRouter):
             # idle EP ranks) without a padding_mask: see adapters.inference_padding.
             padding_mask = step_padding_mask(logits.shape[0], logits.device, self.config, self.layer_number)
         state = self.capaware_state
-        vanilla_top, indices, scores = self._vanilla_topk(logits)  # [T, k], [T, k], [T, E]
+        vanilla_probs, vanilla_map, indices, scores = self._vanilla_topk(logits)  # [T, E], [T, E], [T, k], [T, E]
         # Only the routers that add experts need the group mask (drop and LASER only keep or
         # reorder within Megatron's choice; LASER refuses group-limited routing).
         allowed = self._selected_groups(logits, indices) if router_type(capaware.router_type).adds_experts \
@@ -262,18 +260,33 @@ class CapawareRouter(TopKRouter):
         else:
             # Kept assignments: vanilla's weights bit for bit. New ones (rerouted,
             # moved, added): s[t, e] under the model's normalisation and scaling.
-            factor = torch.full((scores.shape[0], 1), scaling, dtype=scores.dtype, device=scores.device)
+            # New weights: scores * (scaling / sum of the token's top-k scores) when the model normalises,
+            # else scores * scaling. The 0-d scaling tensor is built once per device and dtype (the
+            # division is the same IEEE division per element as with a [T, 1] tensor of it).
             if model_normalizes(self.config):
-                factor = factor / scores.gather(1, indices).sum(dim=1, keepdim=True).clamp_min(
-                    torch.finfo(scores.dtype).tiny)
-            vanilla = torch.zeros_like(scores).scatter_(1, indices, vanilla_top.float())
-            vanilla_map = torch.zeros_like(decision.routing_map).scatter_(1, indices, True)
-            probs = torch.where(vanilla_map, vanilla, scores * factor) * decision.routing_map
+                new = scores * (self._constant(scaling, scores) / scores.gather(1, indices).sum(
+                    dim=1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny))
+            else:
+                new = scores if scaling == 1.0 else scores * self._constant(scaling, scores)
+            if on_slots:  # Megatron's weights moved to the chosen slots ([T, S])
+                vanilla = torch.zeros_like(scores).scatter_(1, indices, vanilla_probs.gather(1, logical).float())
+                vanilla_map = torch.zeros_like(decision.routing_map).scatter_(1, indices, True)
+            else:  # Megatron's own [T, E] outputs (zero off its map)
+                vanilla = vanilla_probs.float()
+            probs = torch.where(vanilla_map, vanilla, new) * decision.routing_map
         recorded = decision if self.capaware_stats is not None and capaware.record_stats else None
         return probs.to(logits.dtype), decision.routing_map, recorded
 
+    def _constant(self, value: float, like: torch.Tensor) -> torch.Tensor:
+        """A 0-d tensor holding ``value`` in ``like``'s dtype and device, made once (no op per call)."""
+        cache = self.__dict__.setdefault("_capaware_constants", {})
+        key = (value, like.dtype, like.device)
+        if key not in cache:
+            cache[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+        return cache[key]
+
     def _vanilla_topk(self, logits: torch.Tensor):
-        """Megatron's own top-k: ``(weights [T, k], experts [T, k], scores [T, E])``.
+        """Megatron's own top-k: ``(probs [T, E], routing_map [T, E], experts [T, k], scores [T, E])``.
 
         Megatron's ``topk_routing_with_score_function`` itself, on the installed
         megatron-core (:mod:`megatron_capaware.adapters.megatron_topk`), so the
@@ -281,8 +294,8 @@ class CapawareRouter(TopKRouter):
         included. ``scores`` is the full float32 score distribution the policies rank by.
         """
         scores = self._scores(logits)
-        top, indices = vanilla_topk(self, logits, scores)
-        return top, indices, scores
+        probs, routing_map, indices = vanilla_topk(self, logits, scores)
+        return probs, routing_map, indices, scores
 
     def _selected_groups(self, logits: torch.Tensor, indices: torch.Tensor) -> Optional[torch.Tensor]:
         """``[T, E]`` bool, the experts of the groups Megatron selected for each token (None: no groups).
@@ -371,24 +384,12 @@ class CapawareRouter(TopKRouter):
 
     def _record(self, decision, slot_loads: Optional[torch.Tensor] = None, router: str = "") -> None:
         """Keep one call's figures; ``slot_loads [S]``: under a placement, the physical slots' loads;
-        ``router``: the label of the router that decided (the per-phase statistics name it)."""
-        if self.capaware.scope == "local" and self.capaware_load_group is not None:
-            # The decision only saw this rank's tokens; the stats report what the
-            # experts process, so sum the loads over the ranks that feed them.
-            counts = torch.cat([
-                decision.global_loads,
-                torch.stack([decision.requested_assignments, decision.global_tokens]),
-            ]).to(torch.int64)
-            counts = all_reduce_sum(counts, self.capaware_load_group)
-            decision = dataclasses.replace(
-                decision, global_loads=counts[:-2], requested_assignments=counts[-2],
-                global_tokens=counts[-1], capacity=None,
-            )
-            layout = self.capaware_layout
-            if slot_loads is not None and self._decides_on_slots():
-                slot_loads = all_reduce_sum(slot_loads.clone(), self.capaware_load_group)
-            elif slot_loads is not None and layout.replica_policy == "least-loaded":
-                slot_loads = even_slot_loads(decision.global_loads, layout.table)
+        ``router``: the label of the router that decided (the per-phase statistics name it).
+
+        No collective at either scope: at ``--capaware-scope local`` the decision's figures are this
+        rank's, and the stats recorder sums them over the load group when they are reported
+        (``LayerRoutingStats.reduce_pending``, from ``collect_stats``).
+        """
         self.capaware_stats.record_decision(decision, slot_loads)
         phases.record_phase(self.capaware_state, decision, slot_loads, router)
 

@@ -25,8 +25,14 @@ from megatron_capaware.registry import EXPANDED_DROP
 
 
 def slot_loads(state: LayerRoutingState, decision: Any, physical_map: torch.Tensor) -> torch.Tensor:
-    """This call's global per-slot loads ``[S]`` (device-side; for the stats)."""
+    """This call's global per-slot loads ``[S]`` (device-side; for the stats).
+
+    ``--capaware-scope local``: this rank's slot loads, counted from ``physical_map`` with no
+    collective (the stats sum them over the group when reported: ``LayerRoutingStats.reduce_pending``).
+    """
     layout = state.layout
+    if state.config.scope == "local":
+        return physical_map.sum(dim=0).to(torch.int64)
     if layout.replica_policy == "least-loaded":  # exact from the expert loads, no collective
         return even_slot_loads(decision.global_loads, layout.table)
     # round-robin splits are data-dependent: count them (one all-reduce of [S], with stats on only).

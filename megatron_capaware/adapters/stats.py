@@ -9,12 +9,12 @@ after dispatch, which is what the capacity guarantee is checked against.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from megatron_capaware import metrics
-from megatron_capaware.policies.collectives import all_reduce_sum
+from megatron_capaware.policies.collectives import all_reduce, all_reduce_sum
 
 # Per-layer records kept one per call; older calls are folded into running
 # totals so a long-lived server's memory stays bounded while every summary
@@ -27,10 +27,14 @@ _COUNTS = ("requested", "dropped", "rerouted", "tokens", "flexible")
 class LayerRoutingStats:
     """Everything recorded for one MoE layer, one entry per forward call.
 
-    Recording costs no host synchronisation: each call's figures stay on the
-    device where the policy computed them (:attr:`pending`) and move to the
-    host in one copy when something reads them (a summary, a report, the
-    attributes below), or when :data:`MAX_RECORDS` calls are pending.
+    Recording costs no host synchronisation and no collective: each call's
+    figures are copied into a preallocated device ring (:attr:`pending` rows)
+    and move to the host in one copy when something reads them (a summary, a
+    report, the attributes below), or when :data:`MAX_RECORDS` calls are
+    pending. With ``--capaware-scope local`` (:attr:`reduce_group` set) a row
+    holds this rank's figures; they are summed over the group when reported
+    (:meth:`reduce_pending`, called by ``collect_stats`` on every rank), not
+    per call.
 
     Attributes:
         layer_number: Megatron's 1-based layer number.
@@ -56,9 +60,6 @@ class LayerRoutingStats:
     _counts: Dict[str, List[int]] = field(default_factory=lambda: {name: [] for name in _COUNTS})
     _capacity: List[Optional[int]] = field(default_factory=list)
     _received: List[torch.Tensor] = field(default_factory=list)
-    # Device-side records not yet copied: (loads [E], counts [6]) and received counts.
-    pending: List[Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    pending_received: List[torch.Tensor] = field(default_factory=list)
     # Calls folded out of the lists above: count, summed per-call metrics,
     # summed loads, and summed counts.
     folded_calls: int = 0
@@ -68,26 +69,107 @@ class LayerRoutingStats:
     # Under a placement (adapters/placement.py) each call's global per-slot
     # loads [S] are kept beside its expert loads.
     _slot_loads: List[torch.Tensor] = field(default_factory=list)
+    #: ``--capaware-scope local``: the group this layer's pending records are summed over when they
+    #: are read (:meth:`reduce_pending`); None: the records are global already (or one rank).
+    reduce_group: Any = None
+    # The device ring: one row per call not yet copied to the host, ``[max_records, E + 6 + S]``
+    # int64: the expert loads, the counts (requested, dropped, rerouted, tokens, flexible, capacity;
+    # -1 = none) and the slot loads. Preallocated once (and when S changes), so recording a call is
+    # two or three copies into it (no stack, clone or allocation per call).
+    _ring: Optional[torch.Tensor] = None
+    _ring_rows: int = 0
+    _ring_slots: List[bool] = field(default_factory=list)  # host: the row has its own slot loads
+    pending_received: List[torch.Tensor] = field(default_factory=list)
+    # The first pending rows already summed over ``reduce_group`` (a full ring is reduced and copied).
+    _reduced_rows: int = 0
 
     def record_decision(self, decision, slot_loads: Optional[torch.Tensor] = None) -> None:
         """Keep a :class:`~megatron_capaware.policies.RoutingDecision`'s figures (device-side, no sync).
 
-        ``slot_loads [S]``: under a placement, this call's global per-slot loads
-        (rank figures come from them); None: Megatron's layout, the expert loads.
+        ``slot_loads [S]``: under a placement, this call's per-slot loads (rank figures come from them);
+        None: Megatron's layout, the expert loads. With :attr:`reduce_group` set (local scope) the
+        figures are this rank's and are summed over the group when read (:meth:`reduce_pending`).
+        Costs two device copies per call (three with slot loads) into the preallocated ring.
         """
-        loads = decision.global_loads.detach().to(torch.int64)
-        none = torch.full((), -1, dtype=torch.int64, device=loads.device)
-
-        def count(value: Optional[torch.Tensor]) -> torch.Tensor:
-            return none if value is None else value.detach().to(device=loads.device, dtype=torch.int64).reshape(())
-
-        counts = torch.stack([count(decision.requested_assignments), count(decision.dropped),
-                              count(decision.rerouted), count(decision.global_tokens),
-                              count(decision.flexible), count(decision.capacity)])
-        slots = loads if slot_loads is None else slot_loads.detach().to(device=loads.device, dtype=torch.int64)
-        self.pending.append((loads.clone(), counts, slots.clone()))
-        if len(self.pending) >= self.max_records:
+        loads = decision.global_loads.detach()
+        width = loads.numel() + len(_COUNTS) + 1 + (loads.numel() if slot_loads is None else slot_loads.numel())
+        ring = self._ring
+        if ring is None or ring.shape[1] != width or ring.device != loads.device:
+            if self._ring_rows:  # S changed (a re-placement) or the device did: copy the old rows first
+                self.reduce_pending()
+                self.flush()
+            rows = min(self.max_records, MAX_RECORDS)
+            ring = self._ring = torch.empty((rows, width), dtype=torch.int64, device=loads.device)
+            self._none = torch.full((), -1, dtype=torch.int64, device=loads.device)
+            self._loads_width = loads.numel()
+        row = ring[self._ring_rows]
+        num = loads.numel()
+        row[:num].copy_(loads)
+        none = self._none
+        torch.stack([none if value is None else value.detach().reshape(())
+                     for value in (decision.requested_assignments, decision.dropped, decision.rerouted,
+                                   decision.global_tokens, decision.flexible, decision.capacity)],
+                    out=row[num:num + len(_COUNTS) + 1])
+        if slot_loads is not None:
+            row[num + len(_COUNTS) + 1:].copy_(slot_loads.detach())
+        self._ring_slots.append(slot_loads is not None)
+        self._ring_rows += 1
+        if self._ring_rows >= ring.shape[0]:
+            # Local scope: one reduction per MAX_RECORDS calls, at the same call on every rank.
+            self.reduce_pending()
             self.flush()
+
+    @property
+    def pending(self) -> int:
+        """Calls recorded on the device and not yet copied to the host."""
+        return self._ring_rows
+
+    def needs_reduction(self) -> bool:
+        """Whether pending records must be summed over :attr:`reduce_group` before they can be read."""
+        return self.reduce_group is not None and self._ring_rows > self._reduced_rows
+
+    def reduce_pending(self) -> None:
+        """Sum the pending local records over :attr:`reduce_group` (local scope): COLLECTIVE.
+
+        Every rank of the group must call it at the same point (``collect_stats`` does, on every
+        rank, for every layer in the same order; a full ring does it at the same call on every
+        rank). Two all-reduces: the ranks first agree on the number of rows to sum (a fixed-size
+        ``[2]``: the sum of n and of n squared, equal to ``(W n, W n^2)`` on every rank exactly
+        when every rank's n is the same), then sum the ``[n, width]`` rows: the loads, the
+        requested assignments, the tokens and the slot loads become the group's; the dropped,
+        rerouted and flexible counts stay this rank's (as at global scope: :func:`reduce_summaries`
+        sums them); the capacity is per rank, so none is reported. A rank whose count differs
+        makes every rank raise the same error: no rank is left waiting. Nothing is issued
+        without a group or on one rank.
+        """
+        group = self.reduce_group
+        if group is None:
+            return
+        from megatron_capaware.policies.collectives import group_size
+
+        size = group_size(group)
+        start, n = self._reduced_rows, self._ring_rows - self._reduced_rows
+        if size <= 1:
+            self._reduced_rows = self._ring_rows
+            return
+        device = self._ring.device if self._ring is not None else torch.device("cpu")
+        # Unweighted (all_reduce, not all_reduce_sum): ranks holding copies of tokens count here too.
+        agree = all_reduce(torch.tensor([n, n * n], dtype=torch.int64, device=device), group).tolist()
+        if agree[0] * agree[0] != size * agree[1]:
+            raise RuntimeError(
+                f"MoE layer {self.layer_number}: the ranks of the load group recorded different numbers of "
+                f"routing calls since the last report ({agree[0]} in all over {size} ranks; this rank {n}): "
+                "with --capaware-scope local the statistics are summed over the group when read, so every "
+                "rank must route the same calls and call collect_stats / reset_stats together")
+        if n:
+            rows = self._ring[start:start + n]
+            summed = all_reduce_sum(rows.clone(), group)
+            num = self._loads_width
+            own = [num + _COUNTS.index(name) for name in ("dropped", "rerouted", "flexible")]
+            summed[:, own] = rows[:, own]
+            summed[:, num + len(_COUNTS)] = -1  # the capacity: per rank at local scope
+            rows.copy_(summed)
+        self._reduced_rows = self._ring_rows
 
     def slot_loads(self) -> List[torch.Tensor]:
         """Per-call physical slot loads ``[S]``, aligned with :attr:`global_loads` (the expert loads where
@@ -103,23 +185,34 @@ class LayerRoutingStats:
             self.flush()
 
     def flush(self) -> None:
-        """Copy the pending device records to the host (one copy per kind) and fold old calls."""
-        if self.pending:
-            loads = torch.stack([p[0] for p in self.pending]).to("cpu")  # [n, E]
-            counts = torch.stack([p[1] for p in self.pending]).to("cpu").tolist()  # [n, 6]
-            # Per-slot loads [n, S]; S may change between calls (re-placement), so one copy per width.
-            slots = [p[2] for p in self.pending]
-            if len({t.numel() for t in slots}) == 1:
-                slots = list(torch.stack(slots).to("cpu").unbind(0))
-            else:
-                slots = [t.to("cpu") for t in slots]
-            self.pending.clear()
-            self._slot_loads.extend(slots)
-            for row_loads, row in zip(loads, counts):
-                self._global_loads.append(row_loads)
-                for name, value in zip(_COUNTS, row):
+        """Copy the pending device records to the host (one copy) and fold old calls.
+
+        Raises:
+            RuntimeError: local-scope records not yet summed over the group (:meth:`reduce_pending`,
+                which ``collect_stats`` calls on every rank): reading them here would give this
+                rank's figures as the group's, and summing them here would be a collective one
+                rank might issue alone.
+        """
+        if self._ring_rows:
+            if self.needs_reduction():
+                raise RuntimeError(
+                    f"MoE layer {self.layer_number}: with --capaware-scope local the statistics stay on the "
+                    "device as this rank's figures and are summed over the load group when reported: call "
+                    "megatron_capaware.adapters.collect_stats(model) on every rank of the group first (it is "
+                    "collective), then read the returned stats")
+            n, num = self._ring_rows, self._loads_width
+            rows = self._ring[:n].to("cpu")  # [n, E + 6 + S]: the one copy
+            has_slots = list(self._ring_slots)
+            self._ring_rows = self._reduced_rows = 0
+            self._ring_slots.clear()
+            counts = rows[:, num:num + len(_COUNTS) + 1].tolist()
+            for row, row_counts, own_slots in zip(rows, counts, has_slots):
+                loads = row[:num].clone()
+                self._global_loads.append(loads)
+                self._slot_loads.append(row[num + len(_COUNTS) + 1:].clone() if own_slots else loads)
+                for name, value in zip(_COUNTS, row_counts):
                     self._counts[name].append(0 if name == "flexible" and value < 0 else int(value))
-                self._capacity.append(None if row[len(_COUNTS)] < 0 else int(row[len(_COUNTS)]))
+                self._capacity.append(None if row_counts[len(_COUNTS)] < 0 else int(row_counts[len(_COUNTS)]))
             while len(self._global_loads) > self.max_records:
                 self._fold_oldest()
         if self.pending_received:
@@ -182,7 +275,7 @@ class LayerRoutingStats:
     @property
     def calls(self) -> int:
         """Forward calls recorded since the last reset (folded ones included)."""
-        return self.folded_calls + len(self._global_loads) + len(self.pending)
+        return self.folded_calls + len(self._global_loads) + self._ring_rows
 
     def total(self, name: str) -> int:
         """Sum of one count (``requested``, ``dropped``, ...) over all recorded calls."""
@@ -198,7 +291,8 @@ class LayerRoutingStats:
         return total / self.calls
 
     def reset(self) -> None:
-        self.pending.clear()
+        self._ring_rows = self._reduced_rows = 0
+        self._ring_slots.clear()
         self.pending_received.clear()
         for values in (self._global_loads, self._capacity, self._received, self._slot_loads,
                        *self._counts.values()):
@@ -234,6 +328,7 @@ def reduce_summaries(all_stats: Dict[int, LayerRoutingStats]) -> Dict[int, Dict[
     """
     out: Dict[int, Dict[str, float]] = {}
     for layer, stats in sorted(all_stats.items()):
+        stats.reduce_pending()  # local scope: the group's loads first (collective, as this function is)
         summary = stats.summary()
         counts = torch.tensor([stats.total("dropped"), stats.total("rerouted"), stats.total("flexible")], dtype=torch.int64)
         counts = all_reduce_sum(counts, stats.load_group)

@@ -143,6 +143,8 @@ class LaunchSession:
 
     def stats(self) -> Dict[int, Any]:
         out: Dict[int, Any] = {}
+        for _, stats in self.layers:  # --capaware-scope local: sum the device records over the group
+            stats.reduce_pending()  # (collective; every rank installed the same layers in the same order)
         for ref, stats in self.layers:
             if ref() is not None and (stats.global_loads or stats.layer_number not in out):
                 out[stats.layer_number] = stats

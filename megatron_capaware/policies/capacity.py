@@ -657,7 +657,7 @@ def map_decision(
         global_loads=counts[:-1],
         requested_assignments=counts[:-1].sum(),
         dropped=zero,
-        rerouted=zero.clone(),
+        rerouted=zero,  # read-only figures: one zero serves both
         global_tokens=counts[-1],
     )
 

@@ -60,16 +60,20 @@ def check_scores(scores: torch.Tensor, k: int, *, check_values: bool = True) -> 
 
 
 def score_value_flags(scores: torch.Tensor) -> torch.Tensor:
-    """``[2]`` int64 on the scores' device: (any NaN / Inf, any negative finite score).
+    """``[2]`` in the scores' dtype, on their device; nonzero means bad: (NaN / Inf, negative).
 
-    One ``aminmax`` pass (it propagates NaN) and no host sync, so callers can
-    all-gather the flags before reading them.
+    Element 0 is NaN when any score is NaN or +-inf, else 0; element 1 is
+    ``min(min score, 0)``, nonzero when a score is negative. Test them with
+    ``!= 0`` / ``.any()`` (NaN counts as nonzero), never by summing. The first
+    takes precedence (a -inf minimum sets both). One ``aminmax`` pass (it
+    propagates NaN) and five small ops, no host sync, so callers can all-gather
+    the flags before reading them: ``x * 0`` is 0 for a finite ``x`` and NaN for
+    NaN or +-inf (no ``isfinite``, four ops each on CPU, and no overflow).
     """
     if not scores.numel():
-        return torch.zeros(2, dtype=torch.int64, device=scores.device)
+        return torch.zeros(2, dtype=scores.dtype, device=scores.device)
     lo, hi = torch.aminmax(scores)
-    finite = torch.isfinite(lo) & torch.isfinite(hi)
-    return torch.stack([~finite, finite & (lo < 0)]).to(torch.int64)
+    return torch.stack([lo * 0 + hi * 0, lo.clamp(max=0)])
 
 
 def check_gamma(gamma: float) -> float:
@@ -283,7 +287,7 @@ def ranked_experts(
         where fewer than ``count`` experts are available.
     """
     num_experts = scores.shape[1]
-    key = expert_keys(scores, spare).masked_fill(~available, -1)
+    key = expert_keys(scores, spare).masked_fill_(~available, -1)  # in place: the keys are this call's own
     values, experts = torch.topk(key, min(count, num_experts), dim=1)
     return experts, values >= 0
 

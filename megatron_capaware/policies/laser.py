@@ -212,13 +212,14 @@ def _propose(loads, quota, cand, closed, w_chosen, k: int, position, num_experts
                                                k, position)
     experts = cand.gather(1, positions)
     proposed = torch.zeros(cand.shape[0], num_experts, dtype=torch.bool, device=cand.device)
-    running = torch.cumsum(proposed.scatter_(1, experts, fresh), 0)  # proposals up to this token
+    # Proposals up to this token: int32 (at most T; half the bytes of the default int64 [n, E]).
+    running = torch.cumsum(proposed.scatter_(1, experts, fresh), 0, dtype=torch.int32)
     return positions, fresh, experts, running, _last_row(running)
 
 
 def _last_row(running):
-    """``[E]``: the last row of ``running [n, E]`` (zeros when ``n = 0``)."""
-    return running[-1] if running.shape[0] else running.sum(0)
+    """``[E]``: the last row of ``running [n, E]`` (zeros when ``n = 0``), in ``running``'s dtype."""
+    return running[-1] if running.shape[0] else running.sum(0, dtype=running.dtype)
 
 
 def _accept(loads, quota, closed, w_chosen, positions, fresh, experts, running, per_rank, rank: int, single: bool):
@@ -426,11 +427,12 @@ def laser(
     wave_of = torch.div(flex_index * waves, flex_counts.sum().clamp(min=1), rounding_mode="floor")
     wave_of = torch.where(flexible, wave_of, torch.full_like(wave_of, waves))  # row W: not flexible
     # Per wave: each expert's demand (tokens having it in their pool) and the token count.
-    in_pool_onehot = torch.zeros(num_tokens, num_experts + 1, dtype=torch.int64, device=device)
-    in_pool_onehot.scatter_(1, cand, in_pool.to(torch.int64))
+    # [T, E + 1] int32, not int64 (at most T per entry; the [T, E] temporaries were 10x the scores).
+    in_pool_onehot = torch.zeros(num_tokens, num_experts + 1, dtype=torch.int32, device=device)
+    in_pool_onehot.scatter_(1, cand, in_pool.to(torch.int32))
     in_pool_onehot[:, -1] = 1
-    wave_stats = torch.zeros(waves + 1, num_experts + 1, dtype=torch.int64, device=device)
-    wave_stats = all_reduce_sum(wave_stats.index_add_(0, wave_of, in_pool_onehot)[:waves], group)
+    wave_stats = torch.zeros(waves + 1, num_experts + 1, dtype=torch.int32, device=device)
+    wave_stats = all_reduce_sum(wave_stats.index_add_(0, wave_of, in_pool_onehot)[:waves].to(torch.int64), group)
 
     wave_units = wave_stats[:, -1] * k
     position = torch.arange(cand.shape[1], device=device)
