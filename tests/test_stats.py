@@ -46,3 +46,14 @@ def test_peak_load_is_relative_to_topk_mean_load():
     assert skewed["peak_load"] == skewed["imbalance"] == 2.5  # no drops: same mean
     assert skewed["rank_peak_load"] == skewed["rank_imbalance"] == 1.5
     assert "peak_load" not in metrics.load_metrics(torch.tensor([1, 1]))
+
+
+def test_calls_without_requested_assignments_leave_the_peak_figures_to_the_others():
+    # An idle EP rank's dummy forward (dynamic engine, EP 2) sees the global loads but requests
+    # nothing itself: it has no peak figures, which must not break (or dilute) the per-call mean.
+    from megatron_capaware import metrics
+
+    busy = torch.tensor([6.0, 2.0, 0.0, 0.0])
+    out = metrics.summarize_calls([torch.zeros(4), busy, busy], [0, 8, 8], [0, 1, 1], [0, 0, 0], ep_size=2)
+    assert out["peak_load"] == metrics.load_metrics(busy, 2, 8)["peak_load"] == 3.0
+    assert out["calls"] == 3.0 and out["dropped_frac"] == 2 / 16

@@ -54,6 +54,7 @@ def enable_cpu_support() -> bool:
     _redirect_cuda_device_arguments()
     _zero_cuda_memory_statistics()
     _cpu_tensors_pass_inference_broadcast_checks()
+    _legacy_cuda_tensor_types_on_cpu()
     import megatron.training.initialize as initialize
 
     original_init = initialize.initialize_megatron
@@ -121,6 +122,26 @@ def _zero_cuda_memory_statistics() -> None:
     torch.cuda.max_memory_reserved = lambda *a, **k: 0  # type: ignore[assignment]
     torch.cuda.memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
     torch.cuda.memory_reserved = lambda *a, **k: 0  # type: ignore[assignment]
+
+
+_LEGACY_TENSOR_TYPES = ("FloatTensor", "DoubleTensor", "HalfTensor", "BFloat16Tensor", "LongTensor", "IntTensor",
+                        "ShortTensor", "CharTensor", "ByteTensor", "BoolTensor")
+
+
+def _legacy_cuda_tensor_types_on_cpu() -> None:
+    """``torch.cuda.LongTensor([...])`` and the other legacy CUDA tensor types build CPU tensors.
+
+    Megatron-LM's ``examples/inference/utils.py:get_curr_time`` (behind
+    ``gpt_dynamic_inference.py`` at world size > 1) broadcasts the time in a
+    ``torch.cuda.LongTensor``; a CPU build of torch raises on the type. Each
+    ``torch.cuda.<T>Tensor`` becomes ``torch.<T>Tensor``. CPU only.
+    """
+    if cuda_available():
+        return
+    for name in _LEGACY_TENSOR_TYPES:
+        cpu_type = getattr(torch, name, None)
+        if cpu_type is not None:
+            setattr(torch.cuda, name, cpu_type)
 
 
 def _cpu_tensors_pass_inference_broadcast_checks() -> None:

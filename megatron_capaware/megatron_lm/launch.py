@@ -41,6 +41,9 @@ from typing import Any, Dict, List, Optional
 
 from megatron_capaware import megatron_lm
 from megatron_capaware._compat.cli import run_cli
+from megatron_capaware._compat.cpu_shims import enable_dynamic_engine_on_cpu
+from megatron_capaware._compat.dynamic_engine_cpu import pinning_as_torch_does
+from megatron_capaware.megatron_lm.spawn_main import spawn_children_through_this_module
 from megatron_capaware.adapters.guards import DeferredScoreCheck
 from megatron_capaware.registry import TOPK
 
@@ -182,6 +185,13 @@ def install_hooks() -> LaunchSession:
         return SESSION
     megatron_lm.import_megatron_training()
     megatron_lm.enable_cpu_support()
+    # The dynamic engine (offline_inference.py, launch_inference_server.py, gpt_dynamic_inference.py)
+    # on CPU: unpinned host buffers and the CPU dispatcher buffers. No-op with CUDA.
+    enable_dynamic_engine_on_cpu()
+    if getattr(sys.modules.get("triton"), "capaware_cpu_stand_in", False):
+        # Processes the engine spawns (coordinator, HTTP frontends) re-import the script as their
+        # main: they get the triton stand-in first (see megatron_lm/spawn_main.py).
+        spawn_children_through_this_module()
     megatron_lm.install_tokenizer_hook()
     session = LaunchSession()
 
@@ -250,7 +260,9 @@ def _report_engine_fallback() -> None:
     original_init = cls.__init__
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        with warnings.catch_warnings(record=True) as caught:
+        # Pinning as torch does (on CPU: it raises, Megatron falls back to the legacy engine, as
+        # without the launcher's dynamic-engine support); the dynamic-path scripts are unaffected.
+        with warnings.catch_warnings(record=True) as caught, pinning_as_torch_does():
             warnings.simplefilter("always")
             original_init(self, *args, **kwargs)
         for w in caught:
