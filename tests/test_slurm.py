@@ -153,6 +153,42 @@ def test_dry_run_other_module_arguments_untouched(tmp_path: Path) -> None:
     assert command.rstrip().endswith("-u -m my_pkg.bench --steps 3")  # sizes reach it as CAPAWARE_TP/EP/ETP
 
 
+def test_dry_run_launch_runs_a_megatron_lm_script_through_the_routers_launcher(tmp_path: Path) -> None:
+    """``launch SCRIPT.py``: Megatron's dynamic path (offline_inference.py) with Megatron's size flags added."""
+    script = tmp_path / "examples" / "inference" / "offline_inference.py"
+    script.parent.mkdir(parents=True)
+    script.write_text("")
+    result = _dry_run(["--device", "cpu", "--procs-per-node", "4", "--tp", "2", "--", "launch",
+                       "examples/inference/offline_inference.py", "--load", "CKPT", "--use-coordinator",
+                       "--moe-router-type", "capacity-drop"], tmp_path,
+                      SLURM_JOB_ID="8", SLURM_NNODES="1", SLURM_JOB_NODELIST="cpu1", SLURM_CPUS_ON_NODE="4")
+    assert result.returncode == 0, result.stderr
+    job_dir = tmp_path / "runs" / "8"
+    command = (job_dir / "command.sh").read_text()
+    assert command.rstrip().endswith(
+        "-u -m megatron_capaware.launch examples/inference/offline_inference.py --load CKPT --use-coordinator "
+        "--moe-router-type capacity-drop --expert-model-parallel-size 2 --tensor-model-parallel-size 2 "
+        f"--capaware-stats-output {job_dir}/stats.json"), command
+    assert "layout: device=cpu procs_per_node=4 world=4 TP=2 EP=2 ETP=1" in (job_dir / "env.txt").read_text()
+    # The script's own Megatron size flags are the layout; its own stats path is kept.
+    result = _dry_run(["--device", "cpu", "--", "launch", "examples/inference/offline_inference.py",
+                       "--expert-model-parallel-size", "2", "--capaware-stats-output", "s.json"], tmp_path,
+                      SLURM_JOB_ID="9", SLURM_NNODES="1", SLURM_JOB_NODELIST="cpu1", SLURM_CPUS_ON_NODE="4")
+    assert result.returncode == 0, result.stderr
+    command = (tmp_path / "runs" / "9" / "command.sh").read_text()
+    assert command.rstrip().endswith("-u -m megatron_capaware.launch examples/inference/offline_inference.py "
+                                     "--expert-model-parallel-size 2 --capaware-stats-output s.json"), command
+    for args, message in [
+        (["--ep", "2", "--", "launch", "examples/inference/offline_inference.py", "--expert-model-parallel-size",
+          "4"], "the command says --expert-model-parallel-size 4 but the launcher was given --ep 2"),
+        (["--", "launch"], "launch needs the Megatron-LM script: launch SCRIPT.py [ARGS]"),
+        (["--", "launch", "missing.py"], "script 'missing.py' not found"),
+    ]:
+        refused = _dry_run(["--device", "cpu", *args], tmp_path, SLURM_JOB_ID="10", SLURM_NNODES="1",
+                           SLURM_JOB_NODELIST="cpu1", SLURM_CPUS_ON_NODE="4")
+        assert refused.returncode == 2 and message in refused.stderr, (args, refused.stderr)
+
+
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [

@@ -96,6 +96,29 @@ def enable_cpu_support() -> bool:
     return True
 
 
+def enable_dynamic_engine() -> bool:
+    """What Megatron's dynamic inference engine needs on this machine (a no-op with CUDA).
+
+    For Megatron-LM's dynamic-path scripts (``offline_inference.py``,
+    ``launch_inference_server.py``, ``gpt_dynamic_inference.py``): on a machine
+    without CUDA, :func:`enable_cpu_support` plus the dynamic engine's stand-ins
+    (:func:`megatron_capaware._compat.cpu_shims.enable_dynamic_engine_on_cpu`:
+    unpinned host buffers, the NCCL dispatcher's buffers instead of NVLS, flash
+    attention in torch). The launcher calls it; a patched script calls it
+    before building the engine. Call it only in a script that uses the dynamic
+    engine: with it on, Megatron's ``StaticInferenceEngine`` built outside the
+    launcher no longer falls back to the legacy engine on CPU.
+
+    Returns:
+        True when active (now or earlier), False on a CUDA machine.
+    """
+    from megatron_capaware._compat.cpu_shims import enable_dynamic_engine_on_cpu
+
+    if not enable_cpu_support():
+        return False
+    return enable_dynamic_engine_on_cpu()
+
+
 class ZeroCudaMemoryStats(dict):
     """``torch.cuda.memory_stats()`` on a machine without CUDA: every statistic is 0.
 

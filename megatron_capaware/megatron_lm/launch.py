@@ -41,7 +41,6 @@ from typing import Any, Dict, List, Optional
 
 from megatron_capaware import megatron_lm
 from megatron_capaware._compat.cli import run_cli
-from megatron_capaware._compat.cpu_shims import enable_dynamic_engine_on_cpu
 from megatron_capaware._compat.dynamic_engine_cpu import pinning_as_torch_does
 from megatron_capaware.megatron_lm.spawn_main import spawn_children_through_this_module
 from megatron_capaware.adapters.guards import DeferredScoreCheck
@@ -184,10 +183,9 @@ def install_hooks() -> LaunchSession:
     if SESSION is not None:
         return SESSION
     megatron_lm.import_megatron_training()
-    megatron_lm.enable_cpu_support()
-    # The dynamic engine (offline_inference.py, launch_inference_server.py, gpt_dynamic_inference.py)
-    # on CPU: unpinned host buffers and the CPU dispatcher buffers. No-op with CUDA.
-    enable_dynamic_engine_on_cpu()
+    # CPU support for megatron.training and the dynamic engine (offline_inference.py,
+    # launch_inference_server.py, gpt_dynamic_inference.py). No-op with CUDA.
+    megatron_lm.enable_dynamic_engine()
     if getattr(sys.modules.get("triton"), "capaware_cpu_stand_in", False):
         # Processes the engine spawns (coordinator, HTTP frontends) re-import the script as their
         # main: they get the triton stand-in first (see megatron_lm/spawn_main.py).
