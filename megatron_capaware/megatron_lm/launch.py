@@ -61,6 +61,7 @@ class LaunchSession:
         self.announced = False
         self.installed_elsewhere = False
         self._plan: Any = None
+        self.step_hook_installed = False
         # One deferred score check for every MoE layer of the process (read once per model forward).
         self.score_check = DeferredScoreCheck(None, 0)
 
@@ -112,6 +113,15 @@ class LaunchSession:
         """Called at the end of every ``MoELayer.__init__``: install at its first forward."""
         if getattr(layer, "_capaware_launch_hook", None) is not None:
             return
+        if not self.step_hook_installed and self.wanted():
+            # The routers are installed at a layer's first forward, which already runs inside the
+            # first step's TransformerLayer._forward_mlp: the hook that gives them the dynamic
+            # step (padding rows, phase) must wrap it before any forward, or that first step
+            # (the first prefill) is routed as if it had no padding rows.
+            from megatron_capaware.adapters.inference_padding import install_dynamic_padding_hook
+
+            install_dynamic_padding_hook()
+            self.step_hook_installed = True
         self.score_check.expected += 1  # every MoE layer built here routes once per model forward
         layer._capaware_launch_hook = layer.register_forward_pre_hook(self._first_forward)
 
