@@ -338,8 +338,9 @@ def dyn_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("dynamic")
 
 
-def _offline_drop_ep1(tree: Path, dyn_out: Path) -> subprocess.CompletedProcess:
-    return _offline("drop-ep1", tree, [*ROUTER, "--capaware-stats-output", str(dyn_out / "drop-ep1.json")])
+def _offline_drop_ep1(tree: Path, dyn_out: Path, ref: str = DYNAMIC_REF) -> subprocess.CompletedProcess:
+    """capacity-drop at EP 1 through the launcher, from the tree at ``ref`` (its stats in ``dyn_out``)."""
+    return _offline(f"drop-ep1-{ref}", tree, [*ROUTER, "--capaware-stats-output", str(dyn_out / f"drop-ep1-{ref}.json")])
 
 
 @pytest.mark.dynamic_engine
@@ -363,8 +364,9 @@ def test_patched_offline_inference_matches_the_launcher(ref, trees, dyn_out, tmp
     """patches/*-offline_inference.patch at each ref: the launcher's text and per-layer stats (EP 1)."""
     (patch,) = [p for p in PATCHES if OFFLINE in patched_files(p) and patch_tag(p) == ref]
     _need_modules("pybind11", "simpy")
-    launched = _offline_drop_ep1(trees(DYNAMIC_REF), dyn_out)  # the scripts are the same at both refs
     tree = trees(ref)
+    # The scripts are the same at both refs, the megatron/core they run is not: compare at the same ref.
+    launched = _offline_drop_ep1(tree, dyn_out, ref)
     script = tree / OFFLINE
     original = script.read_text()
     try:
@@ -379,7 +381,8 @@ def test_patched_offline_inference_matches_the_launcher(ref, trees, dyn_out, tmp
     assert "megatron-capaware: routing with capacity-drop(gamma=1) in 4 MoE layers" in result.stdout
     assert _texts(result.stdout) == _texts(launched.stdout)
     patched = _check_dynamic_stats(out, "capacity-drop(gamma=1)", 1)
-    assert patched["layers"] == _check_dynamic_stats(dyn_out / "drop-ep1.json", "capacity-drop(gamma=1)", 1)["layers"]
+    launched_stats = _check_dynamic_stats(dyn_out / f"drop-ep1-{ref}.json", "capacity-drop(gamma=1)", 1)
+    assert patched["layers"] == launched_stats["layers"]
 
 
 @pytest.mark.multirank

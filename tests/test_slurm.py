@@ -729,3 +729,54 @@ def test_failing_rank_fails_the_job_and_leaves_nothing(slurm: LocalSlurm, submit
     info = json.loads((job_dir / "job.json").read_text())
     assert info["exit_code"] != 0 and info["ok"] is False
     assert slurm.wait_job_processes_gone(job_id) == [], "the failed job left processes behind"
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(1200)
+def test_launch_runs_megatrons_dynamic_path_as_a_job(slurm: LocalSlurm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``launch examples/inference/offline_inference.py`` at EP 2 through sbatch, srun and torchrun.
+
+    Needs a Megatron-LM clone with ``core_v0.19.0`` in ``MEGATRON_LM_DIR`` and Megatron-LM's
+    requirements of the script (skipped, saying which, otherwise).
+    """
+    import importlib.util
+
+    clone = os.environ.get("MEGATRON_LM_DIR")
+    if not clone:
+        pytest.skip("MEGATRON_LM_DIR is not set: point it at a Megatron-LM clone to run its scripts as a job")
+    missing = [m for m in ("pybind11", "simpy", "zmq", "msgpack") if importlib.util.find_spec(m) is None]
+    if missing or importlib.util.find_spec("megatron.core.inference.apis") is None:
+        pytest.skip(f"offline_inference.py needs megatron-core >= 0.19 and {' '.join(missing) or 'nothing else'}")
+    tree = slurm.base / "megatron-lm"
+    tree.mkdir()
+    archive = subprocess.Popen(["git", "-C", clone, "archive", "core_v0.19.0", "megatron", "examples", "tools"],
+                               stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(tree)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        pytest.skip(f"MEGATRON_LM_DIR={clone} has no core_v0.19.0 (git fetch --tags there)")
+    (tree / "scripts").symlink_to(ROOT / "scripts")
+    from megatron_capaware.models.reference_models import reference_model_dir
+
+    ckpt = reference_model_dir()
+    monkeypatch.setenv("PYTHONPATH", f"{tree}{os.pathsep}{ROOT}")  # the checkout first, as docs/slurm.md says
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    job_id = slurm.submit(
+        "sbatch --nodes=1 scripts/slurm/ep_cpu.sbatch --procs-per-node 2 --ep 2 -- launch "
+        f"examples/inference/offline_inference.py --load {ckpt} --use-coordinator --moe-token-dispatcher-type alltoall "
+        "--micro-batch-size 1 --inference-dynamic-batching-buffer-size-gb 0.05 --inference-dynamic-batching-block-size 16 "
+        "--inference-dynamic-batching-max-requests 4 --moe-router-type capacity-drop --capaware-gamma 1.0 "
+        f"--capaware-placement {ckpt / 'placement-ep2-r2.json'} --prompts ROMEO: --num-tokens-to-generate 8", tree)
+    fields = slurm.wait_job(job_id, timeout=900)
+    report = _job_report(slurm, job_id, tree)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{report}"
+    job_dir = tree / "runs" / "slurm" / str(job_id)
+    log = (job_dir / "job.log").read_text()
+    assert re.search(r"^1/1\[n 1, l \d+\] ROMEO:\n\s+>>>> \[n 1, 8 tokens", log, re.M), log[-3000:]
+    assert "megatron-capaware load stats: router capacity-drop(gamma=1), EP=2, 4 MoE layers" in log, log[-3000:]
+    stats = json.loads((job_dir / "stats.json").read_text())
+    assert stats["expert_parallel"] == 2 and stats["router"] == "capacity-drop(gamma=1)"
+    command = (job_dir / "command.sh").read_text()
+    assert "-u -m megatron_capaware.launch examples/inference/offline_inference.py" in command
+    assert f"--expert-model-parallel-size 2 --capaware-stats-output {job_dir}/stats.json" in command
+    # The coordinator process the ranks spawned is gone with them.
+    assert slurm.wait_job_processes_gone(job_id) == [], "the job left processes behind"
