@@ -16,7 +16,8 @@ megatron-core without the dynamic engine.
    their host mirrors with ``pin_memory=True`` / ``.pin_memory()``; a CPU build
    of torch has no pinned allocator and raises. Pinning only speeds up
    host<->device copies, which do not exist without a device, so the request
-   is dropped (the tensor is an ordinary CPU tensor).
+   is dropped (the tensor is an ordinary CPU tensor), except inside
+   :func:`pinning_as_torch_does` (where the launcher builds the static engine).
 2. flash-attn. Dynamic batching asserts flash-attn >= 2.7.3 and calls its
    ``flash_attn_varlen_func`` / ``flash_attn_with_kvcache`` on the paged KV
    cache (``Attention.flash_decode_and_prefill``); flash-attn has no CPU build.
@@ -43,6 +44,11 @@ megatron-core without the dynamic engine.
    ``__main__`` imported megatron_capaware (not under pytest). The spawn target
    becomes :func:`coordinator_entrypoint`, which lives in this package (so
    unpickling it installs the stand-in) and calls Megatron's entrypoint.
+7. NVLS dispatcher buffers (opt-in with item 1): at EP > 1 the context
+   allocates the NVLS dispatcher's symmetric memory (the config's default
+   ``inference_moe_token_dispatcher_type``), which needs CUDA; on CPU the
+   context is built for the NCCL all-gather dispatcher instead
+   (:func:`nccl_dispatcher_buffers_on_cpu`).
 """
 
 from __future__ import annotations

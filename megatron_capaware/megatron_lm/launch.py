@@ -27,7 +27,12 @@ Before running ``SCRIPT.py`` as ``__main__`` (``runpy``), the launcher:
 
 With ``--moe-router-type topk`` and no ``--capaware-stats-output`` nothing is
 swapped: the script runs exactly as without the launcher. On a machine
-without CUDA the launcher also applies :func:`megatron_lm.enable_cpu_support`.
+without CUDA the launcher also applies :func:`megatron_lm.enable_dynamic_engine`
+(``enable_cpu_support`` plus the dynamic engine's stand-ins, so Megatron-LM's
+dynamic-path scripts ``offline_inference.py``, ``launch_inference_server.py``
+and ``gpt_dynamic_inference.py`` run; ``StaticInferenceEngine`` is still built
+with torch's own pinning, keeping its legacy fallback) and starts the processes
+those scripts spawn through :mod:`megatron_capaware.megatron_lm.spawn_main`.
 """
 
 from __future__ import annotations
