@@ -50,6 +50,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Dict, List
@@ -452,11 +453,17 @@ def test_inference_server_completions_round_trip_at_ep2_with_a_router_and_a_plan
         deadline, reply = time.monotonic() + 300, None
         while reply is None:
             assert server.poll() is None, f"the server exited ({server.returncode}):\n{_tail(log)}"
-            assert time.monotonic() < deadline, f"the server did not answer in 300 s:\n{_tail(log)}"
+            assert time.monotonic() < deadline, f"the server did not listen in 300 s:\n{_tail(log)}"
             try:
-                reply = _post_completion(port, DYNAMIC_PROMPTS[0], DYNAMIC_TOKENS)
-            except OSError:  # not listening yet
+                reply = _post_completion(port, DYNAMIC_PROMPTS[0], DYNAMIC_TOKENS, timeout=300)
+            except urllib.error.URLError as err:
+                if not isinstance(err.reason, ConnectionRefusedError):
+                    raise AssertionError(f"the request failed ({err.reason}):\n{_tail(log)}") from err
+                time.sleep(1)  # not listening yet
+            except ConnectionError:
                 time.sleep(1)
+            except TimeoutError as err:  # listening, but no completion: the engine side is stuck
+                raise AssertionError(f"no completion in 300 s:\n{_tail(log)}") from err
         (choice,) = reply["choices"]
         assert choice["finish_reason"] == "length" and choice["text"], reply
         assert reply["usage"]["completion_tokens"] == DYNAMIC_TOKENS
