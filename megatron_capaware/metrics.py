@@ -86,9 +86,11 @@ def summarize_calls(
     per_call: List[Dict[str, float]] = [load_metrics(l, ep_size, r, s)
                                         for l, r, s in zip(loads_per_call, requested, slots)]
     out: Dict[str, float] = {}
-    if per_call:
-        for key in per_call[0]:
-            out[key] = sum(m[key] for m in per_call) / len(per_call)
+    # A call with no requested assignment here (an idle EP rank's dummy forward) has no peak
+    # figures: each figure is the mean over the calls that have it.
+    for key in dict.fromkeys(k for m in per_call for k in m):
+        values = [m[key] for m in per_call if key in m]
+        out[key] = sum(values) / len(values)
     total = sum(int(r) for r in requested)
     out["dropped_frac"] = sum(int(d) for d in dropped) / total if total else 0.0
     out["rerouted_frac"] = sum(int(r) for r in rerouted) / total if total else 0.0

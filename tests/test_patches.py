@@ -26,6 +26,10 @@ from tests.helpers.megatron_training_support import ROOT, megatron_lm_checkout
 
 PATCHES = sorted((ROOT / "patches").glob("*.patch"))
 SCRIPTS = {
+    # The dynamic path (MegatronLLM / MegatronAsyncLLM), what Megatron recommends:
+    "examples/inference/offline_inference.py",
+    "examples/inference/launch_inference_server.py",
+    # The static path (deprecated by Megatron; Megatron-LM PR #4880 deletes both files):
     "tools/run_text_generation_server.py",
     "examples/inference/advanced/gpt_static_inference.py",
 }
@@ -44,7 +48,7 @@ def patched_files(patch: Path) -> List[str]:
     return re.findall(r"^\+\+\+ b/(\S+)", patch.read_text(), re.M)
 
 
-def test_the_two_scripts_have_a_patch_naming_its_tag() -> None:
+def test_each_script_has_a_patch_per_ref_naming_it() -> None:
     assert {f for p in PATCHES for f in patched_files(p)} == SCRIPTS
     assert {(f, patch_tag(p)) for p in PATCHES for f in patched_files(p)} == {
         (f, r) for f in SCRIPTS for r in REFS}, "one patch per script and Megatron-LM ref"

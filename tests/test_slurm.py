@@ -153,6 +153,42 @@ def test_dry_run_other_module_arguments_untouched(tmp_path: Path) -> None:
     assert command.rstrip().endswith("-u -m my_pkg.bench --steps 3")  # sizes reach it as CAPAWARE_TP/EP/ETP
 
 
+def test_dry_run_launch_runs_a_megatron_lm_script_through_the_routers_launcher(tmp_path: Path) -> None:
+    """``launch SCRIPT.py``: Megatron's dynamic path (offline_inference.py) with Megatron's size flags added."""
+    script = tmp_path / "examples" / "inference" / "offline_inference.py"
+    script.parent.mkdir(parents=True)
+    script.write_text("")
+    result = _dry_run(["--device", "cpu", "--procs-per-node", "4", "--tp", "2", "--", "launch",
+                       "examples/inference/offline_inference.py", "--load", "CKPT", "--use-coordinator",
+                       "--moe-router-type", "capacity-drop"], tmp_path,
+                      SLURM_JOB_ID="8", SLURM_NNODES="1", SLURM_JOB_NODELIST="cpu1", SLURM_CPUS_ON_NODE="4")
+    assert result.returncode == 0, result.stderr
+    job_dir = tmp_path / "runs" / "8"
+    command = (job_dir / "command.sh").read_text()
+    assert command.rstrip().endswith(
+        "-u -m megatron_capaware.launch examples/inference/offline_inference.py --load CKPT --use-coordinator "
+        "--moe-router-type capacity-drop --expert-model-parallel-size 2 --tensor-model-parallel-size 2 "
+        f"--capaware-stats-output {job_dir}/stats.json"), command
+    assert "layout: device=cpu procs_per_node=4 world=4 TP=2 EP=2 ETP=1" in (job_dir / "env.txt").read_text()
+    # The script's own Megatron size flags are the layout; its own stats path is kept.
+    result = _dry_run(["--device", "cpu", "--", "launch", "examples/inference/offline_inference.py",
+                       "--expert-model-parallel-size", "2", "--capaware-stats-output", "s.json"], tmp_path,
+                      SLURM_JOB_ID="9", SLURM_NNODES="1", SLURM_JOB_NODELIST="cpu1", SLURM_CPUS_ON_NODE="4")
+    assert result.returncode == 0, result.stderr
+    command = (tmp_path / "runs" / "9" / "command.sh").read_text()
+    assert command.rstrip().endswith("-u -m megatron_capaware.launch examples/inference/offline_inference.py "
+                                     "--expert-model-parallel-size 2 --capaware-stats-output s.json"), command
+    for args, message in [
+        (["--ep", "2", "--", "launch", "examples/inference/offline_inference.py", "--expert-model-parallel-size",
+          "4"], "the command says --expert-model-parallel-size 4 but the launcher was given --ep 2"),
+        (["--", "launch"], "launch needs the Megatron-LM script: launch SCRIPT.py [ARGS]"),
+        (["--", "launch", "missing.py"], "script 'missing.py' not found"),
+    ]:
+        refused = _dry_run(["--device", "cpu", *args], tmp_path, SLURM_JOB_ID="10", SLURM_NNODES="1",
+                           SLURM_JOB_NODELIST="cpu1", SLURM_CPUS_ON_NODE="4")
+        assert refused.returncode == 2 and message in refused.stderr, (args, refused.stderr)
+
+
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
@@ -693,3 +729,54 @@ def test_failing_rank_fails_the_job_and_leaves_nothing(slurm: LocalSlurm, submit
     info = json.loads((job_dir / "job.json").read_text())
     assert info["exit_code"] != 0 and info["ok"] is False
     assert slurm.wait_job_processes_gone(job_id) == [], "the failed job left processes behind"
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(1200)
+def test_launch_runs_megatrons_dynamic_path_as_a_job(slurm: LocalSlurm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``launch examples/inference/offline_inference.py`` at EP 2 through sbatch, srun and torchrun.
+
+    Needs a Megatron-LM clone with ``core_v0.19.0`` in ``MEGATRON_LM_DIR`` and Megatron-LM's
+    requirements of the script (skipped, saying which, otherwise).
+    """
+    import importlib.util
+
+    clone = os.environ.get("MEGATRON_LM_DIR")
+    if not clone:
+        pytest.skip("MEGATRON_LM_DIR is not set: point it at a Megatron-LM clone to run its scripts as a job")
+    missing = [m for m in ("pybind11", "simpy", "zmq", "msgpack") if importlib.util.find_spec(m) is None]
+    if missing or importlib.util.find_spec("megatron.core.inference.apis") is None:
+        pytest.skip(f"offline_inference.py needs megatron-core >= 0.19 and {' '.join(missing) or 'nothing else'}")
+    tree = slurm.base / "megatron-lm"
+    tree.mkdir()
+    archive = subprocess.Popen(["git", "-C", clone, "archive", "core_v0.19.0", "megatron", "examples", "tools"],
+                               stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(tree)], stdin=archive.stdout, check=True)
+    if archive.wait() != 0:
+        pytest.skip(f"MEGATRON_LM_DIR={clone} has no core_v0.19.0 (git fetch --tags there)")
+    (tree / "scripts").symlink_to(ROOT / "scripts")
+    from megatron_capaware.models.reference_models import reference_model_dir
+
+    ckpt = reference_model_dir()
+    monkeypatch.setenv("PYTHONPATH", f"{tree}{os.pathsep}{ROOT}")  # the checkout first, as docs/slurm.md says
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    job_id = slurm.submit(
+        "sbatch --nodes=1 scripts/slurm/ep_cpu.sbatch --procs-per-node 2 --ep 2 -- launch "
+        f"examples/inference/offline_inference.py --load {ckpt} --use-coordinator --moe-token-dispatcher-type alltoall "
+        "--micro-batch-size 1 --inference-dynamic-batching-buffer-size-gb 0.05 --inference-dynamic-batching-block-size 16 "
+        "--inference-dynamic-batching-max-requests 4 --moe-router-type capacity-drop --capaware-gamma 1.0 "
+        f"--capaware-placement {ckpt / 'placement-ep2-r2.json'} --prompts ROMEO: --num-tokens-to-generate 8", tree)
+    fields = slurm.wait_job(job_id, timeout=900)
+    report = _job_report(slurm, job_id, tree)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", f"{fields}\n{report}"
+    job_dir = tree / "runs" / "slurm" / str(job_id)
+    log = (job_dir / "job.log").read_text()
+    assert re.search(r"^1/1\[n 1, l \d+\] ROMEO:\n\s+>>>> \[n 1, 8 tokens", log, re.M), log[-3000:]
+    assert "megatron-capaware load stats: router capacity-drop(gamma=1), EP=2, 4 MoE layers" in log, log[-3000:]
+    stats = json.loads((job_dir / "stats.json").read_text())
+    assert stats["expert_parallel"] == 2 and stats["router"] == "capacity-drop(gamma=1)"
+    command = (job_dir / "command.sh").read_text()
+    assert "-u -m megatron_capaware.launch examples/inference/offline_inference.py" in command
+    assert f"--expert-model-parallel-size 2 --capaware-stats-output {job_dir}/stats.json" in command
+    # The coordinator process the ranks spawned is gone with them.
+    assert slurm.wait_job_processes_gone(job_id) == [], "the job left processes behind"

@@ -107,3 +107,14 @@ def test_local_scope_records_are_summed_at_report_time_and_never_read_unsummed()
 
     errors = run_ranks(mismatched, 2)  # every rank raises (run_ranks fails on a simulated hang)
     assert all(e is not None and "different numbers of routing calls" in e for e in errors), errors
+
+
+def test_calls_without_requested_assignments_leave_the_peak_figures_to_the_others():
+    # An idle EP rank's dummy forward (dynamic engine, EP 2) sees the global loads but requests
+    # nothing itself: it has no peak figures, which must not break (or dilute) the per-call mean.
+    from megatron_capaware import metrics
+
+    busy = torch.tensor([6.0, 2.0, 0.0, 0.0])
+    out = metrics.summarize_calls([torch.zeros(4), busy, busy], [0, 8, 8], [0, 1, 1], [0, 0, 0], ep_size=2)
+    assert out["peak_load"] == metrics.load_metrics(busy, 2, 8)["peak_load"] == 3.0
+    assert out["calls"] == 3.0 and out["dropped_frac"] == 2 / 16

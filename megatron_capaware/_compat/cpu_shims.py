@@ -69,7 +69,11 @@ from megatron_capaware._compat.triton_stand_in import (  # noqa: F401  (re-expor
     cuda_available,
     stub_missing_triton_on_cpu,
 )
-from megatron_capaware._compat.dynamic_engine_cpu import apply_dynamic_engine_shims, drop_pin_memory
+from megatron_capaware._compat.dynamic_engine_cpu import (
+    apply_dynamic_engine_shims,
+    drop_pin_memory,
+    nccl_dispatcher_buffers_on_cpu,
+)
 
 _APPLIED = False
 _CUDA_REDIRECTED = False
@@ -293,4 +297,5 @@ def enable_dynamic_engine_on_cpu() -> bool:
         return False
     apply_cpu_shims()
     drop_pin_memory()
+    nccl_dispatcher_buffers_on_cpu()
     return True

@@ -16,7 +16,8 @@ megatron-core without the dynamic engine.
    their host mirrors with ``pin_memory=True`` / ``.pin_memory()``; a CPU build
    of torch has no pinned allocator and raises. Pinning only speeds up
    host<->device copies, which do not exist without a device, so the request
-   is dropped (the tensor is an ordinary CPU tensor).
+   is dropped (the tensor is an ordinary CPU tensor), except inside
+   :func:`pinning_as_torch_does` (where the launcher builds the static engine).
 2. flash-attn. Dynamic batching asserts flash-attn >= 2.7.3 and calls its
    ``flash_attn_varlen_func`` / ``flash_attn_with_kvcache`` on the paged KV
    cache (``Attention.flash_decode_and_prefill``); flash-attn has no CPU build.
@@ -43,30 +44,45 @@ megatron-core without the dynamic engine.
    ``__main__`` imported megatron_capaware (not under pytest). The spawn target
    becomes :func:`coordinator_entrypoint`, which lives in this package (so
    unpickling it installs the stand-in) and calls Megatron's entrypoint.
+7. NVLS dispatcher buffers (opt-in with item 1): at EP > 1 the context
+   allocates the NVLS dispatcher's symmetric memory (the config's default
+   ``inference_moe_token_dispatcher_type``), which needs CUDA; on CPU the
+   context is built for the NCCL all-gather dispatcher instead
+   (:func:`nccl_dispatcher_buffers_on_cpu`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "empty_like", "zeros_like",
               "ones_like", "full_like", "as_tensor", "empty_strided", "randn", "rand")
 _APPLIED = False
+#: Depth of :func:`pinning_as_torch_does` scopes: inside one, pinning requests reach torch unchanged.
+_PIN_AS_TORCH = 0
+_ORIGINAL_PIN_MEMORY = torch.Tensor.pin_memory
 
 
 def _without_pin_memory(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def factory(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("pin_memory"):
+        if kwargs.get("pin_memory") and not _PIN_AS_TORCH:
             kwargs = dict(kwargs, pin_memory=False)
         return fn(*args, **kwargs)
 
     factory.capaware_unpinned = True  # type: ignore[attr-defined]
     return factory
+
+
+def _tensor_pin_memory(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if _PIN_AS_TORCH:
+        return _ORIGINAL_PIN_MEMORY(self, *args, **kwargs)
+    return self
 
 
 def drop_pin_memory() -> None:
@@ -75,7 +91,58 @@ def drop_pin_memory() -> None:
         fn = getattr(torch, name, None)
         if fn is not None and not getattr(fn, "capaware_unpinned", False):
             setattr(torch, name, _without_pin_memory(fn))
-    torch.Tensor.pin_memory = lambda self, *a, **k: self  # type: ignore[assignment]
+    torch.Tensor.pin_memory = _tensor_pin_memory  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def pinning_as_torch_does() -> Iterator[None]:
+    """Inside this scope a pinning request reaches torch unchanged (a CPU build raises, as without the stand-in).
+
+    The launcher builds Megatron's ``StaticInferenceEngine`` inside it, so the
+    deprecated static scripts keep the legacy static engine on CPU (Megatron
+    tries the dynamic context first, fails on ``pin_memory``, falls back),
+    while the dynamic-path scripts in the same launcher get unpinned tensors.
+    """
+    global _PIN_AS_TORCH
+    _PIN_AS_TORCH += 1
+    try:
+        yield
+    finally:
+        _PIN_AS_TORCH -= 1
+
+
+def nccl_dispatcher_buffers_on_cpu() -> bool:
+    """``DynamicInferenceContext`` on CPU prepares the NCCL all-gather EP dispatcher, not NVLS.
+
+    ``TransformerConfig.inference_moe_token_dispatcher_type`` defaults to
+    ``'nvls'`` and Megatron-LM has no flag for it; at EP > 1 the context then
+    allocates symmetric-memory buffers (Hopper + NVLink), which raises without
+    CUDA. NVLS cannot exist on a CPU, so the context built here takes ``'nccl'``
+    (plain tensors; what Megatron's error message says to use on non-NVLS
+    systems). The model config is changed once, when the context is built.
+    CPU only (the caller checks); no-op on a megatron-core without the context.
+
+    Returns:
+        True when the context is wrapped.
+    """
+    try:
+        from megatron.core.inference.contexts import dynamic_context
+    except ImportError:
+        return False
+    cls = getattr(dynamic_context, "DynamicInferenceContext", None)
+    if cls is None or getattr(cls.__init__, "capaware_nccl_on_cpu", False):
+        return cls is not None
+    original_init = cls.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self: Any, model_config: Any, *args: Any, **kwargs: Any) -> None:
+        if getattr(model_config, "inference_moe_token_dispatcher_type", None) == "nvls":
+            model_config.inference_moe_token_dispatcher_type = "nccl"
+        original_init(self, model_config, *args, **kwargs)
+
+    __init__.capaware_nccl_on_cpu = True  # type: ignore[attr-defined]
+    cls.__init__ = __init__
+    return True
 
 
 def flash_attention_in_torch() -> bool:

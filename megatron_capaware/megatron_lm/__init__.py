@@ -8,7 +8,8 @@ module per concern:
 * :mod:`.compat`: :func:`import_megatron_training` (or an error saying how
   to get it) and the Python 3.11 ``typing.override`` shim; patching helpers.
 * :mod:`.cpu_support`: :func:`enable_cpu_support`, what ``megatron.training``
-  needs without CUDA (no-op with CUDA).
+  needs without CUDA, and :func:`enable_dynamic_engine`, what the dynamic
+  engine needs too (no-ops with CUDA).
 * :mod:`.checkpoint_flags`: Megatron flag defaults from a capaware
   checkpoint (:func:`checkpoint_defaults`) and :func:`extra_args_provider`.
 * :mod:`.tokenizer`: :class:`CapawareTokenizer`, the checkpoint's tokenizer
@@ -51,7 +52,7 @@ from megatron_capaware.megatron_lm.compat import (  # noqa: E402
     print_rank0,
     replace_function,
 )
-from megatron_capaware.megatron_lm.cpu_support import CPU_MEGATRON_DEFAULTS, enable_cpu_support
+from megatron_capaware.megatron_lm.cpu_support import CPU_MEGATRON_DEFAULTS, enable_cpu_support, enable_dynamic_engine
 from megatron_capaware.megatron_lm.provider import gpt_model_provider
 from megatron_capaware.megatron_lm.reports import (
     STATS_FORMAT,
@@ -76,6 +77,7 @@ __all__ = [
     "checkpoint_tokenizer_for",
     "describe_defaults",
     "enable_cpu_support",
+    "enable_dynamic_engine",
     "ensure_python_compat",
     "extra_args_provider",
     "format_stats",

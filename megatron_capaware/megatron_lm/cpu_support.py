@@ -54,6 +54,7 @@ def enable_cpu_support() -> bool:
     _redirect_cuda_device_arguments()
     _zero_cuda_memory_statistics()
     _cpu_tensors_pass_inference_broadcast_checks()
+    _legacy_cuda_tensor_types_on_cpu()
     import megatron.training.initialize as initialize
 
     original_init = initialize.initialize_megatron
@@ -95,6 +96,29 @@ def enable_cpu_support() -> bool:
     return True
 
 
+def enable_dynamic_engine() -> bool:
+    """What Megatron's dynamic inference engine needs on this machine (a no-op with CUDA).
+
+    For Megatron-LM's dynamic-path scripts (``offline_inference.py``,
+    ``launch_inference_server.py``, ``gpt_dynamic_inference.py``): on a machine
+    without CUDA, :func:`enable_cpu_support` plus the dynamic engine's stand-ins
+    (:func:`megatron_capaware._compat.cpu_shims.enable_dynamic_engine_on_cpu`:
+    unpinned host buffers, the NCCL dispatcher's buffers instead of NVLS, flash
+    attention in torch). The launcher calls it; a patched script calls it
+    before building the engine. Call it only in a script that uses the dynamic
+    engine: with it on, Megatron's ``StaticInferenceEngine`` built outside the
+    launcher no longer falls back to the legacy engine on CPU.
+
+    Returns:
+        True when active (now or earlier), False on a CUDA machine.
+    """
+    from megatron_capaware._compat.cpu_shims import enable_dynamic_engine_on_cpu
+
+    if not enable_cpu_support():
+        return False
+    return enable_dynamic_engine_on_cpu()
+
+
 class ZeroCudaMemoryStats(dict):
     """``torch.cuda.memory_stats()`` on a machine without CUDA: every statistic is 0.
 
@@ -121,6 +145,26 @@ def _zero_cuda_memory_statistics() -> None:
     torch.cuda.max_memory_reserved = lambda *a, **k: 0  # type: ignore[assignment]
     torch.cuda.memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
     torch.cuda.memory_reserved = lambda *a, **k: 0  # type: ignore[assignment]
+
+
+_LEGACY_TENSOR_TYPES = ("FloatTensor", "DoubleTensor", "HalfTensor", "BFloat16Tensor", "LongTensor", "IntTensor",
+                        "ShortTensor", "CharTensor", "ByteTensor", "BoolTensor")
+
+
+def _legacy_cuda_tensor_types_on_cpu() -> None:
+    """``torch.cuda.LongTensor([...])`` and the other legacy CUDA tensor types build CPU tensors.
+
+    Megatron-LM's ``examples/inference/utils.py:get_curr_time`` (behind
+    ``gpt_dynamic_inference.py`` at world size > 1) broadcasts the time in a
+    ``torch.cuda.LongTensor``; a CPU build of torch raises on the type. Each
+    ``torch.cuda.<T>Tensor`` becomes ``torch.<T>Tensor``. CPU only.
+    """
+    if cuda_available():
+        return
+    for name in _LEGACY_TENSOR_TYPES:
+        cpu_type = getattr(torch, name, None)
+        if cpu_type is not None:
+            setattr(torch.cuda, name, cpu_type)
 
 
 def _cpu_tensors_pass_inference_broadcast_checks() -> None:

@@ -27,7 +27,12 @@ Before running ``SCRIPT.py`` as ``__main__`` (``runpy``), the launcher:
 
 With ``--moe-router-type topk`` and no ``--capaware-stats-output`` nothing is
 swapped: the script runs exactly as without the launcher. On a machine
-without CUDA the launcher also applies :func:`megatron_lm.enable_cpu_support`.
+without CUDA the launcher also applies :func:`megatron_lm.enable_dynamic_engine`
+(``enable_cpu_support`` plus the dynamic engine's stand-ins, so Megatron-LM's
+dynamic-path scripts ``offline_inference.py``, ``launch_inference_server.py``
+and ``gpt_dynamic_inference.py`` run; ``StaticInferenceEngine`` is still built
+with torch's own pinning, keeping its legacy fallback) and starts the processes
+those scripts spawn through :mod:`megatron_capaware.megatron_lm.spawn_main`.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from typing import Any, Dict, List, Optional
 
 from megatron_capaware import megatron_lm
 from megatron_capaware._compat.cli import run_cli
+from megatron_capaware._compat.dynamic_engine_cpu import pinning_as_torch_does
+from megatron_capaware.megatron_lm.spawn_main import spawn_children_through_this_module
 from megatron_capaware.adapters.guards import DeferredScoreCheck
 from megatron_capaware.registry import TOPK
 
@@ -59,6 +66,7 @@ class LaunchSession:
         self.announced = False
         self.installed_elsewhere = False
         self._plan: Any = None
+        self.step_hook_installed = False
         # One deferred score check for every MoE layer of the process (read once per model forward).
         self.score_check = DeferredScoreCheck(None, 0)
 
@@ -110,6 +118,15 @@ class LaunchSession:
         """Called at the end of every ``MoELayer.__init__``: install at its first forward."""
         if getattr(layer, "_capaware_launch_hook", None) is not None:
             return
+        if not self.step_hook_installed and self.wanted():
+            # The routers are installed at a layer's first forward, which already runs inside the
+            # first step's TransformerLayer._forward_mlp: the hook that gives them the dynamic
+            # step (padding rows, phase) must wrap it before any forward, or that first step
+            # (the first prefill) is routed as if it had no padding rows.
+            from megatron_capaware.adapters.inference_padding import install_dynamic_padding_hook
+
+            install_dynamic_padding_hook()
+            self.step_hook_installed = True
         self.score_check.expected += 1  # every MoE layer built here routes once per model forward
         layer._capaware_launch_hook = layer.register_forward_pre_hook(self._first_forward)
 
@@ -183,7 +200,13 @@ def install_hooks() -> LaunchSession:
     if SESSION is not None:
         return SESSION
     megatron_lm.import_megatron_training()
-    megatron_lm.enable_cpu_support()
+    # CPU support for megatron.training and the dynamic engine (offline_inference.py,
+    # launch_inference_server.py, gpt_dynamic_inference.py). No-op with CUDA.
+    megatron_lm.enable_dynamic_engine()
+    if getattr(sys.modules.get("triton"), "capaware_cpu_stand_in", False):
+        # Processes the engine spawns (coordinator, HTTP frontends) re-import the script as their
+        # main: they get the triton stand-in first (see megatron_lm/spawn_main.py).
+        spawn_children_through_this_module()
     megatron_lm.install_tokenizer_hook()
     session = LaunchSession()
 
@@ -252,7 +275,9 @@ def _report_engine_fallback() -> None:
     original_init = cls.__init__
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        with warnings.catch_warnings(record=True) as caught:
+        # Pinning as torch does (on CPU: it raises, Megatron falls back to the legacy engine, as
+        # without the launcher's dynamic-engine support); the dynamic-path scripts are unaffected.
+        with warnings.catch_warnings(record=True) as caught, pinning_as_torch_does():
             warnings.simplefilter("always")
             original_init(self, *args, **kwargs)
         for w in caught:

@@ -13,6 +13,15 @@
 #   eval [ARGS]         python -m megatron_capaware.tools.evaluate (capaware-eval), same
 #                       sizes added, plus --json JOB_DIR/eval.json and
 #                       --out JOB_DIR/eval unless ARGS gives them
+#   launch SCRIPT.py [ARGS]
+#                       a Megatron-LM script through the routers' launcher
+#                       (python -m megatron_capaware.launch SCRIPT.py), e.g.
+#                       Megatron's dynamic path examples/inference/offline_inference.py
+#                       (MegatronLLM); --expert-model-parallel-size (and
+#                       --tensor-model-parallel-size / --expert-tensor-parallel-size
+#                       when > 1) added from the options below, plus
+#                       --capaware-stats-output JOB_DIR/stats.json unless ARGS
+#                       gives them. The Megatron-LM checkout must be on PYTHONPATH.
 #   -m MODULE [ARGS]    any Python module, arguments passed as given
 #   SCRIPT.py [ARGS]    any Python script, arguments passed as given
 # In ARGS, @JOB_DIR@ is replaced by the job folder (e.g. --stats @JOB_DIR@/s.json).
@@ -59,6 +68,7 @@
 #   job.json        layout, command, exit code, start/end times
 #   launch_ep.sh    the copy of this launcher the nodes and ranks ran
 #   eval.json, eval/  (eval) the evaluation's --json and --out outputs
+#   stats.json      (launch) the routers' per-layer load statistics
 # The job's exit code is that of the run (0 only if every rank exited 0).
 
 set -euo pipefail
@@ -139,7 +149,7 @@ while [[ $# -gt 0 ]]; do
     *) break ;;
   esac
 done
-[[ $# -gt 0 ]] || die "no command given: use 'selfcheck', 'eval', '-m MODULE' or 'SCRIPT.py' after the options (see --help)"
+[[ $# -gt 0 ]] || die "no command given: use 'selfcheck', 'eval', 'launch SCRIPT.py', '-m MODULE' or 'SCRIPT.py' after the options (see --help)"
 
 is_pos_int() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 check_int() { is_pos_int "$2" || die "$1 must be a positive integer, got '$2'"; }
@@ -218,12 +228,17 @@ kind=other
 case "${cmd[0]}" in
   selfcheck) kind=selfcheck; cmd=(-m megatron_capaware.tools.selfcheck "${cmd[@]:1}") ;;
   eval|capaware-eval) kind=eval; cmd=(-m megatron_capaware.tools.evaluate "${cmd[@]:1}") ;;
+  launch)
+    [[ ${#cmd[@]} -ge 2 && "${cmd[1]}" == *.py ]] || die "launch needs the Megatron-LM script: launch SCRIPT.py [ARGS] (e.g. launch examples/inference/offline_inference.py --load CKPT ...)"
+    [[ -f "${cmd[1]}" ]] || die "script '${cmd[1]}' not found (from $PWD): give its path in the Megatron-LM checkout"
+    kind=launch; cmd=(-m megatron_capaware.launch "${cmd[@]:1}") ;;
   -m) [[ ${#cmd[@]} -ge 2 ]] || die "-m needs a module name" ;;
   *.py) [[ -f "${cmd[0]}" ]] || die "script '${cmd[0]}' not found (from $PWD)" ;;
-  *) die "unknown command '${cmd[0]}': use 'selfcheck', 'eval', '-m MODULE' or 'SCRIPT.py'" ;;
+  *) die "unknown command '${cmd[0]}': use 'selfcheck', 'eval', 'launch SCRIPT.py', '-m MODULE' or 'SCRIPT.py'" ;;
 esac
 [[ "${cmd[0]}" != -m || "${cmd[1]}" != megatron_capaware.tools.selfcheck ]] || kind=selfcheck
 [[ "${cmd[0]}" != -m || "${cmd[1]}" != megatron_capaware.tools.evaluate ]] || kind=eval
+[[ "${cmd[0]}" != -m || "${cmd[1]}" != megatron_capaware.launch ]] || kind=launch
 
 # --tp/--ep/--etp/--json already in the command's own arguments.
 arg_value() {  # arg_value NAME: value of --NAME N / --NAME=N in cmd, or empty
@@ -235,13 +250,20 @@ arg_value() {  # arg_value NAME: value of --NAME N / --NAME=N in cmd, or empty
     esac
   done
 }
+# Megatron's own names of the sizes (a launched Megatron-LM script takes these).
+megatron_flag() {
+  case "$1" in
+    tp) echo tensor-model-parallel-size ;; ep) echo expert-model-parallel-size ;; etp) echo expert-tensor-parallel-size ;;
+  esac
+}
 for name in tp ep etp; do
-  given="$(arg_value "$name")"
+  if [[ $kind == launch ]]; then flag="$(megatron_flag "$name")"; else flag="$name"; fi
+  given="$(arg_value "$flag")"
   [[ -n "$given" ]] || continue
-  check_int "--$name in the command" "$given"
+  check_int "--$flag in the command" "$given"
   opt="${!name}"
   if [[ -n "$opt" && "$opt" != "$given" ]]; then
-    die "the command says --$name $given but the launcher was given --$name $opt (or CAPAWARE_${name^^}=$opt): give it once"
+    die "the command says --$flag $given but the launcher was given --$name $opt (or CAPAWARE_${name^^}=$opt): give it once"
   fi
   printf -v "$name" '%s' "$given"
   eval "in_cmd_$name=1"
@@ -264,6 +286,10 @@ if [[ $kind == selfcheck || $kind == eval ]]; then
   [[ -n "${in_cmd_ep:-}" ]] || cmd+=(--ep "$ep")
   [[ -n "${in_cmd_tp:-}" || "$tp" == 1 ]] || cmd+=(--tp "$tp")
   [[ -n "${in_cmd_etp:-}" || "$etp" == 1 ]] || cmd+=(--etp "$etp")
+elif [[ $kind == launch ]]; then  # Megatron's flags
+  [[ -n "${in_cmd_ep:-}" ]] || cmd+=(--expert-model-parallel-size "$ep")
+  [[ -n "${in_cmd_tp:-}" || "$tp" == 1 ]] || cmd+=(--tensor-model-parallel-size "$tp")
+  [[ -n "${in_cmd_etp:-}" || "$etp" == 1 ]] || cmd+=(--expert-tensor-parallel-size "$etp")
 fi
 
 # Interpreter, resolved here and used as the same path on every node.
@@ -296,6 +322,9 @@ for i in "${!cmd[@]}"; do cmd[i]="${cmd[i]//@JOB_DIR@/$job_dir}"; done
 if [[ $kind == eval ]]; then  # the evaluation's outputs go to the job folder unless ARGS says otherwise
   [[ -n "$(arg_value json)" ]] || cmd+=(--json "$job_dir/eval.json")
   [[ -n "$(arg_value out)" ]] || cmd+=(--out "$job_dir/eval")
+fi
+if [[ $kind == launch ]]; then  # the load report goes to the job folder unless ARGS says otherwise
+  [[ -n "$(arg_value capaware-stats-output)" ]] || cmd+=(--capaware-stats-output "$job_dir/stats.json")
 fi
 
 export CAPAWARE_JOB_DIR="$job_dir" CAPAWARE_TP="$tp" CAPAWARE_EP="$ep" CAPAWARE_ETP="$etp" PYTHONUNBUFFERED=1
