@@ -200,8 +200,8 @@ KNOBS: Tuple[Knob, ...] = (
     Knob("phases", ("phases",), "str", None, _NON_VANILLA, metavar="PHASES",
          help="Megatron's dynamic inference engine: the steps the policy applies to, 'all' or a comma list of "
          "prefill, mixed, decode, idle; other steps are routed by top-k on the placement's layout (steps "
-         "captured as CUDA graphs always are). Eager steps at EP > 1 run the policy whatever their phase "
-         "(ranks may differ). Default: prefill,mixed (decode-pack: decode)."),
+         "captured as CUDA graphs always are). At EP > 1 the ranks agree on each eager step "
+         "(one all-reduce per step): decode-only on every rank, or not. Default: prefill,mixed (decode-pack: decode)."),
     Knob("decode_router", ("decode_router",), "str", None, _TAKES_DECODE_ROUTER, choices=DECODE_ROUTERS,
          metavar="ROUTER",
          help="Megatron's dynamic inference engine: route decode-only steps by this decode router (its "

@@ -105,6 +105,7 @@ EP2_RUNS: Dict[str, Any] = {
     "megatron": None,
     "topk": dict(router_type="topk"),
     "drop": dict(router_type="capacity-drop", gamma=1.0),
+    "drop-every-step": dict(router_type="capacity-drop", gamma=1.0, phases="all"),
     "drop-placed": dict(router_type="capacity-drop", gamma=1.0),
     "drop+pack": dict(router_type="capacity-drop", gamma=1.0, decode_router="decode-pack", decode_floor=1),
 }
@@ -136,18 +137,40 @@ def test_ep2_topk_equals_megatron_and_ep1(ep1) -> None:
 @pytest.mark.multirank
 def test_ep2_idle_dummy_steps_take_no_capacity(ep1) -> None:
     """Rank 0 asks for all prompts; the coordinator spreads them, and a rank with nothing to do runs
-    dummy steps. Eager steps at EP 2 run the policy whatever their phase, with global capacity: the
-    decisions are EP 1's with the policy on every step, token for token, and dummy steps count nothing."""
-    ranks = _ep2("drop")
-    assert ranks[0]["drop"]["tokens"] == ep1["drop-every-step"]["tokens"]
+    dummy steps. With the policy on every step (``phases=all``) the capacity is global: the decisions
+    are EP 1's, token for token, and dummy steps count nothing."""
+    ranks = _ep2("drop-every-step")
+    assert ranks[0]["drop-every-step"]["tokens"] == ep1["drop-every-step"]["tokens"]
     every = ep1["drop-every-step"]["phases"]
     for phase in ("prefill", "decode"):
-        per_rank = [r["drop"]["phases"][phase] for r in ranks]
+        per_rank = [r["drop-every-step"]["phases"][phase] for r in ranks]
         assert per_rank[0]["tokens"] == every[phase]["tokens"], phase  # global T: the same real tokens
         assert sum(p["dropped"] for p in per_rank) == every[phase]["dropped"], phase
     for r in ranks:
-        idle = r["drop"]["phases"].get("idle", {"tokens": 0, "dropped": 0, "requested": 0})
+        idle = r["drop-every-step"]["phases"].get("idle", {"tokens": 0, "dropped": 0, "requested": 0})
         assert idle["tokens"] == 0 and idle["requested"] == 0 and idle["dropped"] == 0
+
+
+@pytest.mark.multirank
+def test_ep2_default_phases_agree_and_route_decode_by_topk(ep1) -> None:
+    """The default phases at EP 2: the ranks agree on each eager step (one all-reduce per step); steps
+    decode-only on both ranks take top-k on the layout (no drop), steps with a prefill anywhere the
+    policy with global capacity, so the prefill is EP 1's (same first tokens, same prefill drops)."""
+    ranks = _ep2("drop")
+    result = ranks[0]["drop"]
+    assert [t[0] for t in result["tokens"]] == [t[0] for t in ep1["drop"]["tokens"]]
+    prefill = [r["drop"]["phases"]["prefill"] for r in ranks]
+    assert sum(p["dropped"] for p in prefill) == ep1["drop"]["phases"]["prefill"]["dropped"]
+    for r in ranks:
+        decode = r["drop"]["phases"]["decode"]
+        assert "topk" in decode["routers"], decode  # the agreed decode-only steps
+        # An idle rank's dummy step drops nothing: beside another rank's prefill the policy sees 0 real
+        # tokens; in an agreed decode-only step it is top-k's (its dummy rows routed and counted as
+        # Megatron routes them: top-k steps count padded rows).
+        idle = r["drop"]["phases"].get("idle", {"dropped": 0})
+        assert idle["dropped"] == 0, idle
+    every = sum(r["drop-every-step"]["phases"]["decode"]["dropped"] for r in _ep2("drop-every-step"))
+    assert sum(r["drop"]["phases"]["decode"]["dropped"] for r in ranks) < every
 
 
 @pytest.mark.multirank

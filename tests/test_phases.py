@@ -177,6 +177,30 @@ def test_step_route_with_a_decode_router() -> None:
     assert step_route(StepComposition(0, 4), default, 2, True, group_decode_only=None) == POLICY
 
 
+def test_step_route_at_ep2_follows_the_agreed_group_phase() -> None:
+    """Without a decode router the default phases also route by the agreed group phase at EP > 1:
+    a step decode-only on every rank takes top-k on the layout (capacity at decode costs quality and buys
+    nothing, docs/decode.md), a step with a prefill anywhere the policy, on every rank alike."""
+    from megatron_capaware.policies.phases import POLICY, TOPK_ON_LAYOUT, needs_group_phase, step_route
+
+    default = parse_phases("prefill,mixed")
+    assert step_route(StepComposition(0, 4), default, 2, group_decode_only=True) == TOPK_ON_LAYOUT
+    assert step_route(StepComposition(0, 0), default, 2, group_decode_only=True) == TOPK_ON_LAYOUT  # idle
+    assert step_route(StepComposition(0, 4), default, 2, group_decode_only=False) == POLICY  # another prefills
+    assert step_route(StepComposition(8, 0), default, 2, group_decode_only=False) == POLICY
+    decode_only = parse_phases("decode")
+    assert step_route(StepComposition(0, 4), decode_only, 2, group_decode_only=True) == POLICY
+    assert step_route(StepComposition(8, 0), decode_only, 2, group_decode_only=False) == TOPK_ON_LAYOUT
+    # When the ranks must agree: an eager step at EP > 1 whose route depends on the phase.
+    assert needs_group_phase(StepComposition(0, 4), default, 2)
+    assert needs_group_phase(StepComposition(0, 4), decode_only, 2)
+    assert needs_group_phase(StepComposition(0, 4), PHASES, 2, decode_router=True)
+    assert not needs_group_phase(StepComposition(0, 4), PHASES, 2)  # 'all': the policy on every step
+    assert not needs_group_phase(StepComposition(0, 4), default, 1)  # one rank decides alone
+    assert not needs_group_phase(StepComposition(0, 4, captured=True), default, 2)  # captured: top-k
+    assert not needs_group_phase(None, default, 2)  # outside a dynamic step: the policy
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(router_type="topk", decode_router="decode-pack"), "use --moe-router-type decode-pack alone"),
     (dict(router_type="decode-pack", decode_router="decode-pack"), "is a decode router itself"),

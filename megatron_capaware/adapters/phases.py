@@ -32,11 +32,14 @@ wait on each other. Megatron agrees on the step only when it uses CUDA graphs
 (``match_graph_config`` all-reduces the batch dimensions over the EP group and
 runs a graph only when every rank is decode-only), so: a captured step (the
 same on every rank) takes the capture-safe path; an eager step chooses by its
-phase only when the load group is one rank; an eager step at EP > 1, whose
-ranks may be in different phases, runs the policy whatever the phase (a
-decode-only rank's capacity then is that of its tokens with the others',
-exactly as before this module). The per-phase statistics still label each
-call with its own rank's phase.
+own phase when the load group is one rank; at EP > 1, where the route depends
+on the phase (the default phases, or a decode router), the ranks agree once per
+step whether it is decode-only on every rank (:func:`group_decode_only`: one
+all-reduce of one integer and one host read, at the step's first routed MoE
+layer) and choose by that group phase: a decode-only step everywhere goes to
+top-k on the layout (or the decode router), any other step to the policy (a
+decode-only rank's capacity then is that of its tokens with the others'). The
+per-phase statistics still label each call with its own rank's phase.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from megatron_capaware.policies.phases import (  # noqa: F401  (re-exported)
     PhaseConfigError,
     StepComposition,
     parse_phases,
+    needs_group_phase,
     route_with_policy,
     step_route,
 )
@@ -79,7 +83,9 @@ def group_decode_only(load_group: Any, device: torch.device) -> bool:
     ``initialize_attention_state`` makes anew each step): one all-reduce of one
     integer (the ranks with prefill tokens) and one host read of it, the same
     exchange Megatron's CUDA-graph matching (``adjust_batch_dims_for_expert_parallelism``)
-    makes each step. Only a decode router at EP > 1 asks for it.
+    makes each step. Asked for at EP > 1 when the route depends on the phase
+    (:func:`~megatron_capaware.policies.phases.needs_group_phase`: the default
+    phases, or a decode router).
     """
     padding = current_step()
     step = None if padding is None else padding.composition
@@ -114,7 +120,7 @@ def choose_route(state: Any, device: torch.device) -> str:
             "evaluation): use the dynamic engine (MegatronLLM, gpt_dynamic_inference.py), or drop the flag")
     size = group_size(state.load_group)
     agreed = None
-    if decode_router and size > 1 and step is not None and not step.captured:
+    if needs_group_phase(step, state.phases, size, decode_router):
         agreed = group_decode_only(state.load_group, device)
     return step_route(step, state.phases, size, decode_router, agreed)
 

@@ -1,8 +1,8 @@
 """Which steps of a dynamic inference engine a routing policy applies to (pure; no Megatron).
 
 See :mod:`megatron_capaware.adapters.phases` for how the steps are read from
-Megatron's ``DynamicInferenceContext`` and why an eager step at EP > 1 runs the
-policy whatever its phase.
+Megatron's ``DynamicInferenceContext`` and how the ranks of an EP group agree on
+an eager step's phase.
 """
 
 from __future__ import annotations
@@ -82,22 +82,45 @@ def step_route(step: Optional[StepComposition], phases: Iterable[str], group_siz
             of the group, as the ranks agreed (None: not agreed).
 
     One rank (``group_size == 1``) chooses by its own phase. At EP > 1 the ranks
-    must choose alike (the routers' collectives span the group): an eager step
-    runs the policy whatever its phase, except that with a decode router a step
-    the ranks agreed is decode-only everywhere runs the decode router. A captured
-    step is top-k (capture-safe).
+    must choose alike (the routers' collectives span the group), so they choose
+    by the step's *group* phase, which they agree on (:func:`needs_group_phase`
+    says when): decode-only (or idle) on every rank, or not. A decode-only step
+    runs the decode router, else the policy if ``decode`` is among ``phases``,
+    else top-k on the layout; any other step runs the policy if ``prefill`` or
+    ``mixed`` is among ``phases``, else top-k. Without an agreement
+    (``group_decode_only`` None) an eager step at EP > 1 runs the policy. A
+    captured step is top-k (capture-safe).
     """
     if step is None:
         return POLICY
     if step.captured:
         return TOPK_ON_LAYOUT
+    chosen = tuple(phases)
     if group_size <= 1:
-        if step.phase in tuple(phases):
+        if step.phase in chosen:
             return POLICY
         return DECODE if decode_router and step.phase == "decode" else TOPK_ON_LAYOUT
-    if decode_router and group_decode_only:
-        return DECODE
-    return POLICY  # eager at EP > 1: ranks may differ in phase; keep the collectives
+    if group_decode_only is None:
+        return POLICY  # eager at EP > 1, not agreed: ranks may differ in phase; keep the collectives
+    if group_decode_only:
+        if decode_router:
+            return DECODE
+        return POLICY if "decode" in chosen else TOPK_ON_LAYOUT
+    return POLICY if ("prefill" in chosen or "mixed" in chosen) else TOPK_ON_LAYOUT
+
+
+def needs_group_phase(step: Optional[StepComposition], phases: Iterable[str], group_size: int,
+                      decode_router: bool = False) -> bool:
+    """Whether the ranks of a load group must agree on the step's group phase (one all-reduce per step).
+
+    Only for an eager dynamic step at ``group_size > 1`` whose route depends on
+    the phase: with a decode router, or when ``phases`` route decode-only steps
+    and the others differently (the default ``prefill,mixed`` does).
+    """
+    if step is None or step.captured or group_size <= 1:
+        return False
+    chosen = set(phases)
+    return decode_router or ("decode" in chosen) != bool(chosen & {"prefill", "mixed"})
 
 
 def route_with_policy(step: Optional[StepComposition], phases: Iterable[str], load_group: Any) -> bool:
