@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -20,8 +21,61 @@ def test_dry_run_writes_the_plan(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = record["plan"]["steps"]
-    assert set(steps) == {"nccl", "routers", "experts", "placement", "router_time", "main_job"}
+    assert set(steps) == {"nccl", "routers", "experts", "placement", "router_time", "main_job", "dynamic_engine"}
     assert len(steps["router_time"]["shapes_T_E_k"]) == 12 and record["steps"] == {}
+    engine = steps["dynamic_engine"]
+    assert engine["configs"][:2] == ["megatron", "topk"] and len(engine["configs"]) == 8, engine
+    assert "cuda_graph_impl=local" in engine["model"] and "num_cuda_graphs" in engine["cuda_graphs"]
+    assert "does not fail the check" in engine["skipped_when"]
+
+
+def _megatron_llm_importable() -> bool:
+    return (importlib.util.find_spec("megatron") is not None
+            and importlib.util.find_spec("megatron.core.inference.apis") is not None)
+
+
+def _dynamic_engine_step(tmp_path: Path) -> "tuple[subprocess.CompletedProcess, dict]":
+    result = subprocess.run([sys.executable, "-m", "megatron_capaware.tools.gpu_check", "--device", "cpu",
+                             "--steps", "dynamic_engine", "--out", str(tmp_path)], cwd=ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    record = json.loads((tmp_path / "gpu_check.json").read_text())
+    return result, record
+
+
+@pytest.mark.dynamic_engine
+@pytest.mark.skipif(not _megatron_llm_importable(), reason="needs megatron-core >= 0.19 (megatron.core.inference.apis)")
+def test_dynamic_engine_step_on_cpu(tmp_path) -> None:
+    """``--device cpu`` runs the step (graphs off): Megatron's router, then each router installed,
+    in ``MegatronLLM``; topk's text is Megatron's, every configuration generated."""
+    result, record = _dynamic_engine_step(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(record["steps"]) == {"dynamic_engine"}
+    step = record["steps"]["dynamic_engine"]
+    assert step["ok"] and step["topk_equals_megatron"] and not step["cuda_graphs"], step
+    configs = step["configs"]
+    assert len(configs) == 8 and all(row["generated"] for row in configs.values()), configs
+    assert configs["topk"]["text_sha256_16"] == configs["megatron"]["text_sha256_16"]
+    for label, row in configs.items():
+        assert row["graph_replays"] == 0 and row["graph_steps"] == 0 and row["graph_replays_note"] == "graphs need CUDA"
+        assert row["eager_steps"] == row["steps"] > 0, (label, row)
+        if label != "megatron":  # the per-phase statistics of the installed routers
+            assert set(row["phases"]) == {"prefill", "decode"}, (label, row["phases"])
+    # gamma = 1 drops on prefill (the policy's phase by default) and changes the text: the check can fail
+    drop = configs["capacity-drop:gamma=1"]
+    assert drop["phases"]["prefill"]["dropped"] > 0 and drop["phases"]["decode"]["dropped"] == 0
+
+
+@pytest.mark.skipif(_megatron_llm_importable(), reason="megatron-core >= 0.19 is installed: the step runs")
+def test_dynamic_engine_step_skipped_before_0_19(tmp_path) -> None:
+    """On megatron-core < 0.19 the step reports skipped with the version and what to install, and the
+    check still exits 0."""
+    result, record = _dynamic_engine_step(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    step = record["steps"]["dynamic_engine"]
+    assert step["skipped"] and "megatron-core>=0.19.2" in step["reason"], step
+    import megatron.core
+
+    assert f"megatron-core {megatron.core.__version__} is installed" in step["reason"]
 
 
 @pytest.mark.multirank

@@ -271,11 +271,13 @@ def load_model(
     router: Any = None,
     use_te: Optional[bool] = None,
     grouped_gemm: bool = False,
+    **config_overrides: Any,
 ) -> "tuple[torch.nn.Module, MoEModelArgs]":
     """Build the model a checkpoint describes and load its weights.
 
     Megatron's model-parallel groups must already be initialised with the
     same sizes (see :func:`megatron_capaware.parallel.init_model_parallel`).
+    ``config_overrides`` go to ``TransformerConfig`` (e.g. ``cuda_graph_impl="local"``).
 
     Returns:
         ``(model, args)``, the model in eval mode.
@@ -291,6 +293,7 @@ def load_model(
         dispatcher=dispatcher,
         params_dtype=params_dtype,
         grouped_gemm=grouped_gemm,
+        **config_overrides,
     )
     model = build_gpt_model(args, config, use_te=use_te, router=router)
     load_weights(model, ckpt_dir, args)

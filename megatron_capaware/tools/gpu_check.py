@@ -20,11 +20,19 @@ Run by ``scripts/gpu_check.sh`` on a machine with one GPU and PyTorch (see
    events at T = 4k/16k, E = 8/64/128, k = 2/8, and its share of the layer.
 5. ``main_job``: the bundled model's held-out perplexity at EP = 1 in bf16 for
    a few routers, next to the committed CPU fp32 figures.
+6. ``dynamic_engine``: Megatron's dynamic engine (``MegatronLLM``, EP 1, direct
+   mode) on the bundled model with CUDA graphs on, Megatron's router then each
+   router installed (``tools/bench/dynamic_engine.py``, in a process of its own
+   with its own time bound, run last): ``topk``'s text equals Megatron's, every
+   router generates, graph replays counted (> 0), host syncs against
+   Megatron's, a closing ``torch.cuda.synchronize()``. Skipped (not failed)
+   without megatron-core >= 0.19 or, on CUDA, flash-attn.
 
 ``--dry-run`` prints the plan and writes it as the JSON without touching a GPU
-(CI runs it). ``--device cpu`` runs steps 1-4 on the CPU with gloo at small
+(CI runs it). ``--device cpu`` runs steps 1-4 and 6 on the CPU with gloo at small
 sizes (what the test suite does to keep this script working); sync checks are
-then skipped.
+then skipped, and the dynamic engine runs without CUDA graphs. ``--steps``
+runs a subset.
 """
 
 from __future__ import annotations
@@ -49,6 +57,10 @@ ROUTERS = [TOPK, "capacity-drop:gamma=1.25", "capacity-drop:gamma=1.25,policy=we
 TIME_SHAPES = [(t, e, k) for t in (4096, 16384) for e in (8, 64, 128) for k in (2, 8)]
 MAIN_JOB_ROUTERS = [TOPK, "capacity-drop:gamma=1.25", "capacity-reroute:gamma=1.25", LASER]
 CPU_REFERENCE = Path("docs/results/reference_eval.json")
+#: Steps ``--steps`` can choose (``experts`` comes with ``routers``), in the order they run.
+STEP_NAMES = ("nccl", "routers", "placement", "router_time", "main_job", "dynamic_engine")
+#: The whole check's time bound (``scripts/gpu_check.sh`` kills it then), read to bound the last step.
+BUDGET_ENV = "CAPAWARE_GPU_CHECK_TIMEOUT_S"
 
 
 def plan(args: argparse.Namespace) -> Dict[str, Any]:
@@ -68,7 +80,34 @@ def plan(args: argparse.Namespace) -> Dict[str, Any]:
                             "routers": ROUTERS[1:], "baseline": "Megatron TopKRouter", "timer": "CUDA events"},
             "main_job": {"skipped": args.skip_main_job or args.device != "cuda", "ep": 1, "dtype": "bf16",
                          "routers": MAIN_JOB_ROUTERS, "cpu_reference": str(CPU_REFERENCE)},
+            "dynamic_engine": _dynamic_engine_plan(args),
         },
+    }
+
+
+def _dynamic_engine_plan(args: argparse.Namespace) -> Dict[str, Any]:
+    from megatron_capaware.tools.bench import dynamic_engine
+
+    graphs = args.device == "cuda"
+    return {
+        "engine": "megatron.core.inference.apis.MegatronLLM, EP 1, direct mode (no coordinator), greedy",
+        "model": "bundled 8x2 reference model, " + ("bf16, cuda_graph_impl=local" if graphs else "fp32"),
+        "prompts": len(dynamic_engine.PROMPTS), "tokens": args.dynamic_engine_tokens,
+        "configs": [dynamic_engine.MEGATRON, *dynamic_engine.ENGINE_ROUTERS],
+        "per_config": "installed before a fresh engine (graphs captured with the router in place; the previous "
+                      "engine's deleted)",
+        "cuda_graphs": ("num_cuda_graphs=4, cuda_graph_max_tokens=64, cuda_graph_mixed_prefill_count=4, "
+                        "use_cuda_graphs_for_non_decode_steps" if graphs else "off (graphs need CUDA)"),
+        "records": "text hash, text == Megatron's, steps graph/eager, graph replays, per-phase stats"
+                   + (", host syncs under set_sync_debug_mode('warn') minus Megatron's, closing synchronize"
+                      if graphs else ""),
+        "ok": "topk text == Megatron's and every config generated"
+              + (" and graph replays > 0 and synchronize passed for every config" if graphs else ""),
+        "skipped_when": "megatron-core < 0.19 (no megatron.core.inference.apis.MegatronLLM)"
+                        + (" or flash-attn not importable" if graphs else "")
+                        + ": reported as skipped with the reason; a skipped step does not fail the check",
+        "process": f"its own, at most --dynamic-engine-timeout-s {args.dynamic_engine_timeout_s:g} s and what is "
+                   f"left of {BUDGET_ENV}; run last",
     }
 
 
@@ -338,6 +377,41 @@ def step_router_time(device: str, shapes: List[tuple], repeats: int) -> Dict[str
     return {"rows": rows, "ok": True}
 
 
+def step_dynamic_engine(device: str, out_dir: Path, tokens: int, timeout_s: float) -> Dict[str, Any]:
+    """``tools/bench/dynamic_engine.py`` in a process of its own, bounded by ``timeout_s`` (a hang in graph
+    capture or a sticky CUDA error stays there); its JSON is this step's record."""
+    import subprocess
+
+    from megatron_capaware.tools.bench.dynamic_engine import skip_reason
+
+    reason = skip_reason(device)
+    if reason is not None:
+        return {"skipped": True, "ok": False, "reason": reason}
+    if timeout_s < 30:
+        return {"ok": False, "error": f"not started: {timeout_s:.0f} s left of the check's time budget; raise "
+                                      f"{BUDGET_ENV} or pass --skip-main-job"}
+    path = out_dir / "dynamic_engine.json"
+    path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "megatron_capaware.tools.bench.dynamic_engine", "--device", device,
+           "--tokens", str(tokens), "--json", str(path)]
+    env = dict(os.environ)
+    for name in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):  # its own process group
+        env.pop(name, None)
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired as err:
+        return {"ok": False, "command": " ".join(cmd), "error": f"timed out after {timeout_s:.0f} s",
+                "stderr": (err.stderr or b"")[-3000:].decode(errors="replace")
+                if isinstance(err.stderr, bytes) else (err.stderr or "")[-3000:]}
+    if not path.exists():
+        return {"ok": False, "command": " ".join(cmd), "returncode": proc.returncode,
+                "error": "no record written", "stderr": proc.stderr[-3000:]}
+    record: Dict[str, Any] = json.loads(path.read_text())
+    record.update(command=" ".join(cmd), returncode=proc.returncode, process_s=time.perf_counter() - started)
+    return record
+
+
 def _ppl_by_label(records: Any) -> Dict[str, float]:
     rows = records["records"] if isinstance(records, dict) else records
     return {r["label"]: r["ppl"] for r in rows}
@@ -382,6 +456,14 @@ def _table(record: Dict[str, Any]) -> str:
         lines.append("    " + "  ".join(parts))
     for name, ppl in record["steps"].get("main_job", {}).get("ppl", {}).items():
         lines.append(f"    {name:48} ppl bf16 GPU {ppl['gpu_bf16']:.3f}  fp32 CPU {ppl['cpu_fp32']}")
+    engine = record["steps"].get("dynamic_engine", {})
+    if engine.get("skipped"):
+        lines.append(f"    {engine.get('reason')}")
+    for label, row in engine.get("configs", {}).items():
+        lines.append(f"    {label:48} " + (f"ERROR {row['error']}" if "error" in row else
+                     f"text {row.get('text_sha256_16')} =megatron {row.get('text_equals_megatron', '-')} "
+                     f"steps graph/eager {row.get('graph_steps')}/{row.get('eager_steps')} "
+                     f"replays {row.get('graph_replays')} syncs-megatron {row.get('syncs_minus_megatron', '-')}"))
     return "\n".join(lines)
 
 
@@ -395,11 +477,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats per router and shape")
     parser.add_argument("--skip-main-job", action="store_true", help="skip the bundled model's evaluation")
     parser.add_argument("--main-job-timeout-s", type=float, default=240.0)
+    parser.add_argument("--steps", default=",".join(STEP_NAMES),
+                        help=f"comma-separated steps to run, of {', '.join(STEP_NAMES)}")
+    parser.add_argument("--dynamic-engine-tokens", type=int, default=8,
+                        help="tokens the dynamic-engine step generates per prompt")
+    parser.add_argument("--dynamic-engine-timeout-s", type=float, default=240.0,
+                        help=f"the dynamic-engine step's bound (also at most what is left of {BUDGET_ENV})")
     return add_cli_flags(parser)
 
 
 def _main(argv: List[str]) -> int:
-    args = build_parser().parse_args(argv)
+    started_at = time.perf_counter()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.steps.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(STEP_NAMES))
+    if unknown:
+        parser.error(f"--steps: unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEP_NAMES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     record: Dict[str, Any] = {"format": "capaware-gpu-check/1", "plan": plan(args), "steps": {},
                               "python": platform.python_version()}
@@ -440,6 +534,8 @@ def _main(argv: List[str]) -> int:
         "router_time": lambda: step_router_time(args.device, shapes, args.repeats if args.device == "cuda" else 3),
     }
     for name, fn in steps.items():
+        if name not in chosen:
+            continue
         started = time.perf_counter()
         try:
             record["steps"][name] = fn()
@@ -448,19 +544,33 @@ def _main(argv: List[str]) -> int:
                                      "traceback": traceback.format_exc()[-3000:]}
         record["steps"][name]["seconds"] = time.perf_counter() - started
         path.write_text(json.dumps(record, indent=2, default=str) + "\n")  # progress survives a stop
-    routers = record["steps"].get("routers", {})
-    record["steps"]["experts"] = {"ok": "experts_class" in routers, "class": routers.get("experts_class"),
-                                  "transformer_engine": record["transformer_engine"]}
+    if "routers" in chosen:
+        routers = record["steps"].get("routers", {})
+        record["steps"]["experts"] = {"ok": "experts_class" in routers, "class": routers.get("experts_class"),
+                                      "transformer_engine": record["transformer_engine"]}
     from megatron_capaware import parallel
 
     parallel.destroy()
-    if args.device == "cuda" and not args.skip_main_job:
+    if "main_job" in chosen:
+        if args.device == "cuda" and not args.skip_main_job:
+            try:
+                record["steps"]["main_job"] = step_main_job(args.out, args.main_job_timeout_s)
+            except Exception as err:
+                record["steps"]["main_job"] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+        else:
+            record["steps"]["main_job"] = {"skipped": True, "ok": False}
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    if "dynamic_engine" in chosen:  # last: a failure or a timeout here keeps every other step's record
+        budget = float(os.environ.get(BUDGET_ENV, "480"))
+        left = budget - (time.perf_counter() - started_at) - 10.0  # time to write the record and the table
+        started = time.perf_counter()
         try:
-            record["steps"]["main_job"] = step_main_job(args.out, args.main_job_timeout_s)
+            record["steps"]["dynamic_engine"] = step_dynamic_engine(
+                args.device, args.out, args.dynamic_engine_tokens, min(args.dynamic_engine_timeout_s, left))
         except Exception as err:
-            record["steps"]["main_job"] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
-    else:
-        record["steps"]["main_job"] = {"skipped": True, "ok": False}
+            record["steps"]["dynamic_engine"] = {"ok": False, "error": f"{type(err).__name__}: {err}",
+                                                 "traceback": traceback.format_exc()[-3000:]}
+        record["steps"]["dynamic_engine"]["seconds"] = time.perf_counter() - started
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(_table(record))
     print(f"wrote {path}")
