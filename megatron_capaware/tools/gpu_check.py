@@ -106,6 +106,7 @@ def _dynamic_engine_plan(args: argparse.Namespace) -> Dict[str, Any]:
         "skipped_when": "megatron-core < 0.19 (no megatron.core.inference.apis.MegatronLLM)"
                         + (" or flash-attn not importable" if graphs else "")
                         + ": reported as skipped with the reason; a skipped step does not fail the check",
+        "moe_pad_experts_for_cuda_graph_inference": args.dynamic_engine_moe_pad,
         "process": f"its own, at most --dynamic-engine-timeout-s {args.dynamic_engine_timeout_s:g} s and what is "
                    f"left of {BUDGET_ENV}; run last",
     }
@@ -377,7 +378,8 @@ def step_router_time(device: str, shapes: List[tuple], repeats: int) -> Dict[str
     return {"rows": rows, "ok": True}
 
 
-def step_dynamic_engine(device: str, out_dir: Path, tokens: int, timeout_s: float) -> Dict[str, Any]:
+def step_dynamic_engine(device: str, out_dir: Path, tokens: int, timeout_s: float,
+                        moe_pad: bool = False) -> Dict[str, Any]:
     """``tools/bench/dynamic_engine.py`` in a process of its own, bounded by ``timeout_s`` (a hang in graph
     capture or a sticky CUDA error stays there); its JSON is this step's record."""
     import subprocess
@@ -393,7 +395,7 @@ def step_dynamic_engine(device: str, out_dir: Path, tokens: int, timeout_s: floa
     path = out_dir / "dynamic_engine.json"
     path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "megatron_capaware.tools.bench.dynamic_engine", "--device", device,
-           "--tokens", str(tokens), "--json", str(path)]
+           "--tokens", str(tokens), "--json", str(path)] + (["--moe-pad"] if moe_pad else [])
     env = dict(os.environ)
     for name in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):  # its own process group
         env.pop(name, None)
@@ -444,7 +446,7 @@ def _table(record: Dict[str, Any]) -> str:
     lines = [f"megatron-capaware GPU check on {record.get('gpu', record['plan']['device'])}"]
     for name, step in record["steps"].items():
         status = "ok" if step.get("ok") else ("skipped" if step.get("skipped") else "FAILED")
-        lines.append(f"  {name:12} {status}{'  ' + step['error'] if step.get('error') else ''}")
+        lines.append(f"  {name:14} {status}{'  ' + step['error'] if step.get('error') else ''}")
     routers = record["steps"].get("routers", {}).get("routers", {})
     for label, row in routers.items():
         lines.append(f"    {label:48} ok={row.get('ok')} C={row.get('capacity')} max_recv={row.get('max_received')} "
@@ -483,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens the dynamic-engine step generates per prompt")
     parser.add_argument("--dynamic-engine-timeout-s", type=float, default=240.0,
                         help=f"the dynamic-engine step's bound (also at most what is left of {BUDGET_ENV})")
+    parser.add_argument("--dynamic-engine-moe-pad", action="store_true",
+                        help="build the dynamic-engine step's model with Megatron's "
+                             "moe_pad_experts_for_cuda_graph_inference (if its alltoall dispatcher cannot be "
+                             "captured without it; routers other than topk are then refused, per configuration)")
     return add_cli_flags(parser)
 
 
@@ -566,7 +572,8 @@ def _main(argv: List[str]) -> int:
         started = time.perf_counter()
         try:
             record["steps"]["dynamic_engine"] = step_dynamic_engine(
-                args.device, args.out, args.dynamic_engine_tokens, min(args.dynamic_engine_timeout_s, left))
+                args.device, args.out, args.dynamic_engine_tokens, min(args.dynamic_engine_timeout_s, left),
+                args.dynamic_engine_moe_pad)
         except Exception as err:
             record["steps"]["dynamic_engine"] = {"ok": False, "error": f"{type(err).__name__}: {err}",
                                                  "traceback": traceback.format_exc()[-3000:]}

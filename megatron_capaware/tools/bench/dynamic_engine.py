@@ -118,13 +118,16 @@ def skip_reason(device: str) -> Optional[str]:
     return None
 
 
-def build_reference_model(device: str, cuda_graphs: bool) -> Tuple[Any, Any]:
+def build_reference_model(device: str, cuda_graphs: bool, moe_pad: bool = False) -> Tuple[Any, Any]:
     """The bundled 8x2 reference model and its tokenizer at EP 1, TP 1, ready for the dynamic engine.
 
     Megatron's model-parallel groups must be initialised (world size 1). On CUDA: bf16, and
     ``cuda_graph_impl="local"`` when ``cuda_graphs`` (the dynamic engine's graphs, whole layers,
     with Megatron's inference RNG tracker as ``--inference-rng-tracker`` sets it);
     on the CPU: fp32, the package's CPU support for the dynamic engine switched on first.
+    ``moe_pad``: Megatron's ``moe_pad_experts_for_cuda_graph_inference`` (drop-and-pad at capacity
+    factor E / k on graph steps, what Megatron's own CUDA-graph MoE tests set; the package refuses it
+    for routers other than ``topk``).
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
@@ -149,6 +152,8 @@ def build_reference_model(device: str, cuda_graphs: bool) -> Tuple[Any, Any]:
 
         model_parallel_cuda_manual_seed(0, inference_rng_tracker=True, force_reset_rng=True)
         overrides = {"cuda_graph_impl": "local", "inference_rng_tracker": True}
+    if moe_pad:
+        overrides["moe_pad_experts_for_cuda_graph_inference"] = True
     model, _ = checkpoint.load_model(reference_models.reference_model_dir(),
                                      params_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
                                      **overrides)
@@ -285,12 +290,17 @@ def run_config(model: Any, tokenizer: Any, device: str, cuda_graphs: bool, cfg: 
         row["phases"] = phase_totals(model)
     row["generated"] = all(len(t) == tokens for t in row["tokens"])
     context.initialize_attention_state = initialize
-    del llm
+    del llm  # the engine's KV buffers go before the next engine allocates its own
+    if device == "cuda":
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
     return row
 
 
 def run(device: str, tokens: int = 8, prompts: Optional[List[str]] = None,
-        routers: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Any]:
+        routers: Optional[Dict[str, Dict[str, Any]]] = None, moe_pad: bool = False) -> Dict[str, Any]:
     """The whole check in this process (world size 1). Returns the step's record (see the module doc)."""
     reason = skip_reason(device)
     if reason is not None:
@@ -315,13 +325,14 @@ def run(device: str, tokens: int = 8, prompts: Optional[List[str]] = None,
     routers = ENGINE_ROUTERS if routers is None else routers
     prompts = PROMPTS if prompts is None else prompts
     out: Dict[str, Any] = {"megatron_core": megatron.core.__version__, "device": device, "ep": 1,
-                           "mode": "direct", "cuda_graphs": cuda_graphs, "tokens": tokens, "prompts": prompts,
+                           "mode": "direct", "cuda_graphs": cuda_graphs, "moe_pad_experts_for_cuda_graph_inference":
+                           moe_pad, "tokens": tokens, "prompts": prompts,
                            "configs": {}}
     parallel.init_model_parallel(parallel.ParallelSizes())
     counter = ReplayCounter()
     counter.install()
     try:
-        model, tokenizer = build_reference_model(device, cuda_graphs)
+        model, tokenizer = build_reference_model(device, cuda_graphs, moe_pad)
         for label, cfg in [(MEGATRON, None), *routers.items()]:
             try:
                 out["configs"][label] = run_config(model, tokenizer, device, cuda_graphs, cfg, prompts, tokens,
@@ -362,13 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tokens", type=int, default=8, help="tokens generated per prompt (greedy)")
     parser.add_argument("--json", type=Path, required=True, help="where the record goes")
+    parser.add_argument("--moe-pad", action="store_true",
+                        help="set Megatron's moe_pad_experts_for_cuda_graph_inference (routers other than topk "
+                             "are then refused at install, recorded per configuration)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
-    record = run(args.device, tokens=args.tokens)
+    record = run(args.device, tokens=args.tokens, moe_pad=args.moe_pad)
     record["seconds"] = time.perf_counter() - started
     args.json.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return 0 if record.get("ok") or record.get("skipped") else 1
