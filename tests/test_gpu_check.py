@@ -107,3 +107,42 @@ def test_without_a_gpu_it_says_so() -> None:
     result = subprocess.run([sys.executable, "-m", "megatron_capaware.tools.gpu_check"], cwd=ROOT,
                             env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no CUDA device is visible" in result.stderr, result.stderr
+
+
+def _engine_record(**overrides: object) -> dict:
+    """A dynamic_engine record as a CUDA run writes it (graphs on), before the verdict."""
+    from megatron_capaware.tools.bench.dynamic_engine import ENGINE_ROUTERS, MEGATRON
+
+    row = {"generated": True, "tokens": [[1, 2, 3]], "graph_replays": 28, "synchronize_ok": True, "syncs": 9}
+    configs = {label: dict(row) for label in [MEGATRON, *ENGINE_ROUTERS]}
+    for label, changes in overrides.items():
+        configs[label.replace("_", "-")].update(changes)  # type: ignore[call-overload]
+    return {"cuda_graphs": True, "configs": configs}
+
+
+def test_dynamic_engine_verdict_fails_on_what_it_checks() -> None:
+    """The step's verdict: topk's tokens == Megatron's, every configuration generated, and with graphs
+    replays > 0 and a passing synchronize for every configuration; extra syncs are reported, not judged."""
+    from megatron_capaware.tools.bench.dynamic_engine import verdict
+
+    good = verdict(_engine_record())
+    assert good["ok"] and good["topk_equals_megatron"]
+    assert verdict(_engine_record(laser={"syncs": 12}))["configs"]["laser"]["syncs_minus_megatron"] == 3
+    assert verdict(_engine_record(laser={"syncs": 12}))["ok"]
+    assert not verdict(_engine_record(topk={"tokens": [[1, 2, 4]]}))["ok"]
+    assert not verdict(_engine_record(laser={"generated": False}))["ok"]
+    assert not verdict(_engine_record(laser={"graph_replays": 0}))["ok"]
+    assert not verdict(_engine_record(megatron={"synchronize_ok": False}))["ok"]
+    no_graphs = _engine_record(laser={"graph_replays": 0})
+    no_graphs["cuda_graphs"] = False  # the CPU run: replays 0 by construction, the text alone decides
+    assert verdict(no_graphs)["ok"]
+
+
+@pytest.mark.skipif(not _megatron_llm_importable(), reason="needs megatron-core >= 0.19 (megatron.core.inference.apis)")
+def test_dynamic_engine_graph_settings_are_megatrons() -> None:
+    """The CUDA run's InferenceConfig takes the graph knobs megatron-core 0.19.2 defines."""
+    from megatron_capaware.tools.bench.dynamic_engine import inference_config
+
+    cfg = inference_config(True)
+    assert (cfg.num_cuda_graphs, cfg.cuda_graph_max_tokens, cfg.cuda_graph_mixed_prefill_count) == (4, 64, 4)
+    assert cfg.use_cuda_graphs_for_non_decode_steps and inference_config(False).num_cuda_graphs is None
