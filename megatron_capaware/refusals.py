@@ -88,11 +88,29 @@ def _cuda_graphs(get: Getter) -> bool:
     return not names or bool(set(names) & ROUTER_GRAPH_SCOPES)
 
 
+def _megatron_padding_toggle(get: Getter) -> bool:
+    """Whether the capacity fields hold what Megatron's inference engine sets at run time, not the user's.
+
+    With ``--moe-pad-experts-for-cuda-graph-inference`` Megatron's text-generation
+    controller switches every step between drop-and-pad (``moe_pad_expert_input_to_capacity``
+    True, ``moe_expert_capacity_factor = E / k``: capacity ``T`` per expert, nothing dropped)
+    on its CUDA-graph steps and no capacity (``False`` / ``None``) on the others
+    (``megatron.core.inference.utils.set_decode_expert_padding``). The routers route that
+    padded step by Megatron's own top-k (``adapters/router.py``), so a config read after
+    such a step (a router installed between engines) is not refused for it.
+    """
+    if not get("moe_pad_experts_for_cuda_graph_inference") or not get("moe_pad_expert_input_to_capacity"):
+        return False
+    experts, k, factor = get("num_moe_experts"), get("moe_router_topk"), get("moe_expert_capacity_factor")
+    return bool(experts and k and factor is not None and factor == experts / k)
+
+
 REFUSALS: Tuple[Refusal, ...] = (
     Refusal(
         "--moe-expert-capacity-factor", NON_TOPK,
         # Megatron treats a negative factor as unset.
-        lambda get: get("moe_expert_capacity_factor") is not None and get("moe_expert_capacity_factor") >= 0,
+        lambda get: get("moe_expert_capacity_factor") is not None and get("moe_expert_capacity_factor") >= 0
+        and not _megatron_padding_toggle(get),
         lambda name, get: (
             f"{name} cannot be combined with Megatron's --moe-expert-capacity-factor "
             f"{get('moe_expert_capacity_factor'):g}: both limit expert load, and Megatron's drops on each "
@@ -103,7 +121,7 @@ REFUSALS: Tuple[Refusal, ...] = (
     ),
     Refusal(
         "--moe-pad-expert-input-to-capacity", NON_TOPK,
-        lambda get: bool(get("moe_pad_expert_input_to_capacity")),
+        lambda get: bool(get("moe_pad_expert_input_to_capacity")) and not _megatron_padding_toggle(get),
         lambda name, get: (
             f"{name} cannot be combined with --moe-pad-expert-input-to-capacity (Megatron's padded "
             "capacity path); unset it"
@@ -181,16 +199,6 @@ REFUSALS: Tuple[Refusal, ...] = (
             "(Megatron's dynamic inference engine: its captured steps route by top-k on the placement, eager "
             "steps by the policy) or none, or capture only what leaves the router out (--cuda-graph-modules "
             "attn / --cuda-graph-scope attn), or --moe-router-type topk"
-        ),
-    ),
-    Refusal(
-        "--moe-pad-experts-for-cuda-graph-inference", NON_TOPK,
-        lambda get: bool(get("moe_pad_experts_for_cuda_graph_inference")),
-        lambda name, get: (
-            f"{name} cannot be combined with --moe-pad-experts-for-cuda-graph-inference: Megatron's "
-            "inference engine then switches the router to drop-and-pad with a capacity factor on CUDA-graph "
-            "decode steps, after the capaware decision; unset it (capaware routers are not CUDA-graph "
-            "capturable), or use --moe-router-type topk"
         ),
     ),
     Refusal(

@@ -207,8 +207,6 @@ SPAWNED: List[Tuple[str, Optional[str], str]] = [
      "cannot be combined with --moe-router-padding-for-quantization"),
     ("megatron: mlp chunks for prefill", "CapawareConfigError",
      "cannot be combined with --mlp-chunks-for-prefill 2"),
-    ("megatron: pad experts for cuda graph inference", "CapawareConfigError",
-     "cannot be combined with --moe-pad-experts-for-cuda-graph-inference"),
     ("megatron: cuda graphs capturing the router", "CapawareConfigError",
      "these CUDA-graph settings capture the MoE router"),
     ("config: pool < k (checked at install)", "CapawareConfigError", "pool=1 is smaller than top-k=2"),

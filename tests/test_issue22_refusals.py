@@ -43,10 +43,31 @@ def test_mlp_chunks_for_prefill_one_and_topk_pass() -> None:
     resolve_args(megatron_namespace(moe_router_type="topk", mlp_chunks_for_prefill=4))
 
 
-def test_pad_experts_for_cuda_graph_inference_has_a_row() -> None:
-    message = refusal_for("laser", _ns(moe_pad_experts_for_cuda_graph_inference=True))
-    assert message is not None and "--moe-pad-experts-for-cuda-graph-inference" in message
-    assert refusal_for("topk", _ns(moe_pad_experts_for_cuda_graph_inference=True)) is None
+@pytest.mark.parametrize("router", ["topk", "capacity-drop", "capacity-reroute", "expanded-drop", "laser"])
+def test_pad_experts_for_cuda_graph_inference_is_accepted_with_every_router(router: str) -> None:
+    # megatron-core 0.19 asserts it for the dynamic engine's CUDA graphs at EP > 1; its padded
+    # (captured) steps route by Megatron's own top-k (tests/test_cuda_graph_padding.py).
+    pad = dict(moe_pad_experts_for_cuda_graph_inference=True)
+    assert refusal_for(router, _ns(cuda_graph_impl="local", **pad)) is None
+    assert refusal_for(router, _ns(**pad)) is None
+    resolve_args(megatron_namespace(moe_router_type=router, cuda_graph_impl="local",
+                                    expert_model_parallel_size=2, **pad))
+    if router != "topk":  # graphs that capture the router stay refused, the flag or not
+        message = refusal_for(router, _ns(cuda_graph_impl="full_iteration", **pad))
+        assert message is not None and "--cuda-graph-impl" in message
+
+
+def test_megatron_padding_toggle_is_told_from_a_static_capacity_factor() -> None:
+    # What set_decode_expert_padding leaves on the config after a CUDA-graph step (E / k = 8 / 2).
+    toggled = dict(moe_pad_expert_input_to_capacity=True, moe_expert_capacity_factor=4.0, num_moe_experts=8,
+                   moe_router_topk=2)
+    assert refusal_for("capacity-drop", _ns(moe_pad_experts_for_cuda_graph_inference=True, **toggled)) is None
+    # The same fields without the flag, or another factor with it: a user's static setting.
+    message = refusal_for("capacity-drop", _ns(**toggled))
+    assert message is not None and "--moe-expert-capacity-factor 4" in message
+    other = dict(toggled, moe_expert_capacity_factor=1.0)
+    message = refusal_for("capacity-drop", _ns(moe_pad_experts_for_cuda_graph_inference=True, **other))
+    assert message is not None and "--moe-expert-capacity-factor 1" in message
 
 
 # --------------------------------------------------------------------------- item 14: CUDA-graph scopes

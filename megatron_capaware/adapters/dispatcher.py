@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Type
 
 import torch
+from megatron.core.transformer.moe.moe_utils import get_capacity
 from megatron.core.transformer.moe.token_dispatcher import (
     MoEAllGatherTokenDispatcher,
     MoEAlltoAllTokenDispatcher,
@@ -59,7 +60,9 @@ class CapawareDispatcherMixin:
 
     def dispatch_postprocess(self, hidden_states, probs):  # type: ignore[override]
         result = super().dispatch_postprocess(hidden_states, probs)  # type: ignore[misc]
-        if self.capaware_stats is not None:
+        # Under Megatron's drop-and-pad (its CUDA-graph steps) every expert receives its capacity,
+        # padding included: not a count of tokens, and a captured step records nothing.
+        if self.capaware_stats is not None and not getattr(self, "drop_and_pad", False):
             self.capaware_stats.record_received(result[1])
         return result
 
@@ -69,6 +72,8 @@ class CapawareAlltoAllTokenDispatcher(CapawareDispatcherMixin, MoEAlltoAllTokenD
 
     def preprocess(self, routing_map):  # type: ignore[override]
         tokens_per_local_expert = super().preprocess(routing_map)
+        if self.drop_and_pad:
+            return self._pad_slots_to_expert_capacity(routing_map, tokens_per_local_expert)
         if self.capaware_variable_counts and not self.drop_and_pad:
             # Buffer size from the map, not tokens * k (as Megatron's capacity mode does).
             self.num_out_tokens = routing_map.sum()
@@ -83,6 +88,30 @@ class CapawareAlltoAllTokenDispatcher(CapawareDispatcherMixin, MoEAlltoAllTokenD
             if priority and dtoh is not None and priority[dtoh] > priority[self.cuda_sync_point]:
                 self.cuda_dtoh_point = self.cuda_sync_point
         return tokens_per_local_expert
+
+
+    def _pad_slots_to_expert_capacity(self, routing_map, tokens_per_local_expert):
+        """Megatron's drop-and-pad sizes, with each physical slot padded to its *expert's* capacity.
+
+        Megatron sets drop-and-pad on its CUDA-graph steps (``set_decode_expert_padding``, factor
+        ``f = E / k``) and sizes each expert's input as ``C = ceil(T * k / num_experts * f)``. Under
+        a placement with replicas this dispatcher addresses ``S = E + R`` slots, so Megatron's
+        formula would give ``ceil(T * E / S) < T`` per slot and cut assignments the router kept
+        (its padded top-k gives every *logical* expert ``C = ceil(T * k / E * f)`` rows, and one
+        replica may receive all of them). Here every slot gets ``C`` computed over the ``E``
+        logical experts: a replica can never receive more, so nothing the router kept is cut,
+        and the shapes stay static (``C * S`` rows sent). Without replicas (``S = E``) these are
+        Megatron's own sizes, unchanged.
+        """
+        logical = int(self.config.num_moe_experts)
+        if self.num_experts == logical:
+            return tokens_per_local_expert
+        capacity = get_capacity(num_tokens=routing_map.size(0) * self.config.moe_router_topk,
+                                num_experts=logical, capacity_factor=self.moe_expert_capacity_factor)
+        self.capacity = capacity
+        self.num_out_tokens = capacity * self.num_experts
+        self.num_global_tokens_per_local_expert = torch.full_like(self.num_global_tokens_per_local_expert, capacity)
+        return torch.full_like(tokens_per_local_expert, capacity * self.tp_size * self.ep_size)
 
 
 class CapawareAllGatherTokenDispatcher(CapawareDispatcherMixin, MoEAllGatherTokenDispatcher):

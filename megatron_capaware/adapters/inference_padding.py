@@ -101,6 +101,25 @@ def dynamic_step(padding: Optional[StepPadding]) -> Iterator[None]:
         _STEP.reset(token)
 
 
+def megatron_pads_experts(config: Any) -> bool:
+    """Whether Megatron has switched this layer to drop-and-pad for the current forward.
+
+    With ``--moe-pad-experts-for-cuda-graph-inference`` Megatron's text-generation
+    controller calls ``megatron.core.inference.utils.set_decode_expert_padding``
+    before each step: on a step that runs as a CUDA graph (and, in the legacy
+    static engine, on its decode steps) it sets ``moe_pad_expert_input_to_capacity``
+    and ``moe_expert_capacity_factor = E / k`` on the model's config (capacity ``T``
+    per expert: nothing dropped, every expert's input padded to it: static shapes);
+    on every other step it sets them back to ``False`` / ``None``. The static
+    ``--moe-expert-capacity-factor`` / ``--moe-pad-expert-input-to-capacity`` are
+    refused for the capaware routers at parse and install (``refusals.py``), so at
+    run time these fields set mean Megatron's toggle. A plain read of two config
+    attributes (no sync).
+    """
+    return bool(getattr(config, "moe_pad_expert_input_to_capacity", False)) and \
+        getattr(config, "moe_expert_capacity_factor", None) is not None
+
+
 def _tp(config: Any) -> tuple:
     if not getattr(config, "sequence_parallel", False):
         return 0, 1

@@ -23,7 +23,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron_capaware import policies
 from megatron_capaware.adapters import phases, slots
 from megatron_capaware.adapters.guards import check_scores_over_group, routing_collectives
-from megatron_capaware.adapters.inference_padding import step_padding_mask
+from megatron_capaware.adapters.inference_padding import megatron_pads_experts, step_padding_mask
 from megatron_capaware.adapters.megatron_topk import vanilla_topk
 from megatron_capaware.adapters.megatron_topk import ranked_for_groups
 from megatron_capaware.adapters.state import LayerRoutingState
@@ -142,11 +142,18 @@ class CapawareRouter(TopKRouter):
         state = self.capaware_state.on(logits.device)  # its tensors on the router's device (built at install)
         with routing_collectives(self.layer_number, state.load_group):
             cfg = state.config
+            mtp = getattr(self, "is_mtp_layer", False)
+            if not mtp and megatron_pads_experts(self.config):
+                # Megatron's drop-and-pad (--moe-pad-experts-for-cuda-graph-inference, on its
+                # CUDA-graph steps): its TopKRouter's padded output exactly, on the layout,
+                # capture-safe, whatever the router (the dispatcher pads every slot to capacity).
+                return self._topk_on_layout(logits, padding_mask, capture_safe=True)
             # MTP layers keep Megatron's routing (adapters/mtp.py) and run outside the dynamic step.
-            if not router_type(cfg.router_type).is_vanilla and not getattr(self, "is_mtp_layer", False):
+            if not router_type(cfg.router_type).is_vanilla and not mtp:
                 route = phases.choose_route(state, logits.device)
                 if route == phases.TOPK_ON_LAYOUT:
-                    return self._topk_on_layout(logits, padding_mask, phases.current_composition())
+                    step = phases.current_composition()
+                    return self._topk_on_layout(logits, padding_mask, capture_safe=step is not None and step.captured)
                 if route == phases.DECODE:  # --capaware-decode-router on a decode-only step
                     cfg = cfg.decode_config()
                 phases.check_not_capturing(self.layer_number)
@@ -164,20 +171,23 @@ class CapawareRouter(TopKRouter):
                 self._record(decision, slot_loads, cfg.router_type)
             return probs, routing_map
 
-    def _topk_on_layout(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor], step):
-        """Megatron's top-k on the placement's layout (a phase outside ``phases``, or a captured step).
+    def _topk_on_layout(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor], capture_safe: bool):
+        """Megatron's top-k on the placement's layout (a phase outside ``phases``, a captured step, or a
+        forward Megatron pads: :func:`~megatron_capaware.adapters.inference_padding.megatron_pads_experts`).
 
-        A captured step (``step.captured``) is capture-safe: replicas round-robin
-        by token index (no collective), no score check, no statistics.
+        ``TopKRouter.routing`` itself, so Megatron's token dropping applies when Megatron set a
+        capacity factor (under its padding: every expert's column of the map True, ``[T, E]``).
+        ``capture_safe`` (a captured or padded step): replicas round-robin by token index (no
+        collective), no score check, no statistics (a padded map counts padding as assignments).
         """
         probs, routing_map = TopKRouter.routing(self, logits, padding_mask=padding_mask)
         decision = None
-        if not step.captured and self.capaware_stats is not None and self.capaware.record_stats:
+        if not capture_safe and self.capaware_stats is not None and self.capaware.record_stats:
             decision = policies.map_decision(probs, routing_map, self._group())
         layout, slot_loads = self.capaware_layout, None
         if layout is not None and layout.placed:
             table = layout.table
-            rule = "round-robin" if step.captured else layout.replica_policy
+            rule = "round-robin" if capture_safe else layout.replica_policy
             replica = replica_choice(routing_map, table, rule, self.capaware_load_group)
             probs, routing_map = to_physical(probs, routing_map, table, replica)
             if decision is not None:

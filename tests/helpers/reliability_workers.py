@@ -263,7 +263,6 @@ def catalogue_worker(paths: Dict[str, str], tmp: str) -> Dict[str, Any]:
         ("megatron: unknown score function", "moe_router_score_function", "sqrtsoftplus"),
         ("megatron: router padding for quantization", "moe_router_padding_for_quantization", True),
         ("megatron: mlp chunks for prefill", "mlp_chunks_for_prefill", 2),
-        ("megatron: pad experts for cuda graph inference", "moe_pad_experts_for_cuda_graph_inference", True),
         ("megatron: cuda graphs capturing the router", "enable_cuda_graph", True),
     ):
         saved = getattr(base.config, attr, None)
