@@ -488,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dynamic-engine-moe-pad", action="store_true",
                         help="build the dynamic-engine step's model with Megatron's "
                              "moe_pad_experts_for_cuda_graph_inference (if its alltoall dispatcher cannot be "
-                             "captured without it; routers other than topk are then refused, per configuration)")
+                             "captured without it at EP 1, where megatron-core 0.19 does not require it; every "
+                             "router accepts it)")
     return add_cli_flags(parser)
 
 

@@ -16,10 +16,6 @@ import torch
 from megatron_capaware import parallel
 from tests.helpers.mp_workers import TINY_GPT
 
-_CLEARED = ("input_splits", "output_splits", "output_splits_tp", "tokens_per_expert",
-            "num_global_tokens_per_local_expert", "reversed_local_input_permutation_mapping", "capacity")
-
-
 class FakeContext:
     """What the routers read of ``DynamicInferenceContext`` (megatron-core 0.19.2): all rows real."""
 
@@ -38,42 +34,15 @@ class FakeContext:
         return self._captured
 
 
-def megatron_padding_source() -> str:
-    """``"megatron"`` where megatron-core ships ``set_decode_expert_padding`` (0.19), else ``"by hand"``."""
-    try:
-        from megatron.core.inference.utils import set_decode_expert_padding  # noqa: F401
-    except ImportError:
-        return "by hand"
-    return "megatron"
-
-
 def set_padding(model: Any, layers: List[Any], on: bool) -> None:
     """Turn Megatron's decode drop-and-pad on (factor E / k) or off, as its controller does before a step.
 
-    megatron-core 0.19: its own ``set_decode_expert_padding``. Older releases do not have it: the
-    same fields are set here (the model's config, each dispatcher's ``drop_and_pad`` and capacity
-    factor, the variable-size metadata cleared when turning on), as 0.19.2's function does.
+    Megatron's own ``megatron.core.inference.utils.set_decode_expert_padding`` (0.16.1 and 0.19.2 ship it).
     """
-    config = layers[0].config
-    factor = config.num_moe_experts / config.moe_router_topk if on else None
-    if megatron_padding_source() == "megatron":
-        from megatron.core.inference.utils import set_decode_expert_padding
+    from megatron.core.inference.utils import set_decode_expert_padding
 
-        set_decode_expert_padding(model, on, capacity_factor=factor)
-        return
-    config.moe_pad_expert_input_to_capacity = on
-    config.moe_expert_capacity_factor = factor
-    for layer in layers:
-        dispatcher = layer.token_dispatcher
-        dispatcher.drop_and_pad = on
-        dispatcher.moe_expert_capacity_factor = factor
-        if on:
-            for attr in _CLEARED:
-                if hasattr(dispatcher, attr):
-                    setattr(dispatcher, attr, None)
-            if hasattr(dispatcher, "cuda_sync_point"):
-                dispatcher.cuda_sync_point = "no_sync"
-        layer.router.moe_expert_capacity_factor = factor
+    config = layers[0].config
+    set_decode_expert_padding(model, on, capacity_factor=config.num_moe_experts / config.moe_router_topk if on else None)
 
 
 def padding_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -112,7 +81,7 @@ def padding_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     def dropped() -> int:
         return int(sum(s.total("dropped") for s in collect_stats(model).values()))
 
-    out: Dict[str, Any] = {"source": megatron_padding_source(), "runs": {}}
+    out: Dict[str, Any] = {"runs": {}}
     # Megatron's own router and dispatcher (nothing installed).
     out["megatron_captured"] = forward(True)
     out["megatron_capacity"] = [getattr(layer.token_dispatcher, "capacity", None) for layer in layers]

@@ -126,8 +126,8 @@ def build_reference_model(device: str, cuda_graphs: bool, moe_pad: bool = False)
     with Megatron's inference RNG tracker as ``--inference-rng-tracker`` sets it);
     on the CPU: fp32, the package's CPU support for the dynamic engine switched on first.
     ``moe_pad``: Megatron's ``moe_pad_experts_for_cuda_graph_inference`` (drop-and-pad at capacity
-    factor E / k on graph steps, what Megatron's own CUDA-graph MoE tests set; the package refuses it
-    for routers other than ``topk``).
+    factor E / k on graph steps, what Megatron's own CUDA-graph MoE tests set and what megatron-core 0.19
+    asserts at EP > 1; every router accepts it: padded steps route by Megatron's own top-k).
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
@@ -376,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=8, help="tokens generated per prompt (greedy)")
     parser.add_argument("--json", type=Path, required=True, help="where the record goes")
     parser.add_argument("--moe-pad", action="store_true",
-                        help="set Megatron's moe_pad_experts_for_cuda_graph_inference (routers other than topk "
-                             "are then refused at install, recorded per configuration)")
+                        help="set Megatron's moe_pad_experts_for_cuda_graph_inference (drop-and-pad on graph "
+                             "steps; megatron-core 0.19 requires it only at EP > 1; every router accepts it)")
     return parser
 
 
