@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megatron_capaware.config import CapawareConfig, CapawareConfigError
-from megatron_capaware.policies.phases import PHASES, StepComposition, parse_phases, route_with_policy
+from megatron_capaware.policies.phases import PHASES, StepComposition, parse_phases
 
 
 class FakeContext:
@@ -68,25 +68,19 @@ def test_phase_knob_parsing() -> None:
 
 
 def test_the_choice_per_step() -> None:
+    from megatron_capaware.policies.phases import POLICY, step_route
+
     default = parse_phases("prefill,mixed")
-    assert route_with_policy(None, default, None)  # no dynamic step (static engine): the policy
-    assert route_with_policy(StepComposition(8, 0), default, None)
-    assert route_with_policy(StepComposition(8, 2), default, None)
-    assert not route_with_policy(StepComposition(0, 4), default, None)  # decode-only at EP 1: top-k
-    assert route_with_policy(StepComposition(0, 4), PHASES, None)
-    assert not route_with_policy(StepComposition(8, 0, captured=True), PHASES, None)  # captured: never
-    ep2 = types.SimpleNamespace(primary_rank=0)
-
-    import megatron_capaware.policies.collectives as collectives
-
-    original = collectives.group_size
-    collectives.group_size = lambda group: 2 if group is ep2 else original(group)
-    try:
-        # Eager at EP > 1: another rank may be prefilling; every rank keeps the policy's collectives.
-        assert route_with_policy(StepComposition(0, 4), default, ep2)
-        assert not route_with_policy(StepComposition(0, 4, captured=True), default, ep2)
-    finally:
-        collectives.group_size = original
+    assert step_route(None, default, 1) == POLICY  # no dynamic step (static engine): the policy
+    assert step_route(StepComposition(8, 0), default, 1) == POLICY
+    assert step_route(StepComposition(8, 2), default, 1) == POLICY
+    assert step_route(StepComposition(0, 4), default, 1) != POLICY  # decode-only at EP 1: top-k
+    assert step_route(StepComposition(0, 4), PHASES, 1) == POLICY
+    assert step_route(StepComposition(8, 0, captured=True), PHASES, 1) != POLICY  # captured: never
+    # Eager at EP > 1 without an agreement: another rank may be prefilling; every rank keeps the policy's
+    # collectives. A captured step is top-k there too.
+    assert step_route(StepComposition(0, 4), default, 2) == POLICY
+    assert step_route(StepComposition(0, 4, captured=True), default, 2) != POLICY
 
 
 def _phase_worker(spec):

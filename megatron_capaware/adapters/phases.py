@@ -59,7 +59,6 @@ from megatron_capaware.policies.phases import (  # noqa: F401  (re-exported)
     StepComposition,
     parse_phases,
     needs_group_phase,
-    route_with_policy,
     step_route,
 )
 from megatron_capaware.adapters.inference_padding import current_step, step_composition  # noqa: F401

@@ -121,18 +121,3 @@ def needs_group_phase(step: Optional[StepComposition], phases: Iterable[str], gr
         return False
     chosen = set(phases)
     return decode_router or ("decode" in chosen) != bool(chosen & {"prefill", "mixed"})
-
-
-def route_with_policy(step: Optional[StepComposition], phases: Iterable[str], load_group: Any) -> bool:
-    """Whether this call runs the configured policy (else ``topk`` on the placement).
-
-    Args:
-        step: the current step's composition (None: no dynamic step: the policy).
-        phases: the phases the policy applies to.
-        load_group: the router's load group (its size decides whether ranks can choose alone).
-    """
-    from megatron_capaware.policies.collectives import group_size
-
-    return step_route(step, phases, group_size(load_group)) == POLICY
-
-
