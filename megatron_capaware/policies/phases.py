@@ -8,7 +8,7 @@ an eager step's phase.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 PHASES = ("prefill", "mixed", "decode", "idle")
 #: The phases the policy applies to by default (``--capaware-phases``).
