@@ -19,24 +19,7 @@ import torch
 
 from megatron_capaware.config import CapawareConfig, CapawareConfigError
 from megatron_capaware.policies.phases import PHASES, StepComposition, parse_phases
-
-
-class FakeContext:
-    """What the routers read of ``DynamicInferenceContext`` (megatron-core 0.19.2)."""
-
-    def __init__(self, prefill: int, decode: int, padded: int, captured: bool = False) -> None:
-        self.active_token_count = prefill + decode
-        self.num_decode_requests = decode
-        self.num_speculative_tokens = 0
-        self.padded_active_token_count = padded
-        self.gpu_view = types.SimpleNamespace(real_token_count=torch.tensor([prefill + decode], dtype=torch.int32))
-        self._captured = captured
-
-    def is_static_batching(self) -> bool:
-        return False
-
-    def using_cuda_graph_this_step(self) -> bool:
-        return self._captured
+from tests.helpers.dynamic_context import FakeContext
 
 
 def test_composition_and_phase_from_the_context() -> None:

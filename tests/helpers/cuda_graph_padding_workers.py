@@ -8,30 +8,13 @@ tiny GPT at EP 1 or 2, around forwards inside mocked dynamic steps (captured or 
 
 from __future__ import annotations
 
-import types
 from typing import Any, Dict, List
 
 import torch
 
 from megatron_capaware import parallel
+from tests.helpers.dynamic_context import FakeContext
 from tests.helpers.mp_workers import TINY_GPT
-
-class FakeContext:
-    """What the routers read of ``DynamicInferenceContext`` (megatron-core 0.19.2): all rows real."""
-
-    def __init__(self, prefill: int, decode: int, captured: bool) -> None:
-        self.active_token_count = prefill + decode
-        self.num_decode_requests = decode
-        self.num_speculative_tokens = 0
-        self.padded_active_token_count = prefill + decode
-        self.gpu_view = types.SimpleNamespace(real_token_count=torch.tensor([prefill + decode], dtype=torch.int32))
-        self._captured = captured
-
-    def is_static_batching(self) -> bool:
-        return False
-
-    def using_cuda_graph_this_step(self) -> bool:
-        return self._captured
 
 
 def set_padding(model: Any, layers: List[Any], on: bool) -> None:
@@ -74,7 +57,7 @@ def padding_worker(spec: Dict[str, Any]) -> Dict[str, Any]:
 
     def forward(captured: bool) -> torch.Tensor:
         set_padding(model, layers, captured)  # Megatron: padding exactly on the CUDA-graph steps
-        context = FakeContext(0 if captured else rows, rows if captured else 0, captured)
+        context = FakeContext(0 if captured else rows, rows if captured else 0, captured=captured)
         with torch.no_grad(), dynamic_step(step_padding(context)):
             return model(ids, pos, attention_mask=None).clone()
 
